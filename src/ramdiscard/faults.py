@@ -95,7 +95,8 @@ def checkpoint(op: str) -> None:
                 plan.fired += 1
                 code = plan.errno
                 raise InjectedFault(
-                    code, f"injected fault: {op} call #{plan.seen} failed ({_errno.errorcode.get(code, code)})"
+                    code,
+                    f"injected fault: {op} call #{plan.seen} failed ({_errno.errorcode.get(code, code)})",
                 )
 
 

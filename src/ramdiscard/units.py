@@ -30,7 +30,8 @@ def parse_size(text: str | int) -> int:
     m = _SIZE_RE.match(text)
     if not m:
         raise ValueError(f"invalid size {text!r}: expected a number with an optional K/M/G/T suffix")
-    number, suffix = m.group(1), m.group(2).lower()
+    number: str = m.group(1)
+    suffix: str = m.group(2).lower()
     if number.lower().startswith("0x"):
         if suffix:
             raise ValueError(f"invalid size {text!r}: hex values take no suffix")
@@ -39,7 +40,7 @@ def parse_size(text: str | int) -> int:
     if "." in number:
         whole, frac = number.split(".")
         numerator = int(whole + frac) * mult
-        denominator = 10 ** len(frac)
+        denominator: int = 10 ** len(frac)
         if numerator % denominator:
             raise ValueError(f"invalid size {text!r}: not a whole number of bytes")
         return numerator // denominator
