@@ -434,7 +434,9 @@ def test_D_UA_6_usable_may_shrink(make: Factory) -> None:
 
 def test_D_ST_1_D_ST_2_padding_ignored(make: Factory) -> None:
     dev = make.device()
-    r = Response.parse(dev.handle_request(raw(3, ADDR, 1, pad=b"\x07" * 6, pad2=b"\x07" * 6)), request=RequestType.STATE)
+    r = Response.parse(
+        dev.handle_request(raw(3, ADDR, 1, pad=b"\x07" * 6, pad2=b"\x07" * 6)), request=RequestType.STATE
+    )
     assert r == Response(ACK, BlockState.UNPLUGGED)
 
 

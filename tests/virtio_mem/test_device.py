@@ -49,7 +49,9 @@ def test_wire_layouts_round_trip() -> None:
     packed = c.pack()
     assert len(packed) == CONFIG_SIZE == 56 and packed[8:10] == b"\x03\x00" and packed[10:16] == bytes(6)
     assert ConfigSpace.unpack(packed) == c
-    assert Request.parse(Request(RequestType.UNPLUG_ALL).pack()[:2] + b"\xff" * 22) == Request(RequestType.UNPLUG_ALL)
+    assert Request.parse(Request(RequestType.UNPLUG_ALL).pack()[:2] + b"\xff" * 22) == Request(
+        RequestType.UNPLUG_ALL
+    )
 
 
 def test_wire_protocol_errors() -> None:
@@ -150,7 +152,7 @@ def test_realize_node_and_dynamic_memslot_rules(make: Factory) -> None:
 
 def test_unrealize_releases_everything(make: Factory) -> None:
     dev = make.device()
-    root, space = make.map(dev)
+    root, _space = make.map(dev)
     with pytest.raises(RegionMapped):
         dev.unrealize()
     assert dev.region.ram_discard_manager is dev

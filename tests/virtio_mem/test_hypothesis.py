@@ -29,13 +29,19 @@ def _fresh_device() -> VirtioMem:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.binary(max_size=40) | st.builds(
-    lambda t, a, n, pad: struct.pack("<H", t) + pad[:6] + struct.pack("<QH", a, n) + pad[6:],
-    st.integers(0, 5),
-    st.one_of(st.integers(0, (1 << 64) - 1), st.integers(ADDR - 4 * BS, ADDR + SIZE + 4 * BS)),
-    st.integers(0, 0xFFFF) | st.integers(0, 40),
-    st.binary(min_size=12, max_size=12),
-), max_size=25))
+@given(
+    st.lists(
+        st.binary(max_size=40)
+        | st.builds(
+            lambda t, a, n, pad: struct.pack("<H", t) + pad[:6] + struct.pack("<QH", a, n) + pad[6:],
+            st.integers(0, 5),
+            st.one_of(st.integers(0, (1 << 64) - 1), st.integers(ADDR - 4 * BS, ADDR + SIZE + 4 * BS)),
+            st.integers(0, 0xFFFF) | st.integers(0, 40),
+            st.binary(min_size=12, max_size=12),
+        ),
+        max_size=25,
+    )
+)
 def test_random_requests_raise_only_protocol_errors(requests: list[bytes]) -> None:
     dev = _fresh_device()
     try:
@@ -92,7 +98,11 @@ class DeviceMachine(RuleBasedStateMachine):
                 self.ram.view[start] = 1
                 self.ram.view[start + size - 1] = 1
 
-    @rule(first=st.integers(0, NB - 1), nb=st.integers(1, 8), fault=st.sampled_from([None, "populate", "listener"]))
+    @rule(
+        first=st.integers(0, NB - 1),
+        nb=st.integers(1, 8),
+        fault=st.sampled_from([None, "populate", "listener"]),
+    )
     def plug(self, first: int, nb: int, fault: str | None) -> None:
         nb = min(nb, NB - first)
         before = self.dev.plugged_size
@@ -157,7 +167,9 @@ class DeviceMachine(RuleBasedStateMachine):
     def register(self, start: int, pages: int, dd: bool) -> None:
         size = min(pages, SIZE // 4096 - start) * 4096
         rdl = RecordingListener(double_discard=dd)
-        self.dev.register_listener(rdl, MemoryRegionSection(self.dev.region, start * 4096, size, ADDR + start * 4096))
+        self.dev.register_listener(
+            rdl, MemoryRegionSection(self.dev.region, start * 4096, size, ADDR + start * 4096)
+        )
         self.listeners.append(rdl)
 
     @precondition(lambda self: bool(self.listeners))
@@ -177,9 +189,11 @@ class DeviceMachine(RuleBasedStateMachine):
         assert dev.plugged_size == dev.count_populated(0, SIZE)
         assert dev.plugged_size % BS == 0 and dev.usable_region_size % BS == 0
         assert dev.usable_region_size >= min(dev.requested_size, SIZE) or dev.usable_region_size == SIZE
-        assert dev.count_populated(dev.usable_region_size, SIZE - dev.usable_region_size) == 0 if (
-            dev.usable_region_size < SIZE
-        ) else True
+        assert (
+            dev.count_populated(dev.usable_region_size, SIZE - dev.usable_region_size) == 0
+            if (dev.usable_region_size < SIZE)
+            else True
+        )
 
     @invariant()
     def listener_views(self) -> None:

@@ -122,7 +122,9 @@ def test_memslots_listener_one_section_per_memslot_no_double_populate(make: Fact
     assert dev.plug(ADDR + GiB - 2 * BS, 4) is ACK  # maps memslots 0 and 1 during the plug
     sections = sorted(s.offset_within_region for s in vfio.rdls)
     assert sections == [0, GiB]
-    assert [s.offset_within_address_space for s in sorted(vfio.rdls, key=lambda s: s.offset_within_region)] == [
+    assert [
+        s.offset_within_address_space for s in sorted(vfio.rdls, key=lambda s: s.offset_within_region)
+    ] == [
         ADDR,
         ADDR + GiB,
     ]
