@@ -71,14 +71,15 @@ def run_demo(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
     else:
         for e in log:
-            print(
-                "  ".join(
-                    f"{k}={format_size(v) if k in ('size', 'offset', 'populated') and isinstance(v, int) else v}"
-                    for k, v in e.items()
-                )
-            )
+            print("  ".join(f"{k}={_show(k, v)}" for k, v in e.items()))
         print(f"populated at the end: {format_size(summary['populated'])}")  # type: ignore[arg-type]
     return 0
+
+
+def _show(key: str, value: object) -> str:
+    if key in ("size", "offset", "populated") and isinstance(value, int):
+        return format_size(value)
+    return str(value)
 
 
 def _show(key: str, value: object) -> str:
