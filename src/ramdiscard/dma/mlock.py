@@ -26,9 +26,11 @@ from __future__ import annotations
 import bisect
 import ctypes
 import ctypes.util
+import errno
+import os
 
 from ramdiscard import faults
-from ramdiscard.dma.backend import DmaBackend, PinHandle
+from ramdiscard.dma.backend import PAGE_SIZE, DmaBackend, PinHandle
 from ramdiscard.errors import HostMemoryError
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -42,7 +44,22 @@ def _call(name: str, start: int, end: int) -> None:
     fn = _libc.mlock if name == "mlock" else _libc.munlock
     if fn(start, end - start) != 0:
         err = ctypes.get_errno()
-        raise HostMemoryError(err, f"{name}([{start:#x}, {end:#x})) failed: errno {err}")
+        if name == "munlock" and err == errno.ENOMEM:
+            _munlock_mapped(start, end)
+            return
+        raise HostMemoryError(err, f"{name}([{start:#x}, {end:#x})) failed: {os.strerror(err)}")
+
+
+def _munlock_mapped(start: int, end: int) -> None:
+    """munlock whatever is still mapped of ``[start, end)``.
+
+    munlock stops with ENOMEM at the first unmapped page, but an unmapped page is not
+    locked (munmap dropped it), so the pin is released once every mapped page is
+    munlocked; this slow page-by-page pass only runs when the caller unmapped pinned
+    memory.
+    """
+    for page in range(start, end, PAGE_SIZE):
+        _libc.munlock(page, PAGE_SIZE)
 
 
 class _Coverage:
