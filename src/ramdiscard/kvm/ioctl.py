@@ -147,6 +147,7 @@ _U32_MAX = (1 << 32) - 1
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
+_EINTR_RETRIES = 100
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -155,11 +156,18 @@ _libc.fallocate.restype = ctypes.c_int
 
 def _ioctl(fd: int, request: int, arg: int | ctypes.Structure, what: str) -> int:
     faults.checkpoint(faults.Op.KVM_IOCTL)
-    try:
-        return fcntl.ioctl(fd, request, arg)
-    except OSError as e:
-        code = e.errno if e.errno is not None else errno.EIO
-        raise HostMemoryError(code, f"{what} failed: {os.strerror(code)}") from e
+    # EINTR means the kernel undid the call, so it is repeated. KVM_CREATE_VM was seen to
+    # fail so here, with no signal delivered, in a process that had just closed io_uring
+    # rings (probably task_work notification making signal_pending() true).
+    for _ in range(_EINTR_RETRIES):
+        try:
+            return fcntl.ioctl(fd, request, arg)
+        except InterruptedError:
+            continue
+        except OSError as e:
+            code = e.errno if e.errno is not None else errno.EIO
+            raise HostMemoryError(code, f"{what} failed: {os.strerror(code)}") from e
+    raise HostMemoryError(errno.EINTR, f"{what} failed: interrupted {_EINTR_RETRIES} times")
 
 
 def _check_u64(name: str, value: int, align: int = 1) -> None:
@@ -181,11 +189,17 @@ def _fallocate(fd: int, mode: int, offset: int, length: int, what: str) -> None:
     _check_u64("length", length, _PAGE)
     if length == 0:
         raise InvalidArgument(f"{what}: length must be positive")
-    if _libc.fallocate(fd, mode, offset, length) != 0:
+    # guest_memfd allocation stops with EINTR whenever signal_pending() (seen here after
+    # io_uring use, see _ioctl); allocate and punch are idempotent, so retry.
+    for _ in range(_EINTR_RETRIES):
+        if _libc.fallocate(fd, mode, offset, length) == 0:
+            return
         err = ctypes.get_errno()
-        raise HostMemoryError(
-            err, f"{what}(fd={fd}, [{offset:#x}, +{length:#x})) failed: {os.strerror(err)}"
-        )
+        if err != errno.EINTR:
+            break
+    raise HostMemoryError(
+        err, f"{what}(fd={fd}, [{offset:#x}, +{length:#x})) failed: {os.strerror(err)}"
+    )
 
 
 def guest_memfd_allocate(fd: int, offset: int, length: int) -> None:
