@@ -298,8 +298,9 @@ class RawRing:
             raise HostMemoryError(errno.EIO, f"io_uring: unexpected completion {user_data}")
         if res < 0:
             raise HostMemoryError(
-                -res, f"WRITE_FIXED(slot={slot}, [{address:#x}, +{length:#x})) failed: "
-                f"{os.strerror(-res)}"
+                -res,
+                f"WRITE_FIXED(slot={slot}, [{address:#x}, +{length:#x})) failed: "
+                f"{os.strerror(-res)}",
             )
         return res
 
