@@ -107,6 +107,9 @@ _BASE_PAGE: Final = mmap.PAGESIZE
 _MADV_DONTNEED: Final = syscalls.MADV_DONTNEED
 _MADV_POPULATE_READ: Final = syscalls.MADV_POPULATE_READ
 _MADV_POPULATE_WRITE: Final = syscalls.MADV_POPULATE_WRITE
+_OP_DISCARD: Final = Op.DISCARD
+_OP_POPULATE: Final = Op.POPULATE
+_checkpoint: Final = faults.checkpoint
 
 # None: not known yet; probed the first time a populate fails with EINVAL.
 _populate_supported: bool | None = None
@@ -120,7 +123,7 @@ def _probe_populate() -> bool:
     if _populate_supported is None:
         with mmap.mmap(-1, _BASE_PAGE) as scratch:
             try:
-                scratch.madvise(_MADV_POPULATE_READ, 0, _BASE_PAGE)
+                scratch.madvise(syscalls.MADV_POPULATE_READ, 0, _BASE_PAGE)
             except OSError:
                 _populate_supported = False
             else:
@@ -167,6 +170,8 @@ class RamBlock:
         "_fd_finalizer",
         "_host_address",
         "_hugetlb",
+        "_limit",
+        "_madvise",
         "_max_size",
         "_mm",
         "_name",
@@ -178,6 +183,7 @@ class RamBlock:
         "_size",
         "_thp",
         "_view",
+        "_wlimit",
         "resize_hooks",
     )
 
@@ -208,6 +214,12 @@ class RamBlock:
         self._mm: mmap.mmap | None = None
         self._view: memoryview | None = None
         self._host_address = 0
+        # Hot-path bounds: the end a range may reach for reads (_limit) and for changes
+        # (_wlimit); -1 rejects every range, which is how closed and read-only blocks
+        # cost no extra test.
+        self._limit = -1
+        self._wlimit = -1
+        self._madvise: Callable[[int, int, int], None] | None = None
         self._readonly = readonly
         self._thp = thp and kind is Backing.ANONYMOUS
         self._path = os.fspath(path) if path is not None else None
@@ -241,6 +253,7 @@ class RamBlock:
             self._release()
             raise
         self._closed = False
+        self._set_limits()
 
     # ---- construction -------------------------------------------------------------------
 
@@ -306,6 +319,7 @@ class RamBlock:
             except OSError as exc:
                 raise self._os_error(exc, "mmap", 0, max_size) from None
         self._mm = mm
+        self._madvise = mm.madvise
         self._punch = self._fd is not None
         if kind is Backing.ANONYMOUS:
             # "madvise" THP mode needs HUGEPAGE to get huge pages; "always" mode needs
@@ -318,6 +332,10 @@ class RamBlock:
                     raise self._os_error(exc, syscalls.advice_name(advice), 0, max_size) from None
         self._host_address = syscalls.buffer_address(mm)
         self._view = self._make_view(size)
+
+    def _set_limits(self) -> None:
+        self._limit = -1 if self._closed else self._size
+        self._wlimit = -1 if self._closed or self._readonly else self._size
 
     def _adopt_fd(self, fd: int) -> None:
         self._fd = fd
@@ -423,6 +441,18 @@ class RamBlock:
             reason = f"range exceeds the used length {self._size:#x}"
         return InvalidArgument(f"{where}: {reason}; nothing changed")
 
+    def _refusal(self, op: str, offset: int, length: int) -> InvalidArgument | HostMemoryError:
+        """The error for a discard or populate the hot-path test rejected."""
+        if (
+            self._closed
+            or offset < 0
+            or length < 0
+            or (offset | length) & self._page_mask
+            or offset + length > self._size
+        ):
+            return self._range_error(op, offset, length, self._page_size)
+        return self._readonly_error(op, offset, length)
+
     def _readonly_error(self, op: str, offset: int, length: int) -> HostMemoryError:
         return HostMemoryError(
             _errno.EROFS,
@@ -444,28 +474,19 @@ class RamBlock:
         :class:`InvalidArgument` or, for a read-only block, :class:`HostMemoryError`
         (``EROFS``) with nothing changed; :class:`HostMemoryError` if the kernel refuses.
         """
-        if (
-            self._closed
-            or offset < 0
-            or length < 0
-            or offset + length > self._size
-            or (offset | length) & self._page_mask
-        ):
-            raise self._range_error("discard", offset, length, self._page_size)
-        if self._readonly:
-            raise self._readonly_error("discard", offset, length)
-        if not length:
-            return
-        faults.checkpoint(Op.DISCARD)
+        if (ol := offset | length) < 0 or ol & self._page_mask or offset + length > self._wlimit:
+            raise self._refusal("discard", offset, length)
+        _checkpoint(_OP_DISCARD)
         if self._punch:
-            try:
-                syscalls.punch_hole(self._fd, offset, length)  # type: ignore[arg-type]
-            except HostMemoryError as exc:
-                code = exc.errno or _errno.EIO
-                raise HostMemoryError(code, f"{self._label()}: {exc.strerror}") from None
+            if length:
+                try:
+                    syscalls.punch_hole(self._fd, offset, length)  # type: ignore[arg-type]
+                except HostMemoryError as exc:
+                    code = exc.errno or _errno.EIO
+                    raise HostMemoryError(code, f"{self._label()}: {exc.strerror}") from None
         else:
             try:
-                self._mm.madvise(_MADV_DONTNEED, offset, length)  # type: ignore[union-attr]
+                self._madvise(_MADV_DONTNEED, offset, length)  # type: ignore[misc]
             except OSError as exc:
                 raise self._os_error(exc, "madvise(MADV_DONTNEED)", offset, length) from None
 
@@ -480,23 +501,14 @@ class RamBlock:
         populated; :meth:`discard_range` of the same range gives that memory back.
         """
         if (
-            self._closed
-            or offset < 0
-            or length < 0
-            or offset + length > self._size
-            or (offset | length) & self._page_mask
+            (ol := offset | length) < 0
+            or ol & self._page_mask
+            or offset + length > (self._wlimit if write else self._limit)
         ):
-            raise self._range_error("populate", offset, length, self._page_size)
-        if write and self._readonly:
-            raise self._readonly_error("write populate", offset, length)
-        if not length:
-            return
-        faults.checkpoint(Op.POPULATE)
-        if _populate_supported is False:
-            self._touch(offset, length, write)
-            return
+            raise self._refusal("write populate" if write else "populate", offset, length)
+        _checkpoint(_OP_POPULATE)
         try:
-            self._mm.madvise(  # type: ignore[union-attr]
+            self._madvise(  # type: ignore[misc]
                 _MADV_POPULATE_WRITE if write else _MADV_POPULATE_READ, offset, length
             )
         except OSError as exc:
@@ -607,6 +619,7 @@ class RamBlock:
         if new_size < old:
             self.discard_range(new_size, old - new_size)
         self._size = new_size
+        self._set_limits()
         self._drop_view()
         self._view = self._make_view(new_size)
         for hook in list(self.resize_hooks):
@@ -622,6 +635,7 @@ class RamBlock:
 
     def _release(self) -> None:
         self._drop_view()
+        self._madvise = None
         mm, self._mm = self._mm, None
         if mm is not None:
             # BufferError: views derived from ours are alive. They reference the mmap
@@ -644,6 +658,7 @@ class RamBlock:
         if self._closed:
             return
         self._closed = True
+        self._set_limits()
         self._release()
 
     def __enter__(self) -> RamBlock:
