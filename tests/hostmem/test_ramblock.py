@@ -136,7 +136,13 @@ def test_discard_of_untouched_memory_is_harmless(kind: Kind, make_block: BlockFa
     block.discard_range(0, block.size)
     block.discard_range(0, block.size)
     assert block.resident_bytes() == 0
-    block.discard_range(0, 0)
+    for offset in (0, block.page_size, block.size):  # zero lengths are no-ops, even at the end
+        block.discard_range(offset, 0)
+        block.populate(offset, 0)
+        block.populate(offset, 0, write=False)
+    assert block.resident_bytes() == 0
+    with pytest.raises(InvalidArgument):
+        block.discard_range(block.size + block.page_size, 0)
 
 
 def test_thp_block_gets_huge_pages() -> None:

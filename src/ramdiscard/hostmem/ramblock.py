@@ -441,8 +441,11 @@ class RamBlock:
             reason = f"range exceeds the used length {self._size:#x}"
         return InvalidArgument(f"{where}: {reason}; nothing changed")
 
-    def _refusal(self, op: str, offset: int, length: int) -> InvalidArgument | HostMemoryError:
-        """The error for a discard or populate the hot-path test rejected."""
+    def _refusal(
+        self, op: str, offset: int, length: int, write: bool
+    ) -> InvalidArgument | HostMemoryError | None:
+        """The error for a discard or populate the hot-path test sent here, or None for a
+        valid zero-length call (a no-op: ``mmap.madvise`` rejects a start at the end)."""
         if (
             self._closed
             or offset < 0
@@ -451,7 +454,9 @@ class RamBlock:
             or offset + length > self._size
         ):
             return self._range_error(op, offset, length, self._page_size)
-        return self._readonly_error(op, offset, length)
+        if write and self._readonly:
+            return self._readonly_error(op, offset, length)
+        return None
 
     def _readonly_error(self, op: str, offset: int, length: int) -> HostMemoryError:
         return HostMemoryError(
@@ -474,16 +479,23 @@ class RamBlock:
         :class:`InvalidArgument` or, for a read-only block, :class:`HostMemoryError`
         (``EROFS``) with nothing changed; :class:`HostMemoryError` if the kernel refuses.
         """
-        if (ol := offset | length) < 0 or ol & self._page_mask or offset + length > self._wlimit:
-            raise self._refusal("discard", offset, length)
+        if (
+            (ol := offset | length) <= 0
+            or ol & self._page_mask
+            or offset + length > self._wlimit
+            or not length
+        ):
+            err = self._refusal("discard", offset, length, write=True)
+            if err is None:
+                return
+            raise err
         _checkpoint(_OP_DISCARD)
         if self._punch:
-            if length:
-                try:
-                    syscalls.punch_hole(self._fd, offset, length)  # type: ignore[arg-type]
-                except HostMemoryError as exc:
-                    code = exc.errno or _errno.EIO
-                    raise HostMemoryError(code, f"{self._label()}: {exc.strerror}") from None
+            try:
+                syscalls.punch_hole(self._fd, offset, length)  # type: ignore[arg-type]
+            except HostMemoryError as exc:
+                code = exc.errno or _errno.EIO
+                raise HostMemoryError(code, f"{self._label()}: {exc.strerror}") from None
         else:
             try:
                 self._madvise(_MADV_DONTNEED, offset, length)  # type: ignore[misc]
@@ -504,8 +516,12 @@ class RamBlock:
             (ol := offset | length) < 0
             or ol & self._page_mask
             or offset + length > (self._wlimit if write else self._limit)
+            or not length
         ):
-            raise self._refusal("write populate" if write else "populate", offset, length)
+            err = self._refusal("write populate" if write else "populate", offset, length, write)
+            if err is None:
+                return
+            raise err
         _checkpoint(_OP_POPULATE)
         try:
             self._madvise(  # type: ignore[misc]
