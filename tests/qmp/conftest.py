@@ -168,7 +168,10 @@ class DeviceSetBackend:
 
 
 def run_with_server(
-    backend: DeviceSetBackend, address: str, main: Callable[[QmpServer], Awaitable[Any]], timeout: float = 60.0
+    backend: DeviceSetBackend,
+    address: str,
+    main: Callable[[QmpServer], Awaitable[Any]],
+    timeout: float = 60.0,
 ) -> Any:
     """Start a QmpServer for ``backend`` on ``address``, run ``main(server)`` on the same
     event loop, then close the server (which closes the backend)."""

@@ -110,26 +110,63 @@ def test_refused_requested_size_changes_nothing(
     ("name", "args", "expected"),
     [
         ("qom-get", {"path": "nope", "property": "size"}, ("DeviceNotFound", "Device 'nope' not found")),
-        ("qom-set", {"path": "/machine/peripheral/x", "property": "size", "value": 0},
-         ("DeviceNotFound", "Device '/machine/peripheral/x' not found")),  # fmt: skip
-        ("qom-get", {"path": "vm0", "property": "foo"}, ("GenericError", "Property 'virtio-mem-pci.foo' not found")),
-        ("qom-set", {"path": "vm0", "property": "foo", "value": 1},
-         ("GenericError", "Property 'virtio-mem-pci.foo' not found")),  # fmt: skip
-        ("qom-set", {"path": "vm0", "property": "size", "value": 0},
-         ("GenericError", "Property 'virtio-mem-pci.size' is not writable")),  # fmt: skip
-        ("qom-set", {"path": "vm0", "property": "block-size", "value": 0},
-         ("GenericError", "'block-size' cannot be changed")),  # fmt: skip
-        ("qom-set", {"path": "vm0", "property": "memaddr", "value": 0},
-         ("GenericError",
-          "Attempt to set property 'memaddr' on device 'vm0' (type 'virtio-mem-pci') after it was realized")),  # fmt: skip
+        (
+            "qom-set",
+            {"path": "/machine/peripheral/x", "property": "size", "value": 0},
+            ("DeviceNotFound", "Device '/machine/peripheral/x' not found"),
+        ),
+        (
+            "qom-get",
+            {"path": "vm0", "property": "foo"},
+            ("GenericError", "Property 'virtio-mem-pci.foo' not found"),
+        ),
+        (
+            "qom-set",
+            {"path": "vm0", "property": "foo", "value": 1},
+            ("GenericError", "Property 'virtio-mem-pci.foo' not found"),
+        ),
+        (
+            "qom-set",
+            {"path": "vm0", "property": "size", "value": 0},
+            ("GenericError", "Property 'virtio-mem-pci.size' is not writable"),
+        ),
+        (
+            "qom-set",
+            {"path": "vm0", "property": "block-size", "value": 0},
+            ("GenericError", "'block-size' cannot be changed"),
+        ),
+        (
+            "qom-set",
+            {"path": "vm0", "property": "memaddr", "value": 0},
+            (
+                "GenericError",
+                "Attempt to set property 'memaddr' on device 'vm0' (type 'virtio-mem-pci') "
+                "after it was realized",
+            ),
+        ),
         ("qom-get", {"path": "vm0"}, ("GenericError", "Parameter 'property' is missing")),
-        ("qom-get", {"path": 1, "property": "x"}, ("GenericError", "Invalid parameter type for 'path', expected: string")),
-        ("qom-get", {"path": "vm0", "property": "size", "x": 1}, ("GenericError", "Parameter 'x' is unexpected")),
+        (
+            "qom-get",
+            {"path": 1, "property": "x"},
+            ("GenericError", "Invalid parameter type for 'path', expected: string"),
+        ),
+        (
+            "qom-get",
+            {"path": "vm0", "property": "size", "x": 1},
+            ("GenericError", "Parameter 'x' is unexpected"),
+        ),
         ("query-version", {"x": 1}, ("GenericError", "Parameter 'x' is unexpected")),
         ("no-such-command", {}, ("CommandNotFound", "The command no-such-command has not been found")),
-        ("x-ramdiscard-dump", {"path": "/nonexistent/dump"}, ("GenericError", "[Errno 13] cannot write /nonexistent/dump")),
-        ("x-ramdiscard-migrate", {"uri": "file:/tmp/x"},
-         ("GenericError", "x-ramdiscard-migrate is unavailable: this test backend cannot migrate")),  # fmt: skip
+        (
+            "x-ramdiscard-dump",
+            {"path": "/nonexistent/dump"},
+            ("GenericError", "[Errno 13] cannot write /nonexistent/dump"),
+        ),
+        (
+            "x-ramdiscard-migrate",
+            {"uri": "file:/tmp/x"},
+            ("GenericError", "x-ramdiscard-migrate is unavailable: this test backend cannot migrate"),
+        ),
     ],
 )
 def test_errors_use_qemu_classes_and_messages(

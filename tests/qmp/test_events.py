@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -93,7 +95,7 @@ def test_model_at_most_one_per_second_and_the_last_always_arrives(steps: list[tu
     for dev, sizes in submitted.items():
         mine = [(at, e.data["size"]) for at, e in delivered if e.data["id"] == dev]
         # Deliveries per device are at least a second apart, in submission order,
-        assert all(b[0] - a[0] >= 1.0 - 1e-9 for a, b in zip(mine, mine[1:], strict=False))
+        assert all(b[0] - a[0] >= 1.0 - 1e-9 for a, b in itertools.pairwise(mine))
         assert [s for _at, s in mine] == sorted(s for _at, s in mine)
         assert {s for _at, s in mine} <= set(sizes)
         # the first one is never delayed, and the last one is never lost.

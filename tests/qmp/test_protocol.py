@@ -70,7 +70,9 @@ def test_negotiation_then_second_negotiation_is_refused() -> None:
 def test_capability_arguments_are_checked() -> None:
     conn = QmpConnection(VERSION)
     cases = {
-        b'{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}': "Capability 'oob' not available",
+        b'{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}': (
+            "Capability 'oob' not available"
+        ),
         b'{"execute": "qmp_capabilities", "arguments": {"enable": ["x"]}}': (
             "Parameter 'enable[0]' does not accept value 'x'"
         ),
@@ -108,7 +110,9 @@ def test_request_shape_errors_use_qemu_messages() -> None:
         b"123 ": err("QMP input must be a JSON object"),
         b'{"arguments": {}, "id": 7}': err("QMP input lacks member 'execute'", id=7),
         b'{"execute": 1, "id": 7}': err("QMP input member 'execute' must be a string", id=7),
-        b'{"execute": "x", "arguments": [], "id": 7}': err("QMP input member 'arguments' must be an object", id=7),
+        b'{"execute": "x", "arguments": [], "id": 7}': err(
+            "QMP input member 'arguments' must be an object", id=7
+        ),
         b'{"execute": "x", "foo": 1}': err("QMP input member 'foo' is unexpected"),
         b'{"exec-oob": "x"}': err("QMP input member 'exec-oob' is unexpected"),
     }
@@ -189,7 +193,9 @@ def test_reset_byte_drops_a_partial_message() -> None:
 
 def test_invalid_utf8_in_a_string() -> None:
     f = JsonFramer()
-    assert f.feed(b'{"execute": "\xc3\x28"}') == [BadMessage("JSON parse error, invalid UTF-8 sequence in string")]
+    assert f.feed(b'{"execute": "\xc3\x28"}') == [
+        BadMessage("JSON parse error, invalid UTF-8 sequence in string")
+    ]
     assert values(f, '{"execute": "h\u00e9"}'.encode()) == [{"execute": "h\u00e9"}]
 
 
@@ -213,7 +219,7 @@ junk = st.sampled_from([b"@", b"}", b"]", b"\x00", b"\x80", b"foo ", b"12 ", b'"
 def feed_chunked(conn: QmpConnection, data: bytes, cuts: list[int]) -> list[Item]:
     out: list[Item] = []
     prev = 0
-    for cut in sorted(c % (len(data) + 1) for c in cuts) + [len(data)]:
+    for cut in [*sorted(c % (len(data) + 1) for c in cuts), len(data)]:
         out += conn.receive_data(data[prev:cut])
         prev = cut
     return out

@@ -261,6 +261,9 @@ class QmpServer:
             await self._serve_client(client, reader)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            # Cancelled by close(): end quietly (asyncio logs a cancelled client task).
+            pass
         finally:
             self._clients.pop(client, None)
             writer.close()
