@@ -152,13 +152,13 @@ class VfioContainer(MemoryListener):
             ]
 
     def pin_of(self, iova: int) -> PinHandle:
-        """The backend pin of the mapping that starts at ``iova`` (for ``dma_read``)."""
+        """The backend pin of the mapping containing ``iova`` (e.g. for ``dma_read``);
+        InvalidArgument if nothing is mapped there."""
         with self._lock:
-            lo, hi = self._table.unmap_span(iova, iova + 1)
-            del hi
-            if lo >= len(self._table) or self._table._starts[lo] != iova:
-                raise InvalidArgument(f"no DMA mapping starts at IOVA {iova:#x}")
-            return self._table._payloads[lo][0]
+            index = self._table.find(iova)
+            if index is None:
+                raise InvalidArgument(f"nothing is mapped at IOVA {iova:#x}")
+            return self._table._payloads[index][0]
 
     def dma_map(self, iova: int, host_address: int, size: int, readonly: bool = False) -> None:
         """Map and pin ``[host_address, +size)`` at ``iova``.

@@ -106,6 +106,13 @@ class MappingTable(Generic[T]):
             )
         return lo, hi
 
+    def find(self, iova: int) -> int | None:
+        """Index of the mapping containing ``iova``, or None."""
+        i = bisect_right(self._starts, iova) - 1
+        if i >= 0 and self._ends[i] > iova:
+            return i
+        return None
+
     def span_payloads(self, lo: int, hi: int) -> list[T]:
         return self._payloads[lo:hi]
 
