@@ -5,7 +5,6 @@ test_real_memory.py."""
 from __future__ import annotations
 
 import pytest
-from .conftest import ADDR, BS, World
 
 from ramdiscard import faults
 from ramdiscard.errors import DiscardPolicyError
@@ -14,6 +13,8 @@ from ramdiscard.rdm import BlockStateManager
 from ramdiscard.units import GiB, MiB
 from ramdiscard.vfio import DmaLimitError, IommuMapRefused, IommuPinWarning, VfioContainer
 from ramdiscard.virtio_mem import ResponseType
+
+from .conftest import ADDR, BS, World
 
 HOST = 0x7F0000000000
 
@@ -39,7 +40,7 @@ def test_plain_ram_is_mapped_whole_and_rdm_ram_by_plugged_granules(world: World)
     assert iovas(c) == [(0, 16 * MiB)]
     assert c.mappings()[0].host_address == boot.ram.host_address  # type: ignore[union-attr]
     assert dev.plug(ADDR + 4 * MiB, 3) is ResponseType.ACK
-    assert iovas(c) == [(0, 16 * MiB)] + expected_mappings(ADDR, [(4 * MiB, 6 * MiB)])
+    assert iovas(c) == [(0, 16 * MiB), *expected_mappings(ADDR, [(4 * MiB, 6 * MiB)])]
     m = c.mappings()[2]
     assert m.host_address == dev.ram.host_address + 6 * MiB
     assert dev.unplug(ADDR + 6 * MiB, 1) is ResponseType.ACK

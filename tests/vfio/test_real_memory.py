@@ -65,7 +65,12 @@ def test_iouring_coordinated_pins_only_plugged_memory(world: World, backing: str
     pin0 = vm_pin()
     c.attach(space)
     assert vm_pin() - pin0 == 0 == dev.plugged_size
-    steps = [("plug", ADDR, 8), ("unplug", ADDR, 2), ("plug", ADDR + 32 * MiB, 4), ("unplug", ADDR + 6 * MiB, 5)]
+    steps = [
+        ("plug", ADDR, 8),
+        ("unplug", ADDR, 2),
+        ("plug", ADDR + 32 * MiB, 4),
+        ("unplug", ADDR + 6 * MiB, 5),
+    ]
     for what, addr, n in steps:
         if what == "plug":
             assert dev.plug(addr, n) is ResponseType.ACK
@@ -84,7 +89,7 @@ def test_iouring_coordinated_pins_only_plugged_memory(world: World, backing: str
 
 @pytest.mark.parametrize("coordinate", [False, True], ids=["uncoordinated", "coordinated"])
 def test_mlock_on_anonymous_memory_makes_unplug_busy(world: World, coordinate: bool) -> None:
-    dev, space, backend, c = setup(world, "anonymous", "mlock", coordinate)
+    dev, space, _backend, c = setup(world, "anonymous", "mlock", coordinate)
     lck0 = vm_lck()
     c.attach(space)
     assert vm_lck() - lck0 == (0 if coordinate else REGION)
@@ -103,7 +108,7 @@ def test_mlock_on_anonymous_memory_makes_unplug_busy(world: World, coordinate: b
 def test_mlock_on_memfd_returns_memory_but_locks_the_region_without_coordination(
     world: World, coordinate: bool
 ) -> None:
-    dev, space, backend, c = setup(world, "memfd", "mlock", coordinate)
+    dev, space, _backend, c = setup(world, "memfd", "mlock", coordinate)
     lck0 = vm_lck()
     c.attach(space)
     assert dev.plug(ADDR, 8) is ResponseType.ACK

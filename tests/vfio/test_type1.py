@@ -82,7 +82,15 @@ def test_mapping_limit_maps_nothing_more() -> None:
 
 @pytest.mark.parametrize(
     ("iova", "host", "size"),
-    [(1, HOST, P), (0, HOST + 1, P), (0, HOST, P + 1), (0, HOST, 0), (-P, HOST, P), (0, 0, P), (True, HOST, P)],
+    [
+        (1, HOST, P),
+        (0, HOST + 1, P),
+        (0, HOST, P + 1),
+        (0, HOST, 0),
+        (-P, HOST, P),
+        (0, 0, P),
+        (True, HOST, P),
+    ],
 )
 def test_bad_map_arguments(iova: int, host: int, size: int) -> None:
     c, b = make()
@@ -104,14 +112,12 @@ def test_failed_pin_or_unpin_changes_nothing() -> None:
     addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
     with IoUringDmaBackend(slots_per_ring=16) as b:
         c = VfioContainer(b)
-        with faults.inject(faults.Op.PIN, nth=1):
-            with pytest.raises(faults.InjectedFault):
-                c.dma_map(0, addr, 4 * P)
+        with faults.inject(faults.Op.PIN, nth=1), pytest.raises(faults.InjectedFault):
+            c.dma_map(0, addr, 4 * P)
         assert c.mapping_count == 0 and b.pin_count == 0
         c.dma_map(0, addr, 4 * P)
-        with faults.inject(faults.Op.UNPIN, nth=1):
-            with pytest.raises(faults.InjectedFault):
-                c.dma_unmap(0, 4 * P)
+        with faults.inject(faults.Op.UNPIN, nth=1), pytest.raises(faults.InjectedFault):
+            c.dma_unmap(0, 4 * P)
         assert c.mapping_count == 1 and b.pin_count == 1  # still mapped, retry works
         assert c.dma_unmap(0, 4 * P) == 4 * P and b.pin_count == 0
     m.close()
