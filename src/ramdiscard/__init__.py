@@ -1,5 +1,6 @@
 """ramdiscard: QEMU's RamDiscardManager system in Python, on real host memory."""
 
+from ramdiscard.attributes import RamBlockAttributes
 from ramdiscard.errors import (
     DiscardPolicyError,
     HostMemoryError,
@@ -44,6 +45,7 @@ __all__ = [
     "MiB",
     "RamDiscardError",
     "RamDiscardListener",
+    "RamBlockAttributes",
     "RamDiscardManager",
     "RegionKind",
     "RegionMapped",
