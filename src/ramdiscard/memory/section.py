@@ -6,13 +6,17 @@ are plain ints, so the 128-bit arithmetic QEMU needs does not arise.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ramdiscard.errors import InvalidArgument
 
 if TYPE_CHECKING:
     from ramdiscard.memory.region import MemoryRegion
+
+
+_new = object.__new__
+_set = object.__setattr__
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,13 +59,19 @@ class MemoryRegionSection:
             return None
         if start == self.offset_within_region and end == self.end:
             return self
-        return replace(
-            self,
-            offset_within_region=start,
-            size=end - start,
-            offset_within_address_space=self.offset_within_address_space
-            + (start - self.offset_within_region),
+        # Built without __init__: the fields are derived from a valid section, and
+        # replays create one section per run, so this is a hot path.
+        part = _new(MemoryRegionSection)
+        _set(part, "mr", self.mr)
+        _set(part, "offset_within_region", start)
+        _set(part, "size", end - start)
+        _set(
+            part,
+            "offset_within_address_space",
+            self.offset_within_address_space + (start - self.offset_within_region),
         )
+        _set(part, "readonly", self.readonly)
+        return part
 
     def __repr__(self) -> str:
         ro = ", readonly" if self.readonly else ""

@@ -156,23 +156,18 @@ class Bitmap:
             starts, ends = self._chunk_runs(pos, chunk_end, value)
             n = len(starts)
             if n:
-                first_start = int(starts[0])
+                starts_l: list[int] = starts.tolist()
+                ends_l: list[int] = ends.tolist()
                 if open_start is not None:
-                    if first_start != pos:
+                    if starts_l[0] != pos:
                         yield open_start, pos
-                        open_start = None
                     else:
-                        first_start = open_start
-                        open_start = None
-                last_end = int(ends[-1])
-                trailing_open = last_end == chunk_end and chunk_end < end
-                for i in range(n):
-                    s = first_start if i == 0 else int(starts[i])
-                    e = int(ends[i])
-                    if i == n - 1 and trailing_open:
-                        open_start = s
-                    else:
-                        yield s, e
+                        starts_l[0] = open_start
+                    open_start = None
+                if ends_l[-1] == chunk_end and chunk_end < end:
+                    open_start = starts_l.pop()
+                    ends_l.pop()
+                yield from zip(starts_l, ends_l, strict=True)
             elif open_start is not None:
                 yield open_start, pos
                 open_start = None

@@ -89,10 +89,9 @@ class BlockStateManager(RamDiscardManager):
             self.check_section(section)
             if section.size == 0:
                 return
+            intersect = section.intersect
             for start, end in self.runs(section.offset_within_region, section.size, value):
-                part = section.intersect(start, end - start)
-                assert part is not None
-                fn(part)
+                fn(intersect(start, end - start))  # type: ignore[arg-type]
 
     def runs(
         self, offset: int = 0, size: int | None = None, populated: bool = True
@@ -108,8 +107,14 @@ class BlockStateManager(RamDiscardManager):
         first, last = self._block_span(offset, size)
         g = self._shift
         end = offset + size
-        for s, e in self._bitmap.runs(first, last, populated):
-            yield max(s << g, offset), min(e << g, end)
+        runs = self._bitmap.runs(first, last, populated)
+        head = next(runs, None)
+        if head is None:
+            return
+        yield max(head[0] << g, offset), min(head[1] << g, end)
+        for s, e in runs:
+            e <<= g
+            yield s << g, (e if e < end else end)
 
     def populated_runs(self, offset: int = 0, size: int | None = None) -> Iterator[tuple[int, int]]:
         return self.runs(offset, size, True)

@@ -1,0 +1,85 @@
+"""``ramdiscard bench``: every benchmark of the project, as ratios against raw baselines.
+
+Each area of the project has a ``bench`` module with ``run(quick) -> list[dict]``; a row
+has ``group``, ``name``, ``ours_ns``, ``raw_ns`` and ``ratio`` (ours / raw, both measured
+in this run), and optionally a ``target`` ratio and extra figures.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from typing import Any
+
+BENCH_MODULES = [
+    "ramdiscard.rdm.bench",
+    "ramdiscard.hostmem.bench",
+    "ramdiscard.virtio_mem.bench",
+    "ramdiscard.vfio.bench",
+    "ramdiscard.migration.bench",
+]
+
+
+def collect(quick: bool = False, only: list[str] | None = None) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for name in BENCH_MODULES:
+        if only and not any(o in name for o in only):
+            continue
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError:
+            continue
+        rows.extend(module.run(quick=quick))
+    return rows
+
+
+def render(rows: list[dict[str, Any]], as_json: bool) -> str:
+    if as_json:
+        return json.dumps(rows, indent=2, default=str)
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="ramdiscard benchmarks (ratio = ours / raw baseline, same run)")
+    for col in ("group", "benchmark", "ours", "raw", "ratio", "target", "notes"):
+        table.add_column(col, justify="right" if col in ("ours", "raw", "ratio", "target") else "left")
+    for r in rows:
+        target = r.get("target")
+        ratio = r.get("ratio")
+        ok = "" if target is None or ratio is None else (" ok" if ratio <= target else " MISS")
+        notes = ", ".join(
+            f"{k}={_fmt(v)}"
+            for k, v in r.items()
+            if k not in ("group", "name", "ours_ns", "raw_ns", "ratio", "target") and v is not None
+        )
+        table.add_row(
+            str(r.get("group", "")),
+            str(r.get("name", "")),
+            _ns(r.get("ours_ns")),
+            _ns(r.get("raw_ns")),
+            "" if ratio is None else f"{ratio:.3f}",
+            "" if target is None else f"<= {target}{ok}",
+            notes,
+        )
+    buf = StringIO()
+    Console(file=buf, width=200).print(table)
+    return buf.getvalue()
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def _ns(v: object) -> str:
+    if not isinstance(v, (int, float)):
+        return ""
+    if v >= 1e9:
+        return f"{v / 1e9:.2f} s"
+    if v >= 1e6:
+        return f"{v / 1e6:.2f} ms"
+    if v >= 1e3:
+        return f"{v / 1e3:.1f} µs"
+    return f"{v:.0f} ns"
