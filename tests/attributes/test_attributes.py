@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from attr_helpers import PAGE, PageView, ram_region
 
 from ramdiscard import RamBlockAttributes
 from ramdiscard.errors import DiscardPolicyError, InvalidArgument, ManagerBusy
 from ramdiscard.memory import MemoryRegionSection
 from ramdiscard.rdm import AggregateManager, BlockStateManager, DiscardPolicy
 from ramdiscard.units import MiB
+from tests.attributes.attr_helpers import PAGE, PageView, ram_region
 
 SIZE = 4 * MiB
 

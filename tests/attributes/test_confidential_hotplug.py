@@ -6,7 +6,6 @@ aggregate populated state (plugged and shared) inside its section."""
 from __future__ import annotations
 
 import pytest
-from attr_helpers import PAGE, PageView, ram_region
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,6 +13,7 @@ from ramdiscard import RamBlockAttributes
 from ramdiscard.memory import MemoryRegionSection
 from ramdiscard.rdm import AggregateManager, BlockStateManager, DiscardPolicy, add_ram_discard_source
 from ramdiscard.units import MiB
+from tests.attributes.attr_helpers import PAGE, PageView, ram_region
 
 SIZE = 8 * MiB
 BLOCK = 2 * MiB

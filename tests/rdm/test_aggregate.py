@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from agg_helpers import LARGE, REGION_SIZE, SMALL, Recorder, Source, make_region, pages_of, section
 
 from ramdiscard.errors import InvalidArgument, ListenerError, ManagerBusy, RegionMapped
 from ramdiscard.memory import AddressSpace, MemoryRegion
@@ -14,6 +13,7 @@ from ramdiscard.rdm import (
     remove_ram_discard_source,
 )
 from ramdiscard.units import MiB
+from tests.rdm.agg_helpers import LARGE, REGION_SIZE, SMALL, Recorder, Source, make_region, pages_of, section
 
 
 def agg_with(mr: MemoryRegion, *sources: Source) -> AggregateManager:

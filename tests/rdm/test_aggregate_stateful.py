@@ -8,13 +8,13 @@ each source's bitmap equals the model.
 
 from __future__ import annotations
 
-from agg_helpers import LARGE, SMALL, Recorder, Source, make_region, section
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from ramdiscard.rdm import AggregateManager
 from ramdiscard.units import MiB
+from tests.rdm.agg_helpers import LARGE, SMALL, Recorder, Source, make_region, section
 
 SIZE = 8 * MiB
 PAGES = SIZE // SMALL

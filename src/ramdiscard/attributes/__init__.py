@@ -1,6 +1,6 @@
 """guest_memfd attributes: the second RamDiscardManager provider (shared = populated)."""
 
-from ramdiscard.attributes.attributes import KvmVmLike, RamBlockAttributes
-from ramdiscard.attributes.gmem import GmemUnavailable, GmemVm
+from ramdiscard.attributes.attributes import RamBlockAttributes
+from ramdiscard.attributes.gmem import GmemUnavailable, open_guest_memfd_vm, unevictable_bytes
 
-__all__ = ["GmemUnavailable", "GmemVm", "KvmVmLike", "RamBlockAttributes"]
+__all__ = ["GmemUnavailable", "RamBlockAttributes", "open_guest_memfd_vm", "unevictable_bytes"]

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from ramdiscard.attributes import gmem
 from ramdiscard.errors import InvalidArgument
+from ramdiscard.kvm import KVM_MEMORY_ATTRIBUTE_PRIVATE, KvmVm, guest_memfd_allocate, guest_memfd_punch_hole
 from ramdiscard.rdm.aggregate import add_ram_discard_source, remove_ram_discard_source
 from ramdiscard.rdm.block_state import BlockStateManager
 from ramdiscard.rdm.policy import DiscardPolicy, default_policy
@@ -62,29 +63,6 @@ class _Measurable(Protocol):
     def resident_bytes(self, offset: int = 0, length: int | None = None) -> int: ...
 
 
-class KvmVmLike(Protocol):
-    """What the provider needs from a KVM VM (satisfied by :class:`gmem.GmemVm`)."""
-
-    @property
-    def supports_private_attribute(self) -> bool: ...
-
-    def create_guest_memfd(self, size: int, flags: int = 0) -> int: ...
-
-    def set_user_memory_region2(
-        self,
-        slot: int,
-        gpa: int,
-        size: int,
-        userspace_addr: int,
-        *,
-        guest_memfd: int = -1,
-        guest_memfd_offset: int = 0,
-        flags: int = 0,
-    ) -> None: ...
-
-    def set_memory_attributes(self, gpa: int, size: int, private: bool) -> None: ...
-
-
 class RamBlockAttributes(BlockStateManager):
     """Shared/private state of ``memory``; see the module rules.
 
@@ -99,7 +77,7 @@ class RamBlockAttributes(BlockStateManager):
         memory: MemoryRegion,
         *,
         guest_memfd: int | None = None,
-        kvm_vm: KvmVmLike | None = None,
+        kvm_vm: KvmVm | None = None,
         policy: DiscardPolicy | None = None,
         use_kvm: bool = True,
         slot: int | None = None,
@@ -108,8 +86,8 @@ class RamBlockAttributes(BlockStateManager):
         super().__init__(memory, mmap.PAGESIZE)
         self._policy = policy if policy is not None else default_policy()
         self._policy.coordinated_require(True)
-        self._vm: KvmVmLike | None = kvm_vm
-        self._own_vm: gmem.GmemVm | None = None
+        self._vm: KvmVm | None = kvm_vm
+        self._own_vm: KvmVm | None = None
         self._gmem_fd = -1
         self._own_gmem = False
         self._slot: int | None = None
@@ -134,7 +112,7 @@ class RamBlockAttributes(BlockStateManager):
         elif self._vm is not None or use_kvm:
             if self._vm is None:
                 try:
-                    self._own_vm = gmem.GmemVm.open()
+                    self._own_vm = gmem.open_guest_memfd_vm()
                 except gmem.GmemUnavailable as exc:
                     self._description = f"model only (no guest_memfd: {exc.strerror})"
                     _log.warning("%s: %s", self.region.name, self._description)
@@ -148,16 +126,14 @@ class RamBlockAttributes(BlockStateManager):
             return
         parts = [f"guest_memfd fd {self._gmem_fd}"]
         if self._own_vm is not None:
-            parts.append(f"in a private {self._own_vm.vm_type_name} VM")
+            parts.append(f"in a private {gmem.vm_type_name(self._own_vm)} VM")
         ram = self.region.ram
         if self._vm is not None and slot is not None and ram is not None:
-            self._vm.set_user_memory_region2(
-                slot, self._gpa, size, ram.host_address, guest_memfd=self._gmem_fd
-            )
+            self._vm.set_user_memory_region2(slot, self._gpa, size, ram.host_address, self._gmem_fd)
             self._slot = slot
             parts.append(f"memslot {slot} at GPA {self._gpa:#x} (KVM_MEM_GUEST_MEMFD)")
-            if self._vm.supports_private_attribute:
-                self._vm.set_memory_attributes(self._gpa, size, True)
+            if gmem.supports_private_attribute(self._vm):
+                self._set_attributes(0, size, private=True)
                 self._attributes = True
                 parts.append("KVM memory attributes set on conversion")
             else:
@@ -169,7 +145,7 @@ class RamBlockAttributes(BlockStateManager):
     def _teardown_backend(self) -> None:
         if self._slot is not None and self._vm is not None and self.region.ram is not None:
             try:
-                self._vm.set_user_memory_region2(self._slot, self._gpa, 0, self.region.ram.host_address)
+                self._vm.delete_memory_region(self._slot)
             except OSError:
                 _log.exception("%s: deleting memslot %d failed", self.region.name, self._slot)
             self._slot = None
@@ -276,22 +252,27 @@ class RamBlockAttributes(BlockStateManager):
         self._check_range(offset, size)
         with self.lock:
             self._check_not_notifying("convert memory")
-            if self._attributes and self._vm is not None:
-                self._vm.set_memory_attributes(self._gpa + offset, size, to_private)
+            if self._attributes:
+                self._set_attributes(offset, size, private=to_private)
             try:
                 self.state_change(offset, size, to_private)
             except BaseException:
-                if self._attributes and self._vm is not None:
-                    self._vm.set_memory_attributes(self._gpa + offset, size, not to_private)
+                if self._attributes:
+                    self._set_attributes(offset, size, private=not to_private)
                 raise
             ram = self.region.ram
             if to_private:
                 if isinstance(ram, _Discardable) and ram.page_size == self.granularity:
                     ram.discard_range(offset, size)
                 if prealloc_private and self._gmem_fd >= 0:
-                    gmem.allocate(self._gmem_fd, offset, size)
+                    guest_memfd_allocate(self._gmem_fd, offset, size)
             elif self._gmem_fd >= 0:
-                gmem.punch_hole(self._gmem_fd, offset, size)
+                guest_memfd_punch_hole(self._gmem_fd, offset, size)
+
+    def _set_attributes(self, offset: int, size: int, *, private: bool) -> None:
+        assert self._vm is not None
+        value = KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0
+        self._vm.set_memory_attributes(self._gpa + offset, size, value)
 
     def convert_gpa(self, gpa: int, size: int, to_private: bool) -> None:
         """:meth:`convert` by guest-physical address inside the memslot."""
@@ -309,4 +290,4 @@ class RamBlockAttributes(BlockStateManager):
             raise InvalidArgument(f"[{offset:#x}, +{size:#x}) of {self.region.name!r} is not all private")
         if self._gmem_fd < 0:
             raise InvalidArgument(f"{self.region.name!r} has no guest_memfd ({self._description})")
-        gmem.allocate(self._gmem_fd, offset, size)
+        guest_memfd_allocate(self._gmem_fd, offset, size)
