@@ -7,19 +7,11 @@ from dataclasses import dataclass, field
 from ramdiscard.memory import MemoryRegion, MemoryRegionSection, RegionKind
 from ramdiscard.rdm import BlockStateManager, RamDiscardListener
 from ramdiscard.units import KiB, MiB
+from tests.conftest import FakeRam
 
 REGION_SIZE = 16 * MiB
 SMALL = 4 * KiB
 LARGE = 2 * MiB
-
-
-@dataclass
-class FakeRam:
-    """A RAM backend that holds no memory: aggregate logic never touches bytes."""
-
-    size: int
-    host_address: int = 0x7F00_0000_0000
-    page_size: int = 4 * KiB
 
 
 def make_region(size: int = REGION_SIZE, name: str = "ram") -> MemoryRegion:
