@@ -27,6 +27,7 @@ from ramdiscard.rdm import (
     default_policy,
 )
 from ramdiscard.units import GiB, KiB, MiB, TiB, format_size, parse_size
+from ramdiscard.virtio_mem import VirtioMem
 
 __all__ = [
     "AddressSpace",
@@ -51,6 +52,7 @@ __all__ = [
     "RegionMapped",
     "TiB",
     "TopologyError",
+    "VirtioMem",
     "default_policy",
     "format_size",
     "parse_size",
