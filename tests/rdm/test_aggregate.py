@@ -341,9 +341,15 @@ def test_region_helpers() -> None:
     assert isinstance(agg, AggregateManager) and mr.ram_discard_manager is agg
     assert agg.sources == (a, b)
     remove_ram_discard_source(mr, a)
-    assert mr.ram_discard_manager is agg and agg.sources == (b,)
+    assert mr.ram_discard_manager is b and b.sink is None and agg.sources == ()
     with pytest.raises(SourceNotFound):
         remove_ram_discard_source(mr, a)
+    agg = add_ram_discard_source(mr, a)
+    rec = Recorder()
+    agg.register_listener(rec, section(mr))
+    remove_ram_discard_source(mr, a)  # a listener keeps the aggregate in place
+    assert mr.ram_discard_manager is agg and agg.sources == (b,)
+    agg.unregister_listener(rec)
     remove_ram_discard_source(mr, b)
     assert mr.ram_discard_manager is None
     with pytest.raises(SourceNotFound):

@@ -304,9 +304,10 @@ def remove_ram_discard_source(region: MemoryRegion, source: RamDiscardManager) -
     """Undo :func:`add_ram_discard_source`.
 
     If ``source`` is the manager itself it is cleared (RegionMapped while mapped). If it
-    is a source of the region's aggregate it is removed (listeners are told); an aggregate
-    left with no sources and no listeners is cleared when the region is unmapped.
-    SourceNotFound otherwise.
+    is a source of the region's aggregate it is removed (listeners are told); when the
+    region is unmapped and the aggregate has no listeners and at most one source left, the
+    aggregate is dissolved: the remaining provider becomes the manager again, or the region
+    has none. SourceNotFound otherwise.
     """
     with topology.lock:
         current = region.ram_discard_manager
@@ -316,8 +317,18 @@ def remove_ram_discard_source(region: MemoryRegion, source: RamDiscardManager) -
         if not isinstance(current, AggregateManager):
             raise SourceNotFound(f"{source!r} is not a source of {region.name!r}")
         current.remove_source(source)
-        if not current.sources and not current.listeners and not region.is_mapped:
+        if current.listeners or region.is_mapped:
+            return
+        rest = current.sources
+        if len(rest) <= 1:
+            # Back to the single-provider shape, so the last provider's own
+            # set_ram_discard_manager(None) at teardown finds itself there.
+            for last in rest:
+                current.remove_source(last)
             region.set_ram_discard_manager(None)
+            for last in rest:
+                if isinstance(last, RamDiscardManager):
+                    region.set_ram_discard_manager(last)
 
 
 # -- interval helpers -------------------------------------------------------------------
