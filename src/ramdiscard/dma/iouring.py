@@ -487,31 +487,48 @@ class IoUringDmaBackend(DmaBackend):
         checkpoint = faults.checkpoint
         op = faults.Op.PIN
         rings = self._rings
-        done: list[Buffer] = []
+        done: list[tuple[int, int, int, int]] = []
+        append = done.append
+        heappop = heapq.heappop
         try:
             for address, size in ranges:
                 checkpoint(op)
-                index, slot = self._take_slot()
-                ring = rings[index]
+                ring = rings[0]
+                free = ring.free
+                if free:
+                    index, slot = 0, heappop(free)
+                    ring.used += 1
+                elif ring.next_unused < ring.raw.slots:
+                    index, slot = 0, ring.next_unused
+                    ring.next_unused = slot + 1
+                    ring.used += 1
+                else:
+                    index, slot = self._take_slot()
+                    ring = rings[index]
                 try:
                     ring.raw.update(slot, address, size)
                 except BaseException:
                     ring.give_back(slot)
                     raise
-                done.append(_new_buffer(index, slot, address, size))
+                append((index, slot, address, size))
         except BaseException:
-            for buf in reversed(done):
-                self._release(buf)
+            for index, slot, address, size in reversed(done):
+                self._release(Buffer(index, slot, address, size))
             raise
         handles: list[PinHandle] = []
-        append = handles.append
         owned = self._buffers
-        adopt = self._adopt
-        for buf in done:
-            handle = new_handle(buf.address, buf.size)
-            owned[handle.token] = [buf]
-            adopt(handle)
-            append(handle)
+        live = self._handles
+        remaining = self._remaining
+        total = 0
+        for index, slot, address, size in done:
+            handle = new_handle(address, size)
+            token = handle.token
+            owned[token] = [_new_buffer(index, slot, address, size)]
+            live[token] = handle
+            remaining[token] = size
+            total += size
+            handles.append(handle)
+        self._pinned_bytes += total
         return handles
 
     def _unpin_many_impl(self, handles: Sequence[PinHandle]) -> None:
