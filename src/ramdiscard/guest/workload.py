@@ -7,7 +7,7 @@ Rules:
   guest-physical address 0) is used iff ``floor((k + 1) * touch) > floor(k * touch)``: a
   deterministic, evenly spread ``touch`` fraction of every large range.
 * A used chunk is filled completely with its pattern byte (``pattern_for(k)``, never 0),
-  through the ``GuestMemory.write`` callback. :meth:`TouchWorkload.verify` reads it back.
+  through the ``GuestMemory.fill`` callback. :meth:`TouchWorkload.verify` reads it back.
 * The workload tracks which chunks hold guest data: added on :meth:`plugged`, dropped on
   :meth:`unplugging` and :meth:`unplugged_all`. ``touched_bytes`` is what a guest would
   count as used memory.
@@ -24,6 +24,9 @@ class GuestMemory(Protocol):
     """Guest-physical memory access (the machine maps GPAs to host memory)."""
 
     def write(self, gpa: int, data: bytes) -> None: ...
+
+    def fill(self, gpa: int, size: int, byte: int) -> None:
+        """Set ``size`` bytes at ``gpa`` to ``byte``."""
 
     def read(self, gpa: int, length: int) -> bytes: ...
 
@@ -44,7 +47,6 @@ class TouchWorkload:
         self.touch = touch
         self.chunk_size = chunk_size
         self._used: set[int] = set()
-        self._patterns: dict[int, bytes] = {}
         self.bytes_written = 0
 
     @staticmethod
@@ -65,13 +67,9 @@ class TouchWorkload:
         for k in self._chunks(gpa, size):
             if not self.selected(k) or k in self._used:
                 continue
-            byte = self.pattern_for(k)
-            data = self._patterns.get(byte)
-            if data is None:
-                data = self._patterns[byte] = bytes([byte]) * self.chunk_size
             start = max(gpa, k * self.chunk_size)
             end = min(gpa + size, (k + 1) * self.chunk_size)
-            self.memory.write(start, data[: end - start])
+            self.memory.fill(start, end - start, self.pattern_for(k))
             self.bytes_written += end - start
             self._used.add(k)
 

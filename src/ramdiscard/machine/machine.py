@@ -29,6 +29,7 @@ is what the workload wrote; ``resident`` is the VM's RAM held in memory (mincore
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
@@ -96,6 +97,10 @@ class _Memory:
     def write(self, gpa: int, data: bytes) -> None:
         block, off = self._find(gpa, len(data))
         block.view[off : off + len(data)] = data
+
+    def fill(self, gpa: int, size: int, byte: int) -> None:
+        block, off = self._find(gpa, size)
+        ctypes.memset(block.host_address + off, byte, size)
 
     def read(self, gpa: int, length: int) -> bytes:
         block, off = self._find(gpa, length)
