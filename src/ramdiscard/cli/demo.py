@@ -88,6 +88,7 @@ def run_one(sc: Scenario, run: Run, progress: Any) -> None:
     t_start = time.monotonic()
     last = [0.0]
     task = progress.add_task(run.name, total=len(sc.steps) + 1, detail="building")
+    run.timeline.append({"t": 0.0, "plugged": 0.0, "rss": 0.0, "vm_pin": 0.0, "vm_lck": 0.0, "dma_mappings": 0.0, "held": 0.0})
     machine = Machine.from_scenario(sc)
     try:
         run.notes.extend(machine.notes)
@@ -97,7 +98,10 @@ def run_one(sc: Scenario, run: Run, progress: Any) -> None:
             if force or now - last[0] >= 0.05:
                 last[0] = now
                 s = machine.sample()
-                run.timeline.append({"t": round(now - t_start, 4), **{k: float(v) for k, v in s.items()}})
+                held = float(machine.status()["held"]) if force else run.timeline[-1]["held"]
+                run.timeline.append(
+                    {"t": round(now - t_start, 4), **{k: float(v) for k, v in s.items()}, "held": held}
+                )
                 progress.update(
                     task,
                     detail=f"plugged {format_size(s['plugged'])}  VmPin {format_size(s['vm_pin'])}  "
@@ -294,7 +298,9 @@ def write_plot(runs: list[Run], path: str | None) -> Path:
     fig, axes = plt.subplots(1, len(runs), figsize=(6.5 * len(runs), 4.5), sharey=True, squeeze=False)
     for ax, run in zip(axes[0], runs, strict=True):
         t = [p["t"] for p in run.timeline]
-        for key, label in (("plugged", "plugged"), ("rss", "process RSS"), ("vm_pin", "VmPin"), ("vm_lck", "VmLck")):
+        series = (("plugged", "plugged"), ("held", "held by the VM"), ("rss", "process RSS"),
+                  ("vm_pin", "VmPin"), ("vm_lck", "VmLck"))  # fmt: skip
+        for key, label in series:
             ys = [p[key] / GiB for p in run.timeline]
             if key == "vm_lck" and not any(ys):
                 continue

@@ -32,7 +32,7 @@ import errno
 import logging
 from dataclasses import dataclass
 
-from ramdiscard.dma import DmaBackend, PinHandle
+from ramdiscard.dma import DmaBackend, NullDmaBackend, PinHandle
 from ramdiscard.errors import HostMemoryError, RamDiscardError
 from ramdiscard.kvm import KvmVm
 from ramdiscard.memory.address_space import AddressSpace, MemoryListener
@@ -138,8 +138,10 @@ class VfioConsumer(Consumer):
         dma_limit: int = 65535,
         max_memslots: int = KVM_MEMSLOTS_FALLBACK,
         policy: DiscardPolicy | None = None,
+        check_worst_case: bool = True,
     ) -> None:
         super().__init__(id)
+        self.check_worst_case = check_worst_case
         self.backend = backend
         self.coordinate_discards = coordinate_discards
         self.dma_limit = dma_limit
@@ -201,7 +203,8 @@ class VfioConsumer(Consumer):
             rec = _RdmRecord(self, section, g)
             rdm.register_listener(rec, section)
             self._records.insert(0, rec)
-            self._check_limit()
+            if self.check_worst_case:
+                self._check_limit()
             return
         handle = self.backend.pin(_host_address(section), section.size)
         self._whole[(section.offset_within_address_space, section.size)] = _Mapping(
@@ -292,6 +295,8 @@ class VfioConsumer(Consumer):
         guest gave back (discarded) but the pin still holds. Granule mappings of managed
         sections are unmapped before they could go stale, so they never count."""
         stale = 0
+        if isinstance(self.backend, NullDmaBackend):
+            return 0  # nothing is really held
         for m in self._whole.values():
             s = m.section
             ram = s.mr.ram if s is not None else None

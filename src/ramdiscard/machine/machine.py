@@ -216,6 +216,7 @@ class Machine:
             return VfioConsumer(
                 c.id, backend, coordinate_discards=c.coordinate_discards, dma_limit=c.dma_limit,
                 max_memslots=32764 if kvm_used else 512, policy=self.policy,
+                check_worst_case=c.dma_limit_check,
             )  # fmt: skip
         vm = None
         if c.mode is not KvmMode.MODEL:

@@ -39,6 +39,7 @@ Schema (keys use QEMU's hyphenated spelling)::
     backend = "auto"                 # vfio: auto | io_uring | mlock | null
     coordinate-discards = true       # vfio: false = pin whole regions (no RamDiscardManager)
     dma-limit = 65535                # vfio: the type1 dma_entry_limit
+    dma-limit-check = true           # vfio: QEMU 10.2's worst-case check when a section registers
     mode = "auto"                    # kvm: auto | kvm (real /dev/kvm) | model
 
     [workload]
@@ -126,6 +127,7 @@ class ConsumerSpec:
     backend: DmaBackendKind = DmaBackendKind.AUTO
     coordinate_discards: bool = True
     dma_limit: int = 65535
+    dma_limit_check: bool = True
     mode: KvmMode = KvmMode.AUTO
 
 
@@ -395,7 +397,7 @@ class _Reader:
             raise self.fail(f"{key}.type", "missing (vfio or kvm)")
         ctype = self.choice(tbl["type"], f"{key}.type", ConsumerType)
         if ctype is ConsumerType.VFIO:
-            self.keys(tbl, key, ("type", "id", "backend", "coordinate-discards", "dma-limit"))
+            self.keys(tbl, key, ("type", "id", "backend", "coordinate-discards", "dma-limit", "dma-limit-check"))
         else:
             self.keys(tbl, key, ("type", "id", "mode"))
         cid = self.ident(tbl.get("id", ctype.value + key.split("[")[1].rstrip("]")), f"{key}.id")
@@ -405,6 +407,7 @@ class _Reader:
             backend=self.choice(tbl.get("backend", "auto"), f"{key}.backend", DmaBackendKind),
             coordinate_discards=self.boolean(tbl.get("coordinate-discards", True), f"{key}.coordinate-discards"),
             dma_limit=self.integer(tbl.get("dma-limit", 65535), f"{key}.dma-limit", 1, 1 << 32),
+            dma_limit_check=self.boolean(tbl.get("dma-limit-check", True), f"{key}.dma-limit-check"),
             mode=self.choice(tbl.get("mode", "auto"), f"{key}.mode", KvmMode),
         )
 
