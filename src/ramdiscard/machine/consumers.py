@@ -285,6 +285,8 @@ class VfioConsumer(Consumer):
                 while managed // bs > room:
                     bs <<= 1
                 hint = f"; use a block-size of at least {format_size(bs)}"
+            else:
+                hint = "; no block size fits: the limit is below the memslot reservation"
             raise DmaLimitExceeded(
                 f"{self.id}: {format_size(managed)} of managed memory needs up to {need} DMA mappings "
                 f"(incl. {self.max_memslots} for memslots), above the limit of {self.dma_limit}{hint}"

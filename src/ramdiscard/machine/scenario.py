@@ -53,6 +53,7 @@ Schema (keys use QEMU's hyphenated spelling)::
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import tomllib
@@ -203,7 +204,7 @@ def scenario_from_dict(data: Mapping[str, Any], *, source: str = "<scenario>") -
 
 def _show(value: object) -> str:
     if isinstance(value, str):
-        return f'"{value}"'
+        return json.dumps(value[:64] + ("..." if len(value) > 64 else ""), ensure_ascii=True)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, dict):
@@ -218,7 +219,9 @@ class _Reader:
         self.source = source
 
     def fail(self, key: str, message: str) -> ScenarioError:
-        return ScenarioError(f"{self.source}: {key}: {message}")
+        safe = "".join(c if c.isascii() and (c.isalnum() or c in "_.[]-") else f"\\u{ord(c):04x}" for c in key)
+        safe = safe.replace("..", '."".').rstrip(".") if safe.strip(".") else '""'
+        return ScenarioError(f"{self.source}: {safe}: {message}")
 
     def table(self, value: object, key: str) -> Mapping[str, Any]:
         if not isinstance(value, dict):
