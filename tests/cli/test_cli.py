@@ -60,7 +60,9 @@ def test_demo_json_figures_are_consistent_and_plot_is_a_png(tmp_path: Path) -> N
 
 
 def test_demo_tables(tmp_path: Path) -> None:
-    r = cli("demo", "--region-size", "256M", "--boot-ram", "32M", "--backend", "null", "--quiet", cwd=tmp_path)
+    r = cli(
+        "demo", "--region-size", "256M", "--boot-ram", "32M", "--backend", "null", "--quiet", cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr
     assert "coordinated" in r.stdout and "uncoordinated" in r.stdout and "DMA mappings" in r.stdout
     assert (tmp_path / "ramdiscard-demo.png").exists()
@@ -80,7 +82,10 @@ def test_run_reports_bad_key_in_one_line(tmp_path: Path) -> None:
     bad.write_text('[[devices]]\nid = "vmem0"\nsize = "1G"\nblock-size = "3M"\n')
     r = cli("run", str(bad))
     assert r.returncode == 1
-    assert r.stderr == 'ramdiscard: error: bad.toml: devices[0].block-size: must be a power of two >= 1M, got "3M"\n'
+    assert (
+        r.stderr
+        == 'ramdiscard: error: bad.toml: devices[0].block-size: must be a power of two >= 1M, got "3M"\n'
+    )
     assert r.stdout == ""
 
 
@@ -122,7 +127,12 @@ def test_replay_sample_trace_has_no_mismatch() -> None:
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["mismatches"] == []
-    assert out["geometry"] == {"id": "vmem0", "addr": 0x1_0000_0000, "region_size": 4 << 30, "block_size": 2 * MiB}
+    assert out["geometry"] == {
+        "id": "vmem0",
+        "addr": 0x1_0000_0000,
+        "region_size": 4 << 30,
+        "block_size": 2 * MiB,
+    }
     assert out["requests"] == 16 and out["peak_plugged"] == 1 << 30
     assert out["peak_pinned"] == 1 << 30 and out["peak_dma_mappings"] == 512
     r = cli("replay", trace, "--consumer", "kvm", "--dynamic-memslots", "--dma-limit", "33000", "--json")
@@ -172,7 +182,7 @@ seconds = 60
             time.sleep(0.05)
         time.sleep(1.0)  # inside the pause step
         p.send_signal(sig)
-        out, err = p.communicate(timeout=30)
+        _, err = p.communicate(timeout=30)
     finally:
         if p.poll() is None:
             p.kill()

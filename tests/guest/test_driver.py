@@ -31,7 +31,9 @@ class FakeDevice:
     def config_bytes(self) -> bytes:
         usable = self.usable if self.usable is not None else min(self.region_size, self.requested + 256 * MiB)
         plugged = len(self.plugged) * self.block_size
-        return struct.pack("<QH6xQQQQQ", self.block_size, 0, ADDR, self.region_size, usable, plugged, self.requested)
+        return struct.pack(
+            "<QH6xQQQQQ", self.block_size, 0, ADDR, self.region_size, usable, plugged, self.requested
+        )
 
     def handle_request(self, req: bytes) -> bytes:
         rtype, addr, nb = struct.unpack_from("<H6xQH", req)

@@ -102,7 +102,9 @@ def test_dma_limit_check_and_runtime_refusal() -> None:
     tight = _scenario().replace('backend = "null"', 'backend = "null"\ndma-limit = 32864')
     with pytest.raises(DmaLimitExceeded, match="use a block-size of at least 8 MiB"):
         Machine.from_scenario(parse_scenario(tight))
-    relaxed = _scenario().replace('backend = "null"', 'backend = "null"\ndma-limit = 100\ndma-limit-check = false')
+    relaxed = _scenario().replace(
+        'backend = "null"', 'backend = "null"\ndma-limit = 100\ndma-limit-check = false'
+    )
     with Machine.from_scenario(parse_scenario(relaxed)) as m:
         m.set_requested_size("vmem0", 256 * MiB)
         m.run_guest()
@@ -140,7 +142,9 @@ action = "unplug-all"
     with Machine.from_scenario(sc) as m:
         results = [m.run_step(s, i) for i, s in enumerate(sc.steps)]
         assert [r.status["plugged"] for r in results] == [128 * MiB] * 3
-        assert results[1].requests == 1  # the rebooted guest plugs 128M again (no UNPLUG_ALL: nothing plugged)
+        assert (
+            results[1].requests == 1
+        )  # the rebooted guest plugs 128M again (no UNPLUG_ALL: nothing plugged)
         assert results[2].responses == {"ack": 2}  # UNPLUG_ALL, then one plug
 
 

@@ -55,28 +55,53 @@ def test_valid_scenario() -> None:
     sc = parse_scenario(VALID, source="s.toml")
     d = sc.devices[0]
     assert (d.size, d.block_size, d.addr) == (2 * GiB, 2 * MiB, 4 * GiB)
-    assert [s.action for s in sc.steps] == [Action.RESIZE, Action.SYSTEM_RESET, Action.UNPLUG_ALL, Action.PAUSE]
+    assert [s.action for s in sc.steps] == [
+        Action.RESIZE,
+        Action.SYSTEM_RESET,
+        Action.UNPLUG_ALL,
+        Action.PAUSE,
+    ]
     assert sc.steps[0].requested == (("vmem0", GiB),)
 
 
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda d: d["devices"][0].update({"block-size": "3M"}),
-         's.toml: devices[0].block-size: must be a power of two >= 1M, got "3M"'),
+        (
+            lambda d: d["devices"][0].update({"block-size": "3M"}),
+            's.toml: devices[0].block-size: must be a power of two >= 1M, got "3M"',
+        ),
         (lambda d: d["devices"][0].update({"blok-size": "2M"}), "s.toml: devices[0].blok-size: unknown key"),
-        (lambda d: d["devices"][0].update({"size": "3M"}), "s.toml: devices[0].size: must be a multiple of block-size"),
-        (lambda d: d["steps"][0].update({"requested-size": "3G"}), "s.toml: steps[0].requested-size: must be at most"),
-        (lambda d: d["steps"][0].update({"requested-size": "1M"}), "s.toml: steps[0].requested-size: must be a multiple"),
-        (lambda d: d["steps"][2].update({"device": "nope"}), 's.toml: steps[2].device: unknown device "nope"'),
-        (lambda d: d["consumers"][0].update({"backend": "dpdk"}), "s.toml: consumers[0].backend: must be one of"),
+        (
+            lambda d: d["devices"][0].update({"size": "3M"}),
+            "s.toml: devices[0].size: must be a multiple of block-size",
+        ),
+        (
+            lambda d: d["steps"][0].update({"requested-size": "3G"}),
+            "s.toml: steps[0].requested-size: must be at most",
+        ),
+        (
+            lambda d: d["steps"][0].update({"requested-size": "1M"}),
+            "s.toml: steps[0].requested-size: must be a multiple",
+        ),
+        (
+            lambda d: d["steps"][2].update({"device": "nope"}),
+            's.toml: steps[2].device: unknown device "nope"',
+        ),
+        (
+            lambda d: d["consumers"][0].update({"backend": "dpdk"}),
+            "s.toml: consumers[0].backend: must be one of",
+        ),
         (lambda d: d["workload"].update({"touch": 2}), "s.toml: workload.touch: must be a number in [0, 1]"),
-        (lambda d: d["devices"].append(dict(d["devices"][0])), 's.toml: devices[1].id: duplicate device id "vmem0"'),
+        (
+            lambda d: d["devices"].append(dict(d["devices"][0])),
+            's.toml: devices[1].id: duplicate device id "vmem0"',
+        ),
         (lambda d: d["devices"][0].update({"addr": "0x1000"}), "s.toml: devices[0].addr: must be a multiple"),
         (lambda d: d["devices"][0].update({"addr": "256M"}), "s.toml: devices[0].addr: overlaps boot RAM"),
         (lambda d: d.pop("devices"), "s.toml: devices: missing"),
     ],
-)  # fmt: skip
+)
 def test_errors_name_the_key(edit: Any, message: str) -> None:
     data = tomllib.loads(VALID)
     edit(data)
@@ -95,10 +120,15 @@ def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
 
 
 _VALUES = st.one_of(
-    st.none(), st.booleans(), st.integers(-(1 << 65), 1 << 65), st.floats(allow_nan=True),
-    st.text(max_size=8), st.sampled_from(["3M", "2M", "0", "1G", "64G", "0x1000", "vfio", "kvm", "pause", "vmem0"]),
-    st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
-)  # fmt: skip
+    st.none(),
+    st.booleans(),
+    st.integers(-(1 << 65), 1 << 65),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+    st.sampled_from(["3M", "2M", "0", "1G", "64G", "0x1000", "vfio", "kvm", "pause", "vmem0"]),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
 
 
 def _paths(obj: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -126,7 +156,9 @@ def test_random_mutations_load_or_fail_with_one_line_naming_a_key(data: st.DataO
         if op == "delete" and isinstance(parent, dict):
             del parent[path[-1]]
         elif op == "add" and isinstance(parent, dict):
-            parent[data.draw(st.sampled_from(["x", "size", "id", "type", "action", "seconds"]))] = data.draw(_VALUES)
+            parent[data.draw(st.sampled_from(["x", "size", "id", "type", "action", "seconds"]))] = data.draw(
+                _VALUES
+            )
         else:
             parent[path[-1]] = data.draw(_VALUES)
     try:

@@ -88,7 +88,9 @@ def run_one(sc: Scenario, run: Run, progress: Any) -> None:
     t_start = time.monotonic()
     last = [0.0]
     task = progress.add_task(run.name, total=len(sc.steps) + 1, detail="building")
-    run.timeline.append({"t": 0.0, "plugged": 0.0, "rss": 0.0, "vm_pin": 0.0, "vm_lck": 0.0, "dma_mappings": 0.0, "held": 0.0})
+    run.timeline.append(
+        {"t": 0.0, "plugged": 0.0, "rss": 0.0, "vm_pin": 0.0, "vm_lck": 0.0, "dma_mappings": 0.0, "held": 0.0}
+    )
     machine = Machine.from_scenario(sc)
     try:
         run.notes.extend(machine.notes)
@@ -119,7 +121,9 @@ def run_one(sc: Scenario, run: Run, progress: Any) -> None:
             progress.update(task, description=f"{run.name}: {step.describe()}")
             res: StepResult = machine.run_step(step, i, on_request=on_request)
             sample(True)
-            run.steps.append(_row(step.describe().replace("vmem0 -> ", "-> "), res.seconds, res.requests, res.status))
+            run.steps.append(
+                _row(step.describe().replace("vmem0 -> ", "-> "), res.seconds, res.requests, res.status)
+            )
             run.notes.extend(res.notes)
             progress.advance(task)
     finally:
@@ -136,7 +140,9 @@ def run_demo(args: argparse.Namespace) -> int:
     block = args.block_size
     boot = args.boot_ram
     if region % block or region < 128 * MiB:
-        raise ValueError(f"--region-size must be a multiple of --block-size and at least 128M, got {format_size(region)}")
+        raise ValueError(
+            f"--region-size must be a multiple of --block-size and at least 128M, got {format_size(region)}"
+        )
     notes: list[str] = []
     backend = args.backend
     if backend in ("auto", "io_uring"):
@@ -144,13 +150,18 @@ def run_demo(args: argparse.Namespace) -> int:
         if not ok:
             if backend == "io_uring":
                 raise ValueError(f"io_uring unusable: {why}")
-            notes.append(f"io_uring unusable ({why}): pinning with mlock, figures show VmLck instead of VmPin")
+            notes.append(
+                f"io_uring unusable ({why}): pinning with mlock, figures show VmLck instead of VmPin"
+            )
             backend = "mlock"
         else:
             backend = "io_uring"
     steps = scaled_steps(region, block)
     if region != 16 * GiB:
-        notes.append(f"region scaled to {format_size(region)}: requested sizes {', '.join(format_size(s) for s in steps)}")
+        notes.append(
+            f"region scaled to {format_size(region)}: requested sizes "
+            + ", ".join(format_size(s) for s in steps)
+        )
 
     available = mem_available()
     coord_need = boot + max(steps)
@@ -167,7 +178,8 @@ def run_demo(args: argparse.Namespace) -> int:
             fit = (available - SAFETY_MARGIN - boot) // GiB * GiB
             if fit < max(steps) or fit < GiB:
                 notes.append(
-                    f"uncoordinated run skipped: it pins the whole region ({format_size(need)} with boot RAM), "
+                    "uncoordinated run skipped: it pins the whole region "
+                    f"({format_size(need)} with boot RAM), "
                     f"only {format_size(available)} available"
                 )
                 args.skip_uncoordinated = True
@@ -196,7 +208,8 @@ def run_demo(args: argparse.Namespace) -> int:
         for run in runs:
             sc = build_scenario(
                 region_size=run.region_size, boot_ram=boot, block_size=block, backend=backend,
-                coordinated=run.coordinated, touch=args.touch, steps=unco_steps if not run.coordinated else steps,
+                coordinated=run.coordinated, touch=args.touch,
+                steps=unco_steps if not run.coordinated else steps,
             )  # fmt: skip
             run_one(sc, run, progress)
 
@@ -214,7 +227,12 @@ def run_demo(args: argparse.Namespace) -> int:
         },
         "notes": notes + [n for r in runs for n in r.notes],
         "runs": {
-            r.name: {"region_size": r.region_size, "seconds": round(r.seconds, 3), "steps": r.steps, "timeline": r.timeline}
+            r.name: {
+                "region_size": r.region_size,
+                "seconds": round(r.seconds, 3),
+                "steps": r.steps,
+                "timeline": r.timeline,
+            }
             for r in runs
         },
         "plot": str(plot_path) if plot_path else None,
@@ -233,7 +251,8 @@ def print_tables(result: dict[str, Any], runs: list[Run]) -> None:
     console = Console(width=max(Console().width, 120))
     cfg = result["config"]
     console.print(
-        f"[bold]virtio-mem {format_size(cfg['region_size'])} region, {format_size(cfg['block_size'])} blocks, "
+        f"[bold]virtio-mem {format_size(cfg['region_size'])} region, "
+        f"{format_size(cfg['block_size'])} blocks, "
         f"{format_size(cfg['boot_ram'])} boot RAM, vfio-style container pinning with {cfg['backend']}, "
         f"guest writes {cfg['touch']:.0%} of plugged memory[/bold]"
     )
@@ -245,7 +264,17 @@ def print_tables(result: dict[str, Any], runs: list[Run]) -> None:
             else f"uncoordinated: whole {format_size(run.region_size)} region pinned (no RamDiscardManager)"
         )
         t = Table(title=title, title_justify="left")
-        for col in ("step", "plugged", "guest-touched", "host RSS", pin_col, "held", "DMA mappings", "requests", "time"):
+        for col in (
+            "step",
+            "plugged",
+            "guest-touched",
+            "host RSS",
+            pin_col,
+            "held",
+            "DMA mappings",
+            "requests",
+            "time",
+        ):
             t.add_column(col, justify="left" if col == "step" else "right")
         for row in run.steps:
             pin = row["vm_lck"] if cfg["backend"] == "mlock" else row["vm_pin"]
@@ -268,7 +297,8 @@ def print_tables(result: dict[str, Any], runs: list[Run]) -> None:
         end_b = b.steps[-1]["held"]
         console.print(
             f"After unplugging everything the coordinated VM holds [bold]{format_size(end_a)}[/bold] "
-            f"(peak {format_size(peak_a)}); the uncoordinated one still holds [bold]{format_size(end_b)}[/bold]: "
+            f"(peak {format_size(peak_a)}); the uncoordinated one still holds "
+            f"[bold]{format_size(end_b)}[/bold]: "
             "the guest's unplugged memory was discarded, but its pages stay pinned (stale) and are not freed."
         )
     console.print(
@@ -305,7 +335,10 @@ def write_plot(runs: list[Run], path: str | None) -> Path:
             if key == "vm_lck" and not any(ys):
                 continue
             ax.step(t, ys, where="post", label=label)
-        ax.set_title(("coordinated" if run.coordinated else "uncoordinated") + f" ({format_size(run.region_size)} region)")
+        ax.set_title(
+            ("coordinated" if run.coordinated else "uncoordinated")
+            + f" ({format_size(run.region_size)} region)"
+        )
         ax.set_xlabel("time (s)")
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left")

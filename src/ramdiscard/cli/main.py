@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--region-size", type=size_arg, default=16 << 30, metavar="SIZE",
                       help="virtio-mem region size (default 16G; requested sizes scale with it)")  # fmt: skip
-    demo.add_argument("--boot-ram", type=size_arg, default=1 << 30, metavar="SIZE", help="boot RAM (default 1G)")
+    demo.add_argument(
+        "--boot-ram", type=size_arg, default=1 << 30, metavar="SIZE", help="boot RAM (default 1G)"
+    )
     demo.add_argument("--block-size", type=size_arg, default=2 << 20, metavar="SIZE",
                       help="virtio-mem block size (default 2M)")  # fmt: skip
     demo.add_argument("--touch", type=fraction_arg, default=0.25, metavar="FRACTION",
@@ -131,9 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--consumer", choices=("vfio", "kvm", "none"), default="vfio",
                         help="who listens to the device memory (default vfio)")  # fmt: skip
     replay.add_argument("--backend", choices=("null", "io_uring", "mlock"), default="null",
-                        help="how vfio pins: null = bookkeeping only (default), io_uring/mlock = real")  # fmt: skip
-    replay.add_argument("--block-size", type=size_arg, metavar="SIZE", help="device block size (default: inferred)")
-    replay.add_argument("--region-size", type=size_arg, metavar="SIZE", help="region size (default: inferred)")
+                        help="how vfio pins: null = bookkeeping only (default), "
+                        "io_uring/mlock = real")  # fmt: skip
+    replay.add_argument(
+        "--block-size", type=size_arg, metavar="SIZE", help="device block size (default: inferred)"
+    )
+    replay.add_argument(
+        "--region-size", type=size_arg, metavar="SIZE", help="region size (default: inferred)"
+    )
     replay.add_argument("--addr", type=size_arg, metavar="ADDR", help="region address (default: inferred)")
     replay.add_argument("--dma-limit", type=int, default=65535, metavar="N",
                         help="vfio DMA mapping limit (default 65535)")  # fmt: skip
@@ -152,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--json", action="store_true", help="print rows as JSON")
     bench.add_argument("--quick", action="store_true", help="smaller sizes, fewer repetitions")
-    bench.add_argument("--only", action="append", metavar="AREA", help="only modules whose name contains AREA")
+    bench.add_argument(
+        "--only", action="append", metavar="AREA", help="only modules whose name contains AREA"
+    )
     bench.set_defaults(func=_bench)
     return parser
 

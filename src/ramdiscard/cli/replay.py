@@ -71,10 +71,15 @@ def run_replay(args: argparse.Namespace) -> int:
         addr = 0x1_0000_0000
         notes.append("no memory_device_plug event: assuming addr 0x100000000 (use --addr)")
     if region is None:
-        raise ValueError(f"{args.trace}: no ram_block_discard_range event to infer the region size; use --region-size")
+        raise ValueError(
+            f"{args.trace}: no ram_block_discard_range event to infer the region size; use --region-size"
+        )
     if block is None:
         block = 2 * MiB
-        notes.append("block size not recoverable from the trace (no acknowledged unplug): assuming 2M (use --block-size)")
+        notes.append(
+            "block size not recoverable from the trace (no acknowledged unplug): "
+            "assuming 2M (use --block-size)"
+        )
     if args.dma_limit < 1 or args.max_memslots < 0:
         raise ValueError("--dma-limit must be >= 1 and --max-memslots >= 0")
     dev_id = geo["id"] or "vmem0"
@@ -149,7 +154,8 @@ def _print(r: dict[str, Any]) -> None:
     g = r["geometry"]
     print(f"trace: {r['trace']}")
     print(
-        f"device {g['id']}: {format_size(g['region_size'])} at {g['addr']:#x}, block size {format_size(g['block_size'])}"
+        f"device {g['id']}: {format_size(g['region_size'])} at {g['addr']:#x}, "
+        f"block size {format_size(g['block_size'])}"
     )
     resp = ", ".join(f"{k} {v}" for k, v in sorted(r["responses"].items()))
     print(f"requests replayed: {r['requests']} ({resp}); peak plugged {format_size(r['peak_plugged'])}")
@@ -160,15 +166,21 @@ def _print(r: dict[str, Any]) -> None:
     else:
         print("responses that differ from QEMU's log: 0")
     if r["skipped_discards"]:
-        print(f"logged discards not expected from this device (QEMU < 8.0 behaviour): {r['skipped_discards']}")
+        print(
+            f"logged discards not expected from this device (QEMU < 8.0 behaviour): {r['skipped_discards']}"
+        )
     if r["consumer"] == "vfio":
         chk = r["qemu_dma_check"]
         print(f"peak pinned memory: {format_size(r['peak_pinned'])}")
-        print(f"peak DMA mappings: {r['peak_dma_mappings']} of {r['dma_limit']} allowed; refused maps {r['refused_maps']}")
+        print(
+            f"peak DMA mappings: {r['peak_dma_mappings']} of {r['dma_limit']} allowed; "
+            f"refused maps {r['refused_maps']}"
+        )
         smallest = chk["smallest_block_size"]
         print(
             f"QEMU 10.2 worst-case check: {chk['worst_case']} mappings (region / block size + "
-            f"{chk['max_memslots']} memslots - 1) -> {'passes' if chk['passes'] else 'FAILS'}; smallest block size "
+            f"{chk['max_memslots']} memslots - 1) -> {'passes' if chk['passes'] else 'FAILS'}; "
+            "smallest block size "
             f"that passes: {format_size(smallest) if smallest else 'none'}"
         )
     ms = r["memslots"]

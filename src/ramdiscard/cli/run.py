@@ -40,7 +40,8 @@ def run_scenario(args: argparse.Namespace) -> int:
     sc = load_scenario(args.scenario)
     if args.check:
         print(
-            f"{sc.source}: ok: {len(sc.devices)} device(s), {len(sc.consumers)} consumer(s), {len(sc.steps)} step(s)"
+            f"{sc.source}: ok: {len(sc.devices)} device(s), {len(sc.consumers)} consumer(s), "
+            f"{len(sc.steps)} step(s)"
         )
         return 0
     err = Console(stderr=True)
@@ -57,7 +58,9 @@ def run_scenario(args: argparse.Namespace) -> int:
             m = machine
 
             def on_request(dev: str, ex: Exchange) -> None:
-                progress.update(task, detail=f"{dev}: {ex}  plugged {format_size(m.devices[dev].plugged_size)}")
+                progress.update(
+                    task, detail=f"{dev}: {ex}  plugged {format_size(m.devices[dev].plugged_size)}"
+                )
 
             for i, step in enumerate(sc.steps):
                 progress.update(task, description=f"{sc.name}: {step.describe()}")
@@ -78,7 +81,9 @@ def run_scenario(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print(name: str, description: str, rows: list[dict[str, Any]], final: dict[str, Any], notes: list[str]) -> None:
+def _print(
+    name: str, description: str, rows: list[dict[str, Any]], final: dict[str, Any], notes: list[str]
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -100,7 +105,9 @@ def _print(name: str, description: str, rows: list[dict[str, Any]], final: dict[
             else:
                 cells.append(format_size(v))
         resp = ", ".join(f"{k} {v}" for k, v in sorted(r["responses"].items()) if k != "ack")
-        t.add_row(r["step"], *cells, f"{r['requests']}" + (f" ({resp})" if resp else ""), f"{r['seconds']:.2f} s")
+        t.add_row(
+            r["step"], *cells, f"{r['requests']}" + (f" ({resp})" if resp else ""), f"{r['seconds']:.2f} s"
+        )
     console.print(t)
     for c in final["consumers"]:
         if c["type"] == "vfio":
@@ -110,7 +117,10 @@ def _print(name: str, description: str, rows: list[dict[str, Any]], final: dict[
                 f"{format_size(c['peak_pinned_bytes'])}, refused maps {c['refused_maps']}"
             )
         else:
-            console.print(f"{c['id']}: peak {c['peak_memslots']} KVM memslots ({'real KVM' if c['real_kvm'] else 'model'})")
+            console.print(
+                f"{c['id']}: peak {c['peak_memslots']} KVM memslots "
+                f"({'real KVM' if c['real_kvm'] else 'model'})"
+            )
     for r in rows:
         for n in r["notes"]:
             console.print(f"note ({r['step']}): {n}")

@@ -357,17 +357,16 @@ class GuestDriver:
         upg = self.units_per_group
         full = (1 << upg) - 1
         usable = self._usable_groups()
-        partial = [g for g in range(usable) if 0 != self._group_bits(g) != full]
-        empty = [g for g in range(usable) if self._group_bits(g) == 0]
-        for g in partial + empty:
-            bits = self._group_bits(g)
-            first = 0
-            while (bits >> first) & 1:
-                first += 1
-            count = 1
-            while count < nb and first + count < upg and not (bits >> (first + count)) & 1:
-                count += 1
-            return ReqType.PLUG, g * upg + first, count
+        # partially plugged blocks first, then empty ones; both ascending
+        for want_partial in (True, False):
+            for g in range(usable):
+                bits = self._group_bits(g)
+                if (0 != bits != full) if want_partial else bits == 0:
+                    return (
+                        ReqType.PLUG,
+                        g * upg + first_clear(bits),
+                        _run_length(bits, first_clear(bits), nb, upg),
+                    )
         return None
 
     def _next_unplug(self, nb: int) -> tuple[ReqType, int, int] | None:
@@ -412,7 +411,9 @@ class GuestDriver:
         self._handle_response(rtype, code, gpa, first_unit, count)
         return ex
 
-    def _handle_response(self, rtype: ReqType, code: RespType | int, gpa: int, first: int, count: int) -> None:
+    def _handle_response(
+        self, rtype: ReqType, code: RespType | int, gpa: int, first: int, count: int
+    ) -> None:
         size = count * self.unit_size
         if rtype is ReqType.UNPLUG_ALL:
             if code is RespType.ACK:
@@ -449,3 +450,16 @@ class GuestDriver:
     def _arm_retry(self) -> None:
         self._retry_at = self.clock() + self._retry_interval
         self._retry_interval = min(self._retry_interval * 2, RETRY_TIMER_MAX)
+
+
+def first_clear(bits: int) -> int:
+    """Index of the lowest clear bit."""
+    return (~bits & (bits + 1)).bit_length() - 1
+
+
+def _run_length(bits: int, first: int, nb: int, limit: int) -> int:
+    """Clear bits from ``first`` upward, at most ``nb`` and not beyond ``limit``."""
+    count = 1
+    while count < nb and first + count < limit and not (bits >> (first + count)) & 1:
+        count += 1
+    return count

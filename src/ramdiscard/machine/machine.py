@@ -374,7 +374,8 @@ class Machine:
                     notes.append(f"{dev_id}: guest driver broken: {drv.broken_reason}")
                 elif drv.plugged_size != self.devices[dev_id].requested_size:
                     notes.append(
-                        f"{dev_id}: guest stopped at {drv.plugged_size:#x} of {self.devices[dev_id].requested_size:#x}"
+                        f"{dev_id}: guest stopped at {drv.plugged_size:#x} "
+                        f"of {self.devices[dev_id].requested_size:#x}"
                     )
         status = self.status()
         return StepResult(

@@ -219,7 +219,9 @@ class _Reader:
         self.source = source
 
     def fail(self, key: str, message: str) -> ScenarioError:
-        safe = "".join(c if c.isascii() and (c.isalnum() or c in "_.[]-") else f"\\u{ord(c):04x}" for c in key)
+        safe = "".join(
+            c if c.isascii() and (c.isalnum() or c in "_.[]-") else f"\\u{ord(c):04x}" for c in key
+        )
         safe = safe.replace("..", '."".').rstrip(".") if safe.strip(".") else '""'
         return ScenarioError(f"{self.source}: {safe}: {message}")
 
@@ -236,11 +238,11 @@ class _Reader:
 
     def size(self, value: object, key: str, *, allow_zero: bool = True) -> int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise self.fail(key, f"must be a size like \"2M\" or \"4G\", got {_show(value)}")
+            raise self.fail(key, f'must be a size like "2M" or "4G", got {_show(value)}')
         try:
             n = parse_size(value)
         except ValueError:
-            raise self.fail(key, f"must be a size like \"2M\" or \"4G\", got {_show(value)}") from None
+            raise self.fail(key, f'must be a size like "2M" or "4G", got {_show(value)}') from None
         if n == 0 and not allow_zero:
             raise self.fail(key, f"must be positive, got {_show(value)}")
         if n >= 1 << 64:
@@ -294,7 +296,7 @@ class _Reader:
             raise self.fail("boot-ram", f"must be a multiple of 2M, got {_show(data.get('boot-ram'))}")
         boot_backing = self.choice(data.get("boot-backing", "anonymous"), "boot-backing", Backing)
         if boot_backing is Backing.FILE:
-            raise self.fail("boot-backing", "must be anonymous or memfd, got \"file\"")
+            raise self.fail("boot-backing", 'must be anonymous or memfd, got "file"')
         if "devices" not in data:
             raise self.fail("devices", "missing: a scenario needs at least one [[devices]] entry")
         raw_devices = self.array(data["devices"], "devices")
@@ -356,15 +358,17 @@ class _Reader:
         if not is_power_of_2(bs) or bs < MiB:
             raise self.fail(f"{key}.block-size", f"must be a power of two >= 1M, got {_show(bs_raw)}")
         if size % bs:
-            raise self.fail(f"{key}.size", f"must be a multiple of block-size ({_show(bs_raw)}), got {_show(tbl['size'])}")
+            raise self.fail(
+                f"{key}.size", f"must be a multiple of block-size ({_show(bs_raw)}), got {_show(tbl['size'])}"
+            )
         backing = self.choice(tbl.get("backing", "anonymous"), f"{key}.backing", Backing)
         thp = self.boolean(tbl.get("thp", True), f"{key}.thp")
         if "thp" in tbl and backing is not Backing.ANONYMOUS:
-            raise self.fail(f"{key}.thp", "only valid with backing = \"anonymous\"")
+            raise self.fail(f"{key}.thp", 'only valid with backing = "anonymous"')
         path = None
         if "path" in tbl:
             if backing is not Backing.FILE:
-                raise self.fail(f"{key}.path", "only valid with backing = \"file\"")
+                raise self.fail(f"{key}.path", 'only valid with backing = "file"')
             path = self.string(tbl["path"], f"{key}.path")
             if not path:
                 raise self.fail(f"{key}.path", "must not be empty")
@@ -372,7 +376,9 @@ class _Reader:
         if "addr" in tbl:
             addr = self.size(tbl["addr"], f"{key}.addr")
         if addr % bs:
-            raise self.fail(f"{key}.addr", f"must be a multiple of block-size, got {_show(tbl.get('addr', addr))}")
+            raise self.fail(
+                f"{key}.addr", f"must be a multiple of block-size, got {_show(tbl.get('addr', addr))}"
+            )
         if addr + size > ADDRESS_LIMIT:
             raise self.fail(f"{key}.addr", f"device ends beyond the 48-bit address space ({addr + size:#x})")
         req_raw = tbl.get("requested-size", 0)
@@ -400,7 +406,9 @@ class _Reader:
             raise self.fail(f"{key}.type", "missing (vfio or kvm)")
         ctype = self.choice(tbl["type"], f"{key}.type", ConsumerType)
         if ctype is ConsumerType.VFIO:
-            self.keys(tbl, key, ("type", "id", "backend", "coordinate-discards", "dma-limit", "dma-limit-check"))
+            self.keys(
+                tbl, key, ("type", "id", "backend", "coordinate-discards", "dma-limit", "dma-limit-check")
+            )
         else:
             self.keys(tbl, key, ("type", "id", "mode"))
         cid = self.ident(tbl.get("id", ctype.value + key.split("[")[1].rstrip("]")), f"{key}.id")
@@ -408,7 +416,9 @@ class _Reader:
             type=ctype,
             id=cid,
             backend=self.choice(tbl.get("backend", "auto"), f"{key}.backend", DmaBackendKind),
-            coordinate_discards=self.boolean(tbl.get("coordinate-discards", True), f"{key}.coordinate-discards"),
+            coordinate_discards=self.boolean(
+                tbl.get("coordinate-discards", True), f"{key}.coordinate-discards"
+            ),
             dma_limit=self.integer(tbl.get("dma-limit", 65535), f"{key}.dma-limit", 1, 1 << 32),
             dma_limit_check=self.boolean(tbl.get("dma-limit-check", True), f"{key}.dma-limit-check"),
             mode=self.choice(tbl.get("mode", "auto"), f"{key}.mode", KvmMode),
@@ -418,8 +428,11 @@ class _Reader:
         tbl = self.table(raw, key)
         self.keys(tbl, key, ("touch",))
         touch = tbl.get("touch", 0.0)
-        if isinstance(touch, bool) or not isinstance(touch, (int, float)) or not 0 <= touch <= 1 or (
-            isinstance(touch, float) and math.isnan(touch)
+        if (
+            isinstance(touch, bool)
+            or not isinstance(touch, (int, float))
+            or not 0 <= touch <= 1
+            or (isinstance(touch, float) and math.isnan(touch))
         ):
             raise self.fail(f"{key}.touch", f"must be a number in [0, 1], got {_show(touch)}")
         return WorkloadSpec(touch=float(touch))
@@ -438,10 +451,10 @@ class _Reader:
         by_id = {d.id: d for d in devices}
         if action is Action.RESIZE:
             if "requested-size" not in tbl:
-                raise self.fail(f"{key}.requested-size", "missing for action \"resize\"")
+                raise self.fail(f"{key}.requested-size", 'missing for action "resize"')
             for extra in ("device", "seconds"):
                 if extra in tbl:
-                    raise self.fail(f"{key}.{extra}", "not valid for action \"resize\"")
+                    raise self.fail(f"{key}.{extra}", 'not valid for action "resize"')
             req = tbl["requested-size"]
             pairs: list[tuple[str, int]] = []
             if isinstance(req, dict):
@@ -468,10 +481,12 @@ class _Reader:
             raise self.fail(f"{key}.requested-size", f"not valid for action {_show(action.value)}")
         if action is Action.PAUSE:
             if "device" in tbl:
-                raise self.fail(f"{key}.device", "not valid for action \"pause\"")
+                raise self.fail(f"{key}.device", 'not valid for action "pause"')
             secs = tbl.get("seconds", 1.0)
             if isinstance(secs, bool) or not isinstance(secs, (int, float)) or not 0 <= secs <= 3600:
-                raise self.fail(f"{key}.seconds", f"must be a number of seconds in [0, 3600], got {_show(secs)}")
+                raise self.fail(
+                    f"{key}.seconds", f"must be a number of seconds in [0, 3600], got {_show(secs)}"
+                )
             return StepSpec(action=action, seconds=float(secs), label=label)
         if "seconds" in tbl:
             raise self.fail(f"{key}.seconds", f"not valid for action {_show(action.value)}")
