@@ -213,6 +213,16 @@ def run_demo(args: argparse.Namespace) -> int:
             )  # fmt: skip
             run_one(sc, run, progress)
 
+    for run in runs:
+        boot_row = run.steps[0] if run.steps else None
+        if boot_row and not run.coordinated and boot_row["seconds"] > 0 and backend != "null":
+            rate = boot_row["pinned"] / boot_row["seconds"] / GiB
+            notes.append(
+                f"{run.name}: pinning {format_size(boot_row['pinned'])} at boot took "
+                f"{boot_row['seconds']:.1f} s "
+                f"({rate:.2f} GiB/s); pinning populates memory, and on a host that reclaims freed guest "
+                "memory (free page reporting) that runs at cold-populate speed"
+            )
     plot_path = None
     if not args.no_plot:
         plot_path = write_plot(runs, args.plot)
