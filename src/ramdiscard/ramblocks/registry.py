@@ -26,6 +26,7 @@ Rules:
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 from typing import TYPE_CHECKING
@@ -83,7 +84,7 @@ class RamBlockRegistry:
             if mr in self:
                 raise BlockRegistered(f"RAM block of {mr.name!r} is already registered with {self!r}")
             key = id(mr)
-            self._refs[key] = weakref.ref(mr, lambda ref, key=key: self._collected(key, ref))
+            self._refs[key] = weakref.ref(mr, functools.partial(self._collected, key))
             hooks = getattr(mr.ram, "resize_hooks", None)
             if isinstance(hooks, list):
                 hooks.append(_ResizeHook(self, mr))
