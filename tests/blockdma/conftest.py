@@ -39,7 +39,9 @@ class Rig:
         self.mappers: list[RamBlockDmaMapper] = []
         self.base_pin = proc_status().vm_pin
 
-    def ram(self, name: str, size: int, *, max_size: int | None = None, map_at: int | None = 0) -> MemoryRegion:
+    def ram(
+        self, name: str, size: int, *, max_size: int | None = None, map_at: int | None = 0
+    ) -> MemoryRegion:
         block = RamBlock(size, thp=False, max_size=max_size, name=name)
         self.rams.append(block)
         mr = MemoryRegion.new_ram(name, block)
@@ -48,7 +50,9 @@ class Rig:
             self.root.add_subregion(map_at, mr)
         return mr
 
-    def vmem(self, size: int, *, requested: int = 0, dynamic: bool = False, addr: int = VMEM_ADDR) -> VirtioMem:
+    def vmem(
+        self, size: int, *, requested: int = 0, dynamic: bool = False, addr: int = VMEM_ADDR
+    ) -> VirtioMem:
         mr = self.ram(f"vmem-mem{len(self.devices)}", size, map_at=None)
         dev = VirtioMem(
             mr,

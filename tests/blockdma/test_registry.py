@@ -10,7 +10,13 @@ import pytest
 from ramdiscard.errors import InvalidArgument, ListenerError, RegionMapped
 from ramdiscard.hostmem import RamBlock
 from ramdiscard.memory import AddressSpace, MemoryRegion, transaction
-from ramdiscard.ramblocks import BlockRegistered, LiveBlock, RamBlockNotifier, RamBlockRegistry, default_registry
+from ramdiscard.ramblocks import (
+    BlockRegistered,
+    LiveBlock,
+    RamBlockNotifier,
+    RamBlockRegistry,
+    default_registry,
+)
 from ramdiscard.rdm import BlockStateManager
 from ramdiscard.units import MiB
 from tests.conftest import FakeRam

@@ -44,8 +44,9 @@ Rules:
   (policy conflict, IOVA exhaustion, a failed pin) undoes everything and propagates.
   After construction a failed setup cannot be refused to anybody: the block goes to
   ``failed`` (nothing pinned, the error in :meth:`RamBlockDmaMapper.blocks` and logged)
-  and its next event tries again. A failed unpin is logged and retried at the next
-  teardown and at :meth:`RamBlockDmaMapper.close`.
+  and its next event tries again. A block added later that finds no free IOVA range is
+  not followed at all (logged by the registry). A failed unpin is logged and retried at
+  the next teardown and at :meth:`RamBlockDmaMapper.close`.
 * Policy: ``coordinate_discards=True`` holds the uncoordinated-disable count (Du) and
   ``False`` the disable-all count (D), like nvme:// today; with D held, virtio-mem cannot
   realize ("Discarding RAM is disabled"), and the mapper cannot be created while
@@ -321,6 +322,12 @@ class RamBlockDmaMapper(RamBlockNotifier):
         self._blocks[id(block.region)] = b
         try:
             self._settle(b)
+        except Exception as exc:
+            if not self._attaching:
+                self._fail(b, exc)
+                return
+            self._drop(b)
+            raise
         except BaseException:
             self._drop(b)
             raise
