@@ -31,10 +31,10 @@ Rules:
   provider discards the block, so no pin ever goes stale.
 * In ``listener`` mode a :class:`~ramdiscard.rdm.RamDiscardListener` with
   ``double_discard_supported`` covers ``[0, min(region size, used length))``. Populate pins
-  every granule separately (:func:`~ramdiscard.dma.granules.granule_pieces`); if a pin
-  fails, what this notification pinned is unpinned and the error propagates, so the
-  provider rolls back and the guest sees BUSY. Discard unpins every granule inside the
-  range; holes are fine.
+  every granule separately (:func:`~ramdiscard.dma.granules.granule_pieces`) in one
+  all-or-nothing ``pin_many``: if a pin fails, nothing of the notification stays pinned
+  and the error propagates, so the provider rolls back and the guest sees BUSY. Discard
+  unpins every granule inside the range; holes are fine.
 * Resize: a ``whole`` block pins a grown tail as one more pin, and for a shrink unpins
   what lies beyond the new size (a pin straddling it is replaced by a shorter one, pinned
   first). A ``listener`` block re-registers its listener over the new extent: populated
@@ -157,15 +157,8 @@ class _BlockListener(RamDiscardListener):
         return f"<blockdma listener {self.block.region.name!r}>"
 
     def notify_populate(self, section: MemoryRegionSection) -> None:
-        block = self.block
-        pinned: list[_Pin] = []
-        try:
-            for start, end in granule_pieces(section.offset_within_region, section.end, self.granularity):
-                pinned.append(self.mapper._pin(block, start, end - start))
-        except BaseException:
-            for pin in reversed(pinned):
-                self.mapper._unpin(block, pin)
-            raise
+        pieces = list(granule_pieces(section.offset_within_region, section.end, self.granularity))
+        self.mapper._pin_pieces(self.block, [(start, end - start) for start, end in pieces])
 
     def notify_discard(self, section: MemoryRegionSection) -> None:
         self.mapper._unpin_range(self.block, section.offset_within_region, section.end)
@@ -469,6 +462,15 @@ class RamBlockDmaMapper(RamBlockNotifier):
         b.starts.insert(i, offset)
         b.pins.insert(i, pin)
         return pin
+
+    def _pin_pieces(self, b: _Block, pieces: list[tuple[int, int]]) -> None:
+        """Pin ``(offset, size)`` pieces of ``b`` all-or-nothing (one backend call)."""
+        host = b.host_address
+        handles = self.backend.pin_many([(host + offset, size) for offset, size in pieces])
+        for (offset, size), handle in zip(pieces, handles, strict=True):
+            i = bisect_left(b.starts, offset)
+            b.starts.insert(i, offset)
+            b.pins.insert(i, _Pin(offset, size, handle))
 
     def _unpin(self, b: _Block, pin: _Pin) -> None:
         i = bisect_left(b.starts, pin.offset)
