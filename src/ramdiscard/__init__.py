@@ -1,5 +1,6 @@
 """ramdiscard: QEMU's RamDiscardManager system in Python, on real host memory."""
 
+from ramdiscard.attributes import RamBlockAttributes
 from ramdiscard.errors import (
     DiscardPolicyError,
     HostMemoryError,
@@ -26,6 +27,7 @@ from ramdiscard.rdm import (
     default_policy,
 )
 from ramdiscard.units import GiB, KiB, MiB, TiB, format_size, parse_size
+from ramdiscard.virtio_mem import VirtioMem
 
 __all__ = [
     "AddressSpace",
@@ -44,11 +46,13 @@ __all__ = [
     "MiB",
     "RamDiscardError",
     "RamDiscardListener",
+    "RamBlockAttributes",
     "RamDiscardManager",
     "RegionKind",
     "RegionMapped",
     "TiB",
     "TopologyError",
+    "VirtioMem",
     "default_policy",
     "format_size",
     "parse_size",

@@ -6,8 +6,8 @@ import time
 from collections.abc import Callable
 
 import pytest
-from conftest import Anon, fd_count, free_pages_kib, needs_iouring, status_kib
 
+from conftest import Anon, fd_count, free_pages_kib, needs_iouring, status_kib
 from ramdiscard import faults
 from ramdiscard.dma import MAX_BUFFERS_PER_RING, IoUringDmaBackend, RawRing
 from ramdiscard.units import GiB, KiB, MiB

@@ -8,10 +8,10 @@ import mmap
 from collections.abc import Callable
 
 import pytest
-from conftest import Anon, status_kib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import Anon, status_kib
 from ramdiscard import faults
 from ramdiscard.dma import MlockDmaBackend
 from ramdiscard.dma.mlock import _Coverage

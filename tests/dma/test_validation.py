@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import IOURING_OK, IOURING_REASON, Anon
 
+from conftest import IOURING_OK, IOURING_REASON, Anon
 from ramdiscard.dma import (
     BackendClosed,
     DmaBackend,

@@ -82,12 +82,6 @@ def _show(key: str, value: object) -> str:
     return str(value)
 
 
-def _show(key: str, value: object) -> str:
-    if key in ("size", "offset", "populated") and isinstance(value, int):
-        return format_size(value)
-    return str(value)
-
-
 class _demo_region:
     def __enter__(self) -> MemoryRegion:
         self.mr = MemoryRegion.new_ram("demo-ram", 64 * MiB)

@@ -1,0 +1,689 @@
+"""RamBlock: one contiguous mapping of real host memory that can be discarded and populated.
+
+Theory of operation
+===================
+
+A block reserves ``max_size`` bytes of address space at creation and exposes the first
+``size`` bytes (the *used length*, QEMU's ``used_length``). Reserving costs no memory:
+memory is consumed only by populating (``populate``, or touching the bytes) and given back
+by discarding (``discard_range``). After a discard the range reads as zeros and the host
+holds no memory for it.
+
+Which primitive frees memory depends on the backing, because the same call does not free
+memory everywhere (``host-limits.md``, surprise 3):
+
+=====================  ==========================  ========================================
+backing                mapping                     discard primitive
+=====================  ==========================  ========================================
+``anonymous``          private, ``MAP_NORESERVE``  ``madvise(MADV_DONTNEED)``: drops the
+                       (+ ``MADV_HUGEPAGE`` if      private pages; the range refaults as
+                       ``thp``)                    zero-filled memory.
+``memfd``              shared memfd (4 KiB or      ``fallocate(PUNCH_HOLE | KEEP_SIZE)``:
+                       hugetlb pages)              ``MADV_DONTNEED`` would only unmap the
+                                                   pages and leave them in the page cache.
+``file``               shared mapping of a file    same punch; the file keeps its size.
+                       on tmpfs or hugetlbfs
+=====================  ==========================  ========================================
+
+Populate is one ``madvise(MADV_POPULATE_WRITE)`` (or ``POPULATE_READ``), which faults the
+range in and fails cleanly (an errno, not a SIGBUS) when memory cannot be had. Kernels
+before 5.14 lack it; then a populate touches one byte per page instead (read, or read and
+write back the same value), which is as fast but not safe against a concurrent writer and,
+on hugetlb, dies with SIGBUS rather than failing.
+
+Guarantees
+==========
+
+* Every range argument is checked before anything happens: offset and length must be
+  non-negative multiples of :attr:`RamBlock.page_size` and the range must lie inside the
+  used length. Violations raise :class:`~ramdiscard.errors.InvalidArgument` naming the
+  block and the range; nothing changed. A closed block rejects everything the same way.
+* A read-only block (``file`` backing, ``readonly=True``) refuses discard, write-populate
+  and writes with :class:`~ramdiscard.errors.HostMemoryError` (``EROFS``) naming the range;
+  nothing changed.
+* Each effectful call passes :func:`ramdiscard.faults.checkpoint` first (``Op.DISCARD``,
+  ``Op.POPULATE``, ``Op.MMAP``), so an injected fault leaves the block exactly as it was.
+* A kernel failure raises :class:`~ramdiscard.errors.HostMemoryError` with the errno and
+  the range. A failed populate may have populated a prefix of the range; discarding the
+  same range always restores the previous memory use (the data in it is lost, as with any
+  discard).
+* Per-call overhead on the hot paths is a few integer tests plus the syscall; nothing
+  loops over pages in Python.
+
+Hugetlb blocks map with ``MAP_NORESERVE``: huge pages are taken from the pool when
+populated, not when mapped, so an exhausted pool surfaces as a populate error. Touching an
+unpopulated hugetlb page through :attr:`RamBlock.view` when the pool is empty kills the
+process with SIGBUS (the kernel's choice, it cannot be caught): populate first.
+:meth:`RamBlock.read` and :meth:`RamBlock.write` do that for you.
+
+Lifetime of views
+=================
+
+:attr:`RamBlock.view` is a memoryview owned by the block. :meth:`RamBlock.close` and
+:meth:`RamBlock.resize` release it, after which using that object raises ``ValueError``.
+Views *derived* from it (slices, ``memoryview(block.view)``, numpy arrays over it) are
+memory-safe: they keep the mapping alive, and the mapping is unmapped when the last of them
+is released. ``close`` never unmaps memory under a live view and never fails because of
+one; it closes the block's file descriptor immediately either way.
+
+Blocks are not thread-safe against :meth:`RamBlock.close` or :meth:`RamBlock.resize`
+running concurrently with other calls; discards and populates of disjoint ranges may run
+from several threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as _errno
+import itertools
+import mmap
+import os
+import weakref
+from collections.abc import Callable
+from enum import StrEnum
+from types import TracebackType
+from typing import Final
+
+from ramdiscard import faults
+from ramdiscard.errors import HostMemoryError, InvalidArgument
+from ramdiscard.faults import Op
+from ramdiscard.hostmem import measure, syscalls
+from ramdiscard.hostmem.syscalls import describe_range
+from ramdiscard.units import format_size
+
+
+class Backing(StrEnum):
+    """Where a block's memory comes from."""
+
+    ANONYMOUS = "anonymous"
+    MEMFD = "memfd"
+    FILE = "file"
+
+
+ResizeHook = Callable[["RamBlock", int, int], None]
+"""Called as ``hook(block, old_size, new_size)`` after a resize took effect."""
+
+_BASE_PAGE: Final = mmap.PAGESIZE
+_MADV_DONTNEED: Final = syscalls.MADV_DONTNEED
+_MADV_POPULATE_READ: Final = syscalls.MADV_POPULATE_READ
+_MADV_POPULATE_WRITE: Final = syscalls.MADV_POPULATE_WRITE
+_OP_DISCARD: Final = Op.DISCARD
+_OP_POPULATE: Final = Op.POPULATE
+_checkpoint: Final = faults.checkpoint
+
+# None: not known yet; probed the first time a populate fails with EINVAL.
+_populate_supported: bool | None = None
+
+_names = itertools.count()
+
+
+def _probe_populate() -> bool:
+    """Whether this kernel knows MADV_POPULATE_READ (5.14+), tested on a scratch page."""
+    global _populate_supported
+    if _populate_supported is None:
+        with mmap.mmap(-1, _BASE_PAGE) as scratch:
+            try:
+                scratch.madvise(syscalls.MADV_POPULATE_READ, 0, _BASE_PAGE)
+            except OSError:
+                _populate_supported = False
+            else:
+                _populate_supported = True
+    return _populate_supported
+
+
+def _close_fd(fd: int) -> None:
+    with contextlib.suppress(OSError):  # already gone: nothing to free
+        os.close(fd)
+
+
+class RamBlock:
+    """A mapping of ``size`` bytes (up to ``max_size``) of real host memory.
+
+    ``RamBlock(size, backing="anonymous" | "memfd" | "file", *, path=None, hugepages=False,
+    thp=True, max_size=None, readonly=False, name=None)``
+
+    * ``size``: used length in bytes, a positive multiple of the page size.
+    * ``backing``: a :class:`Backing` or its string value.
+    * ``path``: the file for ``file`` backing (required there, refused otherwise). It is
+      created if missing and extended (never shrunk) to ``max_size``; it is not deleted by
+      :meth:`close`. It should live on tmpfs or hugetlbfs; other filesystems work if they
+      support hole punching, but then memory means page cache.
+    * ``hugepages``: ``memfd`` only: take pages from the hugetlb pool (``MFD_HUGETLB``). For
+      ``file`` it is implied by a hugetlbfs path and refused for any other filesystem.
+    * ``thp``: ``anonymous`` only: ask for transparent huge pages (``MADV_HUGEPAGE``); with
+      ``False`` the block is marked ``MADV_NOHUGEPAGE`` so it stays on 4 KiB pages.
+    * ``max_size``: address space reserved for :meth:`resize`; defaults to ``size``.
+    * ``readonly``: ``file`` only: open and map the file read-only. The file must already
+      hold ``max_size`` bytes.
+    * ``name``: a label used in error messages and as the memfd name.
+
+    Raises :class:`InvalidArgument` for inconsistent arguments (nothing created) and
+    :class:`HostMemoryError` when the kernel refuses the memfd, file or mapping (anything
+    acquired so far is released again; a ``file`` may remain created or extended).
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_backing",
+        "_closed",
+        "_fd",
+        "_fd_finalizer",
+        "_host_address",
+        "_hugetlb",
+        "_limit",
+        "_madvise",
+        "_max_size",
+        "_mm",
+        "_name",
+        "_page_mask",
+        "_page_size",
+        "_path",
+        "_punch",
+        "_readonly",
+        "_size",
+        "_thp",
+        "_view",
+        "_wlimit",
+        "resize_hooks",
+    )
+
+    def __init__(
+        self,
+        size: int,
+        backing: Backing | str = Backing.ANONYMOUS,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        hugepages: bool = False,
+        thp: bool = True,
+        max_size: int | None = None,
+        readonly: bool = False,
+        name: str | None = None,
+    ) -> None:
+        try:
+            kind = Backing(backing)
+        except ValueError:
+            choices = ", ".join(b.value for b in Backing)
+            raise InvalidArgument(
+                f"unknown backing {backing!r}; expected one of {choices}"
+            ) from None
+        self._backing = kind
+        self._name = name if name is not None else f"{kind.value}{next(_names)}"
+        self._closed = True  # until fully constructed: close() and __del__ stay harmless
+        self._fd: int | None = None
+        self._fd_finalizer: weakref.finalize[[int], RamBlock] | None = None
+        self._mm: mmap.mmap | None = None
+        self._view: memoryview | None = None
+        self._host_address = 0
+        # Hot-path bounds: the end a range may reach for reads (_limit) and for changes
+        # (_wlimit); -1 rejects every range, which is how closed and read-only blocks
+        # cost no extra test.
+        self._limit = -1
+        self._wlimit = -1
+        self._madvise: Callable[[int, int, int], None] | None = None
+        self._readonly = readonly
+        self._thp = thp and kind is Backing.ANONYMOUS
+        self._path = os.fspath(path) if path is not None else None
+        self.resize_hooks: list[ResizeHook] = []
+
+        if kind is Backing.FILE:
+            if self._path is None:
+                raise InvalidArgument(f"RamBlock {self._name!r}: file backing needs a path")
+        elif self._path is not None:
+            raise InvalidArgument(f"RamBlock {self._name!r}: path is only valid for file backing")
+        if readonly and kind is not Backing.FILE:
+            raise InvalidArgument(
+                f"RamBlock {self._name!r}: readonly is only valid for file backing"
+            )
+        if hugepages and kind is Backing.ANONYMOUS:
+            raise InvalidArgument(
+                f"RamBlock {self._name!r}: hugetlb pages need memfd or file backing "
+                "(anonymous blocks use transparent huge pages via thp=True)"
+            )
+        if max_size is None:
+            max_size = size
+        if size <= 0 or max_size < size:
+            raise InvalidArgument(
+                f"RamBlock {self._name!r}: need 0 < size <= max_size, got size={size:#x}, "
+                f"max_size={max_size:#x}"
+            )
+
+        try:
+            self._setup(size, max_size, hugepages)
+        except BaseException:
+            self._release()
+            raise
+        self._closed = False
+        self._set_limits()
+
+    # ---- construction -------------------------------------------------------------------
+
+    def _setup(self, size: int, max_size: int, hugepages: bool) -> None:
+        kind = self._backing
+        page_size = _BASE_PAGE
+        hugetlb = False
+        if kind is Backing.MEMFD:
+            self._adopt_fd(syscalls.memfd_create(self._name, hugetlb=hugepages))
+        elif kind is Backing.FILE:
+            assert self._path is not None
+            flags = (os.O_RDONLY if self._readonly else os.O_RDWR | os.O_CREAT) | os.O_CLOEXEC
+            try:
+                fd = os.open(self._path, flags, 0o600)
+            except OSError as exc:
+                raise syscalls.error(exc.errno or _errno.EIO, f"open of {self._path!r}") from None
+            self._adopt_fd(fd)
+        if self._fd is not None:
+            fs_type, bsize = syscalls.fstatfs_type(self._fd)
+            hugetlb = fs_type == syscalls.HUGETLBFS_MAGIC
+            if hugetlb:
+                page_size = bsize
+            elif hugepages:
+                raise InvalidArgument(
+                    f"RamBlock {self._name!r}: hugepages=True but {self._path!r} "
+                    "is not on hugetlbfs"
+                )
+        self._hugetlb = hugetlb
+        self._page_size = page_size
+        self._page_mask = page_size - 1
+        if size % page_size or max_size % page_size:
+            raise InvalidArgument(
+                f"RamBlock {self._name!r}: size {size:#x} and max_size {max_size:#x} must be "
+                f"multiples of the page size {page_size:#x}"
+            )
+        self._size = size
+        self._max_size = max_size
+
+        prot = mmap.PROT_READ if self._readonly else mmap.PROT_READ | mmap.PROT_WRITE
+        if self._fd is None:
+            flags = syscalls.MAP_PRIVATE | syscalls.MAP_NORESERVE
+            faults.checkpoint(Op.MMAP)
+            try:
+                mm = mmap.mmap(-1, max_size, flags=flags, prot=prot)
+            except OSError as exc:
+                raise self._os_error(exc, "mmap", 0, max_size) from None
+        else:
+            file_size = os.fstat(self._fd).st_size
+            if file_size < max_size:
+                if self._readonly:
+                    raise InvalidArgument(
+                        f"RamBlock {self._name!r}: read-only file {self._path!r} holds "
+                        f"{file_size:#x} bytes, less than max_size {max_size:#x}"
+                    )
+                try:
+                    os.ftruncate(self._fd, max_size)
+                except OSError as exc:
+                    raise self._os_error(exc, "ftruncate", 0, max_size) from None
+            flags = syscalls.MAP_SHARED | syscalls.MAP_NORESERVE
+            faults.checkpoint(Op.MMAP)
+            try:
+                mm = mmap.mmap(self._fd, max_size, flags=flags, prot=prot)
+            except OSError as exc:
+                raise self._os_error(exc, "mmap", 0, max_size) from None
+        self._mm = mm
+        self._madvise = mm.madvise
+        self._punch = self._fd is not None
+        if kind is Backing.ANONYMOUS:
+            # "madvise" THP mode needs HUGEPAGE to get huge pages; "always" mode needs
+            # NOHUGEPAGE to keep a 4 KiB block on 4 KiB pages.
+            advice = syscalls.MADV_HUGEPAGE if self._thp else syscalls.MADV_NOHUGEPAGE
+            try:
+                mm.madvise(advice, 0, max_size)
+            except OSError as exc:
+                if exc.errno != _errno.EINVAL:  # EINVAL: kernel without THP; nothing to ask
+                    raise self._os_error(exc, syscalls.advice_name(advice), 0, max_size) from None
+        self._host_address = syscalls.buffer_address(mm)
+        self._view = self._make_view(size)
+
+    def _set_limits(self) -> None:
+        self._limit = -1 if self._closed else self._size
+        self._wlimit = -1 if self._closed or self._readonly else self._size
+
+    def _adopt_fd(self, fd: int) -> None:
+        self._fd = fd
+        self._fd_finalizer = weakref.finalize(self, _close_fd, fd)
+
+    def _make_view(self, size: int) -> memoryview:
+        assert self._mm is not None
+        with memoryview(self._mm) as whole:
+            return whole[:size]
+
+    # ---- properties ---------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Used length in bytes."""
+        return self._size
+
+    @property
+    def max_size(self) -> int:
+        """Reserved length in bytes; :meth:`resize` can grow the used length up to it."""
+        return self._max_size
+
+    @property
+    def backing(self) -> Backing:
+        return self._backing
+
+    @property
+    def page_size(self) -> int:
+        """Granularity of discard/populate: 4 KiB, or the huge page size for hugetlb."""
+        return self._page_size
+
+    @property
+    def hugetlb(self) -> bool:
+        """Whether the block's pages come from the hugetlb pool."""
+        return self._hugetlb
+
+    @property
+    def thp(self) -> bool:
+        """Whether transparent huge pages were requested (anonymous blocks only)."""
+        return self._thp
+
+    @property
+    def readonly(self) -> bool:
+        return self._readonly
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def host_address(self) -> int:
+        """Address of the first byte of the mapping in this process."""
+        self._check_open()
+        return self._host_address
+
+    @property
+    def view(self) -> memoryview:
+        """Memoryview of the used length (read-only for read-only blocks). Owned by the
+        block: released by :meth:`close` and :meth:`resize` (see the module docstring)."""
+        self._check_open()
+        assert self._view is not None
+        return self._view
+
+    @property
+    def fd(self) -> int | None:
+        """The memfd or file descriptor, or None for anonymous memory or once closed."""
+        return self._fd
+
+    @property
+    def path(self) -> str | None:
+        return self._path
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"at {self._host_address:#x}"
+        huge = ", hugetlb" if getattr(self, "_hugetlb", False) else ""
+        size = getattr(self, "_size", 0)
+        return f"<RamBlock {self._name!r} {self._backing.value}{huge} {format_size(size)} {state}>"
+
+    # ---- errors -------------------------------------------------------------------------
+
+    def _label(self) -> str:
+        huge = " hugetlb" if getattr(self, "_hugetlb", False) else ""
+        return f"RamBlock {self._name!r} ({self._backing.value}{huge})"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InvalidArgument(f"{self._label()} is closed")
+
+    def _range_error(self, op: str, offset: int, length: int, align: int) -> InvalidArgument:
+        """Explain why ``[offset, offset+length)`` is not acceptable for ``op``."""
+        where = f"{self._label()}: {op} of {describe_range(offset, length)}"
+        if self._closed:
+            reason = "block is closed"
+        elif offset < 0 or length < 0:
+            reason = "offset and length must be non-negative"
+        elif offset % align or length % align:
+            reason = f"offset and length must be multiples of the page size {align:#x}"
+        else:
+            reason = f"range exceeds the used length {self._size:#x}"
+        return InvalidArgument(f"{where}: {reason}; nothing changed")
+
+    def _refusal(
+        self, op: str, offset: int, length: int, write: bool
+    ) -> InvalidArgument | HostMemoryError | None:
+        """The error for a discard or populate the hot-path test sent here, or None for a
+        valid zero-length call (a no-op: ``mmap.madvise`` rejects a start at the end)."""
+        if (
+            self._closed
+            or offset < 0
+            or length < 0
+            or (offset | length) & self._page_mask
+            or offset + length > self._size
+        ):
+            return self._range_error(op, offset, length, self._page_size)
+        if write and self._readonly:
+            return self._readonly_error(op, offset, length)
+        return None
+
+    def _readonly_error(self, op: str, offset: int, length: int) -> HostMemoryError:
+        return HostMemoryError(
+            _errno.EROFS,
+            f"{self._label()}: {op} of {describe_range(offset, length)} refused: the block "
+            f"maps {self._path!r} read-only; nothing changed",
+        )
+
+    def _os_error(self, exc: OSError, op: str, offset: int, length: int) -> HostMemoryError:
+        code = exc.errno if exc.errno is not None else _errno.EIO
+        return syscalls.error(code, f"{self._label()}: {op} of {describe_range(offset, length)}")
+
+    # ---- discard / populate -------------------------------------------------------------
+
+    def discard_range(self, offset: int, length: int) -> None:
+        """Free the memory of ``[offset, offset+length)``; afterwards it reads as zeros.
+
+        Preconditions: block open and writable, offset and length non-negative multiples of
+        :attr:`page_size`, range within :attr:`size`. A zero length is a no-op. Raises
+        :class:`InvalidArgument` or, for a read-only block, :class:`HostMemoryError`
+        (``EROFS``) with nothing changed; :class:`HostMemoryError` if the kernel refuses.
+        """
+        if (
+            (ol := offset | length) <= 0
+            or ol & self._page_mask
+            or offset + length > self._wlimit
+            or not length
+        ):
+            err = self._refusal("discard", offset, length, write=True)
+            if err is None:
+                return
+            raise err
+        _checkpoint(_OP_DISCARD)
+        if self._punch:
+            try:
+                syscalls.punch_hole(self._fd, offset, length)  # type: ignore[arg-type]
+            except HostMemoryError as exc:
+                code = exc.errno or _errno.EIO
+                raise HostMemoryError(code, f"{self._label()}: {exc.strerror}") from None
+        else:
+            try:
+                self._madvise(_MADV_DONTNEED, offset, length)  # type: ignore[misc]
+            except OSError as exc:
+                raise self._os_error(exc, "madvise(MADV_DONTNEED)", offset, length) from None
+
+    def populate(self, offset: int, length: int, *, write: bool = True) -> None:
+        """Fault ``[offset, offset+length)`` in, for writing (default) or reading.
+
+        Preconditions as for :meth:`discard_range` (a read populate is allowed on a
+        read-only block). A zero length is a no-op. Raises :class:`InvalidArgument`,
+        :class:`HostMemoryError` (``EROFS``) for a write populate of a read-only block, or
+        :class:`HostMemoryError` when memory cannot be had (``ENOMEM``, or ``EFAULT`` when
+        the hugetlb pool is exhausted). After a failure a prefix of the range may be
+        populated; :meth:`discard_range` of the same range gives that memory back.
+        """
+        if (
+            (ol := offset | length) < 0
+            or ol & self._page_mask
+            or offset + length > (self._wlimit if write else self._limit)
+            or not length
+        ):
+            err = self._refusal("write populate" if write else "populate", offset, length, write)
+            if err is None:
+                return
+            raise err
+        _checkpoint(_OP_POPULATE)
+        try:
+            self._madvise(  # type: ignore[misc]
+                _MADV_POPULATE_WRITE if write else _MADV_POPULATE_READ, offset, length
+            )
+        except OSError as exc:
+            if exc.errno == _errno.EINVAL and not _probe_populate():
+                self._touch(offset, length, write)
+                return
+            raise self._populate_error(exc, offset, length, write) from None
+
+    def _populate_error(
+        self, exc: OSError, offset: int, length: int, write: bool
+    ) -> HostMemoryError:
+        op = "madvise(MADV_POPULATE_WRITE)" if write else "madvise(MADV_POPULATE_READ)"
+        err = self._os_error(exc, op, offset, length)
+        if self._hugetlb:
+            pool = measure.hugepage_pool()
+            hint = (
+                f"; hugetlb pool: {pool.free} of {pool.total} pages of "
+                f"{format_size(pool.page_size)} free"
+            )
+            if pool.free == 0:
+                hint += " (exhausted)"
+            err = HostMemoryError(err.errno or _errno.EIO, f"{err.strerror}{hint}")
+        return err
+
+    def _touch(self, offset: int, length: int, write: bool) -> None:
+        """Populate without MADV_POPULATE_*: read (and write back) one byte per page."""
+        assert self._mm is not None
+        with memoryview(self._mm) as whole, whole[offset : offset + length : _BASE_PAGE] as pages:
+            if write:
+                pages[:] = pages.tobytes()
+            else:
+                pages.tobytes()
+
+    # ---- observation and data access ----------------------------------------------------
+
+    def resident_bytes(self, offset: int = 0, length: int | None = None) -> int:
+        """Bytes of ``[offset, offset+length)`` (default: the used length) that the host
+        holds in memory, by ``mincore``: base pages for anonymous memory, page-cache pages
+        for shared mappings. Range must be 4 KiB aligned and within the used length."""
+        if length is None:
+            length = self._size - offset
+        if (
+            self._closed
+            or offset < 0
+            or length < 0
+            or offset + length > self._size
+            or (offset | length) & (_BASE_PAGE - 1)
+        ):
+            raise self._range_error("resident_bytes", offset, length, _BASE_PAGE)
+        return syscalls.resident_pages(self._host_address + offset, length) * _BASE_PAGE
+
+    def _check_bytes(self, op: str, offset: int, length: int) -> None:
+        if self._closed or offset < 0 or length < 0 or offset + length > self._size:
+            raise self._range_error(op, offset, length, 1)
+
+    def _prefault_hugetlb(self, offset: int, length: int, write: bool) -> None:
+        # An unpopulated hugetlb page faulted by a plain access is a SIGBUS when the pool
+        # is empty; a populate turns that into an exception.
+        if length:
+            start = offset & ~self._page_mask
+            end = (offset + length + self._page_mask) & ~self._page_mask
+            self.populate(start, end - start, write=write)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Copy of ``length`` bytes at ``offset`` (any byte alignment, within the used
+        length). On hugetlb blocks the covering pages are populated first."""
+        self._check_bytes("read", offset, length)
+        if self._hugetlb:
+            self._prefault_hugetlb(offset, length, write=False)
+        return self._mm[offset : offset + length]  # type: ignore[index]
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Store ``data`` at ``offset`` (any byte alignment, within the used length).
+        Raises :class:`HostMemoryError` (``EROFS``) on a read-only block. On hugetlb blocks
+        the covering pages are populated first."""
+        length = len(data) if not isinstance(data, memoryview) else data.nbytes
+        self._check_bytes("write", offset, length)
+        if self._readonly:
+            raise self._readonly_error("write", offset, length)
+        if self._hugetlb:
+            self._prefault_hugetlb(offset, length, write=True)
+        self._mm[offset : offset + length] = data  # type: ignore[index]
+
+    # ---- resize and close ---------------------------------------------------------------
+
+    def resize(self, new_size: int) -> None:
+        """Change the used length to ``new_size`` (a positive multiple of the page size,
+        at most :attr:`max_size`). Shrinking discards the tail first, so a later grow
+        exposes zeros. Then :attr:`view` is replaced (the old one is released) and each
+        hook in :attr:`resize_hooks` is called with ``(block, old_size, new_size)``.
+
+        Raises :class:`InvalidArgument` (nothing changed), or the discard's errors (the
+        size is unchanged then; the tail may be partly discarded).
+        """
+        old = self._size
+        if self._closed or new_size <= 0 or new_size > self._max_size or new_size & self._page_mask:
+            where = f"{self._label()}: resize from {old:#x} to {new_size:#x}"
+            if self._closed:
+                raise InvalidArgument(f"{where}: block is closed")
+            raise InvalidArgument(
+                f"{where}: new size must be a positive multiple of {self._page_size:#x} "
+                f"not above max_size {self._max_size:#x}; nothing changed"
+            )
+        if self._readonly and new_size < old:
+            raise self._readonly_error("resize (tail discard)", new_size, old - new_size)
+        if new_size == old:
+            return
+        if new_size < old:
+            self.discard_range(new_size, old - new_size)
+        self._size = new_size
+        self._set_limits()
+        self._drop_view()
+        self._view = self._make_view(new_size)
+        for hook in list(self.resize_hooks):
+            hook(self, old, new_size)
+
+    def _drop_view(self) -> None:
+        view, self._view = self._view, None
+        if view is not None:
+            # BufferError: someone holds a buffer exported from our view (numpy, ctypes);
+            # it keeps the memory alive, and dropping our reference is all we can do.
+            with contextlib.suppress(BufferError):
+                view.release()
+
+    def _release(self) -> None:
+        self._drop_view()
+        self._madvise = None
+        mm, self._mm = self._mm, None
+        if mm is not None:
+            # BufferError: views derived from ours are alive. They reference the mmap
+            # object, which unmaps when the last of them is released: nothing leaks and
+            # nothing dangles.
+            with contextlib.suppress(BufferError):
+                mm.close()
+        if self._fd_finalizer is not None:
+            self._fd_finalizer()
+            self._fd_finalizer = None
+        self._fd = None
+
+    def close(self) -> None:
+        """Unmap the block and close its file descriptor. Idempotent.
+
+        The memory is freed now, unless views derived from :attr:`view` are still alive:
+        then the mapping (and its memory) lives until the last of them is released, while
+        the block itself is closed and its fd is closed at once.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._set_limits()
+        self._release()
+
+    def __enter__(self) -> RamBlock:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
