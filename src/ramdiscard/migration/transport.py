@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import os
+import select
 import socket
 import struct
 from collections.abc import Sequence
@@ -46,13 +47,26 @@ class Reader(Protocol):
     def read_exact(self, view: memoryview) -> None: ...
 
 
+class PeerAnswered(MigrationError):
+    """The destination sent its status before the stream ended (it refused the stream)."""
+
+
 class SocketSink:
-    """Sends with ``sendmsg`` (header and guest memory in one call when possible)."""
+    """Sends with ``sendmsg`` (header and guest memory in one call when possible).
+
+    Before each page chunk it polls (without blocking) whether the destination has
+    already answered: a destination that refuses the stream says so at once, and the
+    source stops instead of pushing the rest of guest memory into a closed connection.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
 
     def send(self, header: bytes, data: memoryview | None = None) -> None:
+        if data is not None:
+            readable, _w, _x = select.select([self.sock], [], [], 0)
+            if readable:
+                raise PeerAnswered("the destination answered before the end of the stream")
         bufs: list[Buffer] = [header] if data is None else [header, data]
         total = len(header) + (data.nbytes if data is not None else 0)
         faults.checkpoint(Op.SOCK_SEND)
@@ -218,9 +232,20 @@ def migrate_to(
     with socket.create_connection((host, port), timeout=timeout) as sock:
         sock.settimeout(None)
         _tune(sock)
-        stats = save_to_sink(
-            address_space, devices, SocketSink(sock), chunk_size or DEFAULT_CHUNK, progress, phase="send"
-        )
+        try:
+            stats = save_to_sink(
+                address_space, devices, SocketSink(sock), chunk_size or DEFAULT_CHUNK, progress, phase="send"
+            )
+        except (PeerAnswered, OSError) as exc:
+            # The destination may have refused the stream and said why: report that.
+            sock.settimeout(timeout)
+            try:
+                error = recv_status(sock)
+            except (MigrationError, OSError):
+                error = None
+            if error is not None:
+                raise MigrationError(f"the destination refused the migration: {error}") from exc
+            raise
         sock.shutdown(socket.SHUT_WR)
         sock.settimeout(timeout)
         error = recv_status(sock)
@@ -254,11 +279,27 @@ def receive_from(
         except Exception as exc:
             try:
                 send_status(conn, str(exc) or type(exc).__name__)
+                _drain(conn)
             except OSError:
                 pass
             raise
         send_status(conn, None)
     return stats
+
+
+def _drain(sock: socket.socket, limit: float = 5.0) -> None:
+    """Read and drop what the source still sends until it closes (or ``limit`` seconds):
+    closing with unread data would reset the connection and lose our status message."""
+    sock.shutdown(socket.SHUT_WR)
+    sock.settimeout(limit)
+    buf = bytearray(1 << 16)
+    try:
+        while True:
+            faults.checkpoint(Op.SOCK_RECV)
+            if not sock.recv_into(buf):
+                break
+    except OSError:
+        pass
 
 
 def _tune(sock: socket.socket) -> None:
