@@ -247,7 +247,10 @@ def load_from_reader(
         requested = {dev.id: dev.requested_size for dev in devices}
         tracker = ProgressTracker(phase, 0, progress)
         inc = _Incoming(regions, reader, pfile, tracker)
-        images, event = inc.read_metadata()
+        try:
+            images, event = inc.read_metadata()
+        except OSError as exc:
+            raise MigrationError(f"reading the stream failed (nothing changed): {exc}") from exc
         try:
             managed = [r for r in regions if r.device is not None]
             for region, image in zip(managed, images, strict=True):
