@@ -236,8 +236,8 @@ def migrate_to(
             stats = save_to_sink(
                 address_space, devices, SocketSink(sock), chunk_size or DEFAULT_CHUNK, progress, phase="send"
             )
-        except (PeerAnswered, OSError) as exc:
-            # The destination may have refused the stream and said why: report that.
+        except (PeerAnswered, BrokenPipeError, ConnectionResetError) as exc:
+            # The destination refused the stream and (probably) said why: report that.
             sock.settimeout(timeout)
             try:
                 error = recv_status(sock)
