@@ -24,7 +24,11 @@ def _segments(path: str) -> list[tuple[int, int, bytes]]:
     with open(path, "rb") as f:
         elf = ELFFile(f)
         assert elf.header.e_type == "ET_CORE"
-        return [(s.header.p_paddr, s.header.p_filesz, s.data()) for s in elf.iter_segments() if s.header.p_type == "PT_LOAD"]
+        return [
+            (s.header.p_paddr, s.header.p_filesz, s.data())
+            for s in elf.iter_segments()
+            if s.header.p_type == "PT_LOAD"
+        ]
 
 
 def _expected(m: Machine) -> list[tuple[int, int]]:
@@ -107,7 +111,9 @@ def hyp_machine() -> Iterator[Machine]:
 
 @settings(max_examples=25, deadline=None)
 @given(blocks=st.sets(st.integers(0, 15)))
-def test_dump_segments_are_the_plugged_runs(hyp_machine: Machine, blocks: set[int], tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_dump_segments_are_the_plugged_runs(
+    hyp_machine: Machine, blocks: set[int], tmp_path_factory: pytest.TempPathFactory
+) -> None:
     m = hyp_machine
     m.dev.unplug_all()
     m.plug_blocks(blocks)

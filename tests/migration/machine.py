@@ -81,7 +81,9 @@ class Machine:
 
     def digests(self) -> dict[int, int]:
         """crc32 of every plugged block (block index -> crc), and of the low RAM (-1)."""
-        out = {b: zlib.crc32(self.ram.view[b * self.block : (b + 1) * self.block]) for b in self.plugged_blocks()}
+        out = {
+            b: zlib.crc32(self.ram.view[b * self.block : (b + 1) * self.block]) for b in self.plugged_blocks()
+        }
         if self.low is not None:
             out[-1] = zlib.crc32(self.low.view)
         return out
@@ -106,4 +108,6 @@ class Machine:
 
 def _pattern(view: memoryview, seed: int) -> None:
     arr = np.frombuffer(view, dtype=np.uint64)
-    arr[:] = np.arange(arr.size, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(seed & (2**63 - 1))
+    arr[:] = np.arange(arr.size, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(
+        seed & (2**63 - 1)
+    )

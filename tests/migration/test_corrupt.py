@@ -112,7 +112,9 @@ def test_wrong_version_and_magic(pair: tuple[Machine, Machine]) -> None:
         ({"dev_id": "vmem1"}, "geometry mismatch"),
     ],
 )
-def test_wrong_geometry(machines: Machines, pair: tuple[Machine, Machine], kw: dict[str, int], match: str) -> None:
+def test_wrong_geometry(
+    machines: Machines, pair: tuple[Machine, Machine], kw: dict[str, int], match: str
+) -> None:
     src, _dst = pair
     data = _stream(src)
     args = {"size": SIZE, "low": 1 * MiB, **kw}
@@ -201,7 +203,9 @@ def hyp_pair() -> Iterator[tuple[Machine, Machine, bytes]]:
 
 @settings(max_examples=40, deadline=None)
 @given(data=st.data())
-def test_random_truncation_and_bit_flips(hyp_pair: tuple[Machine, Machine, bytes], data: st.DataObject) -> None:
+def test_random_truncation_and_bit_flips(
+    hyp_pair: tuple[Machine, Machine, bytes], data: st.DataObject
+) -> None:
     src, dst, stream = hyp_pair
     mutated = bytearray(stream)
     if data.draw(st.booleans(), "truncate"):

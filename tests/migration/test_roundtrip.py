@@ -10,6 +10,7 @@ import threading
 import pytest
 
 from ramdiscard import migration
+from ramdiscard.migration.checksum import Checksum, available
 from ramdiscard.units import MiB
 from tests.migration.conftest import Machines, assert_fresh, attach_listener, plugged_pages
 from tests.migration.machine import Machine
@@ -35,7 +36,9 @@ def _check_same(src: Machine, dst: Machine) -> None:
 
 @pytest.mark.parametrize("pattern", sorted(PATTERNS))
 @pytest.mark.parametrize("sparse", [True, False])
-def test_file_round_trip(machines: Machines, backing: str, pattern: str, sparse: bool, tmp_path: object) -> None:
+def test_file_round_trip(
+    machines: Machines, backing: str, pattern: str, sparse: bool, tmp_path: object
+) -> None:
     src = machines(backing=backing)
     src.plug_blocks(PATTERNS[pattern])
     src.fill(11)
@@ -52,13 +55,16 @@ def test_file_round_trip(machines: Machines, backing: str, pattern: str, sparse:
     assert rdl.pages == plugged_pages(dst)
 
 
-def test_stream_round_trip_bytesio_dynamic_memslots(machines: Machines, backing: str) -> None:
+@pytest.mark.parametrize("algo", list(Checksum))
+def test_stream_round_trip_bytesio_dynamic_memslots(machines: Machines, backing: str, algo: Checksum) -> None:
+    if algo not in available():
+        pytest.skip(f"{algo.name} is not available on this host (libxxhash missing)")
     src = machines(256 * MiB, backing=backing, dynamic=True)
     src.plug_blocks([0, 1, 64, 65, 66, 127])  # memslots 0, 2 (and 3) of 4
     src.fill(3)
     dst = machines(256 * MiB, backing=backing, dynamic=True)
     buf = io.BytesIO()
-    migration.save(src.space, src.devices, buf)
+    migration.save(src.space, src.devices, buf, checksum=algo)
     buf.seek(0)
     migration.load(dst.space, dst.devices, buf)
     _check_same(src, dst)

@@ -108,9 +108,7 @@ def test_sparse_snapshot_holes(machines: Machines, backing: str, tmp_path: objec
     # The metadata, then exactly the plugged runs at data_base + region offset.
     data_base = extents[1][0] - 3 * src.block
     assert extents[0][0] == 0 and extents[0][1] <= data_base
-    assert extents[1:] == [
-        (data_base + s, data_base + s + n) for s, n in src.dev.plugged_ranges()
-    ]
+    assert extents[1:] == [(data_base + s, data_base + s + n) for s, n in src.dev.plugged_ranges()]
     dst = machines(256 * MiB, backing=backing, low=0)
     with open(path, "rb") as f:
         migration.load(dst.space, dst.devices, f)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from ramdiscard.migration.checksum import Checksum, available, digest
 from ramdiscard.migration.stream import (
     Counter,
     Decoder,
@@ -61,7 +62,7 @@ def _stream(pages: list[tuple[int, int, bytes]], end: End | None = None) -> byte
 def test_round_trip_events() -> None:
     data = b"\xab" * 8192
     events = _decode(_stream([(0, 0, data), (1, 4096, data), (1, 3 << 20, data)]))
-    assert events[0] == StreamHeader(1, StreamFlags.NONE)
+    assert events[0] == StreamHeader(1, StreamFlags.NONE, Checksum.CRC32)
     assert events[1:3] == [R0, R1]
     assert events[3] == DeviceState(1, b"state")
     assert events[4:7] == [PageData(0, 0, 8192), PageData(1, 4096, 8192), PageData(1, 3 << 20, 8192)]
@@ -124,3 +125,28 @@ def test_feed_contract() -> None:
     dec = Decoder()
     with pytest.raises(StreamError, match="expected 20"):
         dec.feed(b"short")
+
+
+@pytest.mark.parametrize("algo", list(Checksum))
+def test_page_checksum_algorithms(algo: Checksum) -> None:
+    if algo not in available():
+        pytest.skip(f"{algo.name} is not available on this host (libxxhash missing)")
+    data = bytes(range(256)) * 32
+    c = Counter()
+    parts = [encode_stream_header(StreamFlags.NONE, algo), encode_region(R0)]
+    c.meta()
+    parts += [page_header(0, 0, data, algo), data]
+    c.pages(len(data))
+    parts.append(encode_end(c.end()))
+    stream = b"".join(parts)
+    assert _decode(stream)[0] == StreamHeader(1, StreamFlags.NONE, algo)
+    bad = bytearray(stream)
+    bad[-len(data) - 100] ^= 4  # inside the page data
+    with pytest.raises(StreamError, match="checksum"):
+        _decode(bytes(bad))
+    assert digest(algo, data, 1) != digest(algo, data, 2)
+
+
+def test_unknown_checksum_algorithm_refused() -> None:
+    with pytest.raises(StreamError, match="unknown page checksum algorithm 7"):
+        _decode(encode_stream_header(StreamFlags.NONE, 7))  # type: ignore[arg-type]

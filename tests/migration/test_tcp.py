@@ -60,7 +60,7 @@ def test_socket_fault_fails_both_sides_cleanly(machines: Machines, op: Op) -> No
         with socket.create_server(("127.0.0.1", 0)) as ls:
             port = ls.getsockname()[1]
 
-            def receive() -> None:
+            def receive(errors: list[BaseException] = errors) -> None:
                 try:
                     migration.receive_from(ls, dst.space, dst.devices, accept_timeout=30)
                 except BaseException as exc:
@@ -69,7 +69,9 @@ def test_socket_fault_fails_both_sides_cleanly(machines: Machines, op: Op) -> No
             t = threading.Thread(target=receive)
             t.start()
             with faults.inject(op, nth), pytest.raises((OSError, migration.MigrationError)):
-                migration.migrate_to("127.0.0.1", port, src.space, src.devices, chunk_size=1 * MiB, timeout=10)
+                migration.migrate_to(
+                    "127.0.0.1", port, src.space, src.devices, chunk_size=1 * MiB, timeout=10
+                )
             t.join(30)
         assert not t.is_alive()
         if errors:

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import os
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -71,10 +71,8 @@ def dump_guest_memory(address_space: AddressSpace, path: str | os.PathLike[str])
         except BaseException:
             os.close(fd)
             fd = -1
-            try:
+            with suppress(OSError):
                 os.unlink(path)
-            except OSError:
-                pass
             raise
         finally:
             if fd >= 0:

@@ -34,7 +34,15 @@ SEGMENT_ALIGN = 4096
 _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 _PHDR = struct.Struct("<IIQQQQQQ")
 _SHDR = struct.Struct("<IIQQQQIIQQ")
-_MACHINES = {"x86_64": 62, "amd64": 62, "aarch64": 183, "arm64": 183, "ppc64le": 21, "s390x": 22, "riscv64": 243}
+_MACHINES = {
+    "x86_64": 62,
+    "amd64": 62,
+    "aarch64": 183,
+    "arm64": 183,
+    "ppc64le": 21,
+    "s390x": 22,
+    "riscv64": 243,
+}
 
 
 def host_machine() -> int:
@@ -84,7 +92,9 @@ def elf_headers(blocks: Sequence[tuple[int, int]], machine: int | None = None) -
         )
     ]
     for seg in segments:
-        out.append(_PHDR.pack(PT_LOAD, PF_RWX, seg.file_offset, 0, seg.paddr, seg.size, seg.size, SEGMENT_ALIGN))
+        out.append(
+            _PHDR.pack(PT_LOAD, PF_RWX, seg.file_offset, 0, seg.paddr, seg.size, seg.size, SEGMENT_ALIGN)
+        )
     if xnum:
         out.append(_SHDR.pack(0, 0, 0, 0, 0, 0, 0, n, 0, 0))
     return b"".join(out), segments

@@ -52,7 +52,9 @@ def guest_phys_blocks(address_space: AddressSpace) -> list[GuestPhysBlock]:
                 last.size += section.size
                 return
         blocks.append(
-            GuestPhysBlock(section.offset_within_address_space, section.size, section.mr, section.offset_within_region)
+            GuestPhysBlock(
+                section.offset_within_address_space, section.size, section.mr, section.offset_within_region
+            )
         )
 
     for section in address_space.flatview():

@@ -37,7 +37,9 @@ class DemoGuest:
         self.ram = RamBlock(size, backing, name="vmem0-ram")
         self.low = RamBlock(low, backing, name="pc.ram") if low else None
         mr = MemoryRegion.new_ram("vmem0-ram", self.ram)
-        self.dev = VirtioMem(mr, id="vmem0", addr=4 * GiB, block_size=block, requested_size=size, policy=DiscardPolicy())
+        self.dev = VirtioMem(
+            mr, id="vmem0", addr=4 * GiB, block_size=block, requested_size=size, policy=DiscardPolicy()
+        )
         self.root = MemoryRegion.new_container("system", 4 * GiB + size)
         if self.low is not None:
             self.root.add_subregion(0, MemoryRegion.new_ram("pc.ram", self.low))
@@ -57,7 +59,9 @@ class DemoGuest:
             b += n + 1
             run = run % 7 + 1
         if want:
-            raise ValueError(f"cannot plug {format_size(plugged)} fragmented into {format_size(self.dev.region_size)}")
+            raise ValueError(
+                f"cannot plug {format_size(plugged)} fragmented into {format_size(self.dev.region_size)}"
+            )
 
     def fill(self, seed: int) -> None:
         for start, size in self.dev.plugged_ranges():
@@ -94,11 +98,16 @@ def _progress_bar(quiet: bool, label: str) -> Iterator[ProgressFn | None]:
     if quiet:
         yield None
         return
-    from rich.progress import BarColumn, DownloadColumn, Progress as Bar, TextColumn, TransferSpeedColumn
+    from rich.progress import BarColumn, DownloadColumn, TextColumn, TransferSpeedColumn
+    from rich.progress import Progress as Bar
 
     with Bar(
-        TextColumn(label), BarColumn(), DownloadColumn(binary_units=True), TransferSpeedColumn(),
-        TextColumn("{task.fields[pages]} pages"), transient=False,
+        TextColumn(label),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TextColumn("{task.fields[pages]} pages"),
+        transient=False,
     ) as bar:
         task = bar.add_task(label, total=None, pages=0)
 

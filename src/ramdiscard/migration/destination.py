@@ -31,12 +31,12 @@ from __future__ import annotations
 import io
 import logging
 import time
-import zlib
 from bisect import bisect_right
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, BinaryIO
 
 from ramdiscard.migration.busy import Freeze, frozen
+from ramdiscard.migration.checksum import digest
 from ramdiscard.migration.layout import RamRegion, collect_regions
 from ramdiscard.migration.progress import ProgressFn, ProgressTracker
 from ramdiscard.migration.source import MigrationStats
@@ -48,7 +48,6 @@ from ramdiscard.migration.stream import (
     PageData,
     RegionInfo,
     StreamError,
-    StreamFlags,
     StreamHeader,
 )
 from ramdiscard.migration.transport import FileReader, PositionalFile, Reader
@@ -153,7 +152,8 @@ class _Incoming:
         end = page.offset + page.length
         if page.offset % _ALIGN or page.length % _ALIGN or end > region.size:
             raise StreamError(
-                f"page section [{page.offset:#x}, {end:#x}) outside or misaligned in region {region.mr.name!r}"
+                f"page section [{page.offset:#x}, {end:#x}) outside or misaligned in region "
+                f"{region.mr.name!r}"
             )
         runs = self.runs[page.region]
         i = bisect_right(self.starts[page.region], page.offset) - 1
@@ -177,7 +177,7 @@ class _Incoming:
             if page.file_offset < self.position:
                 raise StreamError(f"PAGES_AT data offset {page.file_offset:#x} inside the metadata")
             self.pfile.pread_exact(target, page.file_offset)
-            if zlib.crc32(target) != page.data_crc:
+            if digest(self.decoder.checksum, target) != page.data_checksum:
                 raise StreamError(
                     f"page data checksum mismatch (region {region.mr.name!r}, offset {page.offset:#x})"
                 )
@@ -305,4 +305,3 @@ def load(
     except (AttributeError, OSError, io.UnsupportedOperation, MigrationError):
         pfile = None
     return load_from_reader(address_space, devices, FileReader(fileobj), pfile, progress, "restore")
-

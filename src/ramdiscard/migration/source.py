@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import io
 import time
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
 from ramdiscard.migration.busy import frozen
+from ramdiscard.migration.checksum import Checksum, digest
+from ramdiscard.migration.checksum import default as default_checksum
 from ramdiscard.migration.layout import RamRegion, collect_regions
 from ramdiscard.migration.progress import ProgressFn, ProgressTracker
 from ramdiscard.migration.stream import (
@@ -84,8 +85,8 @@ def _check_chunk(chunk_size: int) -> None:
         raise MigrationError(f"chunk size {chunk_size:#x}: must be a multiple of 4 KiB up to {MAX_CHUNK:#x}")
 
 
-def _metadata(regions: list[RamRegion], counter: Counter, flags: StreamFlags) -> list[bytes]:
-    out = [encode_stream_header(flags)]
+def _metadata(regions: list[RamRegion], counter: Counter, flags: StreamFlags, algo: Checksum) -> list[bytes]:
+    out = [encode_stream_header(flags, algo)]
     for region in regions:
         out.append(encode_region(region.info()))
         counter.meta()
@@ -104,23 +105,26 @@ def save_to_sink(
     progress: ProgressFn | None = None,
     *,
     phase: str = "send",
+    checksum: Checksum | None = None,
 ) -> MigrationStats:
-    """Write a streamed migration to ``sink`` (module rules)."""
+    """Write a streamed migration to ``sink`` (module rules). ``checksum``: page data
+    checksum, default the fastest available (XXH3-64, else CRC-32)."""
     _check_chunk(chunk_size)
+    algo = checksum or default_checksum()
     start = time.perf_counter()
     with frozen(devices):
         regions = collect_regions(address_space, devices)
         runs = [region.populated_runs() for region in regions]
         counter = Counter()
         tracker = ProgressTracker(phase, sum(n for r in runs for _o, n in r), progress)
-        for piece in _metadata(regions, counter, StreamFlags.NONE):
+        for piece in _metadata(regions, counter, StreamFlags.NONE, algo):
             sink.send(piece)
             tracker.stream(len(piece))
         for region, region_runs in zip(regions, runs, strict=True):
             view = region.view
             for offset, length in _chunks(region_runs, chunk_size):
                 data = view[offset : offset + length]
-                header = page_header(region.index, offset, data)
+                header = page_header(region.index, offset, data, algo)
                 sink.send(header, data)
                 counter.pages(length)
                 tracker.stream(len(header) + length)
@@ -145,17 +149,19 @@ def save_sparse(
     fileobj: BinaryIO,
     chunk_size: int = DEFAULT_CHUNK,
     progress: ProgressFn | None = None,
+    checksum: Checksum | None = None,
 ) -> MigrationStats:
     """Write a sparse snapshot file; the file is truncated first and holds only the
     snapshot afterwards (module rules; layout in ``docs/migration-format.md``)."""
     _check_chunk(chunk_size)
+    algo = checksum or default_checksum()
     pfile = PositionalFile(fileobj)
     start = time.perf_counter()
     with frozen(devices):
         regions = collect_regions(address_space, devices)
         runs = [region.populated_runs() for region in regions]
         counter = Counter()
-        meta = _metadata(regions, counter, StreamFlags.SPARSE)
+        meta = _metadata(regions, counter, StreamFlags.SPARSE, algo)
         nchunks = sum(1 for r in runs for _c in _chunks(r, chunk_size))
         meta_len = sum(len(p) for p in meta) + nchunks * PAGES_AT_SECTION_SIZE + END_SECTION_SIZE
         data_base = align_up(meta_len, SPARSE_ALIGN)
@@ -171,7 +177,7 @@ def save_sparse(
             view = region.view
             for offset, length in _chunks(region_runs, chunk_size):
                 data = view[offset : offset + length]
-                crc = zlib.crc32(data)
+                crc = digest(algo, data)
                 pfile.pwrite(data, base + offset)
                 refs.append(encode_pages_at(region.index, offset, length, base + offset, crc))
                 counter.pages(length)
@@ -217,6 +223,7 @@ def save(
     sparse: bool | None = None,
     chunk_size: int = DEFAULT_CHUNK,
     progress: ProgressFn | None = None,
+    checksum: Checksum | None = None,
 ) -> MigrationStats:
     """Save the RAM of ``address_space`` and the state of ``devices`` into ``fileobj``.
 
@@ -230,7 +237,9 @@ def save(
     if sparse is None:
         sparse = _is_real_file(fileobj)
     if sparse:
-        return save_sparse(address_space, devices, fileobj, chunk_size, progress)
-    stats = save_to_sink(address_space, devices, FileSink(fileobj), chunk_size, progress, phase="snapshot")
+        return save_sparse(address_space, devices, fileobj, chunk_size, progress, checksum)
+    stats = save_to_sink(
+        address_space, devices, FileSink(fileobj), chunk_size, progress, phase="snapshot", checksum=checksum
+    )
     fileobj.flush()
     return stats

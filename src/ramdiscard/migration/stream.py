@@ -2,9 +2,11 @@
 
 Rules (the format is described for users in ``docs/migration-format.md``):
 
-* A stream is a 20-byte stream header (magic ``RDMIGRAT``, version, flags, CRC-32),
-  then sections, each a 24-byte section header (type, flags, payload length, payload
-  CRC-32, header CRC-32) followed by its payload. Everything is little-endian. The header
+* A stream is a 20-byte stream header (magic ``RDMIGRAT``, version, flags, page
+  checksum algorithm, CRC-32), then sections, each a 28-byte section header (type, flags,
+  payload length, payload checksum, header CRC-32) followed by its payload. Metadata
+  payloads are checked with CRC-32, page data with the stream's algorithm (CRC-32 or
+  XXH3-64, :mod:`ramdiscard.migration.checksum`). Everything is little-endian. The header
   CRC covers the type and the length, so a corrupt length is caught before anything is
   read or allocated for it.
 * Sections come in a fixed order: REGION (one per RAM region, indexes 0, 1, ...), DEVICE
@@ -31,11 +33,11 @@ from __future__ import annotations
 
 import struct
 import zlib
-
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 
 from ramdiscard.errors import RamDiscardError
+from ramdiscard.migration.checksum import Checksum, available, digest
 from ramdiscard.units import MiB
 
 Buffer = bytes | bytearray | memoryview
@@ -49,12 +51,12 @@ MAX_META_PAYLOAD = 256 * MiB
 """Largest payload of a non-page section (a 16 TiB region with 1 MiB blocks needs 2 MiB)."""
 MAX_NAME = 1024
 
-STREAM_HEADER = struct.Struct("<8sHHII")  # magic, version, flags, reserved, crc
-SECTION_HEADER = struct.Struct("<IIQII")  # type, flags, payload length, payload crc, header crc
+STREAM_HEADER = struct.Struct("<8sHHII")  # magic, version, flags, page checksum algorithm, crc
+SECTION_HEADER = struct.Struct("<IIQQI")  # type, flags, payload length, payload checksum, header crc
 _REGION = struct.Struct("<IIQQQHH")  # index, kind, size, gpa, page size, name len, id len
 _DEVICE = struct.Struct("<I")  # region index; the device's state image follows
 PAGES_SUB = struct.Struct("<IIQ")  # region index, reserved, region offset; data follows
-_PAGES_AT = struct.Struct("<IIQQQII")  # region, reserved, offset, length, file offset, data crc, pad
+_PAGES_AT = struct.Struct("<IIQQQQ")  # region, reserved, offset, length, file offset, data checksum
 _END = struct.Struct("<QQQ")  # sections before END, page sections, page bytes
 
 
@@ -91,6 +93,7 @@ class RegionKind(IntEnum):
 class StreamHeader:
     version: int
     flags: StreamFlags
+    checksum: Checksum
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +125,7 @@ class PageData:
     offset: int
     length: int
     file_offset: int | None = None
-    data_crc: int = 0
+    data_checksum: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,13 +141,13 @@ Event = StreamHeader | RegionInfo | DeviceState | PageData | End
 # -- encoding -------------------------------------------------------------------------------
 
 
-def encode_stream_header(flags: StreamFlags = StreamFlags.NONE) -> bytes:
-    body = STREAM_HEADER.pack(MAGIC, VERSION, int(flags), 0, 0)[:-4]
+def encode_stream_header(flags: StreamFlags = StreamFlags.NONE, checksum: Checksum = Checksum.CRC32) -> bytes:
+    body = STREAM_HEADER.pack(MAGIC, VERSION, int(flags), int(checksum), 0)[:-4]
     return body + struct.pack("<I", zlib.crc32(body))
 
 
 def _section_header(stype: SectionType, length: int, crc: int) -> bytes:
-    body = struct.pack("<IIQI", int(stype), 0, length, crc)
+    body = struct.pack("<IIQQ", int(stype), 0, length, crc)
     return body + struct.pack("<I", zlib.crc32(body))
 
 
@@ -172,15 +175,16 @@ def encode_device(region: int, state: bytes) -> bytes:
     return section(SectionType.DEVICE, _DEVICE.pack(region) + state)
 
 
-def page_header(region: int, offset: int, data: Buffer) -> bytes:
-    """The 40 bytes (section header + sub-header) that precede ``data`` in a PAGES
-    section. ``data`` is only read (checksummed), never copied."""
+def page_header(region: int, offset: int, data: Buffer, checksum: Checksum = Checksum.CRC32) -> bytes:
+    """The 44 bytes (section header + sub-header) that precede ``data`` in a PAGES
+    section; the checksum is ``checksum`` of the data seeded with the sub-header's CRC-32.
+    ``data`` is only read (checksummed), never copied."""
     with memoryview(data) as view:
         length = view.nbytes
         if not 0 < length <= MAX_CHUNK:
             raise MigrationError(f"page chunk of {length} bytes (limit {MAX_CHUNK})")
         sub = PAGES_SUB.pack(region, 0, offset)
-        crc = zlib.crc32(view, zlib.crc32(sub))
+        crc = digest(checksum, view, zlib.crc32(sub))
     return _section_header(SectionType.PAGES, PAGES_SUB.size + length, crc) + sub
 
 
@@ -188,7 +192,7 @@ PAGES_AT_SECTION_SIZE = SECTION_HEADER.size + _PAGES_AT.size
 
 
 def encode_pages_at(region: int, offset: int, length: int, file_offset: int, data_crc: int) -> bytes:
-    return section(SectionType.PAGES_AT, _PAGES_AT.pack(region, 0, offset, length, file_offset, data_crc, 0))
+    return section(SectionType.PAGES_AT, _PAGES_AT.pack(region, 0, offset, length, file_offset, data_crc))
 
 
 END_SECTION_SIZE = SECTION_HEADER.size + _END.size
@@ -251,6 +255,7 @@ class Decoder:
         self._phase = _Phase.STREAM_HEADER
         self._need = STREAM_HEADER.size
         self._flags = StreamFlags.NONE
+        self._checksum = Checksum.CRC32
         self._type = SectionType.END
         self._crc = 0
         self._order = 0
@@ -270,6 +275,11 @@ class Decoder:
     @property
     def flags(self) -> StreamFlags:
         return self._flags
+
+    @property
+    def checksum(self) -> Checksum:
+        """Algorithm of page data checksums (from the stream header)."""
+        return self._checksum
 
     def need(self) -> int:
         """Bytes :meth:`feed` wants next (0 while page data is pending or when done)."""
@@ -296,7 +306,7 @@ class Decoder:
         return self._payload(raw)
 
     def _stream_header(self, raw: bytes) -> StreamHeader:
-        magic, version, flags, _reserved, crc = STREAM_HEADER.unpack(raw)
+        magic, version, flags, algo, crc = STREAM_HEADER.unpack(raw)
         if magic != MAGIC:
             raise self._fail(f"not a ramdiscard migration stream (magic {magic!r})")
         if zlib.crc32(raw[:-4]) != crc:
@@ -305,12 +315,18 @@ class Decoder:
             raise self._fail(f"unsupported migration stream version {version} (this is version {VERSION})")
         if flags & ~int(StreamFlags.SPARSE):
             raise self._fail(f"unknown stream flags {flags:#x}")
+        try:
+            self._checksum = Checksum(algo)
+        except ValueError:
+            raise self._fail(f"unknown page checksum algorithm {algo}") from None
+        if self._checksum not in available():
+            raise self._fail(f"page checksum {self._checksum.name} is not available on this host")
         self._flags = StreamFlags(flags)
         if self._flags & StreamFlags.SPARSE and not self._sparse_ok:
             raise self._fail("a sparse snapshot file can only be restored from a seekable file")
         self._phase = _Phase.SECTION_HEADER
         self._need = SECTION_HEADER.size
-        return StreamHeader(version, self._flags)
+        return StreamHeader(version, self._flags, self._checksum)
 
     def _section_header(self, raw: bytes) -> None:
         stype, flags, length, crc, hcrc = SECTION_HEADER.unpack(raw)
@@ -326,7 +342,7 @@ class Decoder:
         if order < self._order:
             raise self._fail(f"{st.name} section out of order")
         sparse = bool(self._flags & StreamFlags.SPARSE)
-        if st is SectionType.PAGES and sparse or st is SectionType.PAGES_AT and not sparse:
+        if (st is SectionType.PAGES and sparse) or (st is SectionType.PAGES_AT and not sparse):
             raise self._fail(f"{st.name} section in a {'sparse' if sparse else 'streamed'} stream")
         if st is SectionType.PAGES:
             if not PAGES_SUB.size < length <= PAGES_SUB.size + MAX_CHUNK:
@@ -367,7 +383,7 @@ class Decoder:
             self._devices = region + 1
             event = DeviceState(region, raw[_DEVICE.size :])
         elif st is SectionType.PAGES_AT:
-            region, _r, offset, length, file_offset, data_crc, _pad = _PAGES_AT.unpack(raw)
+            region, _r, offset, length, file_offset, data_crc = _PAGES_AT.unpack(raw)
             if not 0 < length <= MAX_CHUNK:
                 raise self._fail(f"PAGES_AT section with length {length}")
             self._check_page(region, offset, length)
@@ -410,7 +426,7 @@ class Decoder:
         if region >= self._regions:
             raise self._fail(f"page section for unknown region {region}")
         last_region, last_end = self._last_page
-        if region < last_region or region == last_region and offset < last_end:
+        if region < last_region or (region == last_region and offset < last_end):
             raise self._fail(f"page section [{region}:{offset:#x}] out of order or overlapping")
         self._last_page = (region, offset + length)
 
@@ -427,7 +443,7 @@ class Decoder:
         with memoryview(data) as view:
             if view.nbytes != pending.length:
                 raise self._fail(f"page_done with {view.nbytes} bytes, expected {pending.length}")
-            crc = zlib.crc32(view, self._pending_crc)
+            crc = digest(self._checksum, view, self._pending_crc)
         if crc != self._crc:
             raise self._fail(
                 f"PAGES section checksum mismatch (region {pending.region}, offset {pending.offset:#x})"

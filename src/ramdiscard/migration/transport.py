@@ -17,6 +17,7 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import select
@@ -127,7 +128,7 @@ class FileReader:
         pos, n = 0, view.nbytes
         while pos < n:
             faults.checkpoint(Op.FILE_READ)
-            got = self.f.readinto(view[pos:])
+            got = self.f.readinto(view[pos:])  # type: ignore[attr-defined]
             if not got:
                 raise StreamError(f"stream truncated: end of file {n - pos} bytes early")
             pos += got
@@ -178,7 +179,7 @@ class PositionalFile:
                 got = os.preadv(self.fd, [view[pos:]], offset + pos)
             else:
                 self.f.seek(offset + pos)
-                got = self.f.readinto(view[pos:]) or 0
+                got = self.f.readinto(view[pos:]) or 0  # type: ignore[attr-defined]
             if got == 0:
                 raise StreamError(f"snapshot truncated: no data at file offset {offset + pos:#x}")
             pos += got
@@ -304,7 +305,5 @@ def _drain(sock: socket.socket, limit: float = 5.0) -> None:
 
 def _tune(sock: socket.socket) -> None:
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        try:
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
-        except OSError:
-            pass
