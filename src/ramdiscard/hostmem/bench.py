@@ -184,10 +184,7 @@ def run(quick: bool = False) -> list[dict[str, object]]:
 
 
 def format_table(rows: list[dict[str, object]]) -> str:
-    lines = [
-        f"{'op':<9}{'backing':<15}{'chunk':>9}{'ours ns':>13}{'raw ns':>13}{'ratio':>8}"
-        f"{'GiB/s':>9}"
-    ]
+    lines = [f"{'op':<9}{'backing':<15}{'chunk':>9}{'ours ns':>13}{'raw ns':>13}{'ratio':>8}{'GiB/s':>9}"]
     for r in rows:
         chunk = r["chunk"]
         assert isinstance(chunk, int)
