@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         "print plugged, guest-touched, resident, VmPin, DMA mappings, memslots and requests per "
         "step. See docs/cli.md for the format and examples/*.toml.",
     )
-    run.add_argument("scenario", metavar="SCENARIO.toml")
+    run.add_argument("scenario", metavar="SCENARIO.toml", help="the scenario file (see docs/cli.md)")
     run.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
     run.add_argument("--check", action="store_true", help="only validate the scenario")
     run.add_argument("--workdir", metavar="DIR", help="where file-backed memory is created (default: a "
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         "differ from QEMU's, peak pinned memory, peak DMA mappings against the limit (and the "
         "smallest block size that stays under it), and memslot counts.",
     )
-    replay.add_argument("trace", metavar="TRACE")
+    replay.add_argument("trace", metavar="TRACE", help="a QEMU trace log")
     replay.add_argument("--consumer", choices=("vfio", "kvm", "none"), default="vfio",
                         help="who listens to the device memory (default vfio)")  # fmt: skip
     replay.add_argument("--backend", choices=("null", "io_uring", "mlock"), default="null",
@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         "unplugged memory is neither read nor written. Readable with readelf, gdb, crash, "
         "pyelftools.",
     )
-    dump.add_argument("scenario", metavar="SCENARIO.toml")
+    dump.add_argument("scenario", metavar="SCENARIO.toml", help="the scenario whose steps run first")
     dump.add_argument("output", metavar="OUT.elf", help="the core file to write (mode 0600)")
     dump.add_argument("--workdir", metavar="DIR", help="where file-backed guest memory is created")
     dump.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")

@@ -441,6 +441,7 @@ class Machine:
             notes.append(
                 f"snapshot {details['path']}: {format_size(details['page_bytes'])} of populated memory "
                 f"in {details['seconds']:.2f} s, file holds {format_size(details['file_allocated'])}"
+                + ("" if step.path else "; removed at exit (set path to keep it)")
             )
         elif step.action is Action.RESTORE:
             details = self.restore(step.path)
@@ -460,6 +461,7 @@ class Machine:
             notes.append(
                 f"dump {details['path']}: {details['segments']} PT_LOAD segments, "
                 f"{format_size(details['bytes'])} (boot RAM + plugged memory only)"
+                + ("" if step.path else "; removed at exit (set path to keep it)")
             )
         exchanges: list[Exchange] = []
         if target._thread is None:
