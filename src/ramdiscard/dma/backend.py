@@ -39,6 +39,7 @@ PAGE_SIZE = 4096
 """Granularity of pins: addresses and sizes must be multiples of this."""
 
 _ADDRESS_LIMIT = 1 << 64
+_PAGE_MASK = PAGE_SIZE - 1
 _log = logging.getLogger("ramdiscard.dma")
 _new = object.__new__
 
@@ -133,7 +134,16 @@ class DmaBackend(ABC):
         in backends that override :meth:`_pin_many_impl`, less per-range overhead.
         """
         for host_address, size in ranges:
-            check_range(host_address, size)
+            # The common valid case inline; check_range finds and reports any error.
+            if not (
+                type(host_address) is int
+                and type(size) is int
+                and host_address > 0
+                and size > 0
+                and not (host_address | size) & _PAGE_MASK
+                and host_address + size <= _ADDRESS_LIMIT
+            ):
+                check_range(host_address, size)
         with self._lock:
             self._check_open()
             if not ranges:
