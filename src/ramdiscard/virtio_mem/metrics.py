@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field, fields
 
 from ramdiscard.virtio_mem.wire import RequestType, ResponseType
 
-
 # Precomputed keys: Enum.name is a Python-level property, slow on the request path.
 _REQUEST_KEYS = {t: t.name.lower() for t in RequestType}
 _RESPONSE_KEYS = {t: t.name.lower() for t in ResponseType}
