@@ -97,7 +97,9 @@ def hugetlbfs_dir(hugetlb_pool: int) -> Iterator[Path]:
     with open("/proc/mounts", encoding="ascii") as f:
         for line in f:
             fields = line.split()
-            if fields[2] == "hugetlbfs" and os.access(fields[1], os.W_OK):
+            # Another test run's private mount may vanish under us: only reuse system mounts.
+            private = Path(fields[1]).name.startswith("ramdiscard-hugetlbfs-")
+            if fields[2] == "hugetlbfs" and not private and os.access(fields[1], os.W_OK):
                 scratch = Path(tempfile.mkdtemp(dir=fields[1], prefix="ramdiscard-"))
                 yield scratch
                 shutil.rmtree(scratch, ignore_errors=True)
