@@ -29,6 +29,18 @@ def fake_ram() -> type[FakeRam]:
     return FakeRam
 
 
+SAMPLE_TRACE = "qemu-virtio-mem-trace-sample.log"
+
+
+def sample_trace() -> Path:
+    """QEMU's sample virtio-mem trace: shared/data's copy when it sits beside the
+    repository, else the copy shipped in examples/traces (the same file)."""
+    shared = shared_dir()
+    if shared is not None and (shared / "data" / SAMPLE_TRACE).is_file():
+        return shared / "data" / SAMPLE_TRACE
+    return Path(__file__).resolve().parents[1] / "examples" / "traces" / SAMPLE_TRACE
+
+
 def shared_dir() -> Path | None:
     """The project's shared/ folder (spec, data), which sits beside the repository."""
     env = os.environ.get("RAMDISCARD_SHARED")

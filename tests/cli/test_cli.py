@@ -14,7 +14,7 @@ import pytest
 
 from ramdiscard.dma import iouring_available
 from ramdiscard.units import MiB
-from tests.conftest import shared_dir
+from tests.conftest import sample_trace
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}", "COLUMNS": "160"}
@@ -183,10 +183,7 @@ def test_migrate_send_and_receive_between_two_processes() -> None:
 
 
 def test_replay_sample_trace_has_no_mismatch() -> None:
-    shared = shared_dir()
-    if shared is None:
-        pytest.skip("shared/data is not beside the repository")
-    trace = str(shared / "data" / "qemu-virtio-mem-trace-sample.log")
+    trace = str(sample_trace())
     r = cli("replay", trace, "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from ramdiscard.guest import DriverState, GuestDriver, ReqType, RespType
 from ramdiscard.units import GiB, MiB
-from tests.conftest import shared_dir
+from tests.conftest import sample_trace
 
 ADDR = 0x1_0000_0000
 
@@ -75,10 +75,7 @@ def test_matches_the_qemu_sample_trace_with_the_real_device() -> None:
     from ramdiscard.rdm.policy import DiscardPolicy
     from ramdiscard.virtio_mem.trace import PlugRequest, UnplugRequest, parse_trace_file
 
-    shared = shared_dir()
-    if shared is None:
-        pytest.skip("shared/data (the QEMU sample trace) is not beside the repository")
-    log = parse_trace_file(shared / "data" / "qemu-virtio-mem-trace-sample.log")
+    log = parse_trace_file(sample_trace())
     expected = [
         ("PLUG" if isinstance(e, PlugRequest) else "UNPLUG", e.addr, e.nb_blocks)
         for e in log.events

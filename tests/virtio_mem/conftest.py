@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -210,17 +208,3 @@ class VfioLikeListener(MemoryListener):
         if rdl is not None:
             assert rdl.manager is not None
             rdl.manager.unregister_listener(rdl)
-
-
-def shared_data_dir() -> Path | None:
-    """``shared/data``: $RAMDISCARD_SHARED, else ``../shared`` beside the repository root."""
-    env = os.environ.get("RAMDISCARD_SHARED")
-    candidates = []
-    if env:
-        candidates += [Path(env) / "data", Path(env)]
-    root = Path(__file__).resolve().parents[2]
-    candidates += [root / ".." / "shared" / "data", root.parent.parent / "shared" / "data"]
-    for c in candidates:
-        if (c / "qemu-virtio-mem-trace-sample.log").is_file():
-            return c.resolve()
-    return None

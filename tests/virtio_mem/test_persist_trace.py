@@ -18,8 +18,9 @@ from ramdiscard.virtio_mem import (
     replay_trace,
 )
 from ramdiscard.virtio_mem.trace import DiscardRange, PlugRequest, ResizedUsableRegion, SendResponse
+from tests.conftest import sample_trace
 
-from .conftest import ADDR, BS, Factory, RecordingListener, VfioLikeListener, shared_data_dir
+from .conftest import ADDR, BS, Factory, RecordingListener, VfioLikeListener
 
 
 def whole(dev) -> MemoryRegionSection:  # type: ignore[no-untyped-def]
@@ -155,10 +156,7 @@ def test_trace_parser_junk_and_errors() -> None:
 
 
 def test_qemu_trace_replays_identically(make: Factory) -> None:
-    data = shared_data_dir()
-    if data is None:
-        pytest.skip("shared/data not found (set RAMDISCARD_SHARED)")
-    log = parse_trace_file(data / "qemu-virtio-mem-trace-sample.log")
+    log = parse_trace_file(sample_trace())
     assert not log.skipped and len(log.events) == 48
     dev = make.device(4 * GiB, requested_size=0, addr=0x100000000, block_size=2 * MiB)
     report = replay_trace(log, dev)
