@@ -1,5 +1,6 @@
 """ramdiscard: QEMU's RamDiscardManager system in Python, on real host memory."""
 
+from ramdiscard.attributes import RamBlockAttributes
 from ramdiscard.errors import (
     DiscardPolicyError,
     HostMemoryError,
@@ -45,6 +46,7 @@ __all__ = [
     "MiB",
     "RamDiscardError",
     "RamDiscardListener",
+    "RamBlockAttributes",
     "RamDiscardManager",
     "RegionKind",
     "RegionMapped",

@@ -22,6 +22,7 @@ from ramdiscard.kvm.ioctl import (
     guest_memfd_allocate,
     guest_memfd_punch_hole,
 )
+from ramdiscard.kvm.memslots import KvmMemslots, Memslot, MemslotsExhausted
 
 __all__ = [
     "GUEST_MEMFD_FLAG_INIT_SHARED",
@@ -39,7 +40,10 @@ __all__ = [
     "KVM_X86_SW_PROTECTED_VM",
     "GuestMemfdProbe",
     "Kvm",
+    "KvmMemslots",
     "KvmVm",
+    "Memslot",
+    "MemslotsExhausted",
     "guest_memfd_allocate",
     "guest_memfd_punch_hole",
 ]

@@ -1,19 +1,32 @@
 """The RamDiscardManager contract: managers, listeners, the block-state provider, policy."""
 
+from ramdiscard.rdm.aggregate import (
+    AggregateManager,
+    RamDiscardSource,
+    SourceNotFound,
+    add_ram_discard_source,
+    remove_ram_discard_source,
+)
 from ramdiscard.rdm.bitmap import Bitmap
 from ramdiscard.rdm.block_state import BlockStateManager
 from ramdiscard.rdm.listener import RamDiscardListener
-from ramdiscard.rdm.manager import RamDiscardManager, ReplayFn
+from ramdiscard.rdm.manager import NotificationSink, RamDiscardManager, ReplayFn
 from ramdiscard.rdm.policy import DiscardCount, DiscardPolicy, PolicySnapshot, default_policy
 
 __all__ = [
+    "AggregateManager",
     "Bitmap",
     "BlockStateManager",
     "DiscardCount",
     "DiscardPolicy",
+    "NotificationSink",
     "PolicySnapshot",
     "RamDiscardListener",
     "RamDiscardManager",
+    "RamDiscardSource",
     "ReplayFn",
+    "SourceNotFound",
+    "add_ram_discard_source",
     "default_policy",
+    "remove_ram_discard_source",
 ]

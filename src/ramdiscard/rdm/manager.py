@@ -27,6 +27,13 @@ four query methods over its own state, and calls :meth:`_notify_populate` /
 discard *after* the memory is gone). Registration, unregistration, clipping and rollback
 live here once.
 
+Aggregation (the 2026 "RamDiscardSource" proposal): a provider may be attached to a
+:class:`NotificationSink` (an aggregate manager owning several sources of one region).
+While attached, the provider's ``_notify_*`` calls are forwarded to the sink, which decides
+what its own listeners see; the provider accepts no listeners of its own and shares the
+sink's lock, so one lock serializes the provider, its sibling sources and the sink's
+listeners. Detached (the default), nothing changes.
+
 Concurrency: every public method takes the manager's re-entrant lock, so state changes and
 their notifications are serialized per manager. A listener runs with that lock held: it
 may query the manager, but a state change, register or unregister on the same manager
@@ -40,7 +47,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ramdiscard.errors import InvalidArgument, ListenerError
 from ramdiscard.rdm.listener import RamDiscardListener
@@ -53,6 +60,28 @@ ReplayFn = Callable[["MemoryRegionSection"], object]
 """Replay callback: called with each run; its return value is ignored, raising stops."""
 
 
+class NotificationSink(Protocol):
+    """Where an attached provider's notifications go (an aggregate manager).
+
+    ``source_populate`` is called before ``source`` records ``[offset, offset+size)`` as
+    populated and raises (after rolling back whatever it told its listeners) to refuse;
+    ``source_discard`` after the memory is gone and before ``source`` records it;
+    ``source_discard_all`` for an everything-to-discarded change with the provider's
+    populated runs ``(offset, size)``.
+    """
+
+    @property
+    def lock(self) -> threading.RLock: ...
+
+    def source_populate(self, source: object, offset: int, size: int) -> None: ...
+
+    def source_discard(self, source: object, offset: int, size: int) -> None: ...
+
+    def source_discard_all(self, source: object, runs: list[tuple[int, int]]) -> None: ...
+
+    def notifying_in_current_thread(self) -> bool: ...
+
+
 class RamDiscardManager(ABC):
     """Abstract provider of populated/discarded state for one RAM region."""
 
@@ -63,6 +92,7 @@ class RamDiscardManager(ABC):
         self._listeners: list[RamDiscardListener] = []
         self._lock = threading.RLock()
         self._notifying_thread: int | None = None
+        self._sink: NotificationSink | None = None
 
     @property
     def region(self) -> MemoryRegion:
@@ -79,6 +109,28 @@ class RamDiscardManager(ABC):
         """Registered listeners, newest first."""
         with self._lock:
             return tuple(self._listeners)
+
+    @property
+    def sink(self) -> NotificationSink | None:
+        """The aggregate this provider reports to, or None when it is standalone."""
+        return self._sink
+
+    def _attach_sink(self, sink: NotificationSink) -> None:
+        """Forward notifications to ``sink`` and share its lock. Caller holds ``sink.lock``
+        and has checked that this provider is detached and has no listeners."""
+        with self._lock:
+            assert self._sink is None and not self._listeners
+            self._sink = sink
+            self._lock = sink.lock
+
+    def _detach_sink(self) -> None:
+        """Stand alone again, with a lock of its own. Caller holds the sink's lock."""
+        self._sink = None
+        self._lock = threading.RLock()
+
+    def notifying_in_current_thread(self) -> bool:
+        """True while this thread is inside one of this manager's notifications."""
+        return self._notifying_thread == threading.get_ident()
 
     # -- queries (providers implement) -------------------------------------------------
 
@@ -110,6 +162,10 @@ class RamDiscardManager(ABC):
         """
         with self._lock:
             self._check_not_notifying("register a listener")
+            if self._sink is not None:
+                raise ListenerError(
+                    f"{self!r} is a source of {self._sink!r}; register listeners with the region's manager"
+                )
             self.check_section(section)
             if section.size == 0:
                 raise InvalidArgument(f"cannot register a listener for empty {section!r}")
@@ -189,7 +245,9 @@ class RamDiscardManager(ABC):
         return found
 
     def _check_not_notifying(self, what: str) -> None:
-        if self._notifying_thread == threading.get_ident():
+        if self.notifying_in_current_thread() or (
+            self._sink is not None and self._sink.notifying_in_current_thread()
+        ):
             raise ListenerError(f"cannot {what} on {self!r} from inside one of its notifications")
 
     @contextmanager
@@ -206,8 +264,11 @@ class RamDiscardManager(ABC):
 
         On a refusal, listeners notified before the refusing one get ``notify_discard`` for
         their intersection, and the refusal propagates. Call with the lock held, before
-        the provider records the range as populated.
+        the provider records the range as populated. Forwarded to the sink when attached.
         """
+        if self._sink is not None:
+            self._sink.source_populate(self, offset, size)
+            return
         notified: list[tuple[RamDiscardListener, MemoryRegionSection]] = []
         with self._notifying():
             for listener in self._listeners:
@@ -228,8 +289,11 @@ class RamDiscardManager(ABC):
 
         Call with the lock held, after the memory is discarded and before the provider
         records the range as discarded. Only send ranges that are populated, unless every
-        listener supports double discard.
+        listener supports double discard. Forwarded to the sink when attached.
         """
+        if self._sink is not None:
+            self._sink.source_discard(self, offset, size)
+            return
         with self._notifying():
             for listener in self._listeners:
                 assert listener.section is not None
@@ -239,7 +303,11 @@ class RamDiscardManager(ABC):
 
     def _notify_discard_all(self, populated_runs: list[tuple[int, int]]) -> None:
         """Discard everything: one whole-section discard to double-discard listeners, one
-        per populated run (region offset, size) to the others. Call before clearing state."""
+        per populated run (region offset, size) to the others. Call before clearing state.
+        Forwarded to the sink when attached."""
+        if self._sink is not None:
+            self._sink.source_discard_all(self, populated_runs)
+            return
         with self._notifying():
             for listener in self._listeners:
                 assert listener.section is not None
