@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="list the targets and exit")
     p.add_argument("--replay", type=Path, help="re-run one saved input (needs one --target)")
     p.add_argument("--stress", action="store_true", help="run the multi-threaded stress instead")
-    p.add_argument("--threads", type=int, default=7, help="stress: worker threads (default 7)")
+    p.add_argument("--threads", type=int, default=8, help="stress: worker threads (default 8)")
     args = p.parse_args(argv)
 
     targets = {t.name: t for t in all_targets()}

@@ -160,3 +160,47 @@ def check_residency(dev: VirtioMem) -> None:
         for start, end in dev.discarded_runs():
             resident = ram.resident_bytes(start, end - start)
             assert resident == 0, f"{resident:#x} bytes resident in unplugged [{start:#x}, {end:#x})"
+
+
+def _merge(runs: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(runs):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def check_container(container: object, dev: VirtioMem) -> None:
+    """A vfio container attached over ``dev``: the IOVA ranges it maps for the device's
+    region equal populated ∩ each registered RDM section, and its backend pins exactly the
+    mapped bytes (call with the device lock held; the container lock is taken inside)."""
+    from ramdiscard.vfio import VfioContainer
+
+    assert isinstance(container, VfioContainer)
+    with dev.lock:
+        want: list[tuple[int, int]] = []
+        windows: list[tuple[int, int]] = []
+        for rec in container.rdm_sections():
+            sec = rec.registered_section
+            if sec.mr is not dev.region:
+                continue
+            windows.append((sec.offset_within_address_space, sec.address_end))
+            for start, end in dev.populated_runs():
+                part = sec.intersect(start, end - start)
+                if part is not None:
+                    want.append((part.offset_within_address_space, part.address_end))
+        have = [
+            (m.iova, m.iova + m.size)
+            for m in container.mappings()
+            if any(lo <= m.iova < hi for lo, hi in windows)
+        ]
+        assert _merge(have) == _merge(want), (
+            f"container maps {[(hex(a), hex(b)) for a, b in _merge(have)][:4]} but populated ∩ sections is "
+            f"{[(hex(a), hex(b)) for a, b in _merge(want)][:4]}"
+        )
+        mapped = sum(m.size for m in container.mappings())
+        assert container.backend.pinned_bytes == mapped, (
+            f"backend pins {container.backend.pinned_bytes:#x} bytes, container maps {mapped:#x}"
+        )

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import importlib.util
 import random
 import struct
 import tempfile
@@ -34,9 +35,10 @@ import traceback
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ramdiscard.errors import ListenerError
-from ramdiscard.fuzz.invariants import PAGE, ViewListener, check_device, check_residency
+from ramdiscard.fuzz.invariants import PAGE, ViewListener, check_container, check_device, check_residency
 from ramdiscard.fuzz.targets.virtio import ADDR, BS, NB, SIZE, new_ram
 from ramdiscard.memory import AddressSpace, MemoryListener, MemoryRegion, MemoryRegionSection
 from ramdiscard.rdm import DiscardPolicy
@@ -125,6 +127,12 @@ class _Stress:
         self.space = AddressSpace("stress", self.root)
         self.counts_lock = threading.Lock()
         self.dma: list[DmaListener] = []
+        self.container: Any = None
+        if importlib.util.find_spec("ramdiscard.vfio") is not None:
+            from ramdiscard.dma import NullDmaBackend
+            from ramdiscard.vfio import VfioContainer
+
+            self.container = VfioContainer(NullDmaBackend(), policy=self.policy)
 
     # -- bookkeeping ------------------------------------------------------------------------
 
@@ -226,6 +234,20 @@ class _Stress:
             self.space.unregister_listener(dma)
             self.count("detach")
 
+    def vfio(self, rng: random.Random) -> None:
+        c = self.container
+        if c is None:
+            self.stop.wait(0.01)
+            return
+        if c.address_space is None:
+            c.attach(self.space)
+            self.count("vfio_attach")
+        else:
+            c.detach()
+            assert c.mapping_count == 0 and c.backend.pinned_bytes == 0, "detach left mappings or pins"
+            self.count("vfio_detach")
+        time.sleep(rng.random() * 0.002)
+
     def state(self, rng: random.Random) -> None:
         image = decode_state(self.dev.save_state())
         bits = int.from_bytes(image.bitmap, "little")
@@ -245,6 +267,8 @@ class _Stress:
         with self.dev.lock:
             views = [lst for lst in self.dev.listeners if isinstance(lst, ViewListener)]
             check_device(self.dev, views)
+            if self.container is not None and self.container.address_space is not None:
+                check_container(self.container, self.dev)
             self.result.checks += 1
             if self.result.checks % 20 == 0:
                 check_residency(self.dev)
@@ -260,6 +284,7 @@ class _Stress:
             ("topology", self.topology, 0.0),
             ("state", self.state, 0.001),
             ("resets", self.resets, 0.02),
+            ("vfio", self.vfio, 0.0),
         ]
         workers = every[: max(1, threads)]
         workers.append(("checker", self.checker, 0.0005))
@@ -287,11 +312,16 @@ class _Stress:
         with self.dev.lock:
             check_device(self.dev, [x for x in self.dev.listeners if isinstance(x, ViewListener)])
             check_residency(self.dev)
+            if self.container is not None and self.container.address_space is not None:
+                check_container(self.container, self.dev)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
             if self.dev.device_region.container is not None:
                 self.root.del_subregion(self.dev.device_region)
+        if self.container is not None:
+            with contextlib.suppress(Exception):
+                self.container.close()
         for dma in self.dma:
             with contextlib.suppress(Exception):
                 self.space.unregister_listener(dma)
@@ -306,7 +336,7 @@ class _Stress:
 def run_stress(
     *,
     seconds: float = 5.0,
-    threads: int = 7,
+    threads: int = 8,
     seed: int = 0,
     dynamic_memslots: bool = True,
     join_timeout: float = 10.0,
