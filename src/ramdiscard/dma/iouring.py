@@ -12,9 +12,10 @@ Rules:
   unregisters a slot). Free slots are reused lowest first, in the lowest ring that has
   one; a new ring is created only when every ring is full. Rings stay until close.
 * Every slot fill passes ``faults.checkpoint(Op.PIN)`` and every slot release
-  ``faults.checkpoint(Op.UNPIN)``, before the syscall. A failed pin releases the slots it
-  filled (the rollback is no fault point). A failed unpin keeps the handle with the slots
-  still registered; a retry releases the rest.
+  ``faults.checkpoint(Op.UNPIN)``, before the syscall; creating a ring (also in the
+  middle of a pin, when every ring is full) passes ``faults.checkpoint(Op.MMAP)``. A
+  failed pin releases the slots it filled (the rollback is no fault point). A failed
+  unpin keeps the handle with the slots still registered; a retry releases the rest.
 * ``dma_read`` submits a real ``IORING_OP_WRITE_FIXED`` from the registered buffer into a
   private memfd and reads that back, so it shows what the pinned page frames hold. After
   a discard (``MADV_DONTNEED``, ``PUNCH_HOLE``) of pinned memory the CPU sees fresh zero
@@ -438,6 +439,7 @@ class IoUringDmaBackend(DmaBackend):
             return list(self._buffers[handle.token])
 
     def _add_ring(self) -> _Ring:
+        faults.checkpoint(faults.Op.MMAP)  # io_uring_setup + ring mmaps + table registration
         raw = RawRing()
         try:
             raw.register_sparse(self._slots_per_ring)
