@@ -68,12 +68,14 @@ def test_freed_slots_are_reused_lowest_first(anon: Callable[..., Anon]) -> None:
         assert b.buffers(b.pin(a.address, 4 * KiB))[0].slot == 3
 
 
-def test_discarded_pinned_memory_goes_stale_and_is_freed_only_at_unpin(
-    anon: Callable[..., Anon],
-) -> None:
-    size = 256 * MiB
+def _stale_pin_experiment(a: Anon, size: int) -> list[str]:
+    """One run of the stale-pin experiment; returns the free-memory checks that failed.
+
+    The data checks assert directly: they do not depend on the rest of the machine.
+    Free-page deltas do (other processes allocate and free concurrently), so they are
+    returned for the caller to retry."""
     kib = size // KiB
-    a = anon(size)
+    misses: list[str] = []
     a.fill(b"A")
     with IoUringDmaBackend() as b:
         h = b.pin(a.address, size)
@@ -81,7 +83,8 @@ def test_discarded_pinned_memory_goes_stale_and_is_freed_only_at_unpin(
         a.discard()
         rss1, free1 = status_kib("RssAnon"), free_pages_kib()
         assert rss0 - rss1 >= kib * 9 // 10  # the process no longer maps it ...
-        assert free1 - free0 < kib // 8  # ... but the pin keeps the frames
+        if free1 - free0 >= kib // 8:  # ... but the pin keeps the frames
+            misses.append(f"discard under a pin freed {free1 - free0} KiB")
         assert status_kib("VmPin") >= kib
         assert a.read(0, 16) == b"\0" * 16
         assert b.dma_read(h, 0, 16) == b"A" * 16  # the device still sees the old data
@@ -90,12 +93,28 @@ def test_discarded_pinned_memory_goes_stale_and_is_freed_only_at_unpin(
         assert b.dma_read(h, size - 4, 4) == b"AAAA"
         free2 = free_pages_kib()
         b.unpin(h)
-        assert free_pages_kib() - free2 > kib * 3 // 4
+        if free_pages_kib() - free2 <= kib * 3 // 4:
+            misses.append("unpin did not free the stale frames")
     # Control: the same discard without a pin frees the memory at once.
     a.fill(b"A")
     free3 = free_pages_kib()
     a.discard()
-    assert free_pages_kib() - free3 > kib * 3 // 4
+    if free_pages_kib() - free3 <= kib * 3 // 4:
+        misses.append("discard without a pin did not free the memory")
+    return misses
+
+
+def test_discarded_pinned_memory_goes_stale_and_is_freed_only_at_unpin(
+    anon: Callable[..., Anon],
+) -> None:
+    size = 256 * MiB
+    a = anon(size)
+    misses: list[str] = []
+    for _ in range(3):  # free-memory readings are machine-wide: retry on outside noise
+        misses = _stale_pin_experiment(a, size)
+        if not misses:
+            break
+    assert not misses, misses
 
 
 def test_injected_fault_in_multi_buffer_pin_leaves_nothing_pinned(

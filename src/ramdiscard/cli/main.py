@@ -1,18 +1,64 @@
-"""Entry point of the ``ramdiscard`` command."""
+"""Entry point of the ``ramdiscard`` command.
+
+Rules: every error the user can cause (bad arguments, bad scenario, bad trace, host
+refusal) ends with one line ``ramdiscard: error: ...`` on stderr and exit status 1 (2 for
+argument errors, 130 for Ctrl-C / SIGTERM); no traceback. SIGTERM is turned into
+KeyboardInterrupt so every ``finally`` runs and no pin, mapping or file outlives the
+command.
+"""
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
+from typing import NoReturn
 
 from ramdiscard.errors import RamDiscardError
+from ramdiscard.units import format_size, parse_size
+
+
+def size_arg(text: str) -> int:
+    """argparse type for sizes: "2M", "4G", "0x1000", bytes."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def fraction_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid fraction {text!r}: expected a number in [0, 1]") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"invalid fraction {text!r}: expected a number in [0, 1]")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _demo(args: argparse.Namespace) -> int:
     from ramdiscard.cli.demo import run_demo
 
     return run_demo(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ramdiscard.cli.run import run_scenario
+
+    return run_scenario(args)
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from ramdiscard.cli.replay import run_replay
+
+    return run_replay(args)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -24,18 +70,93 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ramdiscard",
         description="QEMU's RamDiscardManager system on real host memory: sparse guest RAM "
-        "(virtio-mem), DMA pinning that follows it, migration and dumps that skip discarded memory.",
+        "(virtio-mem), DMA pinning that follows it, KVM memslots, QEMU trace replay. "
+        "Sizes accept binary suffixes: 512M, 2G, 0x1000.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
-    demo = sub.add_parser("demo", help="run the main scenario and show what coordination buys")
-    demo.add_argument("--json", action="store_true", help="print the figures as JSON")
+    demo = sub.add_parser(
+        "demo",
+        help="show what coordination buys: a VM with virtio-mem and a pinning device, with and without",
+        description="Run the main scenario twice on real memory: boot RAM + a virtio-mem region with a "
+        "vfio-style container pinning guest memory (io_uring), the Linux driver model following "
+        "requested sizes 0 -> 4G -> 1G -> 6G -> 0 (scaled to --region-size). Once with the container "
+        "following the RamDiscardManager, once pinning whole regions. Prints a table per run and "
+        "writes a plot.",
+    )
+    demo.add_argument("--region-size", type=size_arg, default=16 << 30, metavar="SIZE",
+                      help="virtio-mem region size (default 16G; requested sizes scale with it)")  # fmt: skip
+    demo.add_argument(
+        "--boot-ram", type=size_arg, default=1 << 30, metavar="SIZE", help="boot RAM (default 1G)"
+    )
+    demo.add_argument("--block-size", type=size_arg, default=2 << 20, metavar="SIZE",
+                      help="virtio-mem block size (default 2M)")  # fmt: skip
+    demo.add_argument("--touch", type=fraction_arg, default=0.25, metavar="FRACTION",
+                      help="fraction of plugged memory the guest writes (default 0.25)")  # fmt: skip
+    demo.add_argument("--backend", choices=("auto", "io_uring", "mlock", "null"), default="auto",
+                      help="how the container pins (default: io_uring, else mlock)")  # fmt: skip
+    demo.add_argument("--skip-uncoordinated", action="store_true", help="only run the coordinated case")
+    demo.add_argument("--plot", metavar="PATH", help="PNG to write (default out/ramdiscard-demo.png or ./)")
+    demo.add_argument("--no-plot", action="store_true", help="do not write a plot")
+    demo.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
+    demo.add_argument("--quiet", action="store_true", help="no progress display")
     demo.set_defaults(func=_demo)
 
-    bench = sub.add_parser("bench", help="run every benchmark and print ratios against raw baselines")
+    run = sub.add_parser(
+        "run",
+        help="run a scenario file (TOML): devices, consumers, steps; print figures per step",
+        description="Build the machine a scenario describes (boot RAM, virtio-mem devices, vfio "
+        "containers, KVM memslots), run its steps with the guest driver model and print plugged, "
+        "guest-touched, resident, VmPin, DMA mappings, memslots and requests per step. See "
+        "examples/*.toml for the format.",
+    )
+    run.add_argument("scenario", metavar="SCENARIO.toml")
+    run.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
+    run.add_argument("--check", action="store_true", help="only validate the scenario")
+    run.add_argument("--workdir", metavar="DIR", help="where file-backed memory is created (default: a "
+                     "temporary directory in /dev/shm, removed at exit)")  # fmt: skip
+    run.add_argument("--quiet", action="store_true", help="no progress display")
+    run.set_defaults(func=_run)
+
+    replay = sub.add_parser(
+        "replay",
+        help="replay a QEMU virtio-mem trace through the device and consumers; report limits",
+        description="Replay a QEMU trace log (-trace virtio_mem_* -trace ram_block_discard_range "
+        "-trace memory_device_*) through the device model and a consumer. Reports responses that "
+        "differ from QEMU's, peak pinned memory, peak DMA mappings against the limit (and the "
+        "smallest block size that stays under it), and memslot counts.",
+    )
+    replay.add_argument("trace", metavar="TRACE")
+    replay.add_argument("--consumer", choices=("vfio", "kvm", "none"), default="vfio",
+                        help="who listens to the device memory (default vfio)")  # fmt: skip
+    replay.add_argument("--backend", choices=("null", "io_uring", "mlock"), default="null",
+                        help="how vfio pins: null = bookkeeping only (default), "
+                        "io_uring/mlock = real")  # fmt: skip
+    replay.add_argument(
+        "--block-size", type=size_arg, metavar="SIZE", help="device block size (default: inferred)"
+    )
+    replay.add_argument(
+        "--region-size", type=size_arg, metavar="SIZE", help="region size (default: inferred)"
+    )
+    replay.add_argument("--addr", type=size_arg, metavar="ADDR", help="region address (default: inferred)")
+    replay.add_argument("--dma-limit", type=int, default=65535, metavar="N",
+                        help="vfio DMA mapping limit (default 65535)")  # fmt: skip
+    replay.add_argument("--max-memslots", type=int, default=32764, metavar="N",
+                        help="KVM memslots QEMU reserves in the DMA check (default 32764)")  # fmt: skip
+    replay.add_argument("--dynamic-memslots", action="store_true", help="device with dynamic memslots")
+    replay.add_argument("--memslot-limit", type=int, default=0, metavar="N", help="memslot limit (0: none)")
+    replay.add_argument("--json", action="store_true", help="print the report as JSON")
+    replay.set_defaults(func=_replay)
+
+    bench = sub.add_parser(
+        "bench",
+        help="run every benchmark and print ratios against raw baselines",
+        description="Run the benchmark of every area; each row compares our code with a raw "
+        "baseline measured in the same run (ratio = ours / raw).",
+    )
     bench.add_argument("--json", action="store_true", help="print rows as JSON")
     bench.add_argument("--quick", action="store_true", help="smaller sizes, fewer repetitions")
     bench.add_argument(
@@ -45,18 +166,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
         return int(args.func(args))
-    except (RamDiscardError, ValueError, OSError) as exc:
-        print(f"ramdiscard: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
-        print("ramdiscard: interrupted", file=sys.stderr)
+        print("ramdiscard: interrupted; everything released", file=sys.stderr)
         return 130
+    except (RamDiscardError, ValueError, OSError, KeyError) as exc:
+        msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"ramdiscard: error: {' '.join(msg.split())}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
+
+__all__ = ["build_parser", "format_size", "main", "size_arg"]
 
 if __name__ == "__main__":
     sys.exit(main())

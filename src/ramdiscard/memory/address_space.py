@@ -139,7 +139,7 @@ class AddressSpace:
         self.root = root
         self.serial = next(_serials)
         self._listeners: list[MemoryListener] = []
-        with topology.lock:
+        with topology.watch_mapping():
             self._view: list[MemoryRegionSection] = render_flatview(root)
             self._mapped: set[int] = {id(s.mr) for s in self._view}
             topology.register_space(self)
@@ -199,7 +199,7 @@ class AddressSpace:
 
     def destroy(self) -> None:
         """Stop tracking topology changes (listeners get no further notifications)."""
-        with topology.lock:
+        with topology.watch_mapping():
             topology.unregister_space(self)
             self._view = []
             self._mapped = set()

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from ramdiscard.errors import InvalidArgument, ManagerBusy, RegionMapped
 from ramdiscard.memory import topology
+from ramdiscard.ramblocks import registry as ramblock_registry
 
 if TYPE_CHECKING:
     from ramdiscard.memory.address_space import AddressSpace
@@ -90,7 +91,8 @@ class MemoryRegion:
     @classmethod
     def new_ram(cls, name: str, ram: RamBackend | int, *, readonly: bool = False) -> MemoryRegion:
         """A RAM region over ``ram`` (a RAM block), or over a new anonymous RAM block of
-        ``ram`` bytes when an int is given."""
+        ``ram`` bytes when an int is given. The region joins the default RAM block
+        registry (:func:`ramdiscard.ramblocks.default_registry`)."""
         if isinstance(ram, bool):
             raise InvalidArgument(f"region {name!r}: RAM must be a RAM block or a size")
         if isinstance(ram, int):
@@ -101,7 +103,9 @@ class MemoryRegion:
             ram = RamBlock(ram, name=name)
         if not isinstance(ram, RamBackend):
             raise InvalidArgument(f"region {name!r}: {ram!r} is not a RAM block")
-        return cls(name, ram.size, RegionKind.RAM, ram=ram, readonly=readonly)
+        mr = cls(name, ram.size, RegionKind.RAM, ram=ram, readonly=readonly)
+        ramblock_registry.region_created(mr)
+        return mr
 
     @classmethod
     def new_container(cls, name: str, size: int) -> MemoryRegion:
@@ -253,7 +257,8 @@ class MemoryRegion:
         Raises InvalidArgument for a non-RAM region or a manager of another region,
         ManagerBusy when a manager is already set (clear it first), and RegionMapped when
         the region is mapped into an address space, directly or through an alias.
-        Nothing changes when it raises.
+        Nothing changes when it raises. After the change, RAM block notifiers get
+        ``ram_block_manager_changed``.
         """
         with topology.lock:
             if self.kind is not RegionKind.RAM:
@@ -273,3 +278,4 @@ class MemoryRegion:
                     f"mapped into address space {names}"
                 )
             self._rdm = rdm
+            ramblock_registry.manager_changed(self)

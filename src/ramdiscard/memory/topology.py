@@ -10,13 +10,19 @@ Rules:
 * Re-rendering diffs the old and new flat views of each address space and notifies its
   memory listeners: ``region_del`` for vanished sections first, then ``region_add`` for new
   ones, each in address order.
+* *Mapping observers* (:func:`add_mapping_observer`) learn which RAM regions appeared in,
+  or vanished from, the union of all live flat views: after the memory listeners of every
+  space were notified, and also when an address space is created or destroyed. They are
+  told nothing about regions that stay mapped. An address space that is garbage collected
+  without :meth:`~ramdiscard.memory.AddressSpace.destroy` drops out silently. Nothing is
+  computed while no observer is installed.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -24,11 +30,56 @@ from ramdiscard.errors import RamDiscardError
 
 if TYPE_CHECKING:
     from ramdiscard.memory.address_space import AddressSpace
+    from ramdiscard.memory.region import MemoryRegion
+
+MappingObserver = Callable[[list["MemoryRegion"], list["MemoryRegion"]], None]
+"""Called as ``observer(appeared, vanished)`` with the topology lock held; must not raise."""
 
 lock = threading.RLock()
 _depth = 0
 _pending = False
 _spaces: weakref.WeakSet[AddressSpace] = weakref.WeakSet()
+_mapping_observers: list[MappingObserver] = []
+
+
+def add_mapping_observer(observer: MappingObserver) -> None:
+    """Install ``observer`` (see the module rules); installing one twice is a no-op."""
+    with lock:
+        if observer not in _mapping_observers:
+            _mapping_observers.append(observer)
+
+
+def remove_mapping_observer(observer: MappingObserver) -> None:
+    """Remove ``observer``; unknown observers are ignored."""
+    with lock:
+        if observer in _mapping_observers:
+            _mapping_observers.remove(observer)
+
+
+def mapped_regions() -> dict[int, MemoryRegion]:
+    """Every region in some live flat view, keyed by ``id``."""
+    with lock:
+        return {id(s.mr): s.mr for space in live_spaces() for s in space.flatview()}
+
+
+@contextmanager
+def watch_mapping() -> Iterator[None]:
+    """Tell the mapping observers what the block changed in :func:`mapped_regions`, even if
+    the block raises (the topology it leaves behind is what the views show)."""
+    with lock:
+        if not _mapping_observers:
+            yield
+            return
+        before = mapped_regions()
+        try:
+            yield
+        finally:
+            after = mapped_regions()
+            vanished = [mr for key, mr in before.items() if key not in after]
+            appeared = [mr for key, mr in after.items() if key not in before]
+            if vanished or appeared:
+                for observer in list(_mapping_observers):
+                    observer(appeared, vanished)
 
 
 def register_space(space: AddressSpace) -> None:
@@ -60,8 +111,9 @@ def _commit() -> None:
     global _pending
     _pending = False
     errors: list[Exception] = []
-    for space in live_spaces():
-        errors.extend(space._update_topology())
+    with watch_mapping():
+        for space in live_spaces():
+            errors.extend(space._update_topology())
     if len(errors) == 1:
         raise TopologyError("a memory listener failed during a topology update") from errors[0]
     if errors:

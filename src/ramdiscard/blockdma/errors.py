@@ -1,0 +1,9 @@
+"""Errors of the RAM-block DMA mapper."""
+
+from __future__ import annotations
+
+from ramdiscard.errors import RamDiscardError
+
+
+class IovaExhausted(RamDiscardError):
+    """No free IOVA range is large enough; nothing was allocated."""

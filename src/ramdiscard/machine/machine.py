@@ -1,0 +1,540 @@
+"""Machine: a VM's guest memory on real host memory, built from a scenario.
+
+Rules:
+
+* :meth:`Machine.from_scenario` builds, in QEMU's order: a DiscardPolicy of the machine's
+  own, boot RAM and one RAM block per virtio-mem device (realized as
+  :class:`~ramdiscard.virtio_mem.VirtioMem`), all mapped into the address space "system
+  memory"; then the consumers (vfio containers, KVM memslots) register as memory
+  listeners; then one :class:`~ramdiscard.guest.GuestDriver` per device (with the
+  scenario's workload). Any failure releases everything built so far and raises.
+* The guest drives the devices only through request bytes. The host side changes only
+  ``requested-size`` (:meth:`set_requested_size`) and resets; the drivers then converge,
+  either synchronously (:meth:`run_guest`, :meth:`run_step`) or in a background thread
+  (:meth:`start`) that reacts to config changes and to its retry timers.
+* Every public method takes :attr:`Machine.lock` (an RLock); a QMP server or UI thread can
+  call them concurrently with the background thread.
+* :meth:`close` is idempotent and never raises: it stops the thread, detaches consumers
+  (unpins, unmaps, deletes memslots), unmaps and unrealizes the devices, closes the RAM
+  blocks and removes files the machine created. Host memory, pins and files do not
+  outlive it.
+
+Figures (:meth:`status`): ``plugged``/``requested`` sum over devices; ``guest_touched``
+is what the workload wrote; ``resident`` is the VM's RAM held in memory (mincore);
+``stale_pinned`` is memory the guest gave back that pins still hold; ``held`` =
+``resident + stale_pinned`` is what the VM really costs the host; ``rss``, ``vm_pin``,
+``vm_lck`` are this process's /proc counters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ramdiscard.dma import DmaBackend, IoUringDmaBackend, MlockDmaBackend, NullDmaBackend, iouring_available
+from ramdiscard.errors import InvalidArgument
+from ramdiscard.guest import DriverState, Exchange, GuestDriver, TouchWorkload
+from ramdiscard.hostmem import RamBlock, proc_status
+from ramdiscard.machine.consumers import Consumer, KvmConsumer, VfioConsumer
+from ramdiscard.machine.scenario import (
+    ADDRESS_LIMIT,
+    Action,
+    Backing,
+    ConsumerSpec,
+    ConsumerType,
+    DmaBackendKind,
+    KvmMode,
+    Scenario,
+    StepSpec,
+)
+from ramdiscard.memory.address_space import AddressSpace
+from ramdiscard.memory.region import MemoryRegion
+from ramdiscard.rdm.policy import DiscardPolicy
+from ramdiscard.virtio_mem import VirtioMem
+
+log = logging.getLogger("ramdiscard.machine")
+
+OnRequest = Callable[[str, Exchange], None]
+"""Called as ``fn(device_id, exchange)`` after every guest request."""
+
+
+@dataclass
+class StepResult:
+    """What one step did: its requests, the final status, the wall time."""
+
+    index: int
+    label: str
+    seconds: float
+    requests: int
+    responses: dict[str, int]
+    converged: bool
+    status: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+
+class _Memory:
+    """Guest-physical reads and writes onto the machine's RAM blocks."""
+
+    def __init__(self) -> None:
+        self.ranges: list[tuple[int, int, RamBlock]] = []
+
+    def _find(self, gpa: int, length: int) -> tuple[RamBlock, int]:
+        for start, size, block in self.ranges:
+            if start <= gpa and gpa + length <= start + size:
+                return block, gpa - start
+        raise InvalidArgument(f"guest access [{gpa:#x}, +{length:#x}) is not RAM")
+
+    def write(self, gpa: int, data: bytes) -> None:
+        block, off = self._find(gpa, len(data))
+        block.view[off : off + len(data)] = data
+
+    def fill(self, gpa: int, size: int, byte: int) -> None:
+        block, off = self._find(gpa, size)
+        ctypes.memset(block.host_address + off, byte, size)
+
+    def read(self, gpa: int, length: int) -> bytes:
+        block, off = self._find(gpa, length)
+        return bytes(block.view[off : off + length])
+
+
+class Machine:
+    """A machine built from a :class:`Scenario`; see the module rules. Use
+    :meth:`from_scenario`, then :meth:`close` (or a ``with`` block)."""
+
+    def __init__(self, scenario: Scenario, *, workdir: str | Path | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.scenario = scenario
+        self.clock = clock
+        self.lock = threading.RLock()
+        self.notes: list[str] = []
+        self.policy = DiscardPolicy()
+        self.devices: dict[str, VirtioMem] = {}
+        self.drivers: dict[str, GuestDriver] = {}
+        self.consumers: list[Consumer] = []
+        self.blocks: list[RamBlock] = []
+        self.workload: TouchWorkload | None = None
+        self.memory = _Memory()
+        self._created_files: list[Path] = []
+        self._own_workdir: Path | None = None
+        self._workdir = Path(workdir) if workdir is not None else None
+        self._root = MemoryRegion.new_container("system", ADDRESS_LIMIT)
+        self._mapped: list[MemoryRegion] = []
+        self.space: AddressSpace | None = None
+        self.boot: MemoryRegion | None = None
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._idle = threading.Condition(self.lock)
+        self._requests = 0
+        self.on_request: OnRequest | None = None
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_scenario(
+        cls,
+        scenario: Scenario,
+        *,
+        workdir: str | Path | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> Machine:
+        """Build the machine. Raises InvalidArgument/RamDiscardError/OSError with a clear
+        message when something cannot be built; nothing is left held then."""
+        m = cls(scenario, workdir=workdir, clock=clock)
+        try:
+            m._build()
+        except BaseException:
+            m.close()
+            raise
+        return m
+
+    def _build(self) -> None:
+        sc = self.scenario
+        if sc.boot_ram:
+            block = RamBlock(sc.boot_ram, sc.boot_backing.value, name="pc.ram")
+            self.blocks.append(block)
+            self.boot = MemoryRegion.new_ram("pc.ram", block)
+            self._root.add_subregion(0, self.boot)
+            self._mapped.append(self.boot)
+            self.memory.ranges.append((0, sc.boot_ram, block))
+        for d in sc.devices:
+            path: Path | None = None
+            if d.backing is Backing.FILE:
+                path = Path(d.path) if d.path else self._work() / f"{d.id}.mem"
+                if not path.exists():
+                    self._created_files.append(path)
+            block = RamBlock(
+                d.size, d.backing.value, path=path, thp=d.thp if d.backing is Backing.ANONYMOUS else True,
+                name=f"{d.id}-mem",
+            )  # fmt: skip
+            self.blocks.append(block)
+            mr = MemoryRegion.new_ram(f"{d.id}-mem", block)
+            assert d.addr is not None
+            dev = VirtioMem(
+                mr, addr=d.addr, id=d.id, block_size=d.block_size, requested_size=d.requested_size,
+                prealloc=d.prealloc, dynamic_memslots=d.dynamic_memslots,
+                memslot_limit=d.memslot_limit or None, policy=self.policy,
+            )  # fmt: skip
+            self.devices[d.id] = dev
+            self._root.add_subregion(d.addr, dev.device_region)
+            self._mapped.append(dev.device_region)
+            self.memory.ranges.append((d.addr, d.size, block))
+        self.space = AddressSpace("system memory", self._root)
+        kvm_used = any(c.type is ConsumerType.KVM for c in sc.consumers)
+        for c in sc.consumers:
+            consumer = self._make_consumer(c, kvm_used)
+            self.consumers.append(consumer)
+            consumer.attach(self.space)
+        if sc.workload.touch > 0:
+            self.workload = TouchWorkload(self.memory, touch=sc.workload.touch)
+        for dev_id, dev in self.devices.items():
+            self._new_driver(dev_id)
+            dev.add_config_change_notifier(self._config_changed)
+
+    def _work(self) -> Path:
+        if self._workdir is None:
+            base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            self._own_workdir = Path(tempfile.mkdtemp(prefix="ramdiscard-", dir=base))
+            self._workdir = self._own_workdir
+        self._workdir.mkdir(parents=True, exist_ok=True)
+        return self._workdir
+
+    def _make_consumer(self, c: ConsumerSpec, kvm_used: bool) -> Consumer:
+        if c.type is ConsumerType.VFIO:
+            backend = self._make_backend(c)
+            return VfioConsumer(
+                c.id, backend, coordinate_discards=c.coordinate_discards, dma_limit=c.dma_limit,
+                max_memslots=32764 if kvm_used else 512, policy=self.policy,
+                check_worst_case=c.dma_limit_check,
+            )  # fmt: skip
+        vm = None
+        if c.mode is not KvmMode.MODEL:
+            from ramdiscard.kvm import Kvm, KvmVm
+
+            ok, why = Kvm.available()
+            if ok:
+                vm = KvmVm()
+            elif c.mode is KvmMode.KVM:
+                raise InvalidArgument(f"consumer {c.id}: /dev/kvm unusable: {why}")
+            else:
+                self.notes.append(f"{c.id}: /dev/kvm unusable ({why}); memslots are counted, not created")
+        nr = vm.nr_memslots() if vm is not None else 32764
+        return KvmConsumer(c.id, vm, nr_memslots=nr)
+
+    def _make_backend(self, c: ConsumerSpec) -> DmaBackend:
+        kind = c.backend
+        if kind in (DmaBackendKind.AUTO, DmaBackendKind.IO_URING):
+            ok, why = iouring_available()
+            if ok:
+                return IoUringDmaBackend()
+            if kind is DmaBackendKind.IO_URING:
+                raise InvalidArgument(f"consumer {c.id}: io_uring unusable: {why}")
+            self.notes.append(f"{c.id}: io_uring unusable ({why}); pinning with mlock (VmLck, not VmPin)")
+            return MlockDmaBackend()
+        if kind is DmaBackendKind.MLOCK:
+            return MlockDmaBackend()
+        return NullDmaBackend()
+
+    def _new_driver(self, dev_id: str) -> GuestDriver:
+        drv = GuestDriver(self.devices[dev_id], clock=self.clock, workload=self.workload)
+        self.drivers[dev_id] = drv
+        return drv
+
+    def _config_changed(self, dev: VirtioMem) -> None:
+        drv = self.drivers.get(dev.id)
+        if drv is not None:
+            drv.config_changed()
+        self._wake.set()
+
+    # -- host-side control ----------------------------------------------------------------
+
+    def device_ids(self) -> list[str]:
+        return list(self.devices)
+
+    def device(self, dev_id: str) -> VirtioMem:
+        """The device ``dev_id``; KeyError naming the known ids otherwise."""
+        try:
+            return self.devices[dev_id]
+        except KeyError:
+            raise KeyError(f"no virtio-mem device {dev_id!r} (devices: {', '.join(self.devices)})") from None
+
+    def get_requested_size(self, dev_id: str) -> int:
+        with self.lock:
+            return self.device(dev_id).requested_size
+
+    def set_requested_size(self, dev_id: str, size: int) -> None:
+        """Set ``requested-size``; the guest reacts (now in thread mode, else on the next
+        :meth:`run_guest`). Raises KeyError / InvalidArgument (nothing changed)."""
+        with self.lock:
+            self._check_open()
+            self.device(dev_id).requested_size = size
+        self._wake.set()
+
+    def sizes(self, dev_id: str) -> dict[str, int]:
+        """block-size, region size, usable, plugged ("size") and requested sizes, in bytes."""
+        with self.lock:
+            d = self.device(dev_id)
+            return {
+                "block-size": d.block_size,
+                "addr": d.addr,
+                "region-size": d.region_size,
+                "usable-region-size": d.usable_region_size,
+                "size": d.plugged_size,
+                "requested-size": d.requested_size,
+            }
+
+    def system_reset(self) -> None:
+        """Full system reset: every device unplugs everything; the guest reboots (fresh
+        drivers that start over towards the requested sizes)."""
+        with self.lock:
+            self._check_open()
+            for dev_id, dev in self.devices.items():
+                dev.system_reset()
+                self._new_driver(dev_id)
+            if self.workload is not None:
+                self.workload.unplugged_all()
+        self._wake.set()
+
+    def unplug_all(self, dev_id: str | None = None) -> None:
+        """The guest driver (re)starts and sends UNPLUG_ALL first (models a driver reload)."""
+        with self.lock:
+            self._check_open()
+            for i in [dev_id] if dev_id else list(self.devices):
+                self.device(i)
+                self.drivers[i].request_unplug_all()
+        self._wake.set()
+
+    # -- running the guest ----------------------------------------------------------------
+
+    def run_guest(self, max_requests: int = 1_000_000, on_request: OnRequest | None = None) -> list[Exchange]:
+        """Let every guest driver work until none has anything to send now (converged,
+        waiting on its retry timer, or broken). Returns the exchanges, in order."""
+        out: list[Exchange] = []
+        cb = on_request or self.on_request
+        progress = True
+        while progress and len(out) < max_requests:
+            progress = False
+            for dev_id in list(self.devices):
+                with self.lock:
+                    self._check_open()
+                    ex = self.drivers[dev_id].step()
+                    if ex is not None:
+                        self._requests += 1
+                if ex is None:
+                    continue
+                progress = True
+                out.append(ex)
+                if cb is not None:
+                    cb(dev_id, ex)
+        return out
+
+    def converged(self) -> bool:
+        """True when no driver has work it could do now."""
+        with self.lock:
+            return all(d.state is not DriverState.WORKING for d in self.drivers.values())
+
+    def run_step(self, step: StepSpec, index: int = 0, on_request: OnRequest | None = None) -> StepResult:
+        """Apply one scenario step and let the guest react; returns its figures."""
+        t0 = time.monotonic()
+        notes: list[str] = []
+        if step.action is Action.RESIZE:
+            for dev_id, size in step.requested:
+                self.set_requested_size(dev_id, size)
+        elif step.action is Action.UNPLUG_ALL:
+            self.unplug_all(step.device)
+        elif step.action is Action.SYSTEM_RESET:
+            self.system_reset()
+        elif step.action is Action.PAUSE:
+            time.sleep(step.seconds)
+        exchanges: list[Exchange] = []
+        if self._thread is None:
+            exchanges = self.run_guest(on_request=on_request)
+        else:
+            self.wait_converged()
+        responses: dict[str, int] = {}
+        for ex in exchanges:
+            name = getattr(ex.response, "name", str(ex.response)).lower()
+            responses[name] = responses.get(name, 0) + 1
+        with self.lock:
+            for dev_id, drv in self.drivers.items():
+                if drv.state is DriverState.WAITING:
+                    notes.append(f"{dev_id}: guest driver waits for its retry timer (device answered BUSY)")
+                elif drv.state is DriverState.BROKEN:
+                    notes.append(f"{dev_id}: guest driver broken: {drv.broken_reason}")
+                elif drv.plugged_size != self.devices[dev_id].requested_size:
+                    notes.append(
+                        f"{dev_id}: guest stopped at {drv.plugged_size:#x} "
+                        f"of {self.devices[dev_id].requested_size:#x}"
+                    )
+        status = self.status()
+        return StepResult(
+            index=index,
+            label=step.describe(),
+            seconds=time.monotonic() - t0,
+            requests=len(exchanges),
+            responses=responses,
+            converged=self.converged(),
+            status=status,
+            notes=notes,
+        )
+
+    # -- background mode ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run the guest drivers in a daemon thread that reacts to requested-size changes
+        and retry timers until :meth:`stop` or :meth:`close`."""
+        with self.lock:
+            self._check_open()
+            if self._thread is not None:
+                return
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="ramdiscard-guest", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        t = self._thread
+        if t is None:
+            return
+        self._stop.set()
+        self._wake.set()
+        t.join()
+        self._thread = None
+
+    def wait_converged(self, timeout: float | None = None) -> bool:
+        """Block until the drivers have nothing to do now (thread mode). True if so."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._idle:
+            while not self.converged():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._idle.wait(0.05 if remaining is None else min(remaining, 0.05))
+        return True
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_guest(max_requests=256)
+            except Exception:
+                log.exception("guest driver thread stopped")
+                return
+            with self._idle:
+                if self.converged():
+                    self._idle.notify_all()
+                    timers = [d.retry_at for d in self.drivers.values() if d.retry_at is not None]
+                else:
+                    continue
+            wait = None if not timers else max(0.0, min(timers) - self.clock())
+            self._wake.wait(min(wait, 1.0) if wait is not None else 1.0)
+            self._wake.clear()
+
+    # -- figures --------------------------------------------------------------------------
+
+    def sample(self) -> dict[str, int]:
+        """Cheap figures for time series: plugged, rss, vm_pin, vm_lck, dma mappings."""
+        ps = proc_status()
+        with self.lock:
+            return {
+                "plugged": sum(d.plugged_size for d in self.devices.values()),
+                "rss": ps.vm_rss,
+                "vm_pin": ps.vm_pin,
+                "vm_lck": ps.vm_lck,
+                "dma_mappings": sum(c.mapping_count for c in self.consumers if isinstance(c, VfioConsumer)),
+            }
+
+    def status(self) -> dict[str, Any]:
+        """All figures (bytes and counts); see the module docstring."""
+        ps = proc_status()
+        with self.lock:
+            resident = sum(b.resident_bytes() for b in self.blocks if not b.closed)
+            vfio = [c for c in self.consumers if isinstance(c, VfioConsumer)]
+            kvm = [c for c in self.consumers if isinstance(c, KvmConsumer)]
+            stale = sum(c.stale_pinned_bytes() for c in vfio)
+            devices = {}
+            for dev_id, d in self.devices.items():
+                drv = self.drivers[dev_id]
+                devices[dev_id] = {
+                    **self.sizes(dev_id),
+                    "memslots": d.nb_memslots,
+                    "mapped-memslots": d.mapped_memslots,
+                    "driver": drv.state.value,
+                    "driver-plugged": drv.plugged_size,
+                    "requests": len(drv.log),
+                    "metrics": d.metrics.as_dict(),
+                }
+            return {
+                "plugged": sum(d.plugged_size for d in self.devices.values()),
+                "requested": sum(d.requested_size for d in self.devices.values()),
+                "region_size": sum(d.region_size for d in self.devices.values()),
+                "boot_ram": self.scenario.boot_ram,
+                "guest_touched": self.workload.touched_bytes if self.workload else 0,
+                "resident": resident,
+                "stale_pinned": stale,
+                "held": resident + stale,
+                "rss": ps.vm_rss,
+                "vm_pin": ps.vm_pin,
+                "vm_lck": ps.vm_lck,
+                "pinned": sum(c.backend.pinned_bytes for c in vfio),
+                "dma_mappings": sum(c.mapping_count for c in vfio),
+                "memslots": sum(c.memslots for c in kvm) if kvm else None,
+                "requests": self._requests,
+                "devices": devices,
+                "consumers": [c.status() for c in self.consumers],
+            }
+
+    # -- teardown -------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InvalidArgument("machine is closed")
+
+    def close(self) -> None:
+        """Release everything (see the module rules). Idempotent; never raises."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            self.stop()
+        with self.lock:
+            for c in reversed(self.consumers):
+                with contextlib.suppress(Exception):
+                    c.close()
+            self.consumers.clear()
+            for mr in reversed(self._mapped):
+                try:
+                    self._root.del_subregion(mr)
+                except Exception:
+                    log.exception("unmapping %s failed", mr.name)
+            self._mapped.clear()
+            for dev in self.devices.values():
+                try:
+                    dev.unrealize()
+                except Exception:
+                    log.exception("unrealizing %s failed", dev.id)
+            if self.space is not None:
+                self.space.destroy()
+            for b in self.blocks:
+                with contextlib.suppress(Exception):
+                    b.close()
+            for p in self._created_files:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            if self._own_workdir is not None:
+                shutil.rmtree(self._own_workdir, ignore_errors=True)
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,152 @@
+"""QMP control plane: drive a running ramdiscard machine with QEMU's own tooling.
+
+* :mod:`~ramdiscard.qmp.protocol`: framing, parsing, negotiation (sans-I/O).
+* :mod:`~ramdiscard.qmp.commands`: command dispatch and the QOM tree over a
+  :class:`QmpBackend`.
+* :mod:`~ramdiscard.qmp.events`: events and QEMU's per-device rate limiting.
+* :mod:`~ramdiscard.qmp.server`: the asyncio server (unix/tcp, several clients).
+* :mod:`~ramdiscard.qmp.machine_backend`: the backend of a scenario machine.
+
+:func:`serve` runs a server until ``quit`` (or SIGINT/SIGTERM); :func:`cli_main` is
+``ramdiscard serve SCENARIO.toml --qmp unix:PATH``. See ``docs/qmp.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ramdiscard.errors import RamDiscardError
+from ramdiscard.qmp.commands import CommandDispatcher, MemoryDeviceInfo, QmpBackend
+from ramdiscard.qmp.events import EventThrottle, QmpEvent, size_change_event
+from ramdiscard.qmp.machine_backend import MachineBackend
+from ramdiscard.qmp.protocol import ErrorClass, JsonFramer, QmpConnection, QmpError
+from ramdiscard.qmp.server import Address, QmpServer, parse_address, version_info
+
+__all__ = [
+    "Address",
+    "CommandDispatcher",
+    "ErrorClass",
+    "EventThrottle",
+    "JsonFramer",
+    "MachineBackend",
+    "MemoryDeviceInfo",
+    "QmpBackend",
+    "QmpConnection",
+    "QmpError",
+    "QmpEvent",
+    "QmpServer",
+    "cli_main",
+    "parse_address",
+    "serve",
+    "serve_async",
+    "size_change_event",
+    "version_info",
+]
+
+
+def as_backend(target: Any) -> QmpBackend:
+    """``target`` itself if it is a QmpBackend, else a MachineBackend around it."""
+    if isinstance(target, QmpBackend):
+        return target
+    return MachineBackend(target)
+
+
+async def serve_async(
+    target: Any,
+    address: str | Address,
+    *,
+    on_ready: Callable[[QmpServer], None] | None = None,
+    handle_signals: bool = False,
+) -> None:
+    """Serve ``target`` (a QmpBackend or a Machine) until ``quit`` or a signal; the
+    backend is closed on the way out. ``on_ready`` gets the started server."""
+    server = QmpServer(as_backend(target), address)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    if handle_signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.close()))
+                installed.append(sig)
+    try:
+        if on_ready is not None:
+            on_ready(server)
+        await server.wait_closed()
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        await server.close()
+
+
+def serve(target: Any, address: str | Address) -> int:
+    """Serve QMP for ``target`` on ``address`` until ``quit`` (or SIGINT/SIGTERM).
+
+    A machine (anything that is not already a QmpBackend) has its background guest
+    started first. Returns 0; raises OSError when the address cannot be bound (the
+    machine is closed then too).
+    """
+    backend = as_backend(target)
+    start = getattr(target, "start", None)
+    try:
+        if not isinstance(target, QmpBackend) and callable(start):
+            start()
+        addr = parse_address(address) if isinstance(address, str) else address
+    except BaseException:
+        backend.close()
+        raise
+
+    def ready(server: QmpServer) -> None:
+        print(f"ramdiscard: QMP listening on {server.address}", file=sys.stderr, flush=True)
+
+    try:
+        asyncio.run(serve_async(backend, addr, on_ready=ready, handle_signals=True))
+    finally:
+        backend.close()
+    return 0
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The arguments of ``ramdiscard serve`` (added to ``parser`` when given)."""
+    p = parser or argparse.ArgumentParser(prog="ramdiscard serve", description=serve_help())
+    p.add_argument("scenario", metavar="SCENARIO.toml", help="the machine to run")
+    p.add_argument(
+        "--qmp",
+        required=True,
+        metavar="ADDRESS",
+        help="where to serve QMP: unix:PATH (mode 0600) or tcp:HOST:PORT (use a loopback host)",
+    )
+    p.add_argument("--workdir", metavar="DIR", help="where file-backed guest memory goes")
+    return p
+
+
+def serve_help() -> str:
+    return "run a scenario's machine and serve QMP (qemu.qmp, qmp-shell) until 'quit'"
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Build the scenario's machine and serve it (for the ``ramdiscard`` CLI)."""
+    machine_mod = importlib.import_module("ramdiscard.machine")
+    parse_address(args.qmp)  # a bad address fails before any memory is taken
+    scenario = machine_mod.load_scenario(args.scenario)
+    machine = machine_mod.Machine.from_scenario(scenario, workdir=args.workdir)
+    return serve(machine, args.qmp)
+
+
+def cli_main(argv: Sequence[str] | None = None) -> int:
+    """``ramdiscard serve SCENARIO.toml --qmp unix:PATH`` as a standalone entry point."""
+    args = build_parser().parse_args(argv)
+    try:
+        return run_from_args(args)
+    except (RamDiscardError, ValueError, OSError) as exc:
+        print(f"ramdiscard serve: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,191 @@
+"""The ramdiscard command, run as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ramdiscard.dma import iouring_available
+from ramdiscard.units import MiB
+from tests.conftest import shared_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}", "COLUMNS": "160"}
+
+
+def cli(*args: str, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ramdiscard.cli.main", *args],
+        capture_output=True, text=True, env=ENV, timeout=timeout, cwd=cwd,
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(not iouring_available()[0], reason="io_uring sparse buffers unavailable here")
+def test_demo_json_figures_are_consistent_and_plot_is_a_png(tmp_path: Path) -> None:
+    plot = tmp_path / "demo.png"
+    r = cli("demo", "--region-size", "512M", "--boot-ram", "64M", "--json", "--plot", str(plot), "--quiet")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    boot, region = 64 * MiB, 512 * MiB
+    assert out["config"]["requested_sizes"] == [128 * MiB, 32 * MiB, 192 * MiB, 0]
+    coord = out["runs"]["coordinated"]["steps"]
+    assert [s["requested"] for s in coord] == [0, 128 * MiB, 32 * MiB, 192 * MiB, 0]
+    for s in coord:
+        # coordinated: exactly the plugged memory is pinned, plus boot RAM (pinned whole)
+        assert s["plugged"] == s["requested"]
+        assert s["vm_pin"] == s["pinned"] == s["plugged"] + boot
+        assert s["dma_mappings"] == s["plugged"] // (2 * MiB) + 1
+        assert s["stale_pinned"] == 0
+    unco = out["runs"]["uncoordinated"]["steps"]
+    for s in unco:
+        # uncoordinated: the whole region plus boot RAM stays pinned whatever is plugged
+        assert s["vm_pin"] == s["pinned"] == region + boot
+        assert s["held"] == region + boot
+        assert s["dma_mappings"] == 2
+    assert unco[-1]["stale_pinned"] > 0
+    assert out["plot"] == str(plot)
+    data = plot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    img = matplotlib.image.imread(plot)
+    assert img.shape[0] > 100 and img.shape[1] > 100
+
+
+def test_demo_tables(tmp_path: Path) -> None:
+    r = cli(
+        "demo", "--region-size", "256M", "--boot-ram", "32M", "--backend", "null", "--quiet", cwd=tmp_path
+    )
+    assert r.returncode == 0, r.stderr
+    assert "coordinated" in r.stdout and "uncoordinated" in r.stdout and "DMA mappings" in r.stdout
+    assert (tmp_path / "ramdiscard-demo.png").exists()
+
+
+def test_run_examples_json() -> None:
+    for name in ("small-vfio.toml", "dynamic-memslots.toml", "memfd-backed.toml", "dma-limit.toml"):
+        r = cli("run", str(ROOT / "examples" / name), "--json", "--quiet")
+        assert r.returncode == 0, (name, r.stderr)
+        out = json.loads(r.stdout)
+        assert out["steps"], name
+        assert out["final"]["plugged"] == out["steps"][-1]["plugged"]
+
+
+def test_run_reports_bad_key_in_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[devices]]\nid = "vmem0"\nsize = "1G"\nblock-size = "3M"\n')
+    r = cli("run", str(bad))
+    assert r.returncode == 1
+    assert (
+        r.stderr
+        == 'ramdiscard: error: bad.toml: devices[0].block-size: must be a power of two >= 1M, got "3M"\n'
+    )
+    assert r.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("demo", "--region-size", "12Q"),
+        ("demo", "--touch", "2"),
+        ("replay", "/nonexistent/trace.log"),
+        ("run", "/nonexistent.toml"),
+        ("frobnicate",),
+        ("replay", "--block-size", "x", "t"),
+        ("demo", "--region-size", "100M", "--quiet"),
+    ],
+)
+def test_bad_arguments_exit_nonzero_with_one_line(args: tuple[str, ...]) -> None:
+    r = cli(*args)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("ramdiscard") and "Traceback" not in r.stderr
+
+
+def test_help_for_every_command() -> None:
+    r = cli("--help")
+    assert r.returncode == 0
+    for cmd in ("demo", "run", "replay", "bench"):
+        assert cmd in r.stdout
+        sub = cli(cmd, "--help")
+        assert sub.returncode == 0 and "usage: ramdiscard " + cmd in sub.stdout
+
+
+def test_replay_sample_trace_has_no_mismatch() -> None:
+    shared = shared_dir()
+    if shared is None:
+        pytest.skip("shared/data is not beside the repository")
+    trace = str(shared / "data" / "qemu-virtio-mem-trace-sample.log")
+    r = cli("replay", trace, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["mismatches"] == []
+    assert out["geometry"] == {
+        "id": "vmem0",
+        "addr": 0x1_0000_0000,
+        "region_size": 4 << 30,
+        "block_size": 2 * MiB,
+    }
+    assert out["requests"] == 16 and out["peak_plugged"] == 1 << 30
+    assert out["peak_pinned"] == 1 << 30 and out["peak_dma_mappings"] == 512
+    r = cli("replay", trace, "--consumer", "kvm", "--dynamic-memslots", "--dma-limit", "33000", "--json")
+    out = json.loads(r.stdout)
+    assert out["memslots"]["device_memslots"] == 4 and out["memslots"]["peak_mapped"] == 1
+    assert out["qemu_dma_check"]["passes"] is False
+    # 33000 - 32764 + 1 = 237 mappings left for 4 GiB: 4G / 32M = 128 fits, 4G / 16M = 256 does not
+    assert out["qemu_dma_check"]["smallest_block_size"] == 32 * MiB
+
+
+def test_replay_junk_trace(tmp_path: Path) -> None:
+    t = tmp_path / "t.log"
+    t.write_text("1@1.0:virtio_mem_plug_request addr=zzz nb_blocks=1\n")
+    r = cli("replay", str(t))
+    assert r.returncode == 1 and r.stderr.startswith("ramdiscard: error: line 1:")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_releases_everything(tmp_path: Path, sig: signal.Signals) -> None:
+    work = tmp_path / "work"
+    sc = tmp_path / "s.toml"
+    sc.write_text(
+        """
+boot-ram = "32M"
+[[devices]]
+id = "vmem0"
+size = "256M"
+backing = "file"
+[[consumers]]
+type = "vfio"
+backend = "auto"
+[[steps]]
+requested-size = "64M"
+[[steps]]
+action = "pause"
+seconds = 60
+"""
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-m", "ramdiscard.cli.main", "run", str(sc), "--workdir", str(work), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not (work / "vmem0.mem").exists():
+            assert time.monotonic() < deadline and p.poll() is None, "machine never came up"
+            time.sleep(0.05)
+        time.sleep(1.0)  # inside the pause step
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err
+    assert err.strip() == "ramdiscard: interrupted; everything released"
+    assert list(work.iterdir()) == []
