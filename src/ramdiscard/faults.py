@@ -82,6 +82,13 @@ def _refresh() -> None:
     _enabled = bool(_plans or _logs)
 
 
+def active() -> bool:
+    """True while a plan or a call log is installed. A batched host operation may test
+    this once and skip its per-item :func:`checkpoint` calls when it is False, since they
+    would all be no-ops."""
+    return _enabled
+
+
 def checkpoint(op: str) -> None:
     """Called by a host operation before it acts; raises InjectedFault if a plan says so."""
     if not _enabled:

@@ -45,7 +45,7 @@ def test_more_than_16384_buffers_take_a_second_ring(anon: Callable[..., Anon]) -
     a = anon(n * 4 * KiB)
     a.fill(b"r")
     pin0 = status_kib("VmPin")
-    with IoUringDmaBackend() as b:
+    with IoUringDmaBackend(slots_per_ring=MAX_BUFFERS_PER_RING) as b:
         handles = [b.pin(a.address + i * 4 * KiB, 4 * KiB) for i in range(n)]
         assert b.ring_count == 2
         assert b.buffers(handles[-1])[0].ring == 1 and b.buffers(handles[-1])[0].slot == 0

@@ -39,6 +39,7 @@ PAGE_SIZE = 4096
 """Granularity of pins: addresses and sizes must be multiples of this."""
 
 _ADDRESS_LIMIT = 1 << 64
+_PAGE_MASK = PAGE_SIZE - 1
 _log = logging.getLogger("ramdiscard.dma")
 _new = object.__new__
 
@@ -93,6 +94,8 @@ class DmaBackend(ABC):
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._handles: dict[int, PinHandle] = {}
+        # Bytes still pinned, only for handles a failed unpin released in part (the
+        # others have all of their size pinned).
         self._remaining: dict[int, int] = {}
         self._pinned_bytes = 0
         self._closed = False
@@ -109,7 +112,6 @@ class DmaBackend(ABC):
             handle = PinHandle(host_address, size, next(_tokens))
             self._pin_impl(handle)
             self._handles[handle.token] = handle
-            self._remaining[handle.token] = size
             self._pinned_bytes += size
             return handle
 
@@ -120,7 +122,7 @@ class DmaBackend(ABC):
             self._check_open()
             self._check_handle(handle)
             self._unpin_impl(handle)
-            self._pinned_bytes -= self._remaining.pop(handle.token)
+            self._pinned_bytes -= self._remaining.pop(handle.token, handle.size)
             del self._handles[handle.token]
 
     def pin_many(self, ranges: Sequence[tuple[int, int]]) -> list[PinHandle]:
@@ -132,7 +134,16 @@ class DmaBackend(ABC):
         in backends that override :meth:`_pin_many_impl`, less per-range overhead.
         """
         for host_address, size in ranges:
-            check_range(host_address, size)
+            # The common valid case inline; check_range finds and reports any error.
+            if not (
+                type(host_address) is int
+                and type(size) is int
+                and host_address > 0
+                and size > 0
+                and not (host_address | size) & _PAGE_MASK
+                and host_address + size <= _ADDRESS_LIMIT
+            ):
+                check_range(host_address, size)
         with self._lock:
             self._check_open()
             if not ranges:
@@ -146,12 +157,16 @@ class DmaBackend(ABC):
         error propagates."""
         with self._lock:
             self._check_open()
-            seen: set[int] = set()
+            live = self._handles
             for handle in handles:
-                self._check_handle(handle)
-                if handle.token in seen:
-                    raise InvalidArgument(f"{handle!r} is listed twice")
-                seen.add(handle.token)
+                if type(handle) is not PinHandle or live.get(handle.token) is not handle:
+                    self._check_handle(handle)
+            if len({handle.token for handle in handles}) != len(handles):
+                seen: set[int] = set()
+                for handle in handles:
+                    if handle.token in seen:
+                        raise InvalidArgument(f"{handle!r} is listed twice")
+                    seen.add(handle.token)
             self._unpin_many_impl(handles)
 
     def holds(self, handle: PinHandle) -> bool:
@@ -229,7 +244,6 @@ class DmaBackend(ABC):
                 handle = PinHandle(host_address, size, next(_tokens))
                 self._pin_impl(handle)
                 self._handles[handle.token] = handle
-                self._remaining[handle.token] = size
                 self._pinned_bytes += size
                 done.append(handle)
         except BaseException:
@@ -245,23 +259,22 @@ class DmaBackend(ABC):
         """Release checked ``handles`` in order, with the lock held."""
         for handle in handles:
             self._unpin_impl(handle)
-            self._pinned_bytes -= self._remaining.pop(handle.token)
+            self._pinned_bytes -= self._remaining.pop(handle.token, handle.size)
             del self._handles[handle.token]
 
     def _forget(self, handle: PinHandle) -> None:
         """Drop a handle a subclass fast path released completely."""
-        self._pinned_bytes -= self._remaining.pop(handle.token)
+        self._pinned_bytes -= self._remaining.pop(handle.token, handle.size)
         del self._handles[handle.token]
 
     def _adopt(self, handle: PinHandle) -> None:
         """Record a handle a subclass pinned itself (fast paths)."""
         self._handles[handle.token] = handle
-        self._remaining[handle.token] = handle.size
         self._pinned_bytes += handle.size
 
     def _note_released(self, handle: PinHandle, nbytes: int) -> None:
         """Record that ``nbytes`` of ``handle`` were released by a failing ``_unpin_impl``."""
-        self._remaining[handle.token] -= nbytes
+        self._remaining[handle.token] = self._remaining.get(handle.token, handle.size) - nbytes
         self._pinned_bytes -= nbytes
 
     @abstractmethod

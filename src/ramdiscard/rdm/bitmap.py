@@ -11,10 +11,16 @@ Rules:
   the bitmap in chunks, so it costs a word scan plus O(runs) and bounded memory even on a
   2^28-bit map with 2^27 runs.
 * A popcount of the whole map is kept incrementally.
+
+Storage: one ``array('Q')`` with a numpy view of the same memory. Single words (the head
+and tail of every range, all of a short range) are read and written through the array as
+Python ints; numpy only runs over the inner words of long ranges and run extraction, since
+a numpy call costs several times a word operation for tiny ranges.
 """
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterator
 
 import numpy as np
@@ -29,13 +35,14 @@ _SHIFT63 = np.uint64(63)
 class Bitmap:
     """``nbits`` bits, all clear at creation."""
 
-    __slots__ = ("_count", "_words", "nbits")
+    __slots__ = ("_arr", "_count", "_words", "nbits")
 
     def __init__(self, nbits: int) -> None:
         if nbits < 0:
             raise ValueError(f"negative bitmap size {nbits}")
         self.nbits = nbits
-        self._words: npt.NDArray[np.uint64] = np.zeros((nbits + 63) // 64, dtype=np.uint64)
+        self._arr = array("Q", bytes(8 * ((nbits + 63) // 64)))
+        self._words: npt.NDArray[np.uint64] = np.frombuffer(self._arr, dtype=np.uint64)
         self._count = 0
 
     # -- serialisation ----------------------------------------------------------------
@@ -75,7 +82,7 @@ class Bitmap:
     # -- single bits and counts ----------------------------------------------------------
 
     def get(self, i: int) -> bool:
-        return bool((int(self._words[i >> 6]) >> (i & 63)) & 1)
+        return bool((self._arr[i >> 6] >> (i & 63)) & 1)
 
     @property
     def count(self) -> int:
@@ -91,11 +98,12 @@ class Bitmap:
         self._check(start, end)
         if start == end:
             return 0
+        arr = self._arr
         ws, we = start >> 6, (end - 1) >> 6
         if ws == we:
-            return (int(self._words[ws]) & _mask(start & 63, ((end - 1) & 63) + 1)).bit_count()
-        total = (int(self._words[ws]) & _mask(start & 63, 64)).bit_count()
-        total += (int(self._words[we]) & _mask(0, ((end - 1) & 63) + 1)).bit_count()
+            return (arr[ws] & _mask(start & 63, ((end - 1) & 63) + 1)).bit_count()
+        total = (arr[ws] & _mask(start & 63, 64)).bit_count()
+        total += (arr[we] & _mask(0, ((end - 1) & 63) + 1)).bit_count()
         if we > ws + 1:
             total += int(np.bitwise_count(self._words[ws + 1 : we]).sum())
         return total
@@ -125,23 +133,25 @@ class Bitmap:
     def _apply(self, start: int, end: int, value: bool) -> None:
         if start == end:
             return
-        words = self._words
+        arr = self._arr
         ws, we = start >> 6, (end - 1) >> 6
         if ws == we:
             m = _mask(start & 63, ((end - 1) & 63) + 1)
-            w = int(words[ws])
-            words[ws] = (w | m) if value else (w & ~m & _ALL)
+            w = arr[ws]
+            arr[ws] = (w | m) if value else (w & ~m & _ALL)
             return
         head = _mask(start & 63, 64)
         tail = _mask(0, ((end - 1) & 63) + 1)
         if value:
-            words[ws] = int(words[ws]) | head
-            words[we] = int(words[we]) | tail
-            words[ws + 1 : we] = _ALL
+            arr[ws] |= head
+            arr[we] |= tail
+            if we > ws + 1:
+                self._words[ws + 1 : we] = _ALL
         else:
-            words[ws] = int(words[ws]) & ~head & _ALL
-            words[we] = int(words[we]) & ~tail & _ALL
-            words[ws + 1 : we] = 0
+            arr[ws] &= ~head & _ALL
+            arr[we] &= ~tail & _ALL
+            if we > ws + 1:
+                self._words[ws + 1 : we] = 0
 
     # -- runs ---------------------------------------------------------------------------
 

@@ -13,6 +13,10 @@ from dataclasses import asdict, dataclass, field, fields
 
 from ramdiscard.virtio_mem.wire import RequestType, ResponseType
 
+# Precomputed keys: Enum.name is a Python-level property, slow on the request path.
+_REQUEST_KEYS = {t: t.name.lower() for t in RequestType}
+_RESPONSE_KEYS = {t: t.name.lower() for t in ResponseType}
+
 
 def _per_request() -> dict[str, int]:
     return {t.name.lower(): 0 for t in RequestType}
@@ -48,10 +52,10 @@ class VirtioMemMetrics:
     """Driver writes to the read-only config space (ignored)."""
 
     def count_request(self, rtype: RequestType) -> None:
-        self.requests[rtype.name.lower()] += 1
+        self.requests[_REQUEST_KEYS[rtype]] += 1
 
     def count_response(self, rtype: ResponseType) -> None:
-        self.responses[rtype.name.lower()] += 1
+        self.responses[_RESPONSE_KEYS[rtype]] += 1
 
     @property
     def errors(self) -> int:

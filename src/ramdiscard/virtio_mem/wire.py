@@ -111,16 +111,19 @@ class Request:
         if len(data) < REQUEST_SIZE:
             raise ProtocolError(f"virtio-mem request too short: {len(data)} bytes, need {REQUEST_SIZE}")
         raw_type, addr, nb_blocks = _REQUEST.unpack_from(data)
-        try:
-            rtype = RequestType(raw_type)
-        except ValueError:
-            raise ProtocolError(f"virtio-mem: unknown request type {raw_type}") from None
+        # A dict lookup, not RequestType(raw_type): the enum call is ~10x slower.
+        rtype = _REQUEST_TYPES.get(raw_type)
+        if rtype is None:
+            raise ProtocolError(f"virtio-mem: unknown request type {raw_type}")
         if rtype is RequestType.UNPLUG_ALL:
             return cls(rtype)
         return cls(rtype, addr, nb_blocks)
 
     def pack(self) -> bytes:
         return _REQUEST.pack(int(self.type), self.addr, self.nb_blocks)
+
+
+_REQUEST_TYPES = {int(t): t for t in RequestType}
 
 
 @dataclass(frozen=True, slots=True)

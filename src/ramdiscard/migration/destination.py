@@ -1,0 +1,307 @@
+"""The migration destination: validate, then restore RAM and virtio-mem state.
+
+Rules (qemu-ram-discard §3.10, §4.2):
+
+* The destination starts empty: every device has nothing plugged (otherwise refused
+  before anything changes). Its devices are frozen (busy) until the load ends.
+* Phase 1, nothing changes: the stream header, the whole REGION table and every DEVICE
+  state are read and checked: same regions (count, order, names, sizes, page sizes,
+  kinds, device ids), state images that decode (magic, version, checksum, bitmap size)
+  and whose sanity block (addr, region size, block size, node) matches the local device.
+  Any failure raises :class:`MigrationError` and the destination is untouched.
+* Phase 2, apply: each device loads its state (``load_state``: unplugged memory is
+  discarded, memslots mapped, populate replayed to its RamDiscardListeners, so a vfio
+  container pins exactly the plugged memory). Then page sections are written straight
+  into guest memory. A page section must lie inside the region, be 4 KiB aligned, come in
+  order and, for a managed region, lie inside a populated run; that is checked from its
+  header *before* any byte is written, so memory outside plugged blocks is never touched.
+  Its checksum is checked after the data landed.
+* END must match what was received, and every populated run (every byte of an unmanaged
+  region) must have been received exactly once. Afterwards every unplugged range is
+  discarded again ("discarded means discarded").
+* **Guarantee on failure in phase 2** (corrupt or truncated data, a listener refusing the
+  restored memory, a host error): the destination is reset to *all discarded*: each
+  device gets back its original requested size and is unplugged completely (memory
+  discarded, listeners told, memslots unmapped), unmanaged regions are discarded (read as
+  zero). That is the state a fresh destination had, so a retry can start at once.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from bisect import bisect_right
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, BinaryIO
+
+from ramdiscard.migration.busy import Freeze, frozen
+from ramdiscard.migration.checksum import digest
+from ramdiscard.migration.layout import RamRegion, collect_regions
+from ramdiscard.migration.progress import ProgressFn, ProgressTracker
+from ramdiscard.migration.source import MigrationStats
+from ramdiscard.migration.stream import (
+    Decoder,
+    DeviceState,
+    End,
+    MigrationError,
+    PageData,
+    RegionInfo,
+    StreamError,
+    StreamHeader,
+)
+from ramdiscard.migration.transport import FileReader, PositionalFile, Reader
+
+if TYPE_CHECKING:
+    from ramdiscard.memory import AddressSpace
+    from ramdiscard.virtio_mem import VirtioMem
+
+log = logging.getLogger("ramdiscard.migration")
+
+_ALIGN = 4096
+
+
+class _Incoming:
+    """One load in progress: the local regions, the decoder, what was received."""
+
+    def __init__(
+        self,
+        regions: list[RamRegion],
+        reader: Reader,
+        pfile: PositionalFile | None,
+        tracker: ProgressTracker,
+    ) -> None:
+        self.regions = regions
+        self.reader = reader
+        self.pfile = pfile
+        self.tracker = tracker
+        self.decoder = Decoder(sparse_ok=pfile is not None)
+        self.position = 0
+        self.runs: list[list[tuple[int, int]]] = []
+        self.starts: list[list[int]] = []
+        self.received = [0] * len(regions)
+
+    def next_event(self) -> object:
+        """Read until the decoder produces an event (section headers produce none)."""
+        while True:
+            need = self.decoder.need()
+            if need == 0:
+                raise StreamError("stream continues after END")
+            buf = bytearray(need)
+            self.reader.read_exact(memoryview(buf))
+            self.position += need
+            self.tracker.stream(need)
+            event = self.decoder.feed(buf)
+            if event is not None:
+                return event
+
+    # -- phase 1 -------------------------------------------------------------------------
+
+    def read_metadata(self) -> tuple[list[bytes], object]:
+        """Header, REGION table and DEVICE states, all checked; returns the device state
+        images by region index order and the first event after them."""
+        header = self.next_event()
+        if not isinstance(header, StreamHeader):
+            raise StreamError("stream does not start with a stream header")
+        infos: list[RegionInfo] = []
+        states: dict[int, bytes] = {}
+        event = self.next_event()
+        while isinstance(event, RegionInfo):
+            infos.append(event)
+            event = self.next_event()
+        self._check_regions(infos)
+        while isinstance(event, DeviceState):
+            states[event.region] = event.state
+            event = self.next_event()
+        managed = [r for r in self.regions if r.device is not None]
+        missing = [r.device.id for r in managed if r.device is not None and r.index not in states]
+        if missing or len(states) != len(managed):
+            raise MigrationError(f"stream lacks the state of device(s) {missing or sorted(states)}")
+        images = []
+        for region in managed:
+            assert region.device is not None
+            _check_state(region.device, states[region.index])
+            images.append(states[region.index])
+        return images, event
+
+    def _check_regions(self, infos: list[RegionInfo]) -> None:
+        mine = [r.info() for r in self.regions]
+        if len(infos) != len(mine):
+            raise MigrationError(
+                f"geometry mismatch: the stream has {len(infos)} RAM regions, this machine "
+                f"{len(mine)} ({[i.name for i in infos]} vs {[i.name for i in mine]})"
+            )
+        for theirs, ours in zip(infos, mine, strict=True):
+            for field in ("name", "kind", "size", "page_size", "device_id"):
+                if getattr(theirs, field) != getattr(ours, field):
+                    raise MigrationError(
+                        f"geometry mismatch in RAM region {ours.index} ({ours.name!r}): {field} "
+                        f"{getattr(theirs, field)!r} in the stream, {getattr(ours, field)!r} here"
+                    )
+
+    # -- phase 2 -------------------------------------------------------------------------
+
+    def prepare_pages(self) -> None:
+        for region in self.regions:
+            runs = region.populated_runs()
+            self.runs.append(runs)
+            self.starts.append([s for s, _n in runs])
+
+    def check_page(self, page: PageData) -> RamRegion:
+        region = self.regions[page.region]
+        end = page.offset + page.length
+        if page.offset % _ALIGN or page.length % _ALIGN or end > region.size:
+            raise StreamError(
+                f"page section [{page.offset:#x}, {end:#x}) outside or misaligned in region "
+                f"{region.mr.name!r}"
+            )
+        runs = self.runs[page.region]
+        i = bisect_right(self.starts[page.region], page.offset) - 1
+        if i < 0 or end > runs[i][0] + runs[i][1]:
+            raise StreamError(
+                f"page section [{page.offset:#x}, {end:#x}) of region {region.mr.name!r} is not inside "
+                "a plugged range"
+            )
+        return region
+
+    def receive_page(self, page: PageData) -> None:
+        region = self.check_page(page)
+        target = region.view[page.offset : page.offset + page.length]
+        if page.file_offset is None:
+            self.reader.read_exact(target)
+            self.position += page.length
+            self.tracker.stream(page.length)
+            self.decoder.page_done(target)
+        else:
+            assert self.pfile is not None
+            if page.file_offset < self.position:
+                raise StreamError(f"PAGES_AT data offset {page.file_offset:#x} inside the metadata")
+            self.pfile.pread_exact(target, page.file_offset)
+            if digest(self.decoder.checksum, target) != page.data_checksum:
+                raise StreamError(
+                    f"page data checksum mismatch (region {region.mr.name!r}, offset {page.offset:#x})"
+                )
+        self.received[page.region] += page.length
+        self.tracker.pages(page.length)
+
+    def check_complete(self, end: End) -> None:
+        for region, runs, got in zip(self.regions, self.runs, self.received, strict=True):
+            want = sum(n for _s, n in runs)
+            if got != want:
+                raise StreamError(
+                    f"region {region.mr.name!r}: received {got:#x} bytes of {want:#x} populated bytes"
+                )
+
+
+def _check_state(device: VirtioMem, state: bytes) -> None:
+    from ramdiscard.virtio_mem.persist import StateError, decode_state
+
+    try:
+        image = decode_state(state)
+    except StateError as exc:
+        raise MigrationError(f"device {device.id!r}: {exc}") from exc
+    mine = (device.addr, device.region_size, device.block_size, device.node)
+    if image.sanity() != mine:
+        names = ("addr", "region size", "block size", "node")
+        diffs = ", ".join(
+            f"{n} {a:#x} != {b:#x}" for n, a, b in zip(names, image.sanity(), mine, strict=True) if a != b
+        )
+        raise MigrationError(f"geometry mismatch for device {device.id!r}: {diffs}")
+    if device.plugged_size:
+        raise MigrationError(f"device {device.id!r} has memory plugged; a destination must start empty")
+
+
+def _reset(regions: list[RamRegion], requested: dict[str, int], freeze: Freeze) -> None:
+    """Back to all discarded (module rules); best effort, every step logged on failure."""
+    freeze.active = False
+    for region in regions:
+        dev = region.device
+        try:
+            if dev is None:
+                discard = getattr(region.mr.ram, "discard_range", None)
+                if discard is not None:
+                    discard(0, region.size)
+                continue
+            if dev.requested_size != requested[dev.id]:
+                dev.requested_size = requested[dev.id]
+            dev.unplug_all()
+        except Exception:
+            log.exception("resetting %r after a failed restore", region.mr.name)
+
+
+def load_from_reader(
+    address_space: AddressSpace,
+    devices: Sequence[VirtioMem],
+    reader: Reader,
+    pfile: PositionalFile | None,
+    progress: ProgressFn | None,
+    phase: str,
+) -> MigrationStats:
+    """Load one stream from ``reader`` (module rules); ``pfile`` for sparse snapshots."""
+    start = time.perf_counter()
+    with frozen(devices) as freeze:
+        regions = collect_regions(address_space, devices)
+        for dev in devices:
+            if dev.plugged_size:
+                raise MigrationError(f"device {dev.id!r} has memory plugged; a destination must start empty")
+        requested = {dev.id: dev.requested_size for dev in devices}
+        tracker = ProgressTracker(phase, 0, progress)
+        inc = _Incoming(regions, reader, pfile, tracker)
+        try:
+            images, event = inc.read_metadata()
+        except OSError as exc:
+            raise MigrationError(f"reading the stream failed (nothing changed): {exc}") from exc
+        try:
+            managed = [r for r in regions if r.device is not None]
+            for region, image in zip(managed, images, strict=True):
+                assert region.device is not None
+                try:
+                    region.device.load_state(image)
+                except Exception as exc:
+                    raise MigrationError(f"device {region.device.id!r}: {exc}") from exc
+            inc.prepare_pages()
+            tracker.total = sum(n for runs in inc.runs for _s, n in runs)
+            while isinstance(event, PageData):
+                inc.receive_page(event)
+                event = inc.next_event()
+            if not isinstance(event, End):
+                raise StreamError(f"unexpected {type(event).__name__} after the page sections")
+            inc.check_complete(event)
+            for region in managed:
+                for offset, length in region.discarded_runs():
+                    region.mr.ram.discard_range(offset, length)  # type: ignore[union-attr]
+        except BaseException as exc:
+            _reset(regions, requested, freeze)
+            if isinstance(exc, MigrationError):
+                raise
+            if isinstance(exc, Exception):
+                raise MigrationError(f"restore failed, destination reset to all discarded: {exc!r}") from exc
+            raise
+        final = tracker.finish()
+    return MigrationStats(
+        len(regions),
+        len(devices),
+        event.page_sections,
+        event.page_bytes,
+        final.stream_bytes,
+        time.perf_counter() - start,
+    )
+
+
+def load(
+    address_space: AddressSpace,
+    devices: Sequence[VirtioMem],
+    fileobj: BinaryIO,
+    *,
+    progress: ProgressFn | None = None,
+) -> MigrationStats:
+    """Restore what :func:`ramdiscard.migration.save` wrote (stream or sparse snapshot,
+    read from the current position; a sparse snapshot must start at offset 0 of a
+    seekable file). See the module rules for validation and the failure guarantee."""
+    pfile: PositionalFile | None = None
+    try:
+        if fileobj.seekable():
+            pfile = PositionalFile(fileobj)
+    except (AttributeError, OSError, io.UnsupportedOperation, MigrationError):
+        pfile = None
+    return load_from_reader(address_space, devices, FileReader(fileobj), pfile, progress, "restore")

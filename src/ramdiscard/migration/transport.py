@@ -1,0 +1,309 @@
+"""Byte transports for migration streams: files and TCP sockets.
+
+Rules:
+
+* A :class:`Sink` sends a header and optionally a memoryview of guest memory after it,
+  completely or not at all from the caller's view (partial sends are continued; an error
+  raises). Guest memory is passed to the kernel as a memoryview: never copied in Python.
+* A :class:`Reader` fills a memoryview completely (``read_exact``) or raises
+  :class:`StreamError` ("truncated") at end of stream; data goes straight into the target
+  memory, guest memory included.
+* Every socket send/recv passes ``faults.checkpoint(Op.SOCK_SEND / Op.SOCK_RECV)`` first,
+  every file write/read ``Op.FILE_WRITE / Op.FILE_READ``.
+* Over TCP the destination answers the finished stream with a status message: ``OK`` or
+  ``ER`` plus a UTF-8 reason (its MigrationError). :func:`migrate_to` waits for it, so a
+  source only reports success when the destination has loaded everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import select
+import socket
+import struct
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, BinaryIO, Protocol
+
+from ramdiscard import faults
+from ramdiscard.faults import Op
+from ramdiscard.migration.stream import Buffer, MigrationError, StreamError
+
+if TYPE_CHECKING:
+    from ramdiscard.memory import AddressSpace
+    from ramdiscard.migration.progress import ProgressFn
+    from ramdiscard.migration.source import MigrationStats
+    from ramdiscard.virtio_mem import VirtioMem
+
+_STATUS = struct.Struct("<2sI")
+STATUS_TIMEOUT = 60.0
+
+
+class Sink(Protocol):
+    def send(self, header: bytes, data: memoryview | None = None) -> None: ...
+
+
+class Reader(Protocol):
+    def read_exact(self, view: memoryview) -> None: ...
+
+
+class PeerAnswered(MigrationError):
+    """The destination sent its status before the stream ended (it refused the stream)."""
+
+
+class SocketSink:
+    """Sends with ``sendmsg`` (header and guest memory in one call when possible).
+
+    Before each page chunk it polls (without blocking) whether the destination has
+    already answered: a destination that refuses the stream says so at once, and the
+    source stops instead of pushing the rest of guest memory into a closed connection.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def send(self, header: bytes, data: memoryview | None = None) -> None:
+        if data is not None:
+            readable, _w, _x = select.select([self.sock], [], [], 0)
+            if readable:
+                raise PeerAnswered("the destination answered before the end of the stream")
+        bufs: list[Buffer] = [header] if data is None else [header, data]
+        total = len(header) + (data.nbytes if data is not None else 0)
+        faults.checkpoint(Op.SOCK_SEND)
+        sent = self.sock.sendmsg(bufs)
+        if sent == total:
+            return
+        # Partial send: continue with what is left, still without copying guest memory.
+        if sent < len(header):
+            faults.checkpoint(Op.SOCK_SEND)
+            self.sock.sendall(header[sent:])
+            sent = len(header)
+        if data is not None:
+            faults.checkpoint(Op.SOCK_SEND)
+            self.sock.sendall(data[sent - len(header) :])
+
+
+class SocketReader:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def read_exact(self, view: memoryview) -> None:
+        pos, n = 0, view.nbytes
+        while pos < n:
+            faults.checkpoint(Op.SOCK_RECV)
+            got = self.sock.recv_into(view[pos:], n - pos)
+            if got == 0:
+                raise StreamError(f"stream truncated: connection closed {n - pos} bytes early")
+            pos += got
+
+
+class FileSink:
+    """Writes to a binary file object (anything with ``write``)."""
+
+    def __init__(self, fileobj: BinaryIO) -> None:
+        self.f = fileobj
+
+    def _write(self, buf: Buffer) -> None:
+        with memoryview(buf) as view:
+            pos = 0
+            while pos < view.nbytes:
+                faults.checkpoint(Op.FILE_WRITE)
+                n = self.f.write(view[pos:])
+                pos += view.nbytes - pos if n is None else n
+
+    def send(self, header: bytes, data: memoryview | None = None) -> None:
+        self._write(header)
+        if data is not None:
+            self._write(data)
+
+
+class FileReader:
+    """Reads from a binary file object (anything with ``readinto``)."""
+
+    def __init__(self, fileobj: BinaryIO) -> None:
+        self.f = fileobj
+
+    def read_exact(self, view: memoryview) -> None:
+        pos, n = 0, view.nbytes
+        while pos < n:
+            faults.checkpoint(Op.FILE_READ)
+            got = self.f.readinto(view[pos:])  # type: ignore[attr-defined]
+            if not got:
+                raise StreamError(f"stream truncated: end of file {n - pos} bytes early")
+            pos += got
+
+
+class PositionalFile:
+    """Reads and writes at file offsets (``pread``/``pwrite`` on the descriptor when there
+    is one, seek + read/write otherwise); used by sparse snapshot files."""
+
+    def __init__(self, fileobj: BinaryIO) -> None:
+        self.f = fileobj
+        try:
+            self.fd: int | None = fileobj.fileno()
+        except (AttributeError, OSError, io.UnsupportedOperation):
+            self.fd = None
+        if not fileobj.seekable():
+            raise MigrationError("a sparse snapshot needs a seekable file")
+
+    def size(self) -> int:
+        if self.fd is not None:
+            return os.fstat(self.fd).st_size
+        return self.f.seek(0, io.SEEK_END)
+
+    def truncate(self, size: int) -> None:
+        self.f.flush()
+        if self.fd is not None:
+            os.ftruncate(self.fd, size)
+        else:
+            self.f.truncate(size)
+
+    def pwrite(self, data: Buffer, offset: int) -> None:
+        with memoryview(data) as view:
+            pos = 0
+            while pos < view.nbytes:
+                faults.checkpoint(Op.FILE_WRITE)
+                if self.fd is not None:
+                    n = os.pwrite(self.fd, view[pos:], offset + pos)
+                else:
+                    self.f.seek(offset + pos)
+                    n = self.f.write(view[pos:])
+                pos += n
+
+    def pread_exact(self, view: memoryview, offset: int) -> None:
+        pos, n = 0, view.nbytes
+        while pos < n:
+            faults.checkpoint(Op.FILE_READ)
+            if self.fd is not None:
+                got = os.preadv(self.fd, [view[pos:]], offset + pos)
+            else:
+                self.f.seek(offset + pos)
+                got = self.f.readinto(view[pos:]) or 0  # type: ignore[attr-defined]
+            if got == 0:
+                raise StreamError(f"snapshot truncated: no data at file offset {offset + pos:#x}")
+            pos += got
+
+
+# -- TCP endpoints ----------------------------------------------------------------------------
+
+
+def send_status(sock: socket.socket, error: str | None) -> None:
+    msg = b"" if error is None else error.encode()[:4096]
+    faults.checkpoint(Op.SOCK_SEND)
+    sock.sendall(_STATUS.pack(b"OK" if error is None else b"ER", len(msg)) + msg)
+
+
+def recv_status(sock: socket.socket) -> str | None:
+    """The destination's verdict: None for success, else its error message."""
+    reader = SocketReader(sock)
+    head = bytearray(_STATUS.size)
+    try:
+        reader.read_exact(memoryview(head))
+    except StreamError as exc:
+        raise MigrationError("the destination closed the connection without a status") from exc
+    code, length = _STATUS.unpack(head)
+    if code == b"OK" and length == 0:
+        return None
+    if code != b"ER" or length > 4096:
+        raise MigrationError(f"the destination sent a malformed status {bytes(head)!r}")
+    msg = bytearray(length)
+    reader.read_exact(memoryview(msg))
+    return msg.decode(errors="replace")
+
+
+def migrate_to(
+    host: str,
+    port: int,
+    address_space: AddressSpace,
+    devices: Sequence[VirtioMem],
+    *,
+    chunk_size: int | None = None,
+    progress: ProgressFn | None = None,
+    timeout: float | None = STATUS_TIMEOUT,
+) -> MigrationStats:
+    """Migrate to a destination listening on ``host:port`` (:func:`receive_from` there).
+
+    Devices are busy from the first byte until the destination's answer (or a failure).
+    Returns the statistics; raises MigrationError if the destination refused the stream,
+    OSError for connection problems.
+    """
+    from ramdiscard.migration.source import DEFAULT_CHUNK, save_to_sink
+
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.settimeout(None)
+        _tune(sock)
+        try:
+            stats = save_to_sink(
+                address_space, devices, SocketSink(sock), chunk_size or DEFAULT_CHUNK, progress, phase="send"
+            )
+        except (PeerAnswered, BrokenPipeError, ConnectionResetError) as exc:
+            # The destination refused the stream and (probably) said why: report that.
+            sock.settimeout(timeout)
+            try:
+                error = recv_status(sock)
+            except (MigrationError, OSError):
+                error = None
+            if error is not None:
+                raise MigrationError(f"the destination refused the migration: {error}") from exc
+            raise
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(timeout)
+        error = recv_status(sock)
+    if error is not None:
+        raise MigrationError(f"the destination refused the migration: {error}")
+    return stats
+
+
+def receive_from(
+    listen_socket: socket.socket,
+    address_space: AddressSpace,
+    devices: Sequence[VirtioMem],
+    *,
+    progress: ProgressFn | None = None,
+    accept_timeout: float | None = None,
+) -> MigrationStats:
+    """Accept one connection on ``listen_socket`` and load the stream it carries.
+
+    The source is told the outcome. Raises MigrationError (destination reset to all
+    discarded, see :func:`ramdiscard.migration.load`) when the stream is refused.
+    """
+    from ramdiscard.migration.destination import load_from_reader
+
+    listen_socket.settimeout(accept_timeout)
+    conn, _peer = listen_socket.accept()
+    with conn:
+        conn.settimeout(None)
+        _tune(conn)
+        try:
+            stats = load_from_reader(address_space, devices, SocketReader(conn), None, progress, "receive")
+        except Exception as exc:
+            try:
+                send_status(conn, str(exc) or type(exc).__name__)
+                _drain(conn)
+            except OSError:
+                pass
+            raise
+        send_status(conn, None)
+    return stats
+
+
+def _drain(sock: socket.socket, limit: float = 5.0) -> None:
+    """Read and drop what the source still sends until it closes (or ``limit`` seconds):
+    closing with unread data would reset the connection and lose our status message."""
+    sock.shutdown(socket.SHUT_WR)
+    sock.settimeout(limit)
+    buf = bytearray(1 << 16)
+    try:
+        while True:
+            faults.checkpoint(Op.SOCK_RECV)
+            if not sock.recv_into(buf):
+                break
+    except OSError:
+        pass
+
+
+def _tune(sock: socket.socket) -> None:
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
