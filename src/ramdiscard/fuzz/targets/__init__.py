@@ -7,12 +7,13 @@ from ramdiscard.fuzz.engine import Target
 
 def all_targets() -> list[Target]:
     """Every target known to this build (unavailable ones report why when run)."""
-    from ramdiscard.fuzz.targets import qmp, scenario, state, text, virtio
+    from ramdiscard.fuzz.targets import migration, qmp, scenario, state, text, virtio
 
     return [
         virtio.REQUEST_TARGET,
         virtio.SEQUENCE_TARGET,
         state.STATE_TARGET,
+        migration.MIGRATION_TARGET,
         text.TRACE_TARGET,
         qmp.QMP_TARGET,
         scenario.SCENARIO_TARGET,
