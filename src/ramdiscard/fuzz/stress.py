@@ -10,7 +10,8 @@ Rules:
   random sections; a topology thread mapping and unmapping the device region and
   attaching/detaching DMA-style memory listeners (which register RamDiscardListeners from
   ``region_add``, under the topology lock); a state thread saving the device state and
-  checking each image; a reset thread doing occasional device and system resets.
+  checking each image (and now and then a whole migration save, during which the
+  device is frozen); a reset thread doing occasional device and system resets.
 * The checker takes the device lock and runs
   :func:`~ramdiscard.fuzz.invariants.check_device` over every registered listener, and
   every 20th time :func:`~ramdiscard.fuzz.invariants.check_residency`.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import importlib.util
+import io
 import random
 import struct
 import tempfile
@@ -121,18 +123,26 @@ class _Stress:
             policy=self.policy,
             dynamic_memslots=dynamic_memslots,
             usable_extent=2 * BS,
-            busy=lambda: self.busy,
+            busy=self._busy,
         )
         self.root = MemoryRegion.new_container("stress-root", ADDR + SIZE)
         self.space = AddressSpace("stress", self.root)
         self.counts_lock = threading.Lock()
         self.dma: list[DmaListener] = []
+        self.migration: Any = None
+        if importlib.util.find_spec("ramdiscard.migration") is not None:
+            import ramdiscard.migration
+
+            self.migration = ramdiscard.migration
         self.container: Any = None
         if importlib.util.find_spec("ramdiscard.vfio") is not None:
             from ramdiscard.dma import NullDmaBackend
             from ramdiscard.vfio import VfioContainer
 
             self.container = VfioContainer(NullDmaBackend(), policy=self.policy)
+
+    def _busy(self) -> bool:
+        return self.busy
 
     # -- bookkeeping ------------------------------------------------------------------------
 
@@ -249,6 +259,14 @@ class _Stress:
         time.sleep(rng.random() * 0.002)
 
     def state(self, rng: random.Random) -> None:
+        if self.migration and rng.random() < 0.1:
+            # A whole migration save: the device answers BUSY meanwhile, then its own
+            # busy predicate must be back.
+            stats = self.migration.save(self.space, [self.dev], io.BytesIO())
+            assert stats.page_bytes % BS == 0, stats
+            assert self.dev._busy == self._busy, "a migration save left the device frozen"
+            self.count("migrate_save")
+            return
         image = decode_state(self.dev.save_state())
         bits = int.from_bytes(image.bitmap, "little")
         assert bits.bit_count() * BS == image.plugged_size, "image plugged size != bitmap"
