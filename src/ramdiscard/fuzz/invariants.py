@@ -29,6 +29,7 @@ from ramdiscard.rdm.listener import RamDiscardListener
 
 if TYPE_CHECKING:
     from ramdiscard.memory.section import MemoryRegionSection
+    from ramdiscard.rdm.block_state import BlockStateManager
     from ramdiscard.virtio_mem.device import VirtioMem
 
 PAGE = 4096
@@ -105,28 +106,20 @@ class ViewListener(RamDiscardListener):
         self.discards += 1
 
 
-def populated_pages(dev: VirtioMem) -> npt.NDArray[np.bool_]:
-    """Page-granular populated map of the device's whole region."""
-    out = np.zeros(dev.region_size // PAGE, dtype=bool)
-    for start, end in dev.populated_runs():
+def populated_pages(manager: BlockStateManager) -> npt.NDArray[np.bool_]:
+    """Page-granular populated map of the manager's whole region."""
+    out = np.zeros(manager.region.size // PAGE, dtype=bool)
+    for start, end in manager.populated_runs():
         out[start // PAGE : end // PAGE] = True
     return out
 
 
-def check_device(dev: VirtioMem, listeners: Iterable[ViewListener] = ()) -> None:
-    """Sizes, usable region and listener views (see the module rules)."""
-    with dev.lock:
-        bs = dev.block_size
-        count = dev.count_populated(0, dev.region_size)
-        assert dev.plugged_size == count, f"plugged_size {dev.plugged_size:#x} != popcount bytes {count:#x}"
-        assert dev.plugged_size % bs == 0 and dev.usable_region_size % bs == 0
-        assert 0 <= dev.usable_region_size <= dev.region_size
-        tail = dev.region_size - dev.usable_region_size
-        if tail:
-            beyond = dev.count_populated(dev.usable_region_size, tail)
-            assert beyond == 0, f"{beyond:#x} bytes plugged beyond the usable region"
-        pages = populated_pages(dev)
-        registered = set(map(id, dev.listeners))
+def check_listeners(manager: BlockStateManager, listeners: Iterable[ViewListener]) -> None:
+    """Every registered listener's view == populated ∩ its section; an unregistered one
+    holds nothing; no listener saw a protocol violation."""
+    with manager.lock:
+        pages = populated_pages(manager)
+        registered = set(map(id, manager.listeners))
         for lst in listeners:
             assert not lst.errors, f"listener protocol violations: {lst.errors[:3]}"
             sec = lst.section
@@ -141,8 +134,23 @@ def check_device(dev: VirtioMem, listeners: Iterable[ViewListener] = ()) -> None
                 raise AssertionError(
                     f"{lst!r} view differs from populated ∩ section at {diff.size} pages, "
                     f"first page {int(diff[0]) * PAGE + sec.offset_within_region:#x} "
-                    f"(listener {bool(have[diff[0]])}, device {bool(want[diff[0]])})"
+                    f"(listener {bool(have[diff[0]])}, manager {bool(want[diff[0]])})"
                 )
+
+
+def check_device(dev: VirtioMem, listeners: Iterable[ViewListener] = ()) -> None:
+    """Sizes, usable region and listener views (see the module rules)."""
+    with dev.lock:
+        bs = dev.block_size
+        count = dev.count_populated(0, dev.region_size)
+        assert dev.plugged_size == count, f"plugged_size {dev.plugged_size:#x} != popcount bytes {count:#x}"
+        assert dev.plugged_size % bs == 0 and dev.usable_region_size % bs == 0
+        assert 0 <= dev.usable_region_size <= dev.region_size
+        tail = dev.region_size - dev.usable_region_size
+        if tail:
+            beyond = dev.count_populated(dev.usable_region_size, tail)
+            assert beyond == 0, f"{beyond:#x} bytes plugged beyond the usable region"
+        check_listeners(dev, listeners)
 
 
 @runtime_checkable
@@ -172,10 +180,11 @@ def _merge(runs: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def check_container(container: object, dev: VirtioMem) -> None:
-    """A vfio container attached over ``dev``: the IOVA ranges it maps for the device's
-    region equal populated ∩ each registered RDM section, and its backend pins exactly the
-    mapped bytes (call with the device lock held; the container lock is taken inside)."""
+def check_container(container: object, dev: BlockStateManager) -> None:
+    """A vfio container attached over ``dev`` (a device or any block-state manager): the
+    IOVA ranges it maps for the manager's region equal populated ∩ each registered RDM
+    section, and its backend pins exactly the mapped bytes (take the manager lock first
+    when other threads run; the container lock is taken inside)."""
     from ramdiscard.vfio import VfioContainer
 
     assert isinstance(container, VfioContainer)
