@@ -69,7 +69,9 @@ def test_demo_tables(tmp_path: Path) -> None:
 
 
 def test_run_examples_json() -> None:
-    for name in ("small-vfio.toml", "dynamic-memslots.toml", "memfd-backed.toml", "dma-limit.toml"):
+    for name in (
+        "small-vfio.toml", "dynamic-memslots.toml", "memfd-backed.toml", "dma-limit.toml", "lifecycle.toml",
+    ):  # fmt: skip
         r = cli("run", str(ROOT / "examples" / name), "--json", "--quiet")
         assert r.returncode == 0, (name, r.stderr)
         out = json.loads(r.stdout)
@@ -99,6 +101,14 @@ def test_run_reports_bad_key_in_one_line(tmp_path: Path) -> None:
         ("frobnicate",),
         ("replay", "--block-size", "x", "t"),
         ("demo", "--region-size", "100M", "--quiet"),
+        ("serve", "/nonexistent.toml", "--qmp", "unix:/tmp/x.sock"),
+        ("serve", "x.toml", "--qmp", "udp:1.2.3.4:5"),
+        ("serve", "x.toml"),
+        ("migrate",),
+        ("migrate", "send", "--port", "1", "--size", "1Q"),
+        ("migrate", "send", "--port", "1", "--size", "64M", "--low", "0", "--plugged", "4M", "--quiet"),
+        ("dump", "/nonexistent.toml", "out.elf"),
+        ("dump", "x.toml"),
     ],
 )
 def test_bad_arguments_exit_nonzero_with_one_line(args: tuple[str, ...]) -> None:
@@ -109,13 +119,67 @@ def test_bad_arguments_exit_nonzero_with_one_line(args: tuple[str, ...]) -> None
     assert lines[0].startswith("ramdiscard") and "Traceback" not in r.stderr
 
 
+COMMANDS = ("demo", "run", "replay", "bench", "serve", "migrate", "dump")
+
+
 def test_help_for_every_command() -> None:
+    import argparse
+
+    from ramdiscard.cli.main import build_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subs.choices) == set(COMMANDS)  # a new command must be added here and to docs/cli.md
+    docs = (ROOT / "docs" / "cli.md").read_text()
     r = cli("--help")
     assert r.returncode == 0
-    for cmd in ("demo", "run", "replay", "bench"):
-        assert cmd in r.stdout
-        sub = cli(cmd, "--help")
+    for cmd in (*COMMANDS, "migrate send", "migrate receive"):
+        assert cmd.split()[0] in r.stdout
+        sub = cli(*cmd.split(), "--help")
         assert sub.returncode == 0 and "usage: ramdiscard " + cmd in sub.stdout
+        assert f"ramdiscard {cmd}" in docs
+        for line in sub.stdout.splitlines():  # every option has a help text
+            if line.startswith("  -") and "  " not in line.strip():
+                idx = sub.stdout.splitlines().index(line)
+                assert sub.stdout.splitlines()[idx + 1].startswith(" " * 10), (cmd, line)
+
+
+def test_dump_command_writes_boot_ram_and_plugged_memory(tmp_path: Path) -> None:
+    sc = tmp_path / "s.toml"
+    sc.write_text(
+        'boot-ram = "16M"\n[[devices]]\nid = "vmem0"\nsize = "256M"\n[[steps]]\nrequested-size = "32M"\n'
+    )
+    out = tmp_path / "core.elf"
+    r = cli("dump", str(sc), str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["bytes"] == 48 * MiB and info["plugged"] == 32 * MiB and info["segments"] == 2
+    assert out.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_migrate_send_and_receive_between_two_processes() -> None:
+    recv = subprocess.Popen(
+        [sys.executable, "-m", "ramdiscard.cli.main", "migrate", "receive", "--size", "128M", "--low", "4M",
+         "--json", "--timeout", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    try:
+        assert recv.stderr is not None
+        line = recv.stderr.readline()
+        assert line.startswith("listening on 127.0.0.1:"), line
+        port = line.rsplit(":", 1)[1].strip()
+        r = cli(
+            "migrate", "send", "--port", port, "--size", "128M", "--low", "4M", "--plugged", "32M", "--json"
+        )
+        assert r.returncode == 0, r.stderr
+        out, err = recv.communicate(timeout=60)
+    finally:
+        if recv.poll() is None:
+            recv.kill()
+    assert recv.returncode == 0, err
+    row = json.loads(out)
+    assert row["role"] == "destination" and row["bad_blocks"] == 0 and row["resident_outside_plugged"] == 0
+    assert row["page_bytes"] == 36 * MiB
 
 
 def test_replay_sample_trace_has_no_mismatch() -> None:

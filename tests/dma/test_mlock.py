@@ -104,11 +104,7 @@ def test_close_unlocks_everything_even_after_munmap() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(
-    st.lists(
-        st.tuples(st.integers(0, 31), st.integers(1, 8), st.booleans()), min_size=1, max_size=30
-    )
-)
+@given(st.lists(st.tuples(st.integers(0, 31), st.integers(1, 8), st.booleans()), min_size=1, max_size=30))
 def test_coverage_matches_a_per_page_model(ops: list[tuple[int, int, bool]]) -> None:
     cov = _Coverage()
     model = [0] * 40

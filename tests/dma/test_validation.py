@@ -21,9 +21,7 @@ from ramdiscard.units import MiB
 BACKENDS: list[object] = [
     NullDmaBackend,
     MlockDmaBackend,
-    pytest.param(
-        IoUringDmaBackend, marks=pytest.mark.skipif(not IOURING_OK, reason=IOURING_REASON)
-    ),
+    pytest.param(IoUringDmaBackend, marks=pytest.mark.skipif(not IOURING_OK, reason=IOURING_REASON)),
 ]
 
 
@@ -38,9 +36,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[DmaBackend]:
     ("offset", "size"),
     [(0, 0), (0, -4096), (0, 4095), (1, 4096), (0, 4096 + 1), (2048, 4096)],
 )
-def test_bad_ranges_rejected(
-    backend: DmaBackend, anon: Callable[..., Anon], offset: int, size: int
-) -> None:
+def test_bad_ranges_rejected(backend: DmaBackend, anon: Callable[..., Anon], offset: int, size: int) -> None:
     a = anon(1 * MiB)
     with pytest.raises(InvalidArgument):
         backend.pin(a.address + offset, size)

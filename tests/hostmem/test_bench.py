@@ -14,7 +14,19 @@ def test_quick_run_rows() -> None:
             for op in ("populate", "discard"):
                 assert (op, backing, chunk) in seen
     for r in rows:
-        assert set(r) == {"name", "backing", "chunk", "ours_ns", "raw_ns", "ratio", "gib_s"}
+        assert set(r) == {
+            "group",
+            "name",
+            "backing",
+            "chunk",
+            "ours_ns",
+            "raw_ns",
+            "ratio",
+            "gib_s",
+            "target",
+        }
+        assert r["group"] == "hostmem"
+        assert r["target"] == (bench.TARGET if r["chunk"] >= 2 * 1024 * 1024 else None)
         assert isinstance(r["ours_ns"], int) and r["ours_ns"] > 0
         assert isinstance(r["raw_ns"], int) and r["raw_ns"] > 0
         assert isinstance(r["ratio"], float) and r["ratio"] > 0

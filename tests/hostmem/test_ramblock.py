@@ -415,9 +415,7 @@ def test_close_with_derived_views_alive(kind: Kind, make_block: BlockFactory) ->
     assert open_fd_count() == fds
 
 
-def test_unclosed_block_is_freed_by_gc(
-    kind: Kind, make_block: BlockFactory, scratch_dir: Path
-) -> None:
+def test_unclosed_block_is_freed_by_gc(kind: Kind, make_block: BlockFactory, scratch_dir: Path) -> None:
     make_block(4 * MiB).close()
     gc.collect()
     fds, maps = open_fd_count(), mapping_count()

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from ramdiscard.dma import iouring_available
 from ramdiscard.guest import DriverState
 from ramdiscard.hostmem import proc_status
-from ramdiscard.machine import DmaLimitExceeded, Machine, parse_scenario
+from ramdiscard.machine import Machine, parse_scenario
 from ramdiscard.units import MiB
+from ramdiscard.vfio import DmaLimitError
 
 IOURING = iouring_available()[0]
 
@@ -100,7 +101,7 @@ def test_file_backing_files_removed_at_close(tmp_path: Path) -> None:
 def test_dma_limit_check_and_runtime_refusal() -> None:
     # KVM in use: QEMU reserves 32764 mappings for memslots; 100 are left for 512M of 2M blocks
     tight = _scenario().replace('backend = "null"', 'backend = "null"\ndma-limit = 32864')
-    with pytest.raises(DmaLimitExceeded, match="use a block-size of at least 8 MiB"):
+    with pytest.raises(DmaLimitError, match="use a virtio-mem block-size of at least 8 MiB"):
         Machine.from_scenario(parse_scenario(tight))
     relaxed = _scenario().replace(
         'backend = "null"', 'backend = "null"\ndma-limit = 100\ndma-limit-check = false'

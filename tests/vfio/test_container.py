@@ -5,13 +5,25 @@ test_real_memory.py."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ramdiscard import faults
 from ramdiscard.errors import DiscardPolicyError
 from ramdiscard.memory import AddressSpace, MemoryRegion, MemoryRegionSection
 from ramdiscard.rdm import BlockStateManager
 from ramdiscard.units import GiB, MiB
-from ramdiscard.vfio import DmaLimitError, IommuMapRefused, IommuPinWarning, VfioContainer
+from ramdiscard.vfio import (
+    DmaLimitError,
+    IommuMapRefused,
+    IommuPinWarning,
+    MappingLimitError,
+    RdmRange,
+    VfioContainer,
+    check_dma_limit,
+    smallest_granularity,
+    worst_case_mappings,
+)
 from ramdiscard.virtio_mem import ResponseType
 
 from .conftest import ADDR, BS, World
@@ -224,3 +236,57 @@ def test_iommu_map_refuses_unpopulated_and_warns_once(world: World) -> None:
     assert iovas(c) == [(0x1000_0000, 4 * MiB), (0x2000_0000, 1 * MiB)]
     assert c.iommu_unmap(0x1000_0000, 0x2000_0000) == 5 * MiB
     del space
+
+
+def test_dma_limit_check_off_shows_the_limit_at_run_time(world: World) -> None:
+    dev = world.vmem(64 * MiB, "fake", requested_size=64 * MiB)
+    space = world.space(dev)
+    # The worst case (32 granules + 10 memslots - 1) exceeds 20; without the check the
+    # section registers and the limit shows when a populate needs more than is left.
+    c = world.container(max_mappings=20, max_memslots=10, dma_limit_check=False)
+    c.attach(space)
+    assert c.worst_case_mappings() == 41
+    assert dev.plug(ADDR, 16) is ResponseType.ACK
+    assert dev.plug(ADDR + 16 * BS, 8) is ResponseType.BUSY  # 24 > 20: refused whole
+    assert c.mapping_count == 16 and c.refused_maps == 1 and c.backend.pin_count == 16
+    assert dev.plug(ADDR + 16 * BS, 4) is ResponseType.ACK
+    assert c.peak_mapping_count == 20 and c.peak_mapped_bytes == 20 * BS
+    assert dev.unplug(ADDR, 20) is ResponseType.ACK
+    assert c.mapping_count == 0 and c.peak_mapping_count == 20 and c.peak_mapped_bytes == 20 * BS
+    with pytest.raises(MappingLimitError):
+        for i in range(21):
+            c.dma_map(i * 4096, 0x7F0000000000 + i * 4096, 4096)
+    assert c.refused_maps == 2 and c.mapping_count == 20
+
+
+def test_dma_limit_message_names_a_block_size_that_fits() -> None:
+    # 256 GiB of hot-pluggable memory: 8 MiB blocks fit the default limit with 512 memslots.
+    records = [RdmRange(4 * GiB, 256 * GiB, BS)]
+    assert smallest_granularity(records, 512, 65535) == 8 * MiB
+    with pytest.raises(DmaLimitError, match="block-size of at least 8 MiB"):
+        check_dma_limit(records, 512, 65535)
+    assert smallest_granularity(records, 70000, 65535) is None
+    with pytest.raises(DmaLimitError, match="no block-size fits"):
+        check_dma_limit(records, 70000, 65535)
+    check_dma_limit([RdmRange(4 * GiB, 256 * GiB, 8 * MiB)], 512, 65535)
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 64), st.integers(1, 64), st.integers(20, 24)), min_size=1, max_size=4),
+    st.integers(0, 600),
+    st.integers(1, 5000),
+)
+def test_smallest_granularity_is_the_smallest_that_passes(
+    recs: list[tuple[int, int, int]], memslots: int, limit: int
+) -> None:
+    records = [RdmRange(a * MiB, n * MiB, 1 << g) for a, n, g in recs]
+    g = smallest_granularity(records, memslots, limit)
+
+    def passes(gran: int) -> bool:
+        widened = [RdmRange(r.address, r.size, max(gran, r.granularity)) for r in records]
+        return worst_case_mappings(widened, memslots) <= limit
+
+    if g is None:
+        assert not any(passes(1 << k) for k in range(20, 40))
+    else:
+        assert passes(g) and (g == MiB or not passes(g // 2))

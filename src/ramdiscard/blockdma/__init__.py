@@ -7,10 +7,11 @@
 * :class:`BlockDmaConsumer` / :func:`make_consumer`: the machine-scenario wrapper.
 """
 
-from ramdiscard.blockdma.consumer import BlockDmaConsumer, make_backend, make_consumer
+from ramdiscard.blockdma.consumer import BlockDmaConsumer, make_consumer
 from ramdiscard.blockdma.errors import IovaExhausted
 from ramdiscard.blockdma.iova import IovaAllocator
 from ramdiscard.blockdma.mapper import BlockStatus, MappingMode, RamBlockDmaMapper
+from ramdiscard.dma import make_backend  # where it lives now; kept for callers of blockdma
 
 __all__ = [
     "BlockDmaConsumer",

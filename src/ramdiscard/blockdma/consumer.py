@@ -25,28 +25,13 @@ from ramdiscard.blockdma.mapper import (
     DEFAULT_IOVA_SIZE,
     RamBlockDmaMapper,
 )
-from ramdiscard.dma import DmaBackend, IoUringDmaBackend, MlockDmaBackend, NullDmaBackend, default_backend
+from ramdiscard.dma import BACKENDS, DmaBackend, make_backend
 from ramdiscard.errors import InvalidArgument
 
 if TYPE_CHECKING:
     from ramdiscard.memory.address_space import AddressSpace
     from ramdiscard.ramblocks.registry import RamBlockRegistry
     from ramdiscard.rdm.policy import DiscardPolicy
-
-BACKENDS = ("auto", "io_uring", "mlock", "null")
-
-
-def make_backend(kind: str) -> DmaBackend:
-    """A new DMA backend by scenario name; InvalidArgument for an unknown one."""
-    if kind == "auto":
-        return default_backend()
-    if kind == "io_uring":
-        return IoUringDmaBackend()
-    if kind == "mlock":
-        return MlockDmaBackend()
-    if kind == "null":
-        return NullDmaBackend()
-    raise InvalidArgument(f"unknown DMA backend {kind!r}; expected one of {', '.join(BACKENDS)}")
 
 
 class BlockDmaConsumer:
@@ -112,12 +97,25 @@ class BlockDmaConsumer:
         if backend is not None:
             backend.close()
 
+    @property
+    def pinned_bytes(self) -> int:
+        """Bytes the mapper holds pinned now (0 before attach / after close)."""
+        mapper = self.mapper
+        return mapper.pinned_bytes if mapper is not None else 0
+
+    def stale_pinned_bytes(self) -> int:
+        """Pinned bytes of whole-pinned blocks that are no longer resident (see
+        :meth:`RamBlockDmaMapper.stale_pinned_bytes`)."""
+        mapper = self.mapper
+        return mapper.stale_pinned_bytes() if mapper is not None else 0
+
     def status(self) -> dict[str, object]:
         out: dict[str, object] = {"id": self.id, "type": self.kind, "backend": self.backend_kind}
         mapper = self.mapper
         if mapper is not None:
             blocks = mapper.blocks()
             out["pinned_bytes"] = mapper.pinned_bytes
+            out["stale_pinned_bytes"] = mapper.stale_pinned_bytes()
             out["blocks"] = len(blocks)
             out["modes"] = {b.name: b.mode.value for b in blocks}
             out["failed"] = [b.name for b in blocks if b.error is not None]

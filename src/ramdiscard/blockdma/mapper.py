@@ -67,6 +67,7 @@ from enum import StrEnum
 from types import TracebackType
 
 from ramdiscard.blockdma.iova import IovaAllocator
+from ramdiscard.dma import stale_pinned_bytes
 from ramdiscard.dma.backend import PAGE_SIZE, DmaBackend, PinHandle
 from ramdiscard.dma.granules import granule_pieces
 from ramdiscard.errors import InvalidArgument, RamDiscardError
@@ -227,6 +228,18 @@ class RamBlockDmaMapper(RamBlockNotifier):
         """Bytes this mapper holds pinned, including pins whose release failed."""
         with topology.lock:
             return sum(b.pinned_bytes for b in self._blocks.values()) + sum(h.size for h in self._stuck)
+
+    def stale_pinned_bytes(self) -> int:
+        """Bytes pinned by ``whole`` blocks that are not resident: memory discarded under a
+        live pin (a provider that discards without the mapper following), which the pin
+        keeps from being freed. Listener blocks unpin before a discard, so never count."""
+        with topology.lock:
+            return sum(
+                stale_pinned_bytes(self.backend, b.region.ram, p.offset, p.size)
+                for b in self._blocks.values()
+                if b.mode is MappingMode.WHOLE
+                for p in b.pins
+            )
 
     @property
     def stuck_pins(self) -> tuple[PinHandle, ...]:

@@ -61,6 +61,24 @@ def _replay(args: argparse.Namespace) -> int:
     return run_replay(args)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from ramdiscard.qmp import run_from_args
+
+    return run_from_args(args)
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from ramdiscard.migration.cli import run
+
+    return run(args)
+
+
+def _dump(args: argparse.Namespace) -> int:
+    from ramdiscard.cli.run import run_dump
+
+    return run_dump(args)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from ramdiscard.cli.bench import collect, render
 
@@ -109,11 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run a scenario file (TOML): devices, consumers, steps; print figures per step",
         description="Build the machine a scenario describes (boot RAM, virtio-mem devices, vfio "
-        "containers, KVM memslots), run its steps with the guest driver model and print plugged, "
-        "guest-touched, resident, VmPin, DMA mappings, memslots and requests per step. See "
-        "examples/*.toml for the format.",
+        "containers, KVM memslots, block DMA mappers), run its steps (resize, unplug-all, "
+        "system-reset, pause, snapshot, restore, migrate, dump) with the guest driver model and "
+        "print plugged, guest-touched, resident, VmPin, DMA mappings, memslots and requests per "
+        "step. See docs/cli.md for the format and examples/*.toml.",
     )
-    run.add_argument("scenario", metavar="SCENARIO.toml")
+    run.add_argument("scenario", metavar="SCENARIO.toml", help="the scenario file (see docs/cli.md)")
     run.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
     run.add_argument("--check", action="store_true", help="only validate the scenario")
     run.add_argument("--workdir", metavar="DIR", help="where file-backed memory is created (default: a "
@@ -129,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         "differ from QEMU's, peak pinned memory, peak DMA mappings against the limit (and the "
         "smallest block size that stays under it), and memslot counts.",
     )
-    replay.add_argument("trace", metavar="TRACE")
+    replay.add_argument("trace", metavar="TRACE", help="a QEMU trace log")
     replay.add_argument("--consumer", choices=("vfio", "kvm", "none"), default="vfio",
                         help="who listens to the device memory (default vfio)")  # fmt: skip
     replay.add_argument("--backend", choices=("null", "io_uring", "mlock"), default="null",
@@ -150,6 +169,46 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--memslot-limit", type=int, default=0, metavar="N", help="memslot limit (0: none)")
     replay.add_argument("--json", action="store_true", help="print the report as JSON")
     replay.set_defaults(func=_replay)
+
+    from ramdiscard import qmp
+    from ramdiscard.migration import cli as migration_cli
+
+    serve = sub.add_parser(
+        "serve",
+        help=qmp.serve_help(),
+        description="Build a scenario's machine, run its guest in the background and serve QMP "
+        "(qemu.qmp, qmp-shell) on a unix socket or a loopback TCP port until a client sends "
+        "'quit' (or SIGINT/SIGTERM). Steps of the scenario are not run: a QMP client drives the "
+        "machine (qom-set requested-size, query-memory-devices, x-ramdiscard-status, "
+        "x-ramdiscard-migrate, x-ramdiscard-dump). See docs/qmp.md.",
+    )
+    qmp.build_parser(serve)
+    serve.set_defaults(func=_serve)
+
+    migrate = sub.add_parser(
+        "migrate",
+        help="migrate a demo guest between two processes over TCP (send | receive)",
+        description="Live-migration style transfer of a virtio-mem guest between two ramdiscard "
+        "processes: only plugged memory is sent, the receiver checks every block's content and "
+        "that nothing outside the plugged blocks became resident. Start 'receive' first, then "
+        "'send' to its port. See docs/migration-format.md.",
+    )
+    migration_cli.build_parser(migrate)
+    migrate.set_defaults(func=_migrate)
+
+    dump = sub.add_parser(
+        "dump",
+        help="run a scenario's steps, then write an ELF core of the populated guest memory",
+        description="Build the scenario's machine, run its steps, and write the guest memory "
+        "(QEMU's dump-guest-memory) to OUT.elf: one PT_LOAD per populated guest-physical run, so "
+        "unplugged memory is neither read nor written. Readable with readelf, gdb, crash, "
+        "pyelftools.",
+    )
+    dump.add_argument("scenario", metavar="SCENARIO.toml", help="the scenario whose steps run first")
+    dump.add_argument("output", metavar="OUT.elf", help="the core file to write (mode 0600)")
+    dump.add_argument("--workdir", metavar="DIR", help="where file-backed guest memory is created")
+    dump.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
+    dump.set_defaults(func=_dump)
 
     bench = sub.add_parser(
         "bench",

@@ -14,6 +14,7 @@ from typing import Any
 
 from ramdiscard.machine import KvmConsumer, Machine, VfioConsumer, scenario_from_dict
 from ramdiscard.units import MiB, format_size, is_power_of_2
+from ramdiscard.vfio.limits import RdmRange, smallest_granularity, worst_case_mappings
 from ramdiscard.virtio_mem.trace import (
     DiscardRange,
     MemoryDevicePlug,
@@ -50,14 +51,9 @@ def infer_geometry(log: TraceLog) -> dict[str, Any]:
     return out
 
 
-def smallest_block_size(region_size: int, limit: int, max_memslots: int) -> int | None:
+def smallest_block_size(addr: int, region_size: int, limit: int, max_memslots: int) -> int | None:
     """Smallest power-of-two block size >= 1 MiB for which QEMU's DMA check passes."""
-    bs = MiB
-    while bs <= region_size:
-        if -(-region_size // bs) + max_memslots - 1 <= limit:
-            return bs
-        bs <<= 1
-    return None
+    return smallest_granularity([RdmRange(addr, region_size, MiB)], max_memslots, limit)
 
 
 def run_replay(args: argparse.Namespace) -> int:
@@ -109,7 +105,7 @@ def run_replay(args: argparse.Namespace) -> int:
         report = replay_trace(log, dev)
         vfio = next((c for c in machine.consumers if isinstance(c, VfioConsumer)), None)
         kvm = next((c for c in machine.consumers if isinstance(c, KvmConsumer)), None)
-        worst = -(-region // block) + args.max_memslots - 1
+        worst = worst_case_mappings([RdmRange(addr, region, block)], args.max_memslots)
         result: dict[str, Any] = {
             "trace": args.trace,
             "geometry": {"id": dev_id, "addr": addr, "region_size": region, "block_size": block},
@@ -122,22 +118,22 @@ def run_replay(args: argparse.Namespace) -> int:
             "skipped_discards": len(report.skipped_discards),
             "peak_plugged": max(report.plugged_sizes, default=0),
             "consumer": args.consumer,
-            "peak_pinned": vfio.peak_pinned if vfio else None,
-            "peak_dma_mappings": vfio.peak_mappings if vfio else None,
+            "peak_pinned": vfio.container.peak_mapped_bytes if vfio else None,
+            "peak_dma_mappings": vfio.container.peak_mapping_count if vfio else None,
             "dma_limit": args.dma_limit,
             "qemu_dma_check": {
                 "worst_case": worst,
                 "max_memslots": args.max_memslots,
                 "passes": worst <= args.dma_limit,
-                "smallest_block_size": smallest_block_size(region, args.dma_limit, args.max_memslots),
+                "smallest_block_size": smallest_block_size(addr, region, args.dma_limit, args.max_memslots),
             },
-            "refused_maps": vfio.refused_maps if vfio else None,
+            "refused_maps": vfio.container.refused_maps if vfio else None,
             "memslots": {
                 "dynamic": args.dynamic_memslots,
                 "device_memslots": dev.nb_memslots,
                 "memslot_size": dev.memslot_size,
                 "peak_mapped": peak_memslots[0],
-                "peak_kvm_memslots": kvm.peak_memslots if kvm else None,
+                "peak_kvm_memslots": kvm.memslots.peak_slots if kvm else None,
             },
             "notes": notes,
         }

@@ -55,16 +55,18 @@ def run_scenario(args: argparse.Namespace) -> int:
         ) as progress:  # fmt: skip
             task = progress.add_task(f"{sc.name}: building", total=len(sc.steps), detail="")
             machine = Machine.from_scenario(sc, workdir=args.workdir)
-            m = machine
 
             def on_request(dev: str, ex: Exchange) -> None:
+                assert machine is not None
                 progress.update(
-                    task, detail=f"{dev}: {ex}  plugged {format_size(m.devices[dev].plugged_size)}"
+                    task, detail=f"{dev}: {ex}  plugged {format_size(machine.devices[dev].plugged_size)}"
                 )
 
             for i, step in enumerate(sc.steps):
                 progress.update(task, description=f"{sc.name}: {step.describe()}")
-                row = _row(machine.run_step(step, i, on_request=on_request))
+                res = machine.run_step(step, i, on_request=on_request)
+                machine = res.machine or machine  # a migrate step continues on the destination
+                row = _row(res)
                 if len(sc.devices) == 1:
                     row["step"] = row["step"].replace(f"{sc.devices[0].id} -> ", "-> ")
                 rows.append(row)
@@ -111,10 +113,17 @@ def _print(
     console.print(t)
     for c in final["consumers"]:
         if c["type"] == "vfio":
+            check = "" if c["dma_limit_check"] else ", check off"
             console.print(
                 f"{c['id']}: peak {c['peak_dma_mappings']} DMA mappings of {c['dma_limit']} allowed "
-                f"(QEMU worst-case check: {c['worst_case_mappings']}), peak pinned "
+                f"(QEMU worst-case check: {c['worst_case_mappings']}{check}), peak pinned "
                 f"{format_size(c['peak_pinned_bytes'])}, refused maps {c['refused_maps']}"
+            )
+        elif c["type"] == "blockdma":
+            modes = ", ".join(f"{k} {v}" for k, v in c.get("modes", {}).items())
+            console.print(
+                f"{c['id']}: block DMA mapper ({c['backend']}), "
+                f"pinned {format_size(c.get('pinned_bytes', 0))}" + (f"; blocks: {modes}" if modes else "")
             )
         else:
             console.print(
@@ -127,3 +136,26 @@ def _print(
     for n in notes:
         console.print(f"note: {n}")
     sys.stdout.flush()
+
+
+def run_dump(args: argparse.Namespace) -> int:
+    """``ramdiscard dump SCENARIO.toml OUT.elf``: run the steps, then dump."""
+    sc = load_scenario(args.scenario)
+    machine = Machine.from_scenario(sc, workdir=args.workdir)
+    try:
+        for i, step in enumerate(sc.steps):
+            res = machine.run_step(step, i)
+            machine = res.machine or machine
+        info = machine.dump(args.output)
+        plugged = machine.status()["plugged"]
+    finally:
+        machine.close()
+    if args.json:
+        print(json.dumps({"scenario": sc.name, **info, "plugged": plugged}))
+    else:
+        print(
+            f"{info['path']}: {info['segments']} PT_LOAD segments, "
+            f"{format_size(info['bytes'])} of guest memory "
+            f"(boot RAM + {format_size(plugged)} plugged), file {format_size(info['file_size'])}"
+        )
+    return 0

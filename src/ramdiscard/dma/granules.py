@@ -8,6 +8,9 @@ straddles a granule whatever the section's address; the first and last piece are
 to the range.
 
 Shared by every RDM-aware DMA consumer (the vfio container, the RAM-block DMA mapper).
+:func:`granule_bounds` is the one implementation (two lists, built with ``range`` so a
+populate of thousands of granules costs a few list operations);
+:func:`granule_pieces` is the same cut as pairs.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ from ramdiscard.errors import InvalidArgument
 from ramdiscard.units import is_power_of_2
 
 
-def granule_pieces(start: int, end: int, granularity: int) -> Iterator[tuple[int, int]]:
-    """``(piece_start, piece_end)`` for ``[start, end)`` cut at every multiple of
-    ``granularity``, ascending. Empty for ``end <= start``.
+def granule_bounds(start: int, end: int, granularity: int) -> tuple[list[int], list[int]]:
+    """``(starts, ends)`` of ``[start, end)`` cut at every multiple of ``granularity``,
+    ascending; ``starts[i] < ends[i] == starts[i + 1]``. Both empty for ``end <= start``.
 
     Raises InvalidArgument for a granularity that is not a power of two or a negative start.
     """
@@ -28,9 +31,20 @@ def granule_pieces(start: int, end: int, granularity: int) -> Iterator[tuple[int
         raise InvalidArgument(f"granularity {granularity:#x} is not a power of two")
     if start < 0:
         raise InvalidArgument(f"negative start {start:#x}")
-    mask = granularity - 1
-    pos = start
-    while pos < end:
-        stop = min(end, (pos | mask) + 1)
-        yield pos, stop
-        pos = stop
+    if end <= start:
+        return [], []
+    first = (start | (granularity - 1)) + 1
+    if first >= end:
+        return [start], [end]
+    inner = range(first, end, granularity)
+    return [start, *inner], [*inner, end]
+
+
+def granule_pieces(start: int, end: int, granularity: int) -> Iterator[tuple[int, int]]:
+    """``(piece_start, piece_end)`` for ``[start, end)`` cut as :func:`granule_bounds`
+    does, ascending. Empty for ``end <= start``.
+
+    Raises InvalidArgument (at the call, not on iteration) like :func:`granule_bounds`.
+    """
+    starts, ends = granule_bounds(start, end, granularity)
+    return zip(starts, ends, strict=True)

@@ -44,6 +44,7 @@ device's answers and the clock.
 
 from __future__ import annotations
 
+import copy
 import struct
 import time
 from collections.abc import Callable
@@ -260,6 +261,17 @@ class GuestDriver:
         """Model a driver reload with memory plugged: the next request is UNPLUG_ALL."""
         self._unplug_all_required = True
         self._retry_at = None
+
+    def clone(self, device: Device, *, workload: Workload | None = None) -> GuestDriver:
+        """This driver's state (plugged view, last config, pending work, retry timer, log)
+        bound to ``device`` and ``workload``: the driver after a migration or a snapshot
+        restore, where its state travels in guest memory. The original is unchanged."""
+        twin = copy.copy(self)
+        twin.device = device
+        twin.workload = workload
+        twin.log = list(self.log)
+        twin.warnings = list(self.warnings)
+        return twin
 
     def plugged_ranges(self) -> list[tuple[int, int]]:
         """(gpa, size) runs the driver has plugged, ascending."""

@@ -80,6 +80,14 @@ class TouchWorkload:
     def unplugged_all(self) -> None:
         self._used.clear()
 
+    def clone(self, memory: GuestMemory) -> TouchWorkload:
+        """This workload's state (which chunks hold their pattern) over ``memory``: the
+        workload after a migration or a snapshot restore. The original is unchanged."""
+        twin = TouchWorkload(memory, touch=self.touch, chunk_size=self.chunk_size)
+        twin._used = set(self._used)
+        twin.bytes_written = self.bytes_written
+        return twin
+
     def verify(self) -> list[int]:
         """Chunks whose first and last byte do not hold their pattern (should be empty)."""
         bad: list[int] = []

@@ -203,9 +203,7 @@ class RamBlock:
             kind = Backing(backing)
         except ValueError:
             choices = ", ".join(b.value for b in Backing)
-            raise InvalidArgument(
-                f"unknown backing {backing!r}; expected one of {choices}"
-            ) from None
+            raise InvalidArgument(f"unknown backing {backing!r}; expected one of {choices}") from None
         self._backing = kind
         self._name = name if name is not None else f"{kind.value}{next(_names)}"
         self._closed = True  # until fully constructed: close() and __del__ stay harmless
@@ -231,9 +229,7 @@ class RamBlock:
         elif self._path is not None:
             raise InvalidArgument(f"RamBlock {self._name!r}: path is only valid for file backing")
         if readonly and kind is not Backing.FILE:
-            raise InvalidArgument(
-                f"RamBlock {self._name!r}: readonly is only valid for file backing"
-            )
+            raise InvalidArgument(f"RamBlock {self._name!r}: readonly is only valid for file backing")
         if hugepages and kind is Backing.ANONYMOUS:
             raise InvalidArgument(
                 f"RamBlock {self._name!r}: hugetlb pages need memfd or file backing "
@@ -278,8 +274,7 @@ class RamBlock:
                 page_size = bsize
             elif hugepages:
                 raise InvalidArgument(
-                    f"RamBlock {self._name!r}: hugepages=True but {self._path!r} "
-                    "is not on hugetlbfs"
+                    f"RamBlock {self._name!r}: hugepages=True but {self._path!r} is not on hugetlbfs"
                 )
         self._hugetlb = hugetlb
         self._page_size = page_size
@@ -533,17 +528,12 @@ class RamBlock:
                 return
             raise self._populate_error(exc, offset, length, write) from None
 
-    def _populate_error(
-        self, exc: OSError, offset: int, length: int, write: bool
-    ) -> HostMemoryError:
+    def _populate_error(self, exc: OSError, offset: int, length: int, write: bool) -> HostMemoryError:
         op = "madvise(MADV_POPULATE_WRITE)" if write else "madvise(MADV_POPULATE_READ)"
         err = self._os_error(exc, op, offset, length)
         if self._hugetlb:
             pool = measure.hugepage_pool()
-            hint = (
-                f"; hugetlb pool: {pool.free} of {pool.total} pages of "
-                f"{format_size(pool.page_size)} free"
-            )
+            hint = f"; hugetlb pool: {pool.free} of {pool.total} pages of {format_size(pool.page_size)} free"
             if pool.free == 0:
                 hint += " (exhausted)"
             err = HostMemoryError(err.errno or _errno.EIO, f"{err.strerror}{hint}")

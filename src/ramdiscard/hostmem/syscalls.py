@@ -277,4 +277,3 @@ def buffer_address(obj: object) -> int:
         return int(view.buf or 0)
     finally:
         _release_buffer(ctypes.byref(view))
-

@@ -22,7 +22,7 @@ from ramdiscard.kvm.ioctl import (
     guest_memfd_allocate,
     guest_memfd_punch_hole,
 )
-from ramdiscard.kvm.memslots import KvmMemslots, Memslot, MemslotsExhausted
+from ramdiscard.kvm.memslots import KvmMemslots, Memslot, MemslotsExhausted, MemslotVm, ModelVm
 
 __all__ = [
     "GUEST_MEMFD_FLAG_INIT_SHARED",
@@ -43,7 +43,9 @@ __all__ = [
     "KvmMemslots",
     "KvmVm",
     "Memslot",
+    "MemslotVm",
     "MemslotsExhausted",
+    "ModelVm",
     "guest_memfd_allocate",
     "guest_memfd_punch_hole",
 ]

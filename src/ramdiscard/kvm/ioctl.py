@@ -197,9 +197,7 @@ def _fallocate(fd: int, mode: int, offset: int, length: int, what: str) -> None:
         err = ctypes.get_errno()
         if err != errno.EINTR:
             break
-    raise HostMemoryError(
-        err, f"{what}(fd={fd}, [{offset:#x}, +{length:#x})) failed: {os.strerror(err)}"
-    )
+    raise HostMemoryError(err, f"{what}(fd={fd}, [{offset:#x}, +{length:#x})) failed: {os.strerror(err)}")
 
 
 def guest_memfd_allocate(fd: int, offset: int, length: int) -> None:

@@ -15,6 +15,10 @@ Rules:
   propagates.
 * With virtio-mem dynamic memslots the device maps only the memslot aliases that hold
   plugged blocks, so exactly those exist in KVM (qemu-ram-discard §3.9).
+* The VM is anything with KvmVm's memslot calls (:class:`MemslotVm`): a real
+  :class:`~ramdiscard.kvm.ioctl.KvmVm`, or :class:`ModelVm` where ``/dev/kvm`` is not
+  usable (same bookkeeping and limit, no ioctl).
+* Counters for reports: ``peak_slots``, ``created``, ``deleted``.
 
 Theory of operation: the listener is sans-policy glue between
 :class:`~ramdiscard.memory.AddressSpace` and :class:`~ramdiscard.kvm.ioctl.KvmVm`; the
@@ -26,6 +30,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Protocol
 
 from ramdiscard.errors import InvalidArgument, ListenerError, RamDiscardError
 from ramdiscard.kvm.ioctl import KVM_MEM_READONLY, KvmVm
@@ -48,18 +53,55 @@ class Memslot:
     readonly: bool = False
 
 
-class KvmMemslots(MemoryListener):
-    """Mirror of RAM sections as KVM memslots of ``vm`` (a new VM when None, owned and
-    closed by :meth:`close`). ``max_slots`` lowers the limit below KVM_CAP_NR_MEMSLOTS
-    (e.g. to keep slots for other users); it never raises it."""
+class MemslotVm(Protocol):
+    """The memslot calls of :class:`~ramdiscard.kvm.ioctl.KvmVm` that KvmMemslots uses."""
 
-    def __init__(self, vm: KvmVm | None = None, *, max_slots: int | None = None) -> None:
+    def nr_memslots(self) -> int: ...
+
+    def set_user_memory_region(
+        self, slot: int, guest_phys_addr: int, memory_size: int, userspace_addr: int, flags: int = 0
+    ) -> None: ...
+
+    def delete_memory_region(self, slot: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ModelVm:
+    """A VM without ``/dev/kvm``: accepts every memslot call (no ioctl) and reports
+    ``nr_memslots`` (KVM's x86 value by default). For hosts without KVM and for replaying
+    traces, where only the memslot count matters."""
+
+    def __init__(self, nr_memslots: int = 32764) -> None:
+        self._nr = nr_memslots
+
+    def nr_memslots(self) -> int:
+        return self._nr
+
+    def set_user_memory_region(
+        self, slot: int, guest_phys_addr: int, memory_size: int, userspace_addr: int, flags: int = 0
+    ) -> None:
+        pass
+
+    def delete_memory_region(self, slot: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class KvmMemslots(MemoryListener):
+    """Mirror of RAM sections as KVM memslots of ``vm`` (a new real VM when None, owned and
+    closed by :meth:`close`; a given VM is not closed). ``max_slots`` lowers the limit below
+    KVM_CAP_NR_MEMSLOTS (e.g. to keep slots for other users); it never raises it."""
+
+    def __init__(self, vm: MemslotVm | None = None, *, max_slots: int | None = None) -> None:
         if max_slots is not None and (
             isinstance(max_slots, bool) or not isinstance(max_slots, int) or max_slots < 1
         ):
             raise InvalidArgument(f"max_slots must be a positive int, got {max_slots!r}")
         self._own_vm = vm is None
-        self.vm = KvmVm() if vm is None else vm
+        self.vm: MemslotVm = KvmVm() if vm is None else vm
         try:
             self.kvm_nr_memslots = self.vm.nr_memslots()
         except BaseException:
@@ -71,6 +113,13 @@ class KvmMemslots(MemoryListener):
         self._free: list[int] = []
         self._next = 0
         self._space: AddressSpace | None = None
+        self.peak_slots = 0
+        self.created = 0
+        self.deleted = 0
+
+    @property
+    def slot_count(self) -> int:
+        return len(self._slots)
 
     def slots(self) -> list[Memslot]:
         """The live memslots in guest-physical order."""
@@ -136,6 +185,8 @@ class KvmMemslots(MemoryListener):
         self._slots[key] = Memslot(
             slot, section.offset_within_address_space, section.size, host, section.readonly
         )
+        self.created += 1
+        self.peak_slots = max(self.peak_slots, len(self._slots))
 
     def region_del(self, section: MemoryRegionSection) -> None:
         memslot = self._slots.pop((id(section.mr), section.offset_within_address_space), None)
@@ -153,6 +204,7 @@ class KvmMemslots(MemoryListener):
             self._slots[(id(section.mr), section.offset_within_address_space)] = memslot
             raise
         heapq.heappush(self._free, memslot.slot)
+        self.deleted += 1
 
     def _take_id(self, section: MemoryRegionSection) -> int:
         if self._free:

@@ -3,11 +3,11 @@
 API for tools (CLI, QMP server): :func:`load_scenario` / :func:`parse_scenario` ->
 :class:`Scenario`; :meth:`Machine.from_scenario`; per device id ``get_requested_size`` /
 ``set_requested_size`` / ``sizes``; ``run_step`` / ``run_guest`` (synchronous) or
-``start`` / ``wait_converged`` / ``stop`` (background guest thread); ``status()``;
-``lock``; ``close()``.
+``start`` / ``wait_converged`` / ``stop`` (background guest thread); ``snapshot`` /
+``restore`` / ``migrate`` / ``dump``; ``status()``; ``lock``; ``close()``.
 """
 
-from ramdiscard.machine.consumers import Consumer, DmaLimitExceeded, KvmConsumer, VfioConsumer
+from ramdiscard.machine.consumers import Consumer, KvmConsumer, VfioConsumer
 from ramdiscard.machine.machine import Machine, StepResult
 from ramdiscard.machine.scenario import (
     Action,
@@ -16,6 +16,7 @@ from ramdiscard.machine.scenario import (
     Scenario,
     ScenarioError,
     StepSpec,
+    Transport,
     WorkloadSpec,
     load_scenario,
     parse_scenario,
@@ -27,13 +28,13 @@ __all__ = [
     "Consumer",
     "ConsumerSpec",
     "DeviceSpec",
-    "DmaLimitExceeded",
     "KvmConsumer",
     "Machine",
     "Scenario",
     "ScenarioError",
     "StepResult",
     "StepSpec",
+    "Transport",
     "VfioConsumer",
     "WorkloadSpec",
     "load_scenario",

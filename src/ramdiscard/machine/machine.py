@@ -5,9 +5,22 @@ Rules:
 * :meth:`Machine.from_scenario` builds, in QEMU's order: a DiscardPolicy of the machine's
   own, boot RAM and one RAM block per virtio-mem device (realized as
   :class:`~ramdiscard.virtio_mem.VirtioMem`), all mapped into the address space "system
-  memory"; then the consumers (vfio containers, KVM memslots) register as memory
-  listeners; then one :class:`~ramdiscard.guest.GuestDriver` per device (with the
-  scenario's workload). Any failure releases everything built so far and raises.
+  memory" and listed in the machine's own RAM-block registry; then the consumers
+  (:mod:`ramdiscard.machine.consumers`: vfio containers and KVM memslots listen to the
+  address space, block DMA mappers follow the registry); then one
+  :class:`~ramdiscard.guest.GuestDriver` per device (with the scenario's workload). Any
+  failure releases everything built so far and raises.
+* A consumer with ``coordinate-discards = false`` models a VMM that ignores the
+  RamDiscardManager (life before it existed). It takes the full "discards disabled"
+  count, which conflicts with virtio-mem's "coordinated discards required" on one
+  DiscardPolicy (QEMU refuses that pairing); so such consumers get a second policy of
+  their own (:attr:`Machine.uncoordinated_policy`), and the machine says so in
+  :attr:`Machine.notes`.
+* Snapshot, restore, migrate and dump (steps, or the methods of the same names) hold the
+  machine lock throughout, so the guest sends nothing meanwhile. The guest model's state
+  (drivers, workload) stands for what lives in guest memory: it travels with a snapshot
+  or a migration. Each checks integrity afterwards (every populated byte equal, the
+  workload's patterns intact, the dump's size) and raises MigrationError if not.
 * The guest drives the devices only through request bytes. The host side changes only
   ``requested-size`` (:meth:`set_requested_size`) and resets; the drivers then converge,
   either synchronously (:meth:`run_guest`, :meth:`run_step`) or in a background thread
@@ -41,10 +54,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ramdiscard.dma import DmaBackend, IoUringDmaBackend, MlockDmaBackend, NullDmaBackend, iouring_available
+from ramdiscard import blockdma
+from ramdiscard.dma import DmaBackend, iouring_available, make_backend
+from ramdiscard.dump import DumpInfo, dump_guest_memory
 from ramdiscard.errors import InvalidArgument
 from ramdiscard.guest import DriverState, Exchange, GuestDriver, TouchWorkload
 from ramdiscard.hostmem import RamBlock, proc_status
+from ramdiscard.kvm import Kvm, KvmMemslots, KvmVm, MemslotVm, ModelVm
 from ramdiscard.machine.consumers import Consumer, KvmConsumer, VfioConsumer
 from ramdiscard.machine.scenario import (
     ADDRESS_LIMIT,
@@ -56,10 +72,17 @@ from ramdiscard.machine.scenario import (
     KvmMode,
     Scenario,
     StepSpec,
+    Transport,
 )
 from ramdiscard.memory.address_space import AddressSpace
 from ramdiscard.memory.region import MemoryRegion
+from ramdiscard.migration import MigrationError, MigrationStats, load, migrate_to, receive_from, save
+from ramdiscard.migration.checksum import default as default_checksum
+from ramdiscard.migration.checksum import digest
+from ramdiscard.ramblocks import RamBlockRegistry
 from ramdiscard.rdm.policy import DiscardPolicy
+from ramdiscard.units import format_size
+from ramdiscard.vfio import VfioContainer
 from ramdiscard.virtio_mem import VirtioMem
 
 log = logging.getLogger("ramdiscard.machine")
@@ -67,10 +90,17 @@ log = logging.getLogger("ramdiscard.machine")
 OnRequest = Callable[[str, Exchange], None]
 """Called as ``fn(device_id, exchange)`` after every guest request."""
 
+Fingerprint = dict[str, list[tuple[int, int, int]]]
+"""Per RAM block: (region offset, length, checksum) of every populated run."""
+
 
 @dataclass
 class StepResult:
-    """What one step did: its requests, the final status, the wall time."""
+    """What one step did: its requests, the final status, the wall time.
+
+    ``machine`` is set when the step replaced the machine (``migrate``): the returned
+    machine is the one to continue with, and the old one is closed. ``details`` holds the
+    figures of snapshot/restore/migrate/dump steps."""
 
     index: int
     label: str
@@ -80,6 +110,17 @@ class StepResult:
     converged: bool
     status: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    machine: Machine | None = None
+
+
+@dataclass
+class _GuestState:
+    """The guest model's state at a snapshot, and what the memory held then."""
+
+    drivers: dict[str, GuestDriver]
+    workload: TouchWorkload | None
+    fingerprint: Fingerprint
 
 
 class _Memory:
@@ -118,6 +159,8 @@ class Machine:
         self.lock = threading.RLock()
         self.notes: list[str] = []
         self.policy = DiscardPolicy()
+        self.uncoordinated_policy = DiscardPolicy()
+        self.registry = RamBlockRegistry(f"{scenario.name}-ram-blocks")
         self.devices: dict[str, VirtioMem] = {}
         self.drivers: dict[str, GuestDriver] = {}
         self.consumers: list[Consumer] = []
@@ -138,6 +181,9 @@ class Machine:
         self._idle = threading.Condition(self.lock)
         self._requests = 0
         self.on_request: OnRequest | None = None
+        self._snapshots: dict[str, _GuestState] = {}
+        self._last_snapshot: str | None = None
+        self._own_files_dir: Path | None = None
 
     # -- construction ---------------------------------------------------------------------
 
@@ -165,6 +211,7 @@ class Machine:
             block = RamBlock(sc.boot_ram, sc.boot_backing.value, name="pc.ram")
             self.blocks.append(block)
             self.boot = MemoryRegion.new_ram("pc.ram", block)
+            self.registry.add(self.boot)
             self._root.add_subregion(0, self.boot)
             self._mapped.append(self.boot)
             self.memory.ranges.append((0, sc.boot_ram, block))
@@ -180,6 +227,7 @@ class Machine:
             )  # fmt: skip
             self.blocks.append(block)
             mr = MemoryRegion.new_ram(f"{d.id}-mem", block)
+            self.registry.add(mr)
             assert d.addr is not None
             dev = VirtioMem(
                 mr, addr=d.addr, id=d.id, block_size=d.block_size, requested_size=d.requested_size,
@@ -211,17 +259,34 @@ class Machine:
         return self._workdir
 
     def _make_consumer(self, c: ConsumerSpec, kvm_used: bool) -> Consumer:
+        policy = self.policy
+        if not c.coordinate_discards and c.type is not ConsumerType.KVM:
+            policy = self.uncoordinated_policy
+            self.notes.append(
+                f"{c.id}: coordinate-discards = false: it ignores the RamDiscardManager, as a VMM did "
+                "before it existed, and holds a discard policy of its own (on a shared policy its "
+                "'discards disabled' would conflict with virtio-mem, as QEMU refuses that pairing)"
+            )
         if c.type is ConsumerType.VFIO:
             backend = self._make_backend(c)
-            return VfioConsumer(
-                c.id, backend, coordinate_discards=c.coordinate_discards, dma_limit=c.dma_limit,
-                max_memslots=32764 if kvm_used else 512, policy=self.policy,
-                check_worst_case=c.dma_limit_check,
+            try:
+                container = VfioContainer(
+                    backend, max_mappings=c.dma_limit, coordinate_discards=c.coordinate_discards,
+                    policy=policy, max_memslots=32764 if kvm_used else 512,
+                    dma_limit_check=c.dma_limit_check,
+                )  # fmt: skip
+            except BaseException:
+                backend.close()
+                raise
+            return VfioConsumer(c.id, backend, container)
+        if c.type is ConsumerType.BLOCKDMA:
+            return blockdma.make_consumer(
+                c.id, backend=self._backend_kind(c), coordinate_discards=c.coordinate_discards,
+                policy=policy, registry=self.registry, iova_base=c.iova_base, iova_size=c.iova_size,
+                iova_align=c.iova_align,
             )  # fmt: skip
-        vm = None
+        vm: MemslotVm | None = None
         if c.mode is not KvmMode.MODEL:
-            from ramdiscard.kvm import Kvm, KvmVm
-
             ok, why = Kvm.available()
             if ok:
                 vm = KvmVm()
@@ -229,22 +294,31 @@ class Machine:
                 raise InvalidArgument(f"consumer {c.id}: /dev/kvm unusable: {why}")
             else:
                 self.notes.append(f"{c.id}: /dev/kvm unusable ({why}); memslots are counted, not created")
-        nr = vm.nr_memslots() if vm is not None else 32764
-        return KvmConsumer(c.id, vm, nr_memslots=nr)
+        real = vm is not None
+        if vm is None:
+            vm = ModelVm()
+        try:
+            memslots = KvmMemslots(vm)
+        except BaseException:
+            vm.close()
+            raise
+        return KvmConsumer(c.id, memslots, real_kvm=real)
 
-    def _make_backend(self, c: ConsumerSpec) -> DmaBackend:
+    def _backend_kind(self, c: ConsumerSpec) -> str:
+        """The DMA backend name for ``c``: auto becomes io_uring, or mlock with a note."""
         kind = c.backend
         if kind in (DmaBackendKind.AUTO, DmaBackendKind.IO_URING):
             ok, why = iouring_available()
             if ok:
-                return IoUringDmaBackend()
+                return DmaBackendKind.IO_URING.value
             if kind is DmaBackendKind.IO_URING:
                 raise InvalidArgument(f"consumer {c.id}: io_uring unusable: {why}")
             self.notes.append(f"{c.id}: io_uring unusable ({why}); pinning with mlock (VmLck, not VmPin)")
-            return MlockDmaBackend()
-        if kind is DmaBackendKind.MLOCK:
-            return MlockDmaBackend()
-        return NullDmaBackend()
+            return DmaBackendKind.MLOCK.value
+        return kind.value
+
+    def _make_backend(self, c: ConsumerSpec) -> DmaBackend:
+        return make_backend(self._backend_kind(c))
 
     def _new_driver(self, dev_id: str) -> GuestDriver:
         drv = GuestDriver(self.devices[dev_id], clock=self.clock, workload=self.workload)
@@ -345,9 +419,14 @@ class Machine:
             return all(d.state is not DriverState.WORKING for d in self.drivers.values())
 
     def run_step(self, step: StepSpec, index: int = 0, on_request: OnRequest | None = None) -> StepResult:
-        """Apply one scenario step and let the guest react; returns its figures."""
+        """Apply one scenario step and let the guest react; returns its figures.
+
+        A ``migrate`` step returns the destination in :attr:`StepResult.machine` and closes
+        this machine; the guest then runs on the destination."""
         t0 = time.monotonic()
         notes: list[str] = []
+        details: dict[str, Any] = {}
+        target = self
         if step.action is Action.RESIZE:
             for dev_id, size in step.requested:
                 self.set_requested_size(dev_id, size)
@@ -357,37 +436,259 @@ class Machine:
             self.system_reset()
         elif step.action is Action.PAUSE:
             time.sleep(step.seconds)
+        elif step.action is Action.SNAPSHOT:
+            details = self.snapshot(step.path)
+            notes.append(
+                f"snapshot {details['path']}: {format_size(details['page_bytes'])} of populated memory "
+                f"in {details['seconds']:.2f} s, file holds {format_size(details['file_allocated'])}"
+                + ("" if step.path else "; removed at exit (set path to keep it)")
+            )
+        elif step.action is Action.RESTORE:
+            details = self.restore(step.path)
+            notes.append(
+                f"restored {details['path']}: {format_size(details['page_bytes'])} loaded in "
+                f"{details['seconds']:.2f} s; every populated byte and the guest's patterns check out"
+            )
+        elif step.action is Action.MIGRATE:
+            target, details = self.migrate(step.transport, step.path)
+            notes.append(
+                f"migrated over {details['transport']}: {format_size(details['page_bytes'])} of populated "
+                f"memory ({format_size(details['stream_bytes'])} streamed) in {details['seconds']:.2f} s "
+                "to a fresh machine; every populated byte and the guest's patterns check out"
+            )
+        elif step.action is Action.DUMP:
+            details = self.dump(step.path or str(self._files_dir() / f"{self.scenario.name}-step{index}.elf"))
+            notes.append(
+                f"dump {details['path']}: {details['segments']} PT_LOAD segments, "
+                f"{format_size(details['bytes'])} (boot RAM + plugged memory only)"
+                + ("" if step.path else "; removed at exit (set path to keep it)")
+            )
         exchanges: list[Exchange] = []
-        if self._thread is None:
-            exchanges = self.run_guest(on_request=on_request)
+        if target._thread is None:
+            exchanges = target.run_guest(on_request=on_request)
         else:
-            self.wait_converged()
+            target.wait_converged()
         responses: dict[str, int] = {}
         for ex in exchanges:
             name = getattr(ex.response, "name", str(ex.response)).lower()
             responses[name] = responses.get(name, 0) + 1
-        with self.lock:
-            for dev_id, drv in self.drivers.items():
+        with target.lock:
+            for dev_id, drv in target.drivers.items():
                 if drv.state is DriverState.WAITING:
                     notes.append(f"{dev_id}: guest driver waits for its retry timer (device answered BUSY)")
                 elif drv.state is DriverState.BROKEN:
                     notes.append(f"{dev_id}: guest driver broken: {drv.broken_reason}")
-                elif drv.plugged_size != self.devices[dev_id].requested_size:
+                elif drv.plugged_size != target.devices[dev_id].requested_size:
                     notes.append(
                         f"{dev_id}: guest stopped at {drv.plugged_size:#x} "
-                        f"of {self.devices[dev_id].requested_size:#x}"
+                        f"of {target.devices[dev_id].requested_size:#x}"
                     )
-        status = self.status()
+        status = target.status()
         return StepResult(
             index=index,
             label=step.describe(),
             seconds=time.monotonic() - t0,
             requests=len(exchanges),
             responses=responses,
-            converged=self.converged(),
+            converged=target.converged(),
             status=status,
             notes=notes,
+            details=details,
+            machine=target if target is not self else None,
         )
+
+    # -- snapshot, restore, migrate, dump -------------------------------------------------
+
+    def fingerprint(self) -> Fingerprint:
+        """Checksums of every populated run of every RAM block (boot RAM whole, device
+        RAM per plugged run). Reads memory in place; never touches discarded memory."""
+        algo = default_checksum()
+        out: Fingerprint = {}
+        with self.lock:
+            if self.boot is not None and self.boot.ram is not None:
+                view = self.blocks[0].view
+                out["pc.ram"] = [(0, len(view), digest(algo, view))]
+            for dev_id, dev in self.devices.items():
+                ram = dev.region.ram
+                assert isinstance(ram, RamBlock)
+                out[dev_id] = [(o, n, digest(algo, ram.view[o : o + n])) for o, n in dev.plugged_ranges()]
+        return out
+
+    def _guest_state(self, drivers: dict[str, GuestDriver], workload: TouchWorkload | None) -> _GuestState:
+        memory = self.memory
+        clones = {i: d.clone(self.devices[i], workload=None) for i, d in drivers.items()}
+        wl = workload.clone(memory) if workload is not None else None
+        for d in clones.values():
+            d.workload = wl
+        return _GuestState(clones, wl, {})
+
+    def _adopt_guest(self, state: _GuestState) -> None:
+        """Continue with a copy of ``state``'s guest (drivers and workload) on this machine."""
+        adopted = self._guest_state(state.drivers, state.workload)
+        self.drivers = adopted.drivers
+        self.workload = adopted.workload
+
+    def _check_integrity(self, want: Fingerprint, what: str) -> None:
+        got = self.fingerprint()
+        if got != want:
+            bad = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+            raise MigrationError(f"{what}: memory differs from the source in {', '.join(bad)}")
+        if self.workload is not None:
+            broken = self.workload.verify()
+            if broken:
+                raise MigrationError(f"{what}: {len(broken)} chunk(s) the guest wrote lost their content")
+
+    def _stats(self, stats: MigrationStats) -> dict[str, Any]:
+        return {
+            "page_bytes": stats.page_bytes,
+            "page_sections": stats.page_sections,
+            "stream_bytes": stats.stream_bytes,
+            "seconds": round(stats.seconds, 4),
+        }
+
+    def snapshot(self, path: str | None = None) -> dict[str, Any]:
+        """Save the machine (RAM of every block, device states) to ``path`` (default: a
+        file in the machine's snapshot directory, removed at close) as a sparse snapshot;
+        remember the guest model's state with it. Returns the figures."""
+        with self.lock:
+            self._check_open()
+            target = Path(path) if path else self._files_dir() / f"{self.scenario.name}.snap"
+            state = self._guest_state(self.drivers, self.workload)
+            state.fingerprint = self.fingerprint()
+            with open(target, "w+b") as f:
+                stats = save(self.space_or_fail(), list(self.devices.values()), f)
+            self._snapshots[str(target)] = state
+            self._last_snapshot = str(target)
+            st = os.stat(target)
+            return {"path": str(target), **self._stats(stats), "file_size": st.st_size,
+                    "file_allocated": st.st_blocks * 512}  # fmt: skip
+
+    def restore(self, path: str | None = None) -> dict[str, Any]:
+        """Load a snapshot into this machine, as QEMU's loadvm: every device is reset to
+        all-unplugged, then RAM and device states are loaded (consumers follow through the
+        usual populate notifications) and the guest continues from the snapshot.
+
+        Without ``path``, the latest :meth:`snapshot`. A snapshot file this machine did
+        not write restores memory and devices; the guest model then restarts (a fresh
+        driver that finds memory plugged and sends UNPLUG_ALL first). Raises
+        MigrationError (bad file, integrity) or InvalidArgument (no snapshot)."""
+        with self.lock:
+            self._check_open()
+            key = path if path is not None else self._last_snapshot
+            if key is None:
+                raise InvalidArgument("restore: no snapshot taken and no path given")
+            state = self._snapshots.get(str(Path(key)))
+            for dev in self.devices.values():
+                dev.system_reset()
+            with open(key, "rb") as f:
+                stats = load(self.space_or_fail(), list(self.devices.values()), f)
+            if state is not None:
+                self._adopt_guest(state)
+                self._check_integrity(state.fingerprint, "restore")
+            else:
+                for dev_id in self.devices:
+                    self._new_driver(dev_id)
+                if self.workload is not None:
+                    self.workload.unplugged_all()
+        self._wake.set()
+        return {"path": key, **self._stats(stats)}
+
+    def migrate(
+        self, transport: Transport | str = Transport.FILE, path: str | None = None
+    ) -> tuple[Machine, dict[str, Any]]:
+        """Migrate to a fresh machine built from the same scenario, through a file (``path``,
+        default a temporary one) or a TCP connection on the loopback; check integrity there
+        and continue with the destination (guest model included). On success this machine
+        is closed and the destination returned (its guest thread runs if this one's did);
+        on failure the destination is closed and this machine is unchanged."""
+        transport = Transport(transport)
+        with self.lock:
+            self._check_open()
+            state = self._guest_state(self.drivers, self.workload)
+            state.fingerprint = self.fingerprint()
+            was_running = self._thread is not None
+            dest = Machine.from_scenario(self.scenario, clock=self.clock)
+            try:
+                if transport is Transport.FILE:
+                    target = Path(path) if path else self._files_dir() / f"{self.scenario.name}-migration.bin"
+                    try:
+                        with open(target, "w+b") as f:
+                            save(self.space_or_fail(), list(self.devices.values()), f)
+                            f.seek(0)
+                            stats = load(dest.space_or_fail(), list(dest.devices.values()), f)
+                    finally:
+                        if not path:
+                            with contextlib.suppress(OSError):
+                                target.unlink()
+                else:
+                    stats = self._migrate_tcp(dest)
+                dest._adopt_guest(state)
+                dest._check_integrity(state.fingerprint, "migrate")
+            except BaseException:
+                dest.close()
+                raise
+            dest.on_request = self.on_request
+            dest._requests = self._requests
+        self.close()
+        if was_running:
+            dest.start()
+        return dest, {"transport": transport.value, **self._stats(stats)}
+
+    def _migrate_tcp(self, dest: Machine) -> MigrationStats:
+        import socket
+
+        result: dict[str, Any] = {}
+        with socket.create_server(("127.0.0.1", 0)) as ls:
+            port = ls.getsockname()[1]
+
+            def receive() -> None:
+                try:
+                    result["stats"] = receive_from(
+                        ls, dest.space_or_fail(), list(dest.devices.values()), accept_timeout=30
+                    )
+                except BaseException as exc:  # re-raised in the caller's thread
+                    result["error"] = exc
+
+            t = threading.Thread(target=receive, name="ramdiscard-migrate-receive", daemon=True)
+            t.start()
+            try:
+                migrate_to("127.0.0.1", port, self.space_or_fail(), list(self.devices.values()))
+            finally:
+                t.join()
+        if "error" in result:
+            raise result["error"]
+        stats: MigrationStats = result["stats"]
+        return stats
+
+    def dump(self, path: str) -> dict[str, Any]:
+        """Write an ELF core of the populated guest memory to ``path``
+        (:func:`ramdiscard.dump.dump_guest_memory`); check it holds exactly boot RAM plus
+        plugged memory. Returns the figures."""
+        with self.lock:
+            self._check_open()
+            info: DumpInfo = dump_guest_memory(self.space_or_fail(), path)
+            want = self.scenario.boot_ram + sum(d.plugged_size for d in self.devices.values())
+            if info.bytes != want:
+                raise MigrationError(f"dump: {info.bytes:#x} bytes dumped, {want:#x} populated")
+            return {
+                "path": info.path,
+                "segments": info.segments,
+                "bytes": info.bytes,
+                "file_size": info.file_size,
+            }
+
+    def space_or_fail(self) -> AddressSpace:
+        if self.space is None:
+            raise InvalidArgument("machine has no address space (closed or not built)")
+        return self.space
+
+    def _files_dir(self) -> Path:
+        """Where default snapshot, migration and dump files go: a temporary directory on
+        disk (not /dev/shm: a snapshot holds as much as the guest has populated), removed
+        at close."""
+        if self._own_files_dir is None:
+            self._own_files_dir = Path(tempfile.mkdtemp(prefix="ramdiscard-files-"))
+        return self._own_files_dir
 
     # -- background mode ------------------------------------------------------------------
 
@@ -450,7 +751,9 @@ class Machine:
                 "rss": ps.vm_rss,
                 "vm_pin": ps.vm_pin,
                 "vm_lck": ps.vm_lck,
-                "dma_mappings": sum(c.mapping_count for c in self.consumers if isinstance(c, VfioConsumer)),
+                "dma_mappings": sum(
+                    c.container.mapping_count for c in self.consumers if isinstance(c, VfioConsumer)
+                ),
             }
 
     def status(self) -> dict[str, Any]:
@@ -460,7 +763,7 @@ class Machine:
             resident = sum(b.resident_bytes() for b in self.blocks if not b.closed)
             vfio = [c for c in self.consumers if isinstance(c, VfioConsumer)]
             kvm = [c for c in self.consumers if isinstance(c, KvmConsumer)]
-            stale = sum(c.stale_pinned_bytes() for c in vfio)
+            stale = sum(c.stale_pinned_bytes() for c in self.consumers)
             devices = {}
             for dev_id, d in self.devices.items():
                 drv = self.drivers[dev_id]
@@ -485,9 +788,9 @@ class Machine:
                 "rss": ps.vm_rss,
                 "vm_pin": ps.vm_pin,
                 "vm_lck": ps.vm_lck,
-                "pinned": sum(c.backend.pinned_bytes for c in vfio),
-                "dma_mappings": sum(c.mapping_count for c in vfio),
-                "memslots": sum(c.memslots for c in kvm) if kvm else None,
+                "pinned": sum(c.pinned_bytes for c in self.consumers),
+                "dma_mappings": sum(c.container.mapping_count for c in vfio),
+                "memslots": sum(c.memslots.slot_count for c in kvm) if kvm else None,
                 "requests": self._requests,
                 "devices": devices,
                 "consumers": [c.status() for c in self.consumers],
@@ -532,6 +835,8 @@ class Machine:
                     p.unlink()
             if self._own_workdir is not None:
                 shutil.rmtree(self._own_workdir, ignore_errors=True)
+            if self._own_files_dir is not None:
+                shutil.rmtree(self._own_files_dir, ignore_errors=True)
 
     def __enter__(self) -> Machine:
         return self

@@ -34,13 +34,16 @@ Schema (keys use QEMU's hyphenated spelling)::
     prealloc = false
 
     [[consumers]]
-    type = "vfio"                    # vfio | kvm
-    id = "vfio0"                     # optional
-    backend = "auto"                 # vfio: auto | io_uring | mlock | null
-    coordinate-discards = true       # vfio: false = pin whole regions (no RamDiscardManager)
+    type = "vfio"                    # vfio | kvm | blockdma
+    id = "vfio0"                     # optional (default <type><index>)
+    backend = "auto"                 # vfio, blockdma: auto | io_uring | mlock | null
+    coordinate-discards = true       # vfio, blockdma: false = pin whole regions (ignore the RDM)
     dma-limit = 65535                # vfio: the type1 dma_entry_limit
     dma-limit-check = true           # vfio: QEMU 10.2's worst-case check when a section registers
     mode = "auto"                    # kvm: auto | kvm (real /dev/kvm) | model
+    iova-base = "0x100000000"        # blockdma: its private IOVA window ...
+    iova-size = "0xffff00000000"     # blockdma: ... and its size
+    iova-align = "2M"                # blockdma: alignment of each RAM block's IOVA range
 
     [workload]
     touch = 0.25                     # fraction of plugged memory the guest writes
@@ -48,7 +51,16 @@ Schema (keys use QEMU's hyphenated spelling)::
     [[steps]]                        # run in order
     requested-size = { vmem0 = "4G" }   # or one size when there is one device
     # action = "resize" | "unplug-all" | "system-reset" | "pause"; device = "vmem0"; seconds = 1.0
+    # action = "snapshot" | "restore" | "dump"; path = "..." (optional)
+    # action = "migrate"; transport = "file" | "tcp"; path = "..." (file only, optional)
     label = "grow"                   # optional
+
+Step actions ``snapshot`` (save to ``path``, default a file in the machine's snapshot
+directory), ``restore`` (load ``path``, default the latest snapshot, into the running
+machine, as QEMU's loadvm), ``migrate`` (to a fresh machine built from the same scenario,
+through a file or a local TCP connection) and ``dump`` (ELF core of the populated memory
+at ``path``) are run by :class:`~ramdiscard.machine.Machine`; every one checks the guest
+memory's integrity afterwards.
 """
 
 from __future__ import annotations
@@ -91,6 +103,7 @@ class DmaBackendKind(StrEnum):
 class ConsumerType(StrEnum):
     VFIO = "vfio"
     KVM = "kvm"
+    BLOCKDMA = "blockdma"
 
 
 class KvmMode(StrEnum):
@@ -104,6 +117,15 @@ class Action(StrEnum):
     UNPLUG_ALL = "unplug-all"
     SYSTEM_RESET = "system-reset"
     PAUSE = "pause"
+    SNAPSHOT = "snapshot"
+    RESTORE = "restore"
+    MIGRATE = "migrate"
+    DUMP = "dump"
+
+
+class Transport(StrEnum):
+    FILE = "file"
+    TCP = "tcp"
 
 
 @dataclass(frozen=True)
@@ -130,6 +152,9 @@ class ConsumerSpec:
     dma_limit: int = 65535
     dma_limit_check: bool = True
     mode: KvmMode = KvmMode.AUTO
+    iova_base: int = 1 << 32
+    iova_size: int = (1 << 48) - (1 << 32)
+    iova_align: int = 2 * MiB
 
 
 @dataclass(frozen=True)
@@ -144,6 +169,8 @@ class StepSpec:
     device: str | None = None
     seconds: float = 0.0
     label: str = ""
+    path: str | None = None
+    transport: Transport = Transport.FILE
 
     def describe(self) -> str:
         if self.label:
@@ -154,6 +181,8 @@ class StepSpec:
             return ", ".join(f"{d} -> {format_size(s)}" for d, s in self.requested)
         if self.action is Action.PAUSE:
             return f"pause {self.seconds:g}s"
+        if self.action is Action.MIGRATE:
+            return f"migrate ({self.transport.value})"
         if self.device:
             return f"{self.action.value} {self.device}"
         return self.action.value
@@ -332,6 +361,20 @@ class _Reader:
             self.step(raw, f"steps[{i}]", devices)
             for i, raw in enumerate(self.array(data.get("steps", []), "steps"))
         )
+        snapshot_seen = False
+        for i, step in enumerate(steps):
+            if step.action is Action.SNAPSHOT:
+                snapshot_seen = True
+            elif step.action is Action.RESTORE and step.path is None and not snapshot_seen:
+                raise self.fail(f"steps[{i}].action", '"restore" needs a path or an earlier "snapshot" step')
+            elif step.action is Action.MIGRATE:
+                for j, d in enumerate(devices):
+                    if d.path is not None:
+                        raise self.fail(
+                            f"steps[{i}].action",
+                            f'"migrate" needs a fresh destination, but devices[{j}].path fixes the file '
+                            "backing; source and destination would share it",
+                        )
         return Scenario(
             name=name,
             description=description,
@@ -407,15 +450,32 @@ class _Reader:
     def consumer(self, raw: object, key: str) -> ConsumerSpec:
         tbl = self.table(raw, key)
         if "type" not in tbl:
-            raise self.fail(f"{key}.type", "missing (vfio or kvm)")
+            raise self.fail(f"{key}.type", "missing (vfio, kvm or blockdma)")
         ctype = self.choice(tbl["type"], f"{key}.type", ConsumerType)
         if ctype is ConsumerType.VFIO:
-            self.keys(
-                tbl, key, ("type", "id", "backend", "coordinate-discards", "dma-limit", "dma-limit-check")
-            )
+            allowed: tuple[str, ...] = (
+                "type", "id", "backend", "coordinate-discards", "dma-limit", "dma-limit-check",
+            )  # fmt: skip
+        elif ctype is ConsumerType.BLOCKDMA:
+            allowed = ("type", "id", "backend", "coordinate-discards", "iova-base", "iova-size", "iova-align")
         else:
-            self.keys(tbl, key, ("type", "id", "mode"))
+            allowed = ("type", "id", "mode")
+        self.keys(tbl, key, allowed)
         cid = self.ident(tbl.get("id", ctype.value + key.split("[")[1].rstrip("]")), f"{key}.id")
+        iova_base = self.size(tbl.get("iova-base", 1 << 32), f"{key}.iova-base")
+        iova_size = self.size(
+            tbl.get("iova-size", (1 << 48) - (1 << 32)), f"{key}.iova-size", allow_zero=False
+        )
+        align_raw = tbl.get("iova-align", "2M")
+        iova_align = self.size(align_raw, f"{key}.iova-align")
+        if not is_power_of_2(iova_align) or iova_align < 4096:
+            raise self.fail(f"{key}.iova-align", f"must be a power of two >= 4K, got {_show(align_raw)}")
+        if iova_base % iova_align:
+            raise self.fail(
+                f"{key}.iova-base", f"must be a multiple of iova-align, got {_show(tbl['iova-base'])}"
+            )
+        if iova_base + iova_size > 1 << 64:
+            raise self.fail(f"{key}.iova-size", "the IOVA window ends beyond 64 bits")
         return ConsumerSpec(
             type=ctype,
             id=cid,
@@ -426,6 +486,9 @@ class _Reader:
             dma_limit=self.integer(tbl.get("dma-limit", 65535), f"{key}.dma-limit", 1, 1 << 32),
             dma_limit_check=self.boolean(tbl.get("dma-limit-check", True), f"{key}.dma-limit-check"),
             mode=self.choice(tbl.get("mode", "auto"), f"{key}.mode", KvmMode),
+            iova_base=iova_base,
+            iova_size=iova_size,
+            iova_align=iova_align,
         )
 
     def workload(self, raw: object, key: str) -> WorkloadSpec:
@@ -443,7 +506,7 @@ class _Reader:
 
     def step(self, raw: object, key: str, devices: list[DeviceSpec]) -> StepSpec:
         tbl = self.table(raw, key)
-        self.keys(tbl, key, ("action", "requested-size", "device", "seconds", "label"))
+        self.keys(tbl, key, ("action", "requested-size", "device", "seconds", "label", "path", "transport"))
         default = Action.RESIZE if "requested-size" in tbl else None
         if "action" in tbl:
             action = self.choice(tbl["action"], f"{key}.action", Action)
@@ -453,6 +516,24 @@ class _Reader:
             action = default
         label = self.string(tbl.get("label", ""), f"{key}.label")
         by_id = {d.id: d for d in devices}
+        with_path = (Action.SNAPSHOT, Action.RESTORE, Action.MIGRATE, Action.DUMP)
+        if "path" in tbl and action not in with_path:
+            raise self.fail(f"{key}.path", f"not valid for action {_show(action.value)}")
+        if "transport" in tbl and action is not Action.MIGRATE:
+            raise self.fail(f"{key}.transport", f"not valid for action {_show(action.value)}")
+        if action in with_path:
+            for extra in ("device", "seconds", "requested-size"):
+                if extra in tbl:
+                    raise self.fail(f"{key}.{extra}", f"not valid for action {_show(action.value)}")
+            transport = self.choice(tbl.get("transport", "file"), f"{key}.transport", Transport)
+            path = None
+            if "path" in tbl:
+                path = self.string(tbl["path"], f"{key}.path")
+                if not path:
+                    raise self.fail(f"{key}.path", "must not be empty")
+                if transport is Transport.TCP:
+                    raise self.fail(f"{key}.path", 'not valid with transport = "tcp"')
+            return StepSpec(action=action, label=label, path=path, transport=transport)
         if action is Action.RESIZE:
             if "requested-size" not in tbl:
                 raise self.fail(f"{key}.requested-size", 'missing for action "resize"')

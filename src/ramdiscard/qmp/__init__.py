@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from ramdiscard.errors import RamDiscardError
+from ramdiscard.machine import Machine, load_scenario
 from ramdiscard.qmp.commands import CommandDispatcher, MemoryDeviceInfo, QmpBackend
 from ramdiscard.qmp.events import EventThrottle, QmpEvent, size_change_event
 from ramdiscard.qmp.machine_backend import MachineBackend
@@ -133,10 +133,9 @@ def serve_help() -> str:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Build the scenario's machine and serve it (for the ``ramdiscard`` CLI)."""
-    machine_mod = importlib.import_module("ramdiscard.machine")
     parse_address(args.qmp)  # a bad address fails before any memory is taken
-    scenario = machine_mod.load_scenario(args.scenario)
-    machine = machine_mod.Machine.from_scenario(scenario, workdir=args.workdir)
+    scenario = load_scenario(args.scenario)
+    machine = Machine.from_scenario(scenario, workdir=args.workdir)
     return serve(machine, args.qmp)
 
 

@@ -6,10 +6,8 @@ Rules:
   machine while the background guest thread plugs; the guest thread's size-change
   notifications are forwarded as they come (from that thread).
 * ``x-ramdiscard-migrate`` uses :mod:`ramdiscard.migration` and ``x-ramdiscard-dump``
-  :mod:`ramdiscard.dump` when this build has them; otherwise the command fails with a
-  GenericError that says the feature is unavailable. ``migrate`` accepts
-  ``file:PATH`` (a snapshot file) and ``tcp:HOST:PORT`` (a destination running
-  ``ramdiscard migrate receive``).
+  :mod:`ramdiscard.dump`. ``migrate`` accepts ``file:PATH`` (a snapshot file) and
+  ``tcp:HOST:PORT`` (a destination running ``ramdiscard migrate receive``).
 * ``status`` is :meth:`Machine.status` made JSON-safe, with QMP-style kebab-case keys and
   the per-device table as a list.
 """
@@ -19,12 +17,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
-import importlib
 import threading
 from collections.abc import Callable, Mapping
-from types import ModuleType
 from typing import Any, Protocol
 
+from ramdiscard import migration
+from ramdiscard.dump import dump_guest_memory
 from ramdiscard.qmp.commands import MemoryDeviceInfo, SizeChangeFn
 from ramdiscard.qmp.protocol import ErrorClass, QmpError
 from ramdiscard.virtio_mem import VirtioMem
@@ -44,15 +42,6 @@ class MachineLike(Protocol):
     def status(self) -> dict[str, Any]: ...
 
     def close(self) -> None: ...
-
-
-def _optional_module(name: str, command: str) -> ModuleType:
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and name.startswith(exc.name):
-            raise QmpError(f"{command} is unavailable: this build of ramdiscard has no {name}") from exc
-        raise
 
 
 def jsonable(value: Any) -> Any:
@@ -106,7 +95,6 @@ class MachineBackend:
         return out
 
     def migrate(self, uri: str) -> dict[str, Any]:
-        migration = _optional_module("ramdiscard.migration", "x-ramdiscard-migrate")
         kind, _sep, rest = uri.partition(":")
         with self.machine.lock:
             devices = list(self.machine.devices.values())
@@ -122,9 +110,8 @@ class MachineBackend:
         return result
 
     def dump(self, path: str) -> dict[str, Any]:
-        dump = _optional_module("ramdiscard.dump", "x-ramdiscard-dump")
         with self.machine.lock:
-            info = dump.dump_guest_memory(self.machine.space, path)
+            info = dump_guest_memory(self.machine.space, path)
         result: dict[str, Any] = jsonable(info)
         return result
 

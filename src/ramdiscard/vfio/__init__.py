@@ -27,7 +27,7 @@ from ramdiscard.vfio.errors import (
     UnmapSplitError,
     VfioError,
 )
-from ramdiscard.vfio.limits import RdmRange, check_dma_limit, worst_case_mappings
+from ramdiscard.vfio.limits import RdmRange, check_dma_limit, smallest_granularity, worst_case_mappings
 from ramdiscard.vfio.sections import PlainSection, RdmSection
 
 __all__ = [
@@ -50,5 +50,6 @@ __all__ = [
     "VfioContainer",
     "VfioError",
     "check_dma_limit",
+    "smallest_granularity",
     "worst_case_mappings",
 ]

@@ -29,7 +29,11 @@ Rules:
 * DMA-mapping limit (qemu-ram-discard §4.1): before an RDM section is registered, QEMU
   10.2's worst-case check runs over all RDM sections including the new one
   (:mod:`ramdiscard.vfio.limits`). *Unlike QEMU*, a failing section is never registered,
-  so nothing of it stays registered or pinned.
+  so nothing of it stays registered or pinned. ``dma_limit_check=False`` skips the check
+  (QEMU before 10.2): the limit then shows at run time, when a populate needs more
+  mappings than are left and is refused with MappingLimitError (virtio-mem answers BUSY).
+* Statistics, for reports: ``peak_mapping_count`` and ``peak_mapped_bytes`` (highest
+  values since construction) and ``refused_maps`` (maps refused by the limit).
 * Failures during :meth:`attach` leave nothing attached, mapped, pinned or held. During a
   later topology change a refused section is simply not mapped (the address space reports
   the error as a TopologyError).
@@ -57,6 +61,7 @@ import warnings
 from typing import NamedTuple
 
 from ramdiscard.dma.backend import PAGE_SIZE, DmaBackend, PinHandle
+from ramdiscard.dma.granules import granule_bounds
 from ramdiscard.errors import InvalidArgument, ListenerError
 from ramdiscard.memory import topology
 from ramdiscard.memory.address_space import AddressSpace, MemoryListener
@@ -64,8 +69,8 @@ from ramdiscard.memory.region import MemoryRegion
 from ramdiscard.memory.section import MemoryRegionSection
 from ramdiscard.rdm.policy import DiscardPolicy, default_policy
 from ramdiscard.units import is_power_of_2
-from ramdiscard.vfio.errors import ContainerStateError, IommuMapRefused
-from ramdiscard.vfio.limits import RdmRange, check_dma_limit
+from ramdiscard.vfio.errors import ContainerStateError, IommuMapRefused, MappingLimitError
+from ramdiscard.vfio.limits import RdmRange, check_dma_limit, worst_case_mappings
 from ramdiscard.vfio.sections import PlainSection, RdmSection
 from ramdiscard.vfio.table import MappingTable
 
@@ -102,8 +107,9 @@ class VfioContainer(MemoryListener):
 
     ``max_mappings`` is the container's DMA-mapping limit (the kernel's ``dma_entry_limit``,
     also used by the DMA-limit check); ``max_memslots`` is the memslot count that check
-    assumes (the KVM limit in QEMU when KVM is used, else 512). ``policy`` defaults to the
-    process-wide DiscardPolicy. The container does not own ``backend``.
+    assumes (the KVM limit in QEMU when KVM is used, else 512); ``dma_limit_check`` False
+    skips that check. ``policy`` defaults to the process-wide DiscardPolicy. The container
+    does not own ``backend``.
     """
 
     def __init__(
@@ -114,6 +120,7 @@ class VfioContainer(MemoryListener):
         coordinate_discards: bool = True,
         policy: DiscardPolicy | None = None,
         max_memslots: int = 512,
+        dma_limit_check: bool = True,
     ) -> None:
         if not isinstance(backend, DmaBackend):
             raise InvalidArgument(f"backend must be a DmaBackend, not {type(backend).__name__}")
@@ -126,7 +133,11 @@ class VfioContainer(MemoryListener):
         self.max_mappings = max_mappings
         self.max_memslots = max_memslots
         self.coordinate_discards = coordinate_discards
+        self.dma_limit_check = dma_limit_check
         self.policy = policy if policy is not None else default_policy()
+        self.peak_mapping_count = 0
+        self.peak_mapped_bytes = 0
+        self.refused_maps = 0
         self._lock = threading.RLock()
         self._table: MappingTable[_Entry] = MappingTable(max_mappings)
         self._space: AddressSpace | None = None
@@ -177,9 +188,10 @@ class VfioContainer(MemoryListener):
         if host_address <= 0 or host_address % IOMMU_PAGE_SIZE:
             raise InvalidArgument(f"DMA map host address {host_address:#x} is not page aligned")
         with self._lock:
-            index = self._table.check_map(iova, iova + size)
+            index = self._check_map(iova, iova + size, 1)
             handle = self.backend.pin_many(((host_address, size),))[0]
             self._table.insert_run(index, [iova], [iova + size], [(handle, readonly)])
+            self._note_peaks()
 
     def dma_unmap(self, iova: int, size: int) -> int:
         """Unmap (and unpin) every mapping inside ``[iova, +size)``; return the bytes unmapped.
@@ -260,6 +272,18 @@ class VfioContainer(MemoryListener):
     @property
     def address_space(self) -> AddressSpace | None:
         return self._space
+
+    def plain_sections(self) -> list[PlainSection]:
+        """The sections mapped whole (no manager, or discards not coordinated), in address
+        order."""
+        with self._lock:
+            return sorted(self._plain_sections.values(), key=lambda p: p.section.offset_within_address_space)
+
+    def worst_case_mappings(self) -> int:
+        """What QEMU's DMA-limit check assumes the registered RDM sections may need
+        (:func:`~ramdiscard.vfio.limits.worst_case_mappings`)."""
+        with self._lock:
+            return worst_case_mappings(self._rdm_ranges(), self.max_memslots)
 
     def rdm_sections(self) -> list[RdmSection]:
         """The registered RDM section records, in address order."""
@@ -353,14 +377,10 @@ class VfioContainer(MemoryListener):
                     f"vfio: {rdm!r} granularity {granularity:#x} is not a power of two of at "
                     f"least the IOMMU page size {IOMMU_PAGE_SIZE:#x}"
                 )
-            records = [
-                RdmRange(
-                    r.registered_section.offset_within_address_space, r.registered_section.size, r.granularity
-                )
-                for r in self._rdm_sections.values()
-            ]
-            records.append(RdmRange(section.offset_within_address_space, section.size, granularity))
-            check_dma_limit(records, self.max_memslots, self.max_mappings)
+            if self.dma_limit_check:
+                records = self._rdm_ranges()
+                records.append(RdmRange(section.offset_within_address_space, section.size, granularity))
+                check_dma_limit(records, self.max_memslots, self.max_mappings)
             record = RdmSection(self, rdm, section, granularity, host)
         # Not under our lock: the replay notifies us with the manager's lock held.
         rdm.register_listener(record, section)
@@ -380,24 +400,42 @@ class VfioContainer(MemoryListener):
 
     # -- internals ------------------------------------------------------------------------
 
+    def _rdm_ranges(self) -> list[RdmRange]:
+        return [
+            RdmRange(
+                r.registered_section.offset_within_address_space, r.registered_section.size, r.granularity
+            )
+            for r in self._rdm_sections.values()
+        ]
+
+    def _check_map(self, iova: int, end: int, count: int) -> int:
+        try:
+            return self._table.check_map(iova, end, count)
+        except MappingLimitError:
+            self.refused_maps += 1
+            raise
+
+    def _note_peaks(self) -> None:
+        table = self._table
+        if len(table) > self.peak_mapping_count:
+            self.peak_mapping_count = len(table)
+        if table.mapped_bytes > self.peak_mapped_bytes:
+            self.peak_mapped_bytes = table.mapped_bytes
+
     def _map_granules(self, section: MemoryRegionSection, granularity: int, host_base: int) -> None:
-        """Map ``section`` cut at multiples of ``granularity`` in region offsets, all or
-        nothing (a refused populate leaves nothing mapped or pinned)."""
+        """Map ``section`` cut at multiples of ``granularity`` in region offsets
+        (:func:`~ramdiscard.dma.granules.granule_bounds`), all or nothing (a refused
+        populate leaves nothing mapped or pinned)."""
         start = section.offset_within_region
         end = start + section.size
         to_iova = section.offset_within_address_space - start
-        first = (start // granularity + 1) * granularity
-        if first >= end:
-            offsets = [start]
-            ends = [end]
-        else:
-            inner = range(first, end, granularity)
-            offsets = [start, *inner]
-            ends = [*inner, end]
+        offsets, ends = granule_bounds(start, end, granularity)
+        if not offsets:
+            return
         ro = section.readonly
         with self._lock:
             table = self._table
-            index = table.check_map(start + to_iova, end + to_iova, len(offsets))
+            index = self._check_map(start + to_iova, end + to_iova, len(offsets))
             handles = self.backend.pin_many(
                 [(host_base + o, e - o) for o, e in zip(offsets, ends, strict=True)]
             )
@@ -407,6 +445,7 @@ class VfioContainer(MemoryListener):
                 [e + to_iova for e in ends],
                 [(h, ro) for h in handles],
             )
+            self._note_peaks()
 
     def _check_range(self, what: str, iova: int, size: int) -> None:
         if size <= 0:

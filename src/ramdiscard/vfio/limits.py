@@ -8,8 +8,9 @@ the slots the RDM sections themselves occupy. Registration fails when
 
     sum(ceil_range(r) / r.granularity) + max_memslots - len(records) > L
 
-The message suggests a larger virtio-mem block-size (256 GiB of hot-pluggable memory needs
-at least 8 MiB blocks with the default limit of 65535).
+The message names the smallest virtio-mem block-size that would pass
+(:func:`smallest_granularity`; 256 GiB of hot-pluggable memory needs at least 8 MiB blocks
+with the default limit of 65535 and 512 memslots).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ramdiscard.units import align_down, align_up, format_size
+from ramdiscard.units import MiB, align_down, align_up, format_size
 from ramdiscard.vfio.errors import DmaLimitError
 
 
@@ -42,6 +43,23 @@ def worst_case_mappings(records: Iterable[RdmRange], max_memslots: int) -> int:
     return total + max_memslots - count
 
 
+def smallest_granularity(
+    records: list[RdmRange], max_memslots: int, limit: int, *, minimum: int = MiB
+) -> int | None:
+    """The smallest power-of-two granularity >= ``minimum`` that, given to every record
+    (a record keeps its own granularity when that is larger), makes the check pass;
+    None when none does (the memslot reservation alone exceeds ``limit``)."""
+    top = max((r.address + r.size for r in records), default=0)
+    g = minimum
+    while True:
+        widened = [RdmRange(r.address, r.size, max(g, r.granularity)) for r in records]
+        if worst_case_mappings(widened, max_memslots) <= limit:
+            return g
+        if g >= top:
+            return None  # every record is one granule already: a larger one cannot help
+        g <<= 1
+
+
 def check_dma_limit(records: list[RdmRange], max_memslots: int, limit: int) -> None:
     """Raise DmaLimitError when ``records`` may need more than ``limit`` mappings.
 
@@ -52,9 +70,14 @@ def check_dma_limit(records: list[RdmRange], max_memslots: int, limit: int) -> N
     needed = worst_case_mappings(records, max_memslots)
     if needed > limit:
         smallest = min((r.granularity for r in records), default=0)
+        fits = smallest_granularity(records, max_memslots, limit)
+        hint = (
+            f"use a virtio-mem block-size of at least {format_size(fits)}"
+            if fits is not None
+            else "no block-size fits: the memslot reservation alone exceeds the limit"
+        )
         raise DmaLimitError(
             f"a vfio container can create up to {limit} DMA mappings, but "
             f"{len(records)} RamDiscardManager section(s) with granularity down to "
-            f"{format_size(smallest)} (plus {max_memslots} memslots) may need {needed}; "
-            f"try increasing the virtio-mem block-size"
+            f"{format_size(smallest)} (plus {max_memslots} memslots) may need {needed}; {hint}"
         )

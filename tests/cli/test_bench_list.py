@@ -1,0 +1,36 @@
+"""``ramdiscard bench``: every bench module is listed, and every row gets a group."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import pytest
+
+from ramdiscard.cli import bench
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+def test_every_bench_module_is_listed() -> None:
+    found = {
+        ".".join(p.relative_to(SRC).with_suffix("").parts)
+        for p in (SRC / "ramdiscard").rglob("bench.py")
+        if p.parent.name != "cli"
+    }
+    assert found == set(bench.BENCH_MODULES)
+
+
+def test_rows_without_group_get_their_area(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = types.SimpleNamespace(
+        run=lambda quick: [
+            {"name": "a", "ratio": 1.0},
+            {"group": "own", "name": "b", "ratio": 2.0, "target": 3},
+        ]
+    )
+    monkeypatch.setattr(bench, "BENCH_MODULES", ["ramdiscard.fake.bench"])
+    monkeypatch.setattr(bench.importlib, "import_module", lambda name: fake)
+    rows = bench.collect(quick=True)
+    assert [r["group"] for r in rows] == ["fake", "own"]
+    text = bench.render(rows, as_json=False)
+    assert "<= 3 ok" in text
