@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from ramdiscard.errors import InvalidArgument, ListenerError
@@ -156,7 +157,7 @@ class AddressSpace:
         """True if ``mr`` appears in the current flat view."""
         return id(mr) in self._mapped
 
-    def transaction(self) -> topology._GeneratorContextManager[None]:  # type: ignore[name-defined]
+    def transaction(self) -> AbstractContextManager[None]:
         """Batch topology changes (process-wide, as QEMU's memory transactions)."""
         return topology.transaction()
 

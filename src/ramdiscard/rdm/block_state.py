@@ -91,7 +91,7 @@ class BlockStateManager(RamDiscardManager):
                 return
             intersect = section.intersect
             for start, end in self.runs(section.offset_within_region, section.size, value):
-                fn(intersect(start, end - start))  # type: ignore[arg-type]
+                fn(intersect(start, end - start))  # type: ignore[arg-type]  # never None: runs lie inside the section
 
     def runs(
         self, offset: int = 0, size: int | None = None, populated: bool = True
