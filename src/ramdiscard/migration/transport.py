@@ -45,6 +45,10 @@ READ_PIECE = 512 * 1024
 """Largest read when the caller checksums each piece: fits a 1 MiB L2 (a loopback recv
 returns less than that most of the time anyway, so the cap adds few syscalls)."""
 
+SEND_PIECE = 1024 * 1024
+"""Largest ``sendmsg`` of guest memory (measured on loopback: 1 MiB sends move a GiB
+about 1.5x faster than 4 MiB ones)."""
+
 OnData = Callable[[int, int], None]
 """``on_data(offset, length)``: bytes ``[offset, offset + length)`` of the view just landed."""
 
@@ -62,7 +66,9 @@ class PeerAnswered(MigrationError):
 
 
 class SocketSink:
-    """Sends with ``sendmsg`` (header and guest memory in one call when possible).
+    """Sends with ``sendmsg``: the header together with the first :data:`SEND_PIECE`
+    bytes of guest memory, the rest in pieces of that size (one large ``sendmsg`` holds
+    the socket while the kernel copies it all, and the receiver waits for the lot).
 
     Before each page chunk it polls (without blocking) whether the destination has
     already answered: a destination that refuses the stream says so at once, and the
@@ -73,24 +79,23 @@ class SocketSink:
         self.sock = sock
 
     def send(self, header: bytes, data: memoryview | None = None) -> None:
-        if data is not None:
-            readable, _w, _x = select.select([self.sock], [], [], 0)
-            if readable:
-                raise PeerAnswered("the destination answered before the end of the stream")
-        bufs: list[Buffer] = [header] if data is None else [header, data]
-        total = len(header) + (data.nbytes if data is not None else 0)
-        faults.checkpoint(Op.SOCK_SEND)
-        sent = self.sock.sendmsg(bufs)
-        if sent == total:
+        if data is None:
+            faults.checkpoint(Op.SOCK_SEND)
+            self.sock.sendall(header)
             return
-        # Partial send: continue with what is left, still without copying guest memory.
+        readable, _w, _x = select.select([self.sock], [], [], 0)
+        if readable:
+            raise PeerAnswered("the destination answered before the end of the stream")
+        faults.checkpoint(Op.SOCK_SEND)
+        sent = self.sock.sendmsg([header, data[:SEND_PIECE]])
         if sent < len(header):
             faults.checkpoint(Op.SOCK_SEND)
             self.sock.sendall(header[sent:])
             sent = len(header)
-        if data is not None:
+        pos, n = sent - len(header), data.nbytes
+        while pos < n:
             faults.checkpoint(Op.SOCK_SEND)
-            self.sock.sendall(data[sent - len(header) :])
+            pos += self.sock.send(data[pos : pos + SEND_PIECE])
 
 
 class SocketReader:
