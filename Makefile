@@ -33,8 +33,11 @@ test: lint typecheck unit
 bench: $(STAMP)
 	$(BIN)/ramdiscard bench
 
+# Each fuzz target runs for FUZZ_SECONDS; any finding stops with a non-zero status.
 fuzz: $(STAMP)
-	$(BIN)/python -m ramdiscard.fuzz --seconds $(FUZZ_SECONDS)
+	for target in $$($(BIN)/python -m ramdiscard.fuzz --list | cut -d' ' -f1); do \
+		$(BIN)/python -m ramdiscard.fuzz --seconds $(FUZZ_SECONDS) --target $$target || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -63,6 +63,8 @@ class CallLog:
     """Counts of calls per operation, filled while :func:`counting` is active."""
 
     counts: Counter[str] = field(default_factory=Counter)
+    sequence: list[str] = field(default_factory=list)
+    """Every call in order, so the op of call N of a sweep is ``sequence[N - 1]``."""
 
     @property
     def total(self) -> int:
@@ -94,6 +96,7 @@ def checkpoint(op: str) -> None:
     with _lock:
         for log in _logs:
             log.counts[op] += 1
+            log.sequence.append(op)
         for plan in _plans:
             if plan.ops is not None and op not in plan.ops:
                 continue

@@ -24,9 +24,10 @@ Rules:
 * Every slot fill passes ``faults.checkpoint(Op.PIN)`` and every slot release
   ``faults.checkpoint(Op.UNPIN)`` before its syscall; a batch passes all of its
   checkpoints first (a PIN fault then pins nothing; an UNPIN fault at the i-th handle
-  releases the ones before it). A failed pin releases the slots it filled (the rollback
-  is no fault point). A failed unpin keeps the handle with the slots still registered; a
-  retry releases the rest.
+  releases the ones before it). Creating a ring (also in the middle of a pin, when every
+  ring is full) passes ``faults.checkpoint(Op.MMAP)``. A failed pin releases the slots it
+  filled (the rollback is no fault point). A failed unpin keeps the handle with the slots
+  still registered; a retry releases the rest.
 * ``dma_read`` submits a real ``IORING_OP_WRITE_FIXED`` from the registered buffer into a
   private memfd and reads that back, so it shows what the pinned page frames hold. After
   a discard (``MADV_DONTNEED``, ``PUNCH_HOLE``) of pinned memory the CPU sees fresh zero
@@ -497,6 +498,7 @@ class IoUringDmaBackend(DmaBackend):
             return list(self._buffers[handle.token])
 
     def _add_ring(self) -> _Ring:
+        faults.checkpoint(faults.Op.MMAP)  # io_uring_setup + ring mmaps + table registration
         raw = RawRing()
         try:
             raw.register_sparse(self._slots_per_ring)

@@ -24,30 +24,26 @@ stale. ``dma_read`` therefore reads the memory itself: there is no separate devi
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
-import ctypes.util
 import errno
-import os
 
 from ramdiscard import faults
 from ramdiscard.dma.backend import PAGE_SIZE, DmaBackend, PinHandle
 from ramdiscard.errors import HostMemoryError
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.mlock.restype = ctypes.c_int
-_libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.munlock.restype = ctypes.c_int
+from ramdiscard.hostmem import syscalls
 
 
 def _call(name: str, start: int, end: int) -> None:
-    fn = _libc.mlock if name == "mlock" else _libc.munlock
-    if fn(start, end - start) != 0:
-        err = ctypes.get_errno()
-        if name == "munlock" and err == errno.ENOMEM:
-            _munlock_mapped(start, end)
-            return
-        raise HostMemoryError(err, f"{name}([{start:#x}, {end:#x})) failed: {os.strerror(err)}")
+    if name == "mlock":
+        syscalls.mlock(start, end - start)
+        return
+    try:
+        syscalls.munlock(start, end - start)
+    except HostMemoryError as exc:
+        if exc.errno != errno.ENOMEM:
+            raise
+        _munlock_mapped(start, end)
 
 
 def _munlock_mapped(start: int, end: int) -> None:
@@ -59,7 +55,8 @@ def _munlock_mapped(start: int, end: int) -> None:
     memory.
     """
     for page in range(start, end, PAGE_SIZE):
-        _libc.munlock(page, PAGE_SIZE)
+        with contextlib.suppress(HostMemoryError):  # unmapped pages are not locked
+            syscalls.munlock(page, PAGE_SIZE)
 
 
 class _Coverage:

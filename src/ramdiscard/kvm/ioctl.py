@@ -38,6 +38,7 @@ from types import TracebackType
 
 from ramdiscard import faults
 from ramdiscard.errors import HostMemoryError, InvalidArgument
+from ramdiscard.hostmem import syscalls
 
 _IOC_NONE = 0
 _IOC_WRITE = 1
@@ -145,13 +146,9 @@ _PAGE = 4096
 _U64_MAX = (1 << 64) - 1
 _U32_MAX = (1 << 32) - 1
 
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_KEEP_SIZE = syscalls.FALLOC_FL_KEEP_SIZE
+_FALLOC_FL_PUNCH_HOLE = syscalls.FALLOC_FL_PUNCH_HOLE
 _EINTR_RETRIES = 100
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_libc.fallocate.restype = ctypes.c_int
 
 
 def _ioctl(fd: int, request: int, arg: int | ctypes.Structure, what: str) -> int:
@@ -191,13 +188,15 @@ def _fallocate(fd: int, mode: int, offset: int, length: int, what: str) -> None:
         raise InvalidArgument(f"{what}: length must be positive")
     # guest_memfd allocation stops with EINTR whenever signal_pending() (seen here after
     # io_uring use, see _ioctl); allocate and punch are idempotent, so retry.
-    for _ in range(_EINTR_RETRIES):
-        if _libc.fallocate(fd, mode, offset, length) == 0:
+    for attempt in range(_EINTR_RETRIES):
+        try:
+            syscalls.fallocate(fd, mode, offset, length)
             return
-        err = ctypes.get_errno()
-        if err != errno.EINTR:
-            break
-    raise HostMemoryError(err, f"{what}(fd={fd}, [{offset:#x}, +{length:#x})) failed: {os.strerror(err)}")
+        except HostMemoryError as exc:
+            if exc.errno != errno.EINTR or attempt == _EINTR_RETRIES - 1:
+                raise HostMemoryError(
+                    exc.errno or errno.EIO, f"{what} of guest_memfd: {exc.strerror}"
+                ) from None
 
 
 def guest_memfd_allocate(fd: int, offset: int, length: int) -> None:

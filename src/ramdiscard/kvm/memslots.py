@@ -10,7 +10,9 @@ Rules:
   ``KVM_CAP_NR_MEMSLOTS`` slots exist (ids ``0 .. nr - 1``); one more raises
   :class:`MemslotsExhausted` before any ioctl.
 * A failed ioctl leaves no slot behind and the id free again; the error propagates (during
-  :meth:`KvmMemslots.attach` the address space then removes what was added).
+  :meth:`KvmMemslots.attach` the address space then removes what was added). A failed
+  delete is retried once; if that fails too the slot is kept (and listed) and the error
+  propagates.
 * With virtio-mem dynamic memslots the device maps only the memslot aliases that hold
   plugged blocks, so exactly those exist in KVM (qemu-ram-discard §3.9).
 * The VM is anything with KvmVm's memslot calls (:class:`MemslotVm`): a real
@@ -191,7 +193,13 @@ class KvmMemslots(MemoryListener):
         if memslot is None:
             return
         try:
-            self.vm.delete_memory_region(memslot.slot)
+            try:
+                self.vm.delete_memory_region(memslot.slot)
+            except OSError:
+                # The section is gone from the address space whatever happens here; a slot
+                # left behind would let the guest fault in memory that was unplugged. Try
+                # once more before giving up (transient EINTR/ENOMEM).
+                self.vm.delete_memory_region(memslot.slot)
         except BaseException:
             self._slots[(id(section.mr), section.offset_within_address_space)] = memslot
             raise

@@ -223,6 +223,10 @@ def parse_scenario(text: str, *, source: str = "<scenario>") -> Scenario:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"{source}: invalid TOML: {exc}") from None
+    except ValueError as exc:  # tomllib: an integer of more than 4300 digits
+        raise ScenarioError(f"{source}: invalid TOML: {exc}") from None
+    except RecursionError:  # tomllib parses nested arrays/tables recursively
+        raise ScenarioError(f"{source}: invalid TOML: nested too deeply") from None
     return scenario_from_dict(data, source=source)
 
 

@@ -174,6 +174,7 @@ class PositionalFile:
         return self.f.seek(0, io.SEEK_END)
 
     def truncate(self, size: int) -> None:
+        faults.checkpoint(Op.FILE_WRITE)
         self.f.flush()
         if self.fd is not None:
             os.ftruncate(self.fd, size)

@@ -47,7 +47,11 @@ granules of the notified range at once, checks the whole run against the table o
 pins it with one :meth:`~ramdiscard.dma.DmaBackend.pin_many` call and inserts it with one
 slice assignment, so the per-granule Python work is a few list operations around the pin
 syscall. Locking: one re-entrant lock per container around the table and the backend
-calls; notifications arrive with the manager's lock held.
+calls; notifications arrive with the manager's lock held. Lock order is topology lock,
+then manager lock, then container lock: the container never calls into the address space
+or a manager while holding its own lock (attach/detach/region_add/region_del run under
+the topology lock, which serializes them), otherwise a plug notifying the container
+while it registers with the manager deadlocks.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from typing import NamedTuple
 from ramdiscard.dma.backend import PAGE_SIZE, DmaBackend, PinHandle
 from ramdiscard.dma.granules import granule_bounds
 from ramdiscard.errors import InvalidArgument, ListenerError
+from ramdiscard.memory import topology
 from ramdiscard.memory.address_space import AddressSpace, MemoryListener
 from ramdiscard.memory.region import MemoryRegion
 from ramdiscard.memory.section import MemoryRegionSection
@@ -295,24 +300,26 @@ class VfioContainer(MemoryListener):
         conflicts, or the first section's error; then nothing stays attached, mapped,
         pinned or held.
         """
-        with self._lock:
-            if self._space is not None:
-                raise ContainerStateError(f"{self!r} is already attached")
-            take = self.policy.uncoordinated_disable if self.coordinate_discards else self.policy.disable
-            take(True)
-            self._space = address_space
+        with topology.lock:
+            with self._lock:
+                if self._space is not None:
+                    raise ContainerStateError(f"{self!r} is already attached")
+                take = self.policy.uncoordinated_disable if self.coordinate_discards else self.policy.disable
+                take(True)
+                self._space = address_space
             try:
                 address_space.register_listener(self)
             except BaseException:
-                self._space = None
-                take(False)
+                with self._lock:
+                    self._space = None
+                    take(False)
                 raise
 
     def detach(self) -> None:
         """Stop listening: every section is removed (unmapped, unpinned, unregistered from
         its manager), then the discard-policy count is released. Mappings made directly
         with :meth:`dma_map` / :meth:`iommu_map` stay."""
-        with self._lock:
+        with topology.lock:
             space = self._space
             if space is None:
                 raise ContainerStateError(f"{self!r} is not attached")
@@ -327,7 +334,7 @@ class VfioContainer(MemoryListener):
 
     def close(self) -> None:
         """Detach if attached and unmap everything. The backend stays open."""
-        with self._lock:
+        with topology.lock:
             if self._space is not None:
                 self.detach()
             self.unmap_all()
@@ -375,19 +382,21 @@ class VfioContainer(MemoryListener):
                 records.append(RdmRange(section.offset_within_address_space, section.size, granularity))
                 check_dma_limit(records, self.max_memslots, self.max_mappings)
             record = RdmSection(self, rdm, section, granularity, host)
-            rdm.register_listener(record, section)
+        # Not under our lock: the replay notifies us with the manager's lock held.
+        rdm.register_listener(record, section)
+        with self._lock:
             self._rdm_sections[key] = record
 
     def region_del(self, section: MemoryRegionSection) -> None:
         key = (id(section.mr), section.offset_within_address_space)
         with self._lock:
             record = self._rdm_sections.pop(key, None)
-            if record is not None:
-                record.rdm.unregister_listener(record)
-                return
-            plain = self._plain_sections.pop(key, None)
+            plain = self._plain_sections.pop(key, None) if record is None else None
             if plain is not None:
                 self.dma_unmap(section.offset_within_address_space, section.size)
+        if record is not None:
+            # Not under our lock: the discards arrive with the manager's lock held.
+            record.rdm.unregister_listener(record)
 
     # -- internals ------------------------------------------------------------------------
 

@@ -11,7 +11,8 @@ Rules (qemu-ram-discard §4.1):
   read-only if the section is). The container maps the pieces all-or-nothing, so a refused
   populate leaves nothing of it mapped or pinned and the manager rolls back the others.
 * Discard = one unmap of the notified range; holes are fine, so double discards are
-  harmless. A failing unmap is logged, never raised (a discard cannot be refused).
+  harmless. A failing unmap is retried once, then logged, never raised (a discard cannot
+  be refused).
 """
 
 from __future__ import annotations
@@ -56,10 +57,17 @@ class RdmSection(RamDiscardListener):
         self.container._map_granules(section, self.granularity, self.host_base)
 
     def notify_discard(self, section: MemoryRegionSection) -> None:
-        try:
-            self.container.dma_unmap(section.offset_within_address_space, section.size)
-        except Exception:
-            log.exception("vfio: unmap of discarded %r failed", section)
+        # A failed unpin leaves the rest of the range mapped (dma_unmap's contract), so a
+        # second attempt finishes the job after a transient failure (EINTR, ENOMEM). If it
+        # fails again the stale mapping stays until the next unmap covering it (the next
+        # discard of the range, or detach), as in QEMU.
+        for attempt in (1, 2):
+            try:
+                self.container.dma_unmap(section.offset_within_address_space, section.size)
+                return
+            except Exception:
+                if attempt == 2:
+                    log.exception("vfio: unmap of discarded %r failed; the range stays pinned", section)
 
 
 @dataclass(frozen=True, slots=True)

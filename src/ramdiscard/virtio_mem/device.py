@@ -46,6 +46,7 @@ import logging
 import os
 import platform
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from ramdiscard.errors import DiscardPolicyError, InvalidArgument, ListenerError, ManagerBusy, RegionMapped
@@ -500,6 +501,16 @@ class VirtioMem(BlockStateManager):
         with self._lock:
             self._busy = busy
 
+    def _topology_lock(self) -> AbstractContextManager[object]:
+        """Taken *before* the device lock on every path that can map or unmap memslots.
+
+        A topology update holds the topology lock and calls into the device (a memory
+        listener registering a RamDiscardListener from ``region_add``), so taking the
+        device lock first and then the topology lock could deadlock (QEMU holds the BQL
+        for both). Without dynamic memslots requests never touch the topology.
+        """
+        return topology.lock if self._dynamic else nullcontext()
+
     def is_busy(self) -> bool:
         fn = self._busy
         return bool(fn()) if fn is not None else False
@@ -512,7 +523,7 @@ class VirtioMem(BlockStateManager):
         Raises ProtocolError for a short request or unknown type (the device is then
         broken) and DeviceBroken while broken; nothing else for any byte string.
         """
-        with self._lock:
+        with self._topology_lock(), self._lock:
             if self._broken:
                 self.metrics.broken_refusals += 1
                 raise DeviceBroken(f"{self._prefix} is broken after a protocol violation; reset it")
@@ -526,7 +537,7 @@ class VirtioMem(BlockStateManager):
 
     def process(self, req: Request) -> Response:
         """Process a parsed request (the typed path). Raises DeviceBroken while broken."""
-        with self._lock:
+        with self._topology_lock(), self._lock:
             if self._broken:
                 self.metrics.broken_refusals += 1
                 raise DeviceBroken(f"{self._prefix} is broken after a protocol violation; reset it")
@@ -822,7 +833,7 @@ class VirtioMem(BlockStateManager):
         A wake-up reset (resume from suspend) changes nothing (D-OP-8)."""
         if wakeup:
             return
-        with self._lock:
+        with self._topology_lock(), self._lock:
             self._check_realized()
             self._check_not_notifying("reset the device")
             self._unplug_all()
@@ -845,7 +856,7 @@ class VirtioMem(BlockStateManager):
         listener may remain (ListenerError); nothing changes when it raises. Idempotent.
         Host memory stays with the RAM block's owner.
         """
-        with self._lock, topology.lock:
+        with topology.lock, self._lock:
             if not self._realized:
                 return
             self._check_not_notifying("unrealize the device")

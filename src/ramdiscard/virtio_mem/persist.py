@@ -6,8 +6,8 @@ Rules:
   *sanity block* (addr, region size, block size, node), usable_region_size,
   requested_size, plugged size, the bitmap (one bit per block, little-endian words, as
   QEMU migrates it) and a CRC-32 of everything before it.
-* Loading is all-or-nothing. A corrupt image (bad magic, version, length, checksum,
-  padding bits, sizes that are not block multiples, plugged size that disagrees with the
+* Loading is all-or-nothing. A corrupt image (bad magic, version, reserved flags, length,
+  checksum, padding bits, sizes that are not block multiples, plugged size that disagrees with the
   bitmap, plugged blocks outside the usable region) or one whose sanity block does not
   match the device (QEMU's -EINVAL) raises :class:`StateError` and changes nothing. So
   does loading into a device that has memory plugged (a destination starts empty).
@@ -112,13 +112,15 @@ def decode_state(data: bytes | bytearray | memoryview) -> StateImage:
     data = bytes(data)
     if len(data) < _HEADER.size + _CRC.size:
         raise StateError(f"virtio-mem state too short: {len(data)} bytes")
-    (magic, version, _flags, addr, region_size, block_size, node, usable, requested, plugged, nbits) = (
+    (magic, version, flags, addr, region_size, block_size, node, usable, requested, plugged, nbits) = (
         _HEADER.unpack_from(data)
     )
     if magic != MAGIC:
         raise StateError(f"not a virtio-mem state image (magic {magic!r})")
     if version != VERSION:
         raise StateError(f"unsupported virtio-mem state version {version} (this is version {VERSION})")
+    if flags:
+        raise StateError(f"virtio-mem state: unknown flags {flags:#x} (reserved, must be 0)")
     bitmap_len = (nbits + 7) // 8
     if len(data) != _HEADER.size + bitmap_len + _CRC.size:
         raise StateError(
@@ -154,7 +156,7 @@ def save_state(device: VirtioMem) -> bytes:
 def load_state(device: VirtioMem, data: bytes | bytearray | memoryview) -> None:
     """Load an image into a device with nothing plugged; all-or-nothing (module rules)."""
     image = decode_state(data)
-    with device.lock:
+    with device._topology_lock(), device.lock:
         device._check_realized()
         device._check_not_notifying("load device state")
         mine = (device.addr, device.region_size, device.block_size, device.node)

@@ -11,10 +11,14 @@ Rules:
   are skipped and recorded in :attr:`TraceLog.skipped` (line numbers) / counted in
   :attr:`TraceLog.ignored`. A known event whose arguments do not parse is an error: in
   the default strict mode :class:`TraceParseError` names the line; with ``strict=False``
-  it is skipped like junk. Nothing else is ever raised for any text input.
+  it is skipped like junk. Request addresses and block counts must fit their wire fields
+  (64 and 16 bits) or the arguments do not parse. Nothing else is ever raised for any
+  text input.
 * :func:`replay_trace` feeds every logged request through a fresh device's
   :meth:`~ramdiscard.virtio_mem.device.VirtioMem.handle_request`, in order, and compares
-  the responses, plugged sizes, usable-region sizes and host discards with the log.
+  the responses, plugged sizes, usable-region sizes and host discards with the log. A
+  log that asks for something the device refuses (an inferred requested size it cannot
+  take) yields a mismatch, never an exception.
 
 Theory of operation for the replay: the log does not record ``requested-size`` writes,
 only their effect, ``virtio_mem_resized_usable_region`` growing the usable region; the
@@ -36,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ramdiscard.errors import RamDiscardError
+from ramdiscard.errors import InvalidArgument, RamDiscardError
 from ramdiscard.virtio_mem.wire import BlockState, Request, RequestType, Response, ResponseType
 
 if TYPE_CHECKING:
@@ -133,7 +137,7 @@ class TraceLog:
     """Well-formed trace lines of events this module does not interpret."""
 
 
-_LINE = re.compile(r"^(\d+)@(\d+(?:\.\d+)?):([A-Za-z_][A-Za-z0-9_]*)(?:\s(.*))?$")
+_LINE = re.compile(r"^(\d{1,19})@(\d+(?:\.\d+)?):([A-Za-z_][A-Za-z0-9_]*)(?:\s(.*))?$")
 _HEX = r"(0x[0-9a-fA-F]+)"
 _ARGS: dict[str, re.Pattern[str]] = {
     "virtio_mem_plug_request": re.compile(rf"^addr={_HEX}\s+nb_blocks=(\d+)\s*$"),
@@ -151,14 +155,23 @@ _ARGS: dict[str, re.Pattern[str]] = {
 }
 
 
+def _field(text: str, base: int, bits: int) -> int:
+    """A logged integer that must fit the wire field it came from (ValueError if not)."""
+    if len(text) > 24:
+        raise ValueError(f"{text[:24]}... does not fit in {bits} bits")
+    value = int(text, base)
+    if value >> bits:
+        raise ValueError(f"{text} does not fit in {bits} bits")
+    return value
+
+
 def _build(name: str, m: re.Match[str], line: int, pid: int, ts: float) -> TraceEvent:
     g = m.groups()
-    if name == "virtio_mem_plug_request":
-        return PlugRequest(line, pid, ts, int(g[0], 16), int(g[1]))
-    if name == "virtio_mem_unplug_request":
-        return UnplugRequest(line, pid, ts, int(g[0], 16), int(g[1]))
-    if name == "virtio_mem_state_request":
-        return StateRequest(line, pid, ts, int(g[0], 16), int(g[1]))
+    if name in ("virtio_mem_plug_request", "virtio_mem_unplug_request", "virtio_mem_state_request"):
+        kind = {"virtio_mem_plug_request": PlugRequest, "virtio_mem_unplug_request": UnplugRequest}.get(
+            name, StateRequest
+        )
+        return kind(line, pid, ts, _field(g[0], 16, 64), _field(g[1], 10, 16))
     if name == "virtio_mem_unplug_all_request":
         return UnplugAllRequest(line, pid, ts)
     if name == "virtio_mem_unplugged_all":
@@ -337,8 +350,14 @@ def _replay(evs: list[TraceEvent], device: VirtioMem, report: ReplayReport) -> N
             if not after_unplug_all and not at_realize:
                 requested = ev.new_size - extent if ev.new_size < device.region_size else device.region_size
                 requested = max(0, requested)
-                device.requested_size = requested
-                report.requested_size_writes.append(requested)
+                try:
+                    device.requested_size = requested
+                except InvalidArgument as exc:
+                    # Not a size this device could have been asked for: the log is not of
+                    # this geometry (or is damaged). Report it, keep replaying.
+                    report.mismatches.append(Mismatch(ev.line, "requested size", requested, str(exc)))
+                else:
+                    report.requested_size_writes.append(requested)
             if after_unplug_all:
                 in_unplug_all = False
             report.usable_region_sizes.append(device.usable_region_size)
