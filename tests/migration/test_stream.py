@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import itertools
 
-from ramdiscard.migration.checksum import Checksum, available, digest
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ramdiscard.migration.checksum import Checksum, address, available, digest
 from ramdiscard.migration.stream import (
     Counter,
     Decoder,
@@ -150,3 +154,49 @@ def test_page_checksum_algorithms(algo: Checksum) -> None:
 def test_unknown_checksum_algorithm_refused() -> None:
     with pytest.raises(StreamError, match="unknown page checksum algorithm 7"):
         _decode(encode_stream_header(StreamFlags.NONE, 7))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("algo", [a for a in Checksum if a in available()])
+@settings(max_examples=40, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=1, max_value=8191), max_size=6), at=st.booleans())
+def test_page_data_in_pieces(algo: Checksum, cuts: list[int], at: bool) -> None:
+    """Page data handed over in pieces (as a receiver does while it lands) is checked
+    exactly like the whole; too much or too little data is refused."""
+    data = bytes(i % 253 for i in range(8192))
+    c = Counter()
+    head = encode_stream_header(StreamFlags.NONE, algo) + encode_region(R0)
+    c.meta()
+    head += page_header(0, 4096, data, algo)
+    c.pages(len(data))
+    tail = encode_end(c.end())
+
+    def run(payload: bytes, pieces: list[int], finish: bool = True) -> None:
+        dec, pos = Decoder(), 0
+        while dec.need():
+            n = dec.need()
+            dec.feed(head[pos : pos + n])
+            pos += n
+        assert pos == len(head)
+        buf = bytearray(payload)
+        base = address(memoryview(buf))
+        points = [0, *sorted(set(pieces)), len(buf)]
+        for a, b in itertools.pairwise(points):
+            if at:
+                dec.page_update_at(base + a, b - a)
+            else:
+                dec.page_update(buf[a:b])
+        if finish:
+            dec.page_done()
+            assert dec.feed(tail[:28]) is None
+            assert dec.feed(tail[28:]) == c.end()
+            assert dec.done
+
+    run(data, cuts)
+    corrupt = bytearray(data)
+    corrupt[cuts[0] if cuts else 0] ^= 0x40
+    with pytest.raises(StreamError, match="checksum mismatch"):
+        run(bytes(corrupt), cuts)
+    with pytest.raises(StreamError, match="bytes of page data for a section of 8192"):
+        run(data + b"\0", cuts)
+    with pytest.raises(StreamError, match="page_done after 8191 bytes"):
+        run(data[:-1], cuts)

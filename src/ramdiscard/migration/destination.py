@@ -15,7 +15,8 @@ Rules (qemu-ram-discard §3.10, §4.2):
   into guest memory. A page section must lie inside the region, be 4 KiB aligned, come in
   order and, for a managed region, lie inside a populated run; that is checked from its
   header *before* any byte is written, so memory outside plugged blocks is never touched.
-  Its checksum is checked after the data landed.
+  Its data is checksummed piece by piece as it lands (while still in the CPU cache) and
+  the checksum compared when the section is complete.
 * END must match what was received, and every populated run (every byte of an unmanaged
   region) must have been received exactly once. Afterwards every unplugged range is
   discarded again ("discarded means discarded").
@@ -36,7 +37,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, BinaryIO
 
 from ramdiscard.migration.busy import Freeze, frozen
-from ramdiscard.migration.checksum import digest
+from ramdiscard.migration.checksum import address, digest
 from ramdiscard.migration.layout import RamRegion, collect_regions
 from ramdiscard.migration.progress import ProgressFn, ProgressTracker
 from ramdiscard.migration.source import MigrationStats
@@ -168,10 +169,11 @@ class _Incoming:
         region = self.check_page(page)
         target = region.view[page.offset : page.offset + page.length]
         if page.file_offset is None:
-            self.reader.read_exact(target)
+            base, update = address(target), self.decoder.page_update_at
+            self.reader.read_exact(target, lambda pos, got: update(base + pos, got))
             self.position += page.length
             self.tracker.stream(page.length)
-            self.decoder.page_done(target)
+            self.decoder.page_done()
         else:
             assert self.pfile is not None
             if page.file_offset < self.position:

@@ -25,8 +25,10 @@ the stream. :func:`page_header` checksums a memoryview of guest memory and retur
 ``sendmsg``. The decoder is pull-based: :meth:`Decoder.need` says how many bytes the next
 fixed-size piece has, :meth:`Decoder.feed` takes exactly those bytes and returns an event.
 For a PAGES section the event is a :class:`PageData` telling the caller where the data
-goes; the caller reads the data straight into guest memory and hands that memory to
-:meth:`Decoder.page_done`, which checksums it in place and compares.
+goes; the caller reads the data straight into guest memory and hands each piece, right
+after it landed (still in the CPU cache), to :meth:`Decoder.page_update`, then calls
+:meth:`Decoder.page_done`, which compares the checksum (or hands the whole data to
+``page_done`` at once).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 
 from ramdiscard.errors import RamDiscardError
-from ramdiscard.migration.checksum import Checksum, available, digest
+from ramdiscard.migration.checksum import Checksum, Hasher, available, digest
 from ramdiscard.units import MiB
 
 Buffer = bytes | bytearray | memoryview
@@ -266,7 +268,8 @@ class Decoder:
         self._page_bytes = 0
         self._last_page: tuple[int, int] = (-1, 0)  # (region, end offset) of the previous page section
         self._pending: PageData | None = None
-        self._pending_crc = 0
+        self._pending_got = 0
+        self._hasher: Hasher | None = None
 
     @property
     def done(self) -> bool:
@@ -366,7 +369,10 @@ class Decoder:
             length = self._section_len - PAGES_SUB.size
             self._check_page(region, offset, length)
             self._pending = PageData(region, offset, length)
-            self._pending_crc = zlib.crc32(raw)
+            self._pending_got = 0
+            if self._hasher is None:
+                self._hasher = Hasher(self._checksum)
+            self._hasher.reset(zlib.crc32(raw))
             self._phase = _Phase.PAGE_DATA
             return self._pending
         if zlib.crc32(raw) != self._crc:
@@ -434,17 +440,43 @@ class Decoder:
         self._page_sections += 1
         self._page_bytes += length
 
-    def page_done(self, data: Buffer) -> None:
-        """The caller has read the pending PAGES data into ``data`` (guest memory, only
-        checksummed here). Raises StreamError on a checksum mismatch."""
+    def _page_piece(self, length: int) -> Hasher:
         pending = self._pending
-        if self._phase is not _Phase.PAGE_DATA or pending is None:
-            raise self._fail("page_done without pending page data")
+        if self._phase is not _Phase.PAGE_DATA or pending is None or self._hasher is None:
+            raise self._fail("page data without a pending PAGES section")
+        if self._pending_got + length > pending.length:
+            raise self._fail(
+                f"{self._pending_got + length} bytes of page data for a section of {pending.length}"
+            )
+        self._pending_got += length
+        return self._hasher
+
+    def page_update(self, data: Buffer) -> None:
+        """The next ``len(data)`` bytes of the pending PAGES data (only read, to be
+        checksummed). Raises StreamError for more data than the section holds."""
         with memoryview(data) as view:
-            if view.nbytes != pending.length:
-                raise self._fail(f"page_done with {view.nbytes} bytes, expected {pending.length}")
-            crc = digest(self._checksum, view, self._pending_crc)
-        if crc != self._crc:
+            self._page_piece(view.nbytes).update(view)
+
+    def page_update_at(self, address: int, length: int) -> None:
+        """:meth:`page_update` for ``length`` bytes at ``address``: the caller guarantees
+        they are mapped and readable (a range of a buffer it holds; see
+        :func:`ramdiscard.migration.checksum.address`). Saves building a buffer object
+        per piece on the receive path."""
+        self._page_piece(length).update_raw(address, length)
+
+    def page_done(self, data: Buffer | None = None) -> None:
+        """The pending PAGES data is complete: given here whole as ``data`` (guest
+        memory, only checksummed), or already given piece by piece to
+        :meth:`page_update`. Raises StreamError when bytes are missing or the checksum
+        does not match."""
+        if data is not None:
+            self.page_update(data)
+        pending = self._pending
+        if self._phase is not _Phase.PAGE_DATA or pending is None or self._hasher is None:
+            raise self._fail("page_done without pending page data")
+        if self._pending_got != pending.length:
+            raise self._fail(f"page_done after {self._pending_got} bytes, expected {pending.length}")
+        if self._hasher.value() != self._crc:
             raise self._fail(
                 f"PAGES section checksum mismatch (region {pending.region}, offset {pending.offset:#x})"
             )
