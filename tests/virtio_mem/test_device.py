@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from ramdiscard import faults
-from ramdiscard.errors import DiscardPolicyError, ListenerError, ManagerBusy, RegionMapped
+from ramdiscard.errors import DiscardPolicyError, ListenerError, RegionMapped
 from ramdiscard.memory import MemoryRegion, MemoryRegionSection
-from ramdiscard.rdm import BlockStateManager, RamDiscardManager
+from ramdiscard.rdm import AggregateManager, BlockStateManager, RamDiscardManager
 from ramdiscard.units import GiB, MiB
 from ramdiscard.virtio_mem import (
     CONFIG_SIZE,
@@ -132,13 +132,18 @@ def test_realize_busy_memdev(make: Factory) -> None:
     with pytest.raises(ValueError, match="busy"):
         VirtioMem(dev.region, addr=ADDR, block_size=BS, policy=make.policy)
     assert make.policy.snapshot().coordinated_require == 1
+    # Another kind of provider on the region is not a busy memdev: both become sources
+    # of one aggregate manager, and unrealize hands the region back to the other one.
     other = MemoryRegion.new_ram("other", FakeRam(64 * MiB))
     rival = BlockStateManager(other, BS)
     other.set_ram_discard_manager(rival)
-    with pytest.raises(ValueError):
+    joined = VirtioMem(other, addr=ADDR, block_size=BS, policy=make.policy)
+    agg = other.ram_discard_manager
+    assert isinstance(agg, AggregateManager) and agg.sources == (rival, joined)
+    with pytest.raises(ValueError, match="busy"):
         VirtioMem(other, addr=ADDR, block_size=BS, policy=make.policy)
+    joined.unrealize()
     assert other.ram_discard_manager is rival and make.policy.snapshot().coordinated_require == 1
-    _ = ManagerBusy
 
 
 def test_realize_node_and_dynamic_memslot_rules(make: Factory) -> None:

@@ -53,6 +53,7 @@ from ramdiscard.errors import DiscardPolicyError, InvalidArgument, ListenerError
 from ramdiscard.memory import topology
 from ramdiscard.memory.region import MemoryRegion
 from ramdiscard.memory.topology import TopologyError, transaction
+from ramdiscard.rdm.aggregate import AggregateManager, add_ram_discard_source, remove_ram_discard_source
 from ramdiscard.rdm.bitmap import Bitmap
 from ramdiscard.rdm.block_state import BlockStateManager
 from ramdiscard.rdm.policy import DiscardPolicy, default_policy
@@ -221,8 +222,10 @@ class VirtioMem(BlockStateManager):
         ram = memory.ram
         if not isinstance(ram, HostRam):
             raise InvalidArgument(f"{prefix}: RAM block {ram!r} cannot discard/populate memory")
-        if memory.ram_discard_manager is not None:
-            raise InvalidArgument(f"{prefix}: memdev {memory.name!r} is busy (already managed)")
+        current = memory.ram_discard_manager
+        users = current.sources if isinstance(current, AggregateManager) else (current,)
+        if any(isinstance(user, VirtioMem) for user in users):
+            raise InvalidArgument(f"{prefix}: memdev {memory.name!r} is busy (used by another virtio-mem)")
         if numa_nodes < 0 or (node >= numa_nodes if numa_nodes else node != 0):
             raise InvalidArgument(
                 f"{prefix}: node {node} is not a valid NUMA node (numa nodes: {numa_nodes})"
@@ -290,7 +293,9 @@ class VirtioMem(BlockStateManager):
             raise DiscardPolicyError(f"{prefix}: Discarding RAM is disabled") from exc
         try:
             try:
-                memory.set_ram_discard_manager(self)
+                # Alone this makes the device the region's manager; beside another provider
+                # (guest_memfd attributes) both become sources of one aggregate manager.
+                add_ram_discard_source(memory, self)
             except (ManagerBusy, RegionMapped, InvalidArgument) as exc:
                 raise type(exc)(f"{prefix}: Failed to set RamDiscardManager: {exc}") from exc
             try:
@@ -299,7 +304,7 @@ class VirtioMem(BlockStateManager):
                     self._realize_discarded = True
                     self._run_discard_hooks(0, self._ram.size)
             except BaseException:
-                memory.set_ram_discard_manager(None)
+                remove_ram_discard_source(memory, self)
                 raise
         except BaseException:
             self._policy.coordinated_require(False)
@@ -867,7 +872,7 @@ class VirtioMem(BlockStateManager):
             for slot in self._memslots:
                 if slot.container is not None:
                     slot.container.del_subregion(slot)
-            self._region.set_ram_discard_manager(None)
+            remove_ram_discard_source(self._region, self)
             self._policy.coordinated_require(False)
             self._realized = False
 
