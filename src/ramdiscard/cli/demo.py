@@ -100,10 +100,10 @@ def run_one(sc: Scenario, run: Run, progress: Any) -> None:
             if force or now - last[0] >= 0.05:
                 last[0] = now
                 s = machine.sample()
-                held = float(machine.status()["held"]) if force else run.timeline[-1]["held"]
-                run.timeline.append(
-                    {"t": round(now - t_start, 4), **{k: float(v) for k, v in s.items()}, "held": held}
-                )
+                point = {"t": round(now - t_start, 4), **{k: float(v) for k, v in s.items()}}
+                if force:  # "held" needs a residency scan of all guest RAM: step ends only
+                    point["held"] = float(machine.status()["held"])
+                run.timeline.append(point)
                 progress.update(
                     task,
                     detail=f"plugged {format_size(s['plugged'])}  VmPin {format_size(s['vm_pin'])}  "
@@ -341,6 +341,10 @@ def write_plot(runs: list[Run], path: str | None) -> Path:
         series = (("plugged", "plugged"), ("held", "held by the VM"), ("rss", "process RSS"),
                   ("vm_pin", "VmPin"), ("vm_lck", "VmLck"))  # fmt: skip
         for key, label in series:
+            if key == "held":  # measured at step ends only: markers, not a continuous line
+                pts = [(p["t"], p["held"] / GiB) for p in run.timeline if "held" in p]
+                ax.plot([x for x, _ in pts], [y for _, y in pts], "o", label=label + " (step ends)")
+                continue
             ys = [p[key] / GiB for p in run.timeline]
             if key == "vm_lck" and not any(ys):
                 continue
