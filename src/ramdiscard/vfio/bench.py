@@ -25,8 +25,6 @@ ours/raw; each figure is the best of N.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import time
 from typing import Any
 
@@ -44,7 +42,6 @@ BLOCKS = 64
 ADDR = 4 * GiB
 PLUG_TARGET = 1.15
 UNPLUG_TARGET = 1.25
-_MADV_DONTNEED = 4
 
 MEMORY_KINDS: dict[str, dict[str, Any]] = {
     "THP": {"backing": "anonymous", "thp": True},
@@ -56,12 +53,6 @@ MEMORY_KINDS: dict[str, dict[str, Any]] = {
 plug pins memory that the previous unplug discarded, so the pin faults it in: what a
 vfio container does when a guest plugs a block in a real VM."""
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_madvise = _libc.madvise
-_madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_madvise.restype = ctypes.c_int
-
-
 def _raw_cycle(ring: RawRing, ram: RamBlock, size: int) -> tuple[int, int]:
     base = ram.host_address
     fd = ram.fd
@@ -70,8 +61,7 @@ def _raw_cycle(ring: RawRing, ram: RamBlock, size: int) -> tuple[int, int]:
     pinned = ring.update_many(0, [(base + i * BLOCK, BLOCK) for i in range(BLOCKS)])
     t1 = clock()
     if fd is None:
-        if _madvise(base, size, _MADV_DONTNEED) != 0:
-            raise OSError(ctypes.get_errno(), "madvise(MADV_DONTNEED)")
+        syscalls.madvise(base, size, syscalls.MADV_DONTNEED)
     else:
         syscalls.punch_hole(fd, 0, size)
     released = ring.release_many(0, BLOCKS)
