@@ -27,13 +27,15 @@ SAMPLE = "qemu-virtio-mem-trace-sample.log"
 
 
 def shared_data() -> Path | None:
-    """``shared/data`` beside the repository (or $RAMDISCARD_SHARED)."""
+    """The folder holding QEMU's sample trace: ``shared/data`` beside the repository (or
+    $RAMDISCARD_SHARED), else the copy shipped in the repository's ``examples/traces``."""
     import os
 
     env = os.environ.get("RAMDISCARD_SHARED")
     here = Path(__file__).resolve()
     candidates = [Path(env) / "data"] if env else []
     candidates += [p / "shared" / "data" for p in here.parents]
+    candidates += [p / "examples" / "traces" for p in here.parents]
     for c in candidates:
         if (c / SAMPLE).is_file():
             return c
