@@ -27,7 +27,7 @@ import itertools
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
-from ramdiscard.errors import InvalidArgument, ListenerError
+from ramdiscard.errors import ListenerError
 from ramdiscard.memory import topology
 from ramdiscard.memory.region import MemoryRegion, RegionKind
 from ramdiscard.memory.section import MemoryRegionSection
@@ -227,11 +227,3 @@ class AddressSpace:
                 except Exception as exc:
                     errors.append(exc)
         return errors
-
-
-def check_section_in_region(section: MemoryRegionSection) -> None:
-    """Raise InvalidArgument unless the section lies within its region."""
-    if section.end > section.mr.size:
-        raise InvalidArgument(
-            f"{section!r} extends beyond region {section.mr.name!r} (size {section.mr.size:#x})"
-        )
