@@ -44,6 +44,7 @@ from ramdiscard.errors import InvalidArgument
 from ramdiscard.kvm import KVM_MEMORY_ATTRIBUTE_PRIVATE, KvmVm, guest_memfd_allocate, guest_memfd_punch_hole
 from ramdiscard.rdm.aggregate import add_ram_discard_source, remove_ram_discard_source
 from ramdiscard.rdm.block_state import BlockStateManager
+from ramdiscard.rdm.notify import DiscardNotificationError
 from ramdiscard.rdm.policy import DiscardPolicy, default_policy
 
 if TYPE_CHECKING:
@@ -246,16 +247,22 @@ class RamBlockAttributes(BlockStateManager):
 
         ``prealloc_private`` allocates the new private range in the guest_memfd, standing
         in for the guest touching it (there is no vCPU here). Raises InvalidArgument, a
-        refusing listener's exception (nothing changed), or HostMemoryError from the
-        backing after the state change (state converted, memory not freed).
+        refusing listener's exception (nothing changed), HostMemoryError from the
+        backing after the state change (state converted, memory not freed), or
+        DiscardNotificationError after a complete conversion to private if listeners
+        raised from their discard (every listener was still told).
         """
         self._check_range(offset, size)
         with self.lock:
             self._check_not_notifying("convert memory")
             if self._attributes:
                 self._set_attributes(offset, size, private=to_private)
+            listener_failure: DiscardNotificationError | None = None
             try:
                 self.state_change(offset, size, to_private)
+            except DiscardNotificationError as exc:
+                # Every listener was told and the range is private now: finish converting.
+                listener_failure = exc
             except BaseException:
                 if self._attributes:
                     self._set_attributes(offset, size, private=not to_private)
@@ -268,6 +275,8 @@ class RamBlockAttributes(BlockStateManager):
                     guest_memfd_allocate(self._gmem_fd, offset, size)
             elif self._gmem_fd >= 0:
                 guest_memfd_punch_hole(self._gmem_fd, offset, size)
+            if listener_failure is not None:
+                raise listener_failure
 
     def _set_attributes(self, offset: int, size: int, *, private: bool) -> None:
         assert self._vm is not None

@@ -11,6 +11,7 @@ from ramdiscard.rdm.bitmap import Bitmap
 from ramdiscard.rdm.block_state import BlockStateManager
 from ramdiscard.rdm.listener import RamDiscardListener
 from ramdiscard.rdm.manager import NotificationSink, RamDiscardManager, ReplayFn
+from ramdiscard.rdm.notify import DiscardNotificationError, Notifier
 from ramdiscard.rdm.policy import DiscardCount, DiscardPolicy, PolicySnapshot, default_policy
 
 __all__ = [
@@ -18,8 +19,10 @@ __all__ = [
     "Bitmap",
     "BlockStateManager",
     "DiscardCount",
+    "DiscardNotificationError",
     "DiscardPolicy",
     "NotificationSink",
+    "Notifier",
     "PolicySnapshot",
     "RamDiscardListener",
     "RamDiscardManager",

@@ -20,8 +20,8 @@ Rules (the 2026 "RamDiscardSource" RFC's semantics, on this project's stricter c
   - adding a source discards, to each listener, what the new source has discarded but the
     aggregate had populated; removing a source populates what becomes populated, with
     rollback on refusal. A refused removal leaves the source attached; a discard that
-    raises during an add (a listener bug) is rolled back by re-populating, and the source
-    is not added.
+    raises during an add (a listener bug) still reaches every listener, is then rolled
+    back by re-populating (last-in first-out), and the source is not added.
 * Adding a source twice, or one attached to another aggregate, or one with listeners of
   its own raises ManagerBusy; removing an unknown source raises SourceNotFound. Both change
   nothing.
@@ -43,7 +43,6 @@ whatever order the source updates its own state in.
 
 from __future__ import annotations
 
-import logging
 import mmap
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -55,9 +54,6 @@ from ramdiscard.units import is_power_of_2
 
 if TYPE_CHECKING:
     from ramdiscard.memory.region import MemoryRegion
-    from ramdiscard.rdm.listener import RamDiscardListener
-
-_log = logging.getLogger("ramdiscard.rdm")
 
 Runs = list[tuple[int, int]]
 """Sorted, disjoint, non-adjacent-or-adjacent ``(start, end)`` region-offset intervals."""
@@ -154,8 +150,8 @@ class AggregateManager(RamDiscardManager):
     def source_discard(self, source: object, offset: int, size: int) -> None:
         """``source`` discarded the range; notify the part that was populated in aggregate."""
         with self._lock:
-            for start, end in self.populated_runs(offset, size, exclude=source):
-                self._notify_discard(start, end - start)
+            runs = self.populated_runs(offset, size, exclude=source)
+            self._notify_discard_runs([(start, end - start) for start, end in runs])
 
     def source_discard_all(self, source: object, runs: list[tuple[int, int]]) -> None:
         """``source`` discards everything; its populated runs are ``(offset, size)``."""
@@ -167,15 +163,7 @@ class AggregateManager(RamDiscardManager):
                 self._notify_discard_all(visible)
 
     def _populate_runs(self, runs: Runs) -> None:
-        done: Runs = []
-        try:
-            for start, end in runs:
-                self._notify_populate(start, end - start)
-                done.append((start, end))
-        except BaseException:
-            for start, end in reversed(done):
-                self._notify_discard(start, end - start)
-            raise
+        self._notify_populate_runs([(start, end - start) for start, end in runs])
 
     # -- source management ------------------------------------------------------------
 
@@ -235,27 +223,9 @@ class AggregateManager(RamDiscardManager):
                 source._detach_sink()
 
     def _discard_with_undo(self, runs: Runs) -> None:
-        """Discard ``runs`` to every listener; should one raise (a contract violation),
-        re-populate what was discarded so far and re-raise."""
-        told: list[tuple[RamDiscardListener, MemoryRegionSection]] = []
-        with self._notifying():
-            try:
-                for listener in self._listeners:
-                    assert listener.section is not None
-                    for start, end in runs:
-                        part = listener.section.intersect(start, end - start)
-                        if part is not None:
-                            listener.notify_discard(part)
-                            told.append((listener, part))
-            except BaseException:
-                for listener, part in reversed(told):
-                    try:
-                        listener.notify_populate(part)
-                    except Exception:
-                        _log.exception(
-                            "listener %r refused re-populate of %r during rollback", listener, part
-                        )
-                raise
+        """Discard ``runs`` to every listener; should any raise (a contract violation),
+        re-populate what was discarded and raise (see :meth:`Notifier.discard_or_undo`)."""
+        self._notifier.discard_or_undo([(start, end - start) for start, end in runs])
 
 
 # -- region helpers ---------------------------------------------------------------------

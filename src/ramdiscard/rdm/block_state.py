@@ -10,7 +10,8 @@ Rules:
   accepted. A refusal rolls back every listener for every run notified so far and
   re-raises; the bitmap is unchanged.
 * ``set_discarded(offset, size)`` notifies discard for the populated runs of the range,
-  then clears the bits.
+  then clears the bits. Every listener hears every run even if some raise; the bits are
+  cleared regardless and the failures are then raised as one DiscardNotificationError.
 * Queries widen a section outward to block boundaries; ``is_populated`` of an empty
   section is False (virtio-mem's answer).
 
@@ -156,7 +157,12 @@ class BlockStateManager(RamDiscardManager):
             self._populate_blocks(first, last)
 
     def set_discarded(self, offset: int, size: int) -> None:
-        """Mark an aligned range discarded, notifying discard for its populated runs."""
+        """Mark an aligned range discarded, notifying discard for its populated runs.
+
+        Raises InvalidArgument for a bad range (no change), ListenerError from inside a
+        notification (no change), or DiscardNotificationError if listeners raised: every
+        listener was told and the range is discarded all the same.
+        """
         with self._lock:
             self._check_not_notifying("change state")
             first, last = self._aligned_blocks(offset, size)
@@ -165,33 +171,28 @@ class BlockStateManager(RamDiscardManager):
     def _populate_blocks(self, first: int, last: int) -> None:
         g = self._shift
         runs = list(self._bitmap.runs(first, last, False))
-        done: list[tuple[int, int]] = []
-        try:
-            for s, e in runs:
-                self._notify_populate(s << g, (e - s) << g)
-                done.append((s, e))
-        except BaseException:
-            for s, e in reversed(done):
-                self._notify_discard(s << g, (e - s) << g)
-            raise
+        self._notify_populate_runs([(s << g, (e - s) << g) for s, e in runs])
         for s, e in runs:
             self._bitmap.set_range(s, e)
 
     def _discard_blocks(self, first: int, last: int) -> None:
         g = self._shift
         runs = list(self._bitmap.runs(first, last, True))
-        for s, e in runs:
-            self._notify_discard(s << g, (e - s) << g)
-        for s, e in runs:
-            self._bitmap.clear_range(s, e)
+        try:
+            self._notify_discard_runs([(s << g, (e - s) << g) for s, e in runs])
+        finally:
+            for s, e in runs:
+                self._bitmap.clear_range(s, e)
 
     def _discard_all_blocks(self) -> None:
         """Everything to discarded: whole-section discards to double-discard listeners."""
         g = self._shift
         runs = [(s << g, (e - s) << g) for s, e in self._bitmap.runs(0, self._bitmap.nbits, True)]
-        if runs:
-            self._notify_discard_all(runs)
-        self._bitmap.clear_all()
+        try:
+            if runs:
+                self._notify_discard_all(runs)
+        finally:
+            self._bitmap.clear_all()
 
     # -- argument checks ------------------------------------------------------------------
 

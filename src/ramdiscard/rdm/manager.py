@@ -16,26 +16,31 @@ Rules (QEMU's contract, with the places where this implementation is stricter ma
   registered listener).
 * ``unregister_listener`` sends discards for everything populated in the section: one
   whole-section discard for double-discard listeners, one per populated run otherwise.
-* State changes notify in list order. A populate that a listener refuses is rolled back:
-  every listener notified before it gets ``notify_discard`` for the same range, the
-  refusing listener cleans up itself, later listeners were never told, and the error
-  propagates to the provider, which then leaves its state unchanged.
+  The listener is unlinked even if one of those discards raises.
+* State changes notify in list order. A populate that a listener refuses is rolled back
+  last-in first-out: every listener notified before it gets ``notify_discard`` for what
+  it was told, in reverse order, the refusing listener cleans up itself, later listeners
+  were never told, and the error propagates to the provider, which then leaves its state
+  unchanged. A discard reaches *every* listener even when some raise; the failures are
+  raised afterwards as one DiscardNotificationError and the provider records the discard
+  anyway (the memory is gone). The walks themselves live in :mod:`ramdiscard.rdm.notify`.
 
 Theory of operation: a provider subclasses :class:`RamDiscardManager`, implements the
-four query methods over its own state, and calls :meth:`_notify_populate` /
-:meth:`_notify_discard` around its state changes (populate *before* setting state,
-discard *after* the memory is gone). Registration, unregistration, clipping and rollback
-live here once.
+four query methods over its own state, and calls :meth:`_notify_populate_runs` /
+:meth:`_notify_discard_runs` (or their one-run forms) around its state changes (populate
+*before* setting state, discard *after* the memory is gone, recording the discard even if
+the notification raises). Registration, unregistration, clipping and rollback are the
+notification engine's (:class:`~ramdiscard.rdm.notify.Notifier`), one per manager.
 
 Aggregation (the 2026 "RamDiscardSource" proposal): a provider may be attached to a
 :class:`NotificationSink` (an aggregate manager owning several sources of one region).
 While attached, the provider's ``_notify_*`` calls are forwarded to the sink, which decides
-what its own listeners see; the provider accepts no listeners of its own and shares the
-sink's lock, so one lock serializes the provider, its sibling sources and the sink's
-listeners. Detached (the default), nothing changes.
+what its own listeners see; the provider accepts no listeners of its own. Detached (the
+default), nothing changes.
 
 Concurrency: every public method takes the manager's re-entrant lock, so state changes and
-their notifications are serialized per manager. A listener runs with that lock held: it
+their notifications are serialized per manager; an attached provider shares its sink's
+lock. A listener runs with that lock held: it
 may query the manager, but a state change, register or unregister on the same manager
 from inside a notification raises ListenerError (it would corrupt the walk in progress),
 and blocking on another thread that needs this manager deadlocks.
@@ -43,22 +48,24 @@ and blocking on another thread that needs this manager deadlocks.
 
 from __future__ import annotations
 
+import logging
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from ramdiscard.errors import InvalidArgument, ListenerError
 from ramdiscard.rdm.listener import RamDiscardListener
+from ramdiscard.rdm.notify import DiscardNotificationError, Notifier, Run
 
 if TYPE_CHECKING:
     from ramdiscard.memory.region import MemoryRegion
     from ramdiscard.memory.section import MemoryRegionSection
 
+_log = logging.getLogger("ramdiscard.rdm")
+
 ReplayFn = Callable[["MemoryRegionSection"], object]
 """Replay callback: called with each run; its return value is ignored, raising stops."""
-
 
 class NotificationSink(Protocol):
     """Where an attached provider's notifications go (an aggregate manager).
@@ -89,9 +96,8 @@ class RamDiscardManager(ABC):
         if not region.is_ram:
             raise InvalidArgument(f"{region.name!r} is not a RAM region")
         self._region = region
-        self._listeners: list[RamDiscardListener] = []
+        self._notifier = Notifier()
         self._lock = threading.RLock()
-        self._notifying_thread: int | None = None
         self._sink: NotificationSink | None = None
 
     @property
@@ -108,7 +114,7 @@ class RamDiscardManager(ABC):
     def listeners(self) -> tuple[RamDiscardListener, ...]:
         """Registered listeners, newest first."""
         with self._lock:
-            return tuple(self._listeners)
+            return self._notifier.listeners
 
     @property
     def sink(self) -> NotificationSink | None:
@@ -116,10 +122,10 @@ class RamDiscardManager(ABC):
         return self._sink
 
     def _attach_sink(self, sink: NotificationSink) -> None:
-        """Forward notifications to ``sink`` and share its lock. Caller holds ``sink.lock``
-        and has checked that this provider is detached and has no listeners."""
+        """Forward notifications to ``sink``. Caller holds the lock and has checked that
+        this provider is detached and has no listeners; the sink shares the lock."""
         with self._lock:
-            assert self._sink is None and not self._listeners
+            assert self._sink is None and not self._notifier
             self._sink = sink
             self._lock = sink.lock
 
@@ -130,7 +136,7 @@ class RamDiscardManager(ABC):
 
     def notifying_in_current_thread(self) -> bool:
         """True while this thread is inside one of this manager's notifications."""
-        return self._notifying_thread == threading.get_ident()
+        return self._notifier.active_in_current_thread()
 
     # -- queries (providers implement) -------------------------------------------------
 
@@ -171,49 +177,19 @@ class RamDiscardManager(ABC):
                 raise InvalidArgument(f"cannot register a listener for empty {section!r}")
             if listener._rdm is not None:
                 raise ListenerError(f"{listener!r} is already registered with {listener._rdm!r}")
-            listener.section = section
-            listener._rdm = self
-            self._listeners.insert(0, listener)
-            replayed: list[MemoryRegionSection] = []
-
-            def populate(run: MemoryRegionSection) -> None:
-                listener.notify_populate(run)
-                replayed.append(run)
-
-            try:
-                with self._notifying():
-                    self.replay_populated(section, populate)
-            except BaseException:
-                with self._notifying():
-                    for run in reversed(replayed):
-                        _discard_quietly(listener, run)
-                self._listeners.remove(listener)
-                listener.section = None
-                listener._rdm = None
-                raise
+            self._notifier.register(self, listener, section, self.replay_populated)
 
     def unregister_listener(self, listener: RamDiscardListener) -> None:
         """Discard everything populated in the listener's section to it, then unlink it.
 
-        Raises ListenerError if ``listener`` is not registered with this manager.
+        Raises ListenerError if ``listener`` is not registered with this manager, and
+        DiscardNotificationError (after unlinking it) if it raised from a discard.
         """
         with self._lock:
             self._check_not_notifying("unregister a listener")
             if listener._rdm is not self or listener.section is None:
                 raise ListenerError(f"{listener!r} is not registered with {self!r}")
-            section = listener.section
-            with self._notifying():
-                if listener.double_discard_supported:
-                    if self._any_populated(section):
-                        listener.notify_discard(section)
-                else:
-                    runs: list[MemoryRegionSection] = []
-                    self.replay_populated(section, runs.append)
-                    for run in runs:
-                        listener.notify_discard(run)
-            self._listeners.remove(listener)
-            listener.section = None
-            listener._rdm = None
+            self._notifier.unregister(listener, self.replay_populated)
 
     # -- helpers for providers --------------------------------------------------------
 
@@ -232,106 +208,75 @@ class RamDiscardManager(ABC):
         if mr is not self._region:
             raise InvalidArgument(f"{self!r} manages {self._region.name!r}, not {mr.name!r}")
 
-    def _any_populated(self, section: MemoryRegionSection) -> bool:
-        found = False
-
-        def stop(_: MemoryRegionSection) -> None:
-            nonlocal found
-            found = True
-            raise _StopReplay
-
-        with suppress(_StopReplay):
-            self.replay_populated(section, stop)
-        return found
-
     def _check_not_notifying(self, what: str) -> None:
         if self.notifying_in_current_thread() or (
             self._sink is not None and self._sink.notifying_in_current_thread()
         ):
             raise ListenerError(f"cannot {what} on {self!r} from inside one of its notifications")
 
-    @contextmanager
-    def _notifying(self) -> Iterator[None]:
-        outer = self._notifying_thread
-        self._notifying_thread = threading.get_ident()
-        try:
-            yield
-        finally:
-            self._notifying_thread = outer
-
     def _notify_populate(self, offset: int, size: int) -> None:
-        """Tell every listener whose section intersects ``[offset, offset+size)``.
+        """:meth:`_notify_populate_runs` for one run."""
+        self._notify_populate_runs(((offset, size),))
 
-        On a refusal, listeners notified before the refusing one get ``notify_discard`` for
-        their intersection, and the refusal propagates. Call with the lock held, before
-        the provider records the range as populated. Forwarded to the sink when attached.
+    def _notify_populate_runs(self, runs: Sequence[Run]) -> None:
+        """Tell every listener whose section intersects a run ``(offset, size)``,
+        all-or-nothing: on a refusal everything told is discarded again, last-in
+        first-out, and the refusal propagates. Call with the lock held, before the
+        provider records the runs as populated.
+
+        Attached to a sink, each run goes to ``sink.source_populate`` (which rolls its
+        own listeners back); if a later run is refused, the earlier runs are discarded
+        again through ``sink.source_discard`` in reverse run order.
         """
-        if self._sink is not None:
-            self._sink.source_populate(self, offset, size)
+        sink = self._sink
+        if sink is None:
+            self._notifier.populate(runs)
             return
-        notified: list[tuple[RamDiscardListener, MemoryRegionSection]] = []
-        with self._notifying():
-            for listener in self._listeners:
-                assert listener.section is not None
-                part = listener.section.intersect(offset, size)
-                if part is None:
-                    continue
+        done: list[Run] = []
+        try:
+            for offset, size in runs:
+                sink.source_populate(self, offset, size)
+                done.append((offset, size))
+        except BaseException:
+            for offset, size in reversed(done):
                 try:
-                    listener.notify_populate(part)
-                except BaseException:
-                    for earlier, earlier_part in reversed(notified):
-                        _discard_quietly(earlier, earlier_part)
-                    raise
-                notified.append((listener, part))
+                    sink.source_discard(self, offset, size)
+                except Exception:
+                    _log.exception("%r: rolling back [%#x, +%#x) through %r failed", self, offset, size, sink)
+            raise
 
     def _notify_discard(self, offset: int, size: int) -> None:
-        """Tell every listener whose section intersects the range that it was discarded.
+        """:meth:`_notify_discard_runs` for one run."""
+        self._notify_discard_runs(((offset, size),))
 
-        Call with the lock held, after the memory is discarded and before the provider
-        records the range as discarded. Only send ranges that are populated, unless every
-        listener supports double discard. Forwarded to the sink when attached.
-        """
-        if self._sink is not None:
-            self._sink.source_discard(self, offset, size)
+    def _notify_discard_runs(self, runs: Sequence[Run]) -> None:
+        """Tell every listener whose section intersects a run that it was discarded; every
+        listener hears of every run even if some raise, then the failures are raised as
+        one DiscardNotificationError. Call with the lock held, after the memory is
+        discarded; record the discard whether or not this raises. Only send ranges that
+        are populated, unless every listener supports double discard. Forwarded to the
+        sink when attached."""
+        sink = self._sink
+        if sink is None:
+            self._notifier.discard(runs)
             return
-        with self._notifying():
-            for listener in self._listeners:
-                assert listener.section is not None
-                part = listener.section.intersect(offset, size)
-                if part is not None:
-                    listener.notify_discard(part)
+        errors: list[Exception] = []
+        for offset, size in runs:
+            try:
+                sink.source_discard(self, offset, size)
+            except DiscardNotificationError as exc:
+                errors.extend(exc.exceptions)
+            except Exception as exc:  # every run must still reach the sink
+                errors.append(exc)
+        if errors:
+            raise DiscardNotificationError(f"{len(errors)} discard notification(s) failed", errors)
 
     def _notify_discard_all(self, populated_runs: list[tuple[int, int]]) -> None:
         """Discard everything: one whole-section discard to double-discard listeners, one
-        per populated run (region offset, size) to the others. Call before clearing state.
-        Forwarded to the sink when attached."""
+        per populated run (region offset, size) to the others; every listener is told even
+        if some raise (failures raised afterwards). Call before clearing state, and clear
+        it whether or not this raises. Forwarded to the sink when attached."""
         if self._sink is not None:
             self._sink.source_discard_all(self, populated_runs)
             return
-        with self._notifying():
-            for listener in self._listeners:
-                assert listener.section is not None
-                if listener.double_discard_supported:
-                    listener.notify_discard(listener.section)
-                    continue
-                for offset, size in populated_runs:
-                    part = listener.section.intersect(offset, size)
-                    if part is not None:
-                        listener.notify_discard(part)
-
-
-class _StopReplay(Exception):
-    pass
-
-
-def _discard_quietly(listener: RamDiscardListener, section: MemoryRegionSection) -> None:
-    """Roll back one listener; a discard must not fail, and one that does must not stop
-    the rollback of the others."""
-    try:
-        listener.notify_discard(section)
-    except Exception:
-        import logging
-
-        logging.getLogger("ramdiscard.rdm").exception(
-            "listener %r raised from notify_discard during rollback of %r", listener, section
-        )
+        self._notifier.discard_all(populated_runs)

@@ -676,7 +676,7 @@ class VirtioMem(BlockStateManager):
         if not self._host_discard(offset, size):
             return False
         try:
-            self._notify_discard(offset, size)
+            self._notify_discard(offset, size)  # reaches every listener even if some raise
         except Exception:
             log.exception("%s: a listener failed a discard notification", self._prefix)
         self._bitmap.clear_range(offset >> self._shift, (offset + size) >> self._shift)
@@ -692,10 +692,9 @@ class VirtioMem(BlockStateManager):
             if not self._host_discard(0, self._ram.size):
                 return ResponseType.BUSY
             try:
-                self._discard_all_blocks()
+                self._discard_all_blocks()  # every listener is told; the bits are cleared
             except Exception:
                 log.exception("%s: a listener failed a discard notification", self._prefix)
-                self._bitmap.clear_all()
             self.metrics.unplugged_bytes += self._size
             self._size = 0
             self._fire_size_change()
@@ -867,7 +866,7 @@ class VirtioMem(BlockStateManager):
             self._check_not_notifying("unrealize the device")
             if self.device_region.is_mapped or self._region.is_mapped:
                 raise RegionMapped(f"{self._prefix}: unmap the device region before unrealizing")
-            if self._listeners:
+            if self.listeners:
                 raise ListenerError(f"{self._prefix}: RamDiscardListeners are still registered")
             for slot in self._memslots:
                 if slot.container is not None:

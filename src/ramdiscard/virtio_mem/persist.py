@@ -207,15 +207,10 @@ def _apply(device: VirtioMem, image: StateImage, bitmap: Bitmap, shift: int) -> 
     device._usable_region_size = image.usable_region_size
     device._requested_size = image.requested_size
     mapped: list[int] = []
-    notified: list[tuple[int, int]] = []
     try:
         device._map_plugged_memslots(bitmap, mapped)
-        for offset, size in plugged:
-            device._notify_populate(offset, size)
-            notified.append((offset, size))
+        device._notify_populate_runs(plugged)  # all-or-nothing: a refusal is rolled back
     except Exception as exc:
-        for offset, size in reversed(notified):
-            device._notify_discard(offset, size)
         device._unmap_memslots(mapped)
         device._usable_region_size, device._requested_size = old
         _discard_quietly(device, plugged)
