@@ -10,7 +10,7 @@ from ramdiscard.rdm.aggregate import (
 from ramdiscard.rdm.bitmap import Bitmap
 from ramdiscard.rdm.block_state import BlockStateManager
 from ramdiscard.rdm.listener import RamDiscardListener
-from ramdiscard.rdm.manager import NotificationSink, RamDiscardManager, ReplayFn
+from ramdiscard.rdm.manager import NotificationSink, RamDiscardManager, ReplayFn, region_lock
 from ramdiscard.rdm.notify import DiscardNotificationError, Notifier
 from ramdiscard.rdm.policy import DiscardCount, DiscardPolicy, PolicySnapshot, default_policy
 
@@ -31,5 +31,6 @@ __all__ = [
     "SourceNotFound",
     "add_ram_discard_source",
     "default_policy",
+    "region_lock",
     "remove_ram_discard_source",
 ]

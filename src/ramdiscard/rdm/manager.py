@@ -39,8 +39,12 @@ what its own listeners see; the provider accepts no listeners of its own. Detach
 default), nothing changes.
 
 Concurrency: every public method takes the manager's re-entrant lock, so state changes and
-their notifications are serialized per manager; an attached provider shares its sink's
-lock. A listener runs with that lock held: it
+their notifications are serialized per manager. The lock is the *region's* discard lock
+(:func:`region_lock`): created once per RAM region and shared by every manager of that
+region, so a provider, its sibling sources and their aggregate are serialized by one lock
+that never changes, whether the provider stands alone, joins an aggregate or leaves it
+(a thread waiting on it can never wake up under a stale lock). A sink must take that
+same lock. A listener runs with that lock held: it
 may query the manager, but a state change, register or unregister on the same manager
 from inside a notification raises ListenerError (it would corrupt the walk in progress),
 and blocking on another thread that needs this manager deadlocks.
@@ -50,6 +54,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
@@ -67,6 +72,20 @@ _log = logging.getLogger("ramdiscard.rdm")
 ReplayFn = Callable[["MemoryRegionSection"], object]
 """Replay callback: called with each run; its return value is ignored, raising stops."""
 
+_region_locks: weakref.WeakKeyDictionary[MemoryRegion, threading.RLock] = weakref.WeakKeyDictionary()
+_region_locks_guard = threading.Lock()
+
+
+def region_lock(region: MemoryRegion) -> threading.RLock:
+    """The discard lock of ``region``: one re-entrant lock per region for its whole life,
+    shared by every RamDiscardManager of the region (providers and their aggregate)."""
+    with _region_locks_guard:
+        lock = _region_locks.get(region)
+        if lock is None:
+            lock = _region_locks[region] = threading.RLock()
+        return lock
+
+
 class NotificationSink(Protocol):
     """Where an attached provider's notifications go (an aggregate manager).
 
@@ -78,7 +97,9 @@ class NotificationSink(Protocol):
     """
 
     @property
-    def lock(self) -> threading.RLock: ...
+    def lock(self) -> threading.RLock:
+        """Must be the region's :func:`region_lock`."""
+        ...
 
     def source_populate(self, source: object, offset: int, size: int) -> None: ...
 
@@ -97,7 +118,7 @@ class RamDiscardManager(ABC):
             raise InvalidArgument(f"{region.name!r} is not a RAM region")
         self._region = region
         self._notifier = Notifier()
-        self._lock = threading.RLock()
+        self._lock = region_lock(region)
         self._sink: NotificationSink | None = None
 
     @property
@@ -107,7 +128,8 @@ class RamDiscardManager(ABC):
 
     @property
     def lock(self) -> threading.RLock:
-        """The manager's lock; hold it to make several queries atomic."""
+        """The manager's lock (the region's discard lock, never replaced); hold it to make
+        several queries atomic."""
         return self._lock
 
     @property
@@ -126,13 +148,12 @@ class RamDiscardManager(ABC):
         this provider is detached and has no listeners; the sink shares the lock."""
         with self._lock:
             assert self._sink is None and not self._notifier
+            assert sink.lock is self._lock, "a sink must use the region's discard lock"
             self._sink = sink
-            self._lock = sink.lock
 
     def _detach_sink(self) -> None:
-        """Stand alone again, with a lock of its own. Caller holds the sink's lock."""
+        """Stand alone again (same lock). Caller holds the lock."""
         self._sink = None
-        self._lock = threading.RLock()
 
     def notifying_in_current_thread(self) -> bool:
         """True while this thread is inside one of this manager's notifications."""
