@@ -198,7 +198,8 @@ class RamDiscardManager(ABC):
                 raise InvalidArgument(f"cannot register a listener for empty {section!r}")
             if listener._rdm is not None:
                 raise ListenerError(f"{listener!r} is already registered with {listener._rdm!r}")
-            self._notifier.register(self, listener, section, self.replay_populated)
+            listener._rdm = self
+            self._notifier.register(listener, section, self.replay_populated)
 
     def unregister_listener(self, listener: RamDiscardListener) -> None:
         """Discard everything populated in the listener's section to it, then unlink it.

@@ -54,7 +54,6 @@ from ramdiscard.rdm.listener import RamDiscardListener
 
 if TYPE_CHECKING:
     from ramdiscard.memory.section import MemoryRegionSection
-    from ramdiscard.rdm.manager import RamDiscardManager
 
 _log = logging.getLogger("ramdiscard.rdm")
 
@@ -173,20 +172,15 @@ class Notifier:
     # -- registration -------------------------------------------------------------------
 
     def register(
-        self,
-        manager: RamDiscardManager,
-        listener: RamDiscardListener,
-        section: MemoryRegionSection,
-        replay: ReplayInto,
+        self, listener: RamDiscardListener, section: MemoryRegionSection, replay: ReplayInto
     ) -> None:
         """Link ``listener`` for ``section`` at the head and replay populated runs to it.
 
-        The caller has checked the section and that the listener is unregistered. On a
-        refusal the accepted runs are discarded again (LIFO), the listener is unlinked and
-        the refusal propagates.
+        The caller has checked the section and that the listener is unregistered, and set
+        the listener's manager. On a refusal the accepted runs are discarded again (LIFO),
+        the listener is unlinked (section and manager cleared) and the refusal propagates.
         """
         listener.section = section
-        listener._rdm = manager
         self._listeners.insert(0, listener)
         told: Told = []
 
