@@ -264,7 +264,7 @@ class _Stress:
             # busy predicate must be back.
             stats = self.migration.save(self.space, [self.dev], io.BytesIO())
             assert stats.page_bytes % BS == 0, stats
-            assert self.dev._busy == self._busy, "a migration save left the device frozen"
+            assert self.dev.busy_predicate == self._busy, "a migration save left the device frozen"
             self.count("migrate_save")
             return
         image = decode_state(self.dev.save_state())

@@ -42,8 +42,7 @@ def frozen(devices: Sequence[VirtioMem]) -> Iterator[Freeze]:
     installed: list[tuple[VirtioMem, Callable[[], bool] | None]] = []
     try:
         for dev in devices:
-            # VirtioMem has no public getter for its predicate; keep the old one to restore it.
-            previous: Callable[[], bool] | None = getattr(dev, "_busy", None)
+            previous = dev.busy_predicate  # restored when the block ends
             dev.set_busy_predicate(_predicate(freeze, previous))
             installed.append((dev, previous))
         yield freeze

@@ -3,8 +3,8 @@
 Rules (qemu-ram-discard §3, virtio-mem.md D-* ids):
 
 * The device *is* the RamDiscardManager of its RAM region: one bit per block, set =
-  plugged = populated. ``plugged_size`` always equals popcount * ``block_size``; it is kept
-  incrementally, never recomputed from the whole bitmap.
+  plugged = populated. ``plugged_size`` is popcount * ``block_size``, read from the
+  bitmap's incrementally kept popcount (one source of truth, never a whole-map scan).
 * Realize (the constructor) follows QEMU's order: property checks, ``coordinated_require``
   ("Discarding RAM is disabled"), set itself as the region's manager, discard the whole
   RAM block, size the usable region, prepare memslots. Any failure releases what was taken
@@ -275,7 +275,6 @@ class VirtioMem(BlockStateManager):
         self._busy: Callable[[], bool] | None = busy
         self._requested_size = requested_size
         self._usable_region_size = 0
-        self._size = 0
         self._broken = False
         self._driver_features = 0
         self._prealloc_warned = False
@@ -352,9 +351,14 @@ class VirtioMem(BlockStateManager):
         return self._usable_region_size
 
     @property
+    def usable_extent(self) -> int:
+        """Added to ``requested_size`` (rounded up to blocks) when sizing the usable region."""
+        return self._usable_extent
+
+    @property
     def plugged_size(self) -> int:
-        """Bytes plugged; always popcount(bitmap) * block_size."""
-        return self._size
+        """Bytes plugged: popcount(bitmap) * block_size."""
+        return self.populated_size
 
     @property
     def node(self) -> int:
@@ -468,7 +472,7 @@ class VirtioMem(BlockStateManager):
                 self._addr,
                 self._region_size,
                 self._usable_region_size,
-                self._size,
+                self.populated_size,
                 self._requested_size,
             )
 
@@ -500,6 +504,11 @@ class VirtioMem(BlockStateManager):
 
     def remove_host_discard_hook(self, fn: HostDiscardFn) -> None:
         self._discard_hooks.remove(fn)
+
+    @property
+    def busy_predicate(self) -> Callable[[], bool] | None:
+        """The installed busy predicate (None: never busy); see :meth:`set_busy_predicate`."""
+        return self._busy
 
     def set_busy_predicate(self, busy: Callable[[], bool] | None) -> None:
         """Install the predicate that says a migration/snapshot is running (None: never)."""
@@ -607,7 +616,7 @@ class VirtioMem(BlockStateManager):
         size = nb_blocks * self._block_size
         if not self._valid_range(gpa, size):
             return ResponseType.ERROR
-        if plug and self._size + size > self._requested_size:
+        if plug and self.populated_size + size > self._requested_size:
             return ResponseType.NACK
         offset = gpa - self._addr
         first = offset >> self._shift
@@ -620,10 +629,8 @@ class VirtioMem(BlockStateManager):
         if not ok:
             return ResponseType.BUSY
         if plug:
-            self._size += size
             self.metrics.plugged_bytes += size
         else:
-            self._size -= size
             self.metrics.unplugged_bytes += size
         self._fire_size_change()
         return ResponseType.ACK
@@ -685,7 +692,8 @@ class VirtioMem(BlockStateManager):
         return True
 
     def _unplug_all(self) -> ResponseType:
-        if self._size:
+        plugged = self.populated_size
+        if plugged:
             if self.is_busy():
                 self.metrics.busy_count += 1
                 return ResponseType.BUSY
@@ -695,8 +703,7 @@ class VirtioMem(BlockStateManager):
                 self._discard_all_blocks()  # every listener is told; the bits are cleared
             except Exception:
                 log.exception("%s: a listener failed a discard notification", self._prefix)
-            self.metrics.unplugged_bytes += self._size
-            self._size = 0
+            self.metrics.unplugged_bytes += plugged
             self._fire_size_change()
             if self._dynamic:
                 self._unmap_unplugged_memslots(0, self._region_size)
@@ -804,7 +811,7 @@ class VirtioMem(BlockStateManager):
     def _fire_size_change(self) -> None:
         for fn in list(self._size_notifiers):
             try:
-                fn(self._id, self._size)
+                fn(self._id, self.populated_size)
             except Exception:
                 log.exception("%s: size-change notifier %r failed", self._prefix, fn)
 
@@ -847,10 +854,10 @@ class VirtioMem(BlockStateManager):
         """QEMU's device hot-unplug preconditions; raises InvalidArgument when refused."""
         if not self._unplugged_inaccessible:
             raise InvalidArgument(f"{self._prefix}: unplug requires unplugged-inaccessible=on")
-        if self._size or self._requested_size:
+        if self.populated_size or self._requested_size:
             raise InvalidArgument(
                 f"{self._prefix}: unplug requires 'size' and 'requested-size' to be 0 "
-                f"(size {self._size:#x}, requested-size {self._requested_size:#x})"
+                f"(size {self.populated_size:#x}, requested-size {self._requested_size:#x})"
             )
 
     def unrealize(self) -> None:

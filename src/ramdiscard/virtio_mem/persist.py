@@ -215,9 +215,8 @@ def _apply(device: VirtioMem, image: StateImage, bitmap: Bitmap, shift: int) -> 
         device._usable_region_size, device._requested_size = old
         _discard_quietly(device, plugged)
         raise StateError(f"virtio-mem load: a listener refused the restored memory: {exc!r}") from exc
-    device._bitmap = bitmap
-    device._size = image.plugged_size
-    if device._size:
+    device._bitmap = bitmap  # its popcount is the plugged size (checked against the image)
+    if image.plugged_size:
         device._fire_size_change()
 
 

@@ -289,7 +289,7 @@ def _replay(evs: list[TraceEvent], device: VirtioMem, report: ReplayReport) -> N
     last_discards: list[DiscardRange] = []
     expected_plugged = 0
     plugged_before_unplug_all = 0
-    extent = device._usable_extent
+    extent = device.usable_extent
     for i, ev in enumerate(evs):
         if isinstance(ev, DiscardRange):
             if base is None:

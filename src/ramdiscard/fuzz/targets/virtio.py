@@ -276,7 +276,7 @@ class VirtioHarness:
             block_size=BS,
             requested_size=0,
             policy=self.policy,
-            usable_extent=dev._usable_extent,
+            usable_extent=dev.usable_extent,
         )
         lst = ViewListener(block_size=BS, name="twin")
         try:
