@@ -16,9 +16,11 @@ class RamDiscardListener:
 
     * ``notify_populate(section)`` arrives *before* the guest may use the memory. Raise to
       refuse; the manager then rolls back every listener notified before this one and
-      re-raises. A refusing listener must itself undo any partial work for ``section``.
+      re-raises (last-in first-out). A refusing listener must itself undo any partial work for
+      ``section``.
     * ``notify_discard(section)`` arrives *after* the memory was discarded; it must not fail
-      and must drop every reference (mapping, pin) to that memory.
+      and must drop every reference (mapping, pin) to that memory. One that raises anyway
+      does not keep other listeners from being told (see :mod:`ramdiscard.rdm.notify`).
     * ``double_discard_supported``: if True the listener accepts discards that cover memory
       it never saw populated, so managers may send one discard for a whole section.
     * ``section`` is the registered section, set by the manager; None while unregistered.
