@@ -109,6 +109,8 @@ class Notifier:
 
     def populate(self, runs: Sequence[Run]) -> None:
         """Tell every listener about each run, all-or-nothing (LIFO rollback on refusal)."""
+        if not self._listeners:
+            return
         told: Told = []
         with self._delivering():
             try:
@@ -122,6 +124,8 @@ class Notifier:
 
     def discard(self, runs: Sequence[Run]) -> None:
         """Tell every listener about each run; raise the collected failures afterwards."""
+        if not self._listeners:
+            return
         failures: list[tuple[RamDiscardListener, MemoryRegionSection, BaseException]] = []
         with self._delivering():
             for offset, size in runs:
@@ -135,6 +139,8 @@ class Notifier:
         Listener-major: each double-discard listener gets one discard of its whole section,
         each other listener one per run it intersects. Failures as for :meth:`discard`.
         """
+        if not self._listeners:
+            return
         failures: list[tuple[RamDiscardListener, MemoryRegionSection, BaseException]] = []
         with self._delivering():
             for listener in self._listeners:
@@ -152,6 +158,8 @@ class Notifier:
     def discard_or_undo(self, runs: Sequence[Run]) -> None:
         """Discard to everyone; if anyone failed, re-populate what was discarded (LIFO)
         and raise the failures, leaving every listener as it was."""
+        if not self._listeners:
+            return
         failures: list[tuple[RamDiscardListener, MemoryRegionSection, BaseException]] = []
         told: Told = []
         with self._delivering():
