@@ -394,7 +394,7 @@ class Decoder:
                 regions = min(self._limits.regions, MAX_REGIONS)
                 if self._regions >= regions:
                     raise self._fail(
-                        f"geometry mismatch: the stream announces more than {regions} RAM regions (limit here)"
+                        f"geometry mismatch: the stream announces more than {regions} RAM regions"
                     )
                 if length > MAX_REGION_PAYLOAD:
                     raise self._fail(

@@ -71,6 +71,10 @@ class Reader(Protocol):
     def read_exact(self, view: memoryview, on_data: OnData | None = None) -> None: ...
 
 
+class ReadTimeout(StreamError):
+    """The peer sent nothing for the socket's timeout."""
+
+
 class PeerAnswered(MigrationError):
     """The destination sent its status before the stream ended (it refused the stream)."""
 
@@ -124,7 +128,7 @@ class SocketReader:
             try:
                 got = recv_into(view[pos:], min(n - pos, limit))
             except TimeoutError:
-                raise StreamError(
+                raise ReadTimeout(
                     f"no data from the peer for {self.sock.gettimeout():g} s (read timeout)"
                 ) from None
             if got == 0:
@@ -338,7 +342,8 @@ def receive_from(
         except Exception as exc:
             try:
                 send_status(conn, str(exc) or type(exc).__name__)
-                _drain(conn)
+                if not isinstance(exc, ReadTimeout):  # a silent source has nothing to drain
+                    _drain(conn)
             except OSError:
                 pass
             raise
