@@ -140,6 +140,10 @@ class MachineBackend:
             else:
                 with open(rest, "wb") as f:
                     stats = migration.save(space, devices, f)
+        except (OSError, migration.MigrationError) as exc:
+            if self._cancelled:
+                raise QmpError("migration cancelled (migrate_cancel)") from exc
+            raise
         finally:
             with self._state:
                 self._migrating, self._sock = False, None

@@ -41,20 +41,21 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
 
 from ramdiscard.qmp.commands import PERIPHERAL, CommandDispatcher, QmpBackend
 from ramdiscard.qmp.events import DEFAULT_RATES, EventThrottle, QmpEvent, shutdown_event, size_change_event
-from ramdiscard.qmp.protocol import DEFAULT_MAX_MESSAGE, Execute, QmpConnection, QmpError, Reply
+from ramdiscard.qmp.protocol import DEFAULT_MAX_MESSAGE, Execute, Item, QmpConnection, QmpError, Reply
 
 log = logging.getLogger("ramdiscard.qmp")
 
 QEMU_COMPAT: Final = (10, 1, 0)
 """The QEMU release whose QMP behaviour this server mirrors (reported by query-version)."""
 READ_CHUNK: Final = 64 * 1024
+FEED_SLICE: Final = 4096
 DEFAULT_MAX_OUTPUT: Final = 1 << 20
 DEFAULT_MAX_CLIENTS: Final = 64
 
@@ -140,7 +141,7 @@ class _Client:
             return
         if self.writer.transport.get_write_buffer_size() + len(data) > max_output:
             log.warning("QMP client %s does not read its output; disconnecting it", self.peer)
-            self.writer.close()
+            self.writer.transport.abort()  # close() would wait for the unread output
             return
         self.writer.write(data)
 
@@ -304,7 +305,7 @@ class QmpServer:
         if victim is None:
             return False
         log.warning("QMP: too many clients; dropping %s", victim.peer)
-        victim.writer.close()
+        victim.writer.transport.abort()
         task = self._clients.pop(victim, None)
         if task is not None:
             task.cancel()
@@ -315,9 +316,7 @@ class QmpServer:
             data = await reader.read(READ_CHUNK)
             if not data:
                 return
-            for item in client.conn.receive_data(data):
-                if client.writer.is_closing():
-                    return
+            async for item in self._items(client, data):
                 if isinstance(item, Reply):
                     client.errors += b'"error"' in item.data[:16]
                     client.send(item.data, self._max_output)
@@ -330,6 +329,21 @@ class QmpServer:
                     self._quit_task = asyncio.ensure_future(self.close(event=shutdown_event()))
                     return
             await client.writer.drain()
+
+    @staticmethod
+    async def _items(client: _Client, data: bytes) -> AsyncIterator[Item]:
+        """The client's items, parsed a slice at a time with a turn of the event loop in
+        between (a flood of junk from many clients cannot starve accepting and greeting a
+        new one); once the client is dropped the rest of its input is not even parsed."""
+        for pos in range(0, len(data), FEED_SLICE):
+            if pos:
+                await asyncio.sleep(0)
+            if client.writer.is_closing():
+                return
+            for item in client.conn.receive_data(data[pos : pos + FEED_SLICE]):
+                if client.writer.is_closing():
+                    return
+                yield item
 
     async def _run(self, conn: QmpConnection, req: Execute) -> tuple[bytes, bool]:
         loop = asyncio.get_running_loop()
