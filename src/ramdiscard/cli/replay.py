@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from ramdiscard.machine import KvmConsumer, Machine, VfioConsumer, scenario_from_dict
+from ramdiscard.machine.scenario import ScenarioError
 from ramdiscard.units import MiB, format_size, is_power_of_2
 from ramdiscard.vfio.limits import RdmRange, smallest_granularity, worst_case_mappings
 from ramdiscard.virtio_mem.trace import (
@@ -35,7 +36,7 @@ def infer_geometry(log: TraceLog) -> dict[str, Any]:
         if isinstance(ev, MemoryDevicePlug | MemoryDevicePrePlug) and out["addr"] is None:
             out["addr"], out["id"] = ev.addr, ev.id
         if isinstance(ev, DiscardRange) and out["region_size"] is None:
-            out["region_size"] = ev.length
+            out["region_size"], out["region_size_line"] = ev.length, ev.line
     for i, ev in enumerate(evs):
         if isinstance(ev, UnplugRequest) and ev.nb_blocks:
             for nxt in evs[i + 1 : i + 3]:
@@ -90,9 +91,18 @@ def run_replay(args: argparse.Namespace) -> int:
         device["dynamic-memslots"] = True
         if args.memslot_limit:
             device["memslot-limit"] = args.memslot_limit
-    sc = scenario_from_dict(
-        {"name": "replay", "boot-ram": 0, "devices": [device], "consumers": consumers}, source=args.trace
-    )
+    try:
+        sc = scenario_from_dict(
+            {"name": "replay", "boot-ram": 0, "devices": [device], "consumers": consumers}, source=args.trace
+        )
+    except ScenarioError as exc:
+        if args.region_size is None and "devices[0].size" in str(exc):
+            raise ValueError(
+                f"{args.trace}:{geo['region_size_line']}: ram_block_discard_range length {region:#x} "
+                "cannot be the region size (not a positive multiple of the block size within the "
+                "address space); use --region-size"
+            ) from None
+        raise
     machine = Machine.from_scenario(sc)
     try:
         dev = machine.devices[dev_id]

@@ -6,6 +6,11 @@ blocks on ``--backing`` memory, plus ``--low`` of plain RAM). The sender plugs
 migrates; the receiver loads and checks every plugged block against the same pattern,
 and that nothing outside the plugged blocks is resident. Progress is a rich bar on
 stderr unless ``--quiet``; ``--json`` prints the statistics.
+
+``receive --scenario FILE`` receives into a scenario machine instead (the destination of
+QMP ``x-ramdiscard-migrate tcp:`` from ``ramdiscard serve FILE``): the stream is checked
+against that machine's geometry, content is not compared. ``--timeout`` bounds the wait
+for the peer and every read or send after it (default :data:`IO_TIMEOUT` for those).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import asdict
 
 from ramdiscard.migration.progress import Progress, ProgressFn
 from ramdiscard.migration.source import MigrationStats
+from ramdiscard.migration.transport import IO_TIMEOUT
 from ramdiscard.units import GiB, MiB, format_size, parse_size
 
 
@@ -136,22 +142,65 @@ def _send(args: argparse.Namespace) -> int:
     guest.plug_fragmented(args.plugged)
     guest.fill(args.seed)
     with _progress_bar(args.quiet or args.json, "migrating") as fn:
-        stats = migrate_to(args.host, args.port, guest.space, [guest.dev], progress=fn)
+        stats = migrate_to(
+            args.host,
+            args.port,
+            guest.space,
+            [guest.dev],
+            progress=fn,
+            timeout=args.timeout or IO_TIMEOUT,
+            io_timeout=args.timeout or IO_TIMEOUT,
+        )
     free = next(iter(guest.dev.discarded_runs()), None)
     after = guest.dev.plug(guest.dev.addr + free[0], 1).name if free is not None else "n/a"
     _report(args, "source", stats, {"plug_after_migration": after})
     return 0
 
 
+def _listen(args: argparse.Namespace) -> socket.socket:
+    ls = socket.create_server((args.host, args.port))
+    if args.port == 0 or not args.quiet:
+        print(f"listening on {ls.getsockname()[0]}:{ls.getsockname()[1]}", file=sys.stderr, flush=True)
+    return ls
+
+
+def _receive_scenario(args: argparse.Namespace) -> int:
+    from ramdiscard.machine import Machine, load_scenario
+    from ramdiscard.migration.transport import receive_from
+
+    machine = Machine.from_scenario(load_scenario(args.scenario))
+    try:
+        with _listen(args) as ls, _progress_bar(args.quiet or args.json, "receiving") as fn:
+            stats = receive_from(
+                ls,
+                machine.space_or_fail(),
+                list(machine.devices.values()),
+                progress=fn,
+                accept_timeout=args.timeout,
+                read_timeout=args.timeout or IO_TIMEOUT,
+            )
+        plugged = sum(d.plugged_size for d in machine.devices.values())
+        _report(args, "destination", stats, {"plugged": plugged})
+    finally:
+        machine.close()
+    return 0
+
+
 def _receive(args: argparse.Namespace) -> int:
     from ramdiscard.migration.transport import receive_from
 
+    if args.scenario is not None:
+        return _receive_scenario(args)
     guest = DemoGuest(args.size, args.block_size, args.backing, args.low)
-    with socket.create_server((args.host, args.port)) as ls:
-        if args.port == 0 or not args.quiet:
-            print(f"listening on {ls.getsockname()[0]}:{ls.getsockname()[1]}", file=sys.stderr, flush=True)
-        with _progress_bar(args.quiet or args.json, "receiving") as fn:
-            stats = receive_from(ls, guest.space, [guest.dev], progress=fn, accept_timeout=args.timeout)
+    with _listen(args) as ls, _progress_bar(args.quiet or args.json, "receiving") as fn:
+        stats = receive_from(
+            ls,
+            guest.space,
+            [guest.dev],
+            progress=fn,
+            accept_timeout=args.timeout,
+            read_timeout=args.timeout or IO_TIMEOUT,
+        )
     bad = guest.verify(args.seed)
     outside = guest.resident_outside()
     _report(args, "destination", stats, {"bad_blocks": bad, "resident_outside_plugged": outside})
@@ -219,9 +268,28 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                 metavar="SIZE",
                 help="memory to plug, fragmented, before migrating (256M)",
             )
+            p.add_argument(
+                "--timeout",
+                type=float,
+                default=None,
+                help=f"seconds the receiver may stay silent or not read before failing ({IO_TIMEOUT:g})",
+            )
             p.set_defaults(migrate_func=_send)
         else:
-            p.add_argument("--timeout", type=float, default=None, help="seconds to wait for the sender")
+            p.add_argument(
+                "--timeout",
+                type=float,
+                default=None,
+                help="seconds to wait for the sender (default: forever), and of silence from it "
+                f"once connected before failing (default {IO_TIMEOUT:g})",
+            )
+            p.add_argument(
+                "--scenario",
+                metavar="FILE",
+                default=None,
+                help="receive into this scenario's machine (from QMP x-ramdiscard-migrate tcp:) "
+                "instead of the demo guest",
+            )
             p.set_defaults(migrate_func=_receive)
     return parser
 

@@ -9,21 +9,26 @@ Rules (qemu-ram-discard §3.10, §4.2):
   kinds, device ids), state images that decode (magic, version, checksum, bitmap size)
   and whose sanity block (addr, region size, block size, node) matches the local device.
   Any failure raises :class:`MigrationError` and the destination is untouched.
-* Phase 2, apply: each device loads its state (``load_state``: unplugged memory is
-  discarded, memslots mapped, populate replayed to its RamDiscardListeners, so a vfio
-  container pins exactly the plugged memory). Then page sections are written straight
-  into guest memory. A page section must lie inside the region, be 4 KiB aligned, come in
-  order and, for a managed region, lie inside a populated run; that is checked from its
+* Phase 2, receive: page sections are written straight into guest memory. A page section
+  must lie inside the region, be 4 KiB aligned, come in order and, for a managed region,
+  lie inside a run the stream's device state marks plugged; that is checked from its
   header *before* any byte is written, so memory outside plugged blocks is never touched.
-  Its data is checksummed piece by piece as it lands (while still in the CPU cache) and
-  the checksum compared when the section is complete.
-* END must match what was received, and every populated run (every byte of an unmanaged
+  The target range of a managed region is populated (``ram.populate``, a clean error
+  where memory cannot be had) only right before its data is read, so the destination
+  never holds more memory than the data that arrived plus its unmanaged RAM, whatever
+  the stream announces. Data is checksummed piece by piece as it lands (while still in
+  the CPU cache) and the checksum compared when the section is complete.
+* Phase 3, apply: once END has been checked, each device loads its state
+  (``load_state``: unplugged memory is discarded, memslots mapped, populate replayed to
+  its RamDiscardListeners, so a vfio container pins exactly the plugged memory, and only
+  after all of it arrived).
+* END must match what was received, and every plugged run (every byte of an unmanaged
   region) must have been received exactly once. Afterwards every unplugged range is
   discarded again ("discarded means discarded").
 * **Guarantee on failure in phase 2** (corrupt or truncated data, a listener refusing the
   restored memory, a host error): the destination is reset to *all discarded*: each
   device gets back its original requested size and is unplugged completely (memory
-  discarded, listeners told, memslots unmapped), unmanaged regions are discarded (read as
+  discarded, listeners told, memslots unmapped), every region is discarded (read as
   zero). That is the state a fresh destination had, so a retry can start at once.
 """
 
@@ -45,11 +50,13 @@ from ramdiscard.migration.stream import (
     Decoder,
     DeviceState,
     End,
+    Limits,
     MigrationError,
     PageData,
     RegionInfo,
     StreamError,
     StreamHeader,
+    quote,
 )
 from ramdiscard.migration.transport import FileReader, PositionalFile, Reader
 
@@ -60,6 +67,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("ramdiscard.migration")
 
 _ALIGN = 4096
+_READ_PIECE = 1 << 20
+"""Metadata payloads are read in pieces of this size: memory grows with what arrived."""
 
 
 class _Incoming:
@@ -76,7 +85,7 @@ class _Incoming:
         self.reader = reader
         self.pfile = pfile
         self.tracker = tracker
-        self.decoder = Decoder(sparse_ok=pfile is not None)
+        self.decoder = Decoder(sparse_ok=pfile is not None, limits=_limits(regions))
         self.position = 0
         self.runs: list[list[tuple[int, int]]] = []
         self.starts: list[list[int]] = []
@@ -88,8 +97,12 @@ class _Incoming:
             need = self.decoder.need()
             if need == 0:
                 raise StreamError("stream continues after END")
-            buf = bytearray(need)
+            buf = bytearray(min(need, _READ_PIECE))
             self.reader.read_exact(memoryview(buf))
+            while len(buf) < need:
+                piece = bytearray(min(need - len(buf), _READ_PIECE))
+                self.reader.read_exact(memoryview(piece))
+                buf += piece
             self.position += need
             self.tracker.stream(need)
             event = self.decoder.feed(buf)
@@ -117,7 +130,7 @@ class _Incoming:
         managed = [r for r in self.regions if r.device is not None]
         missing = [r.device.id for r in managed if r.device is not None and r.index not in states]
         if missing or len(states) != len(managed):
-            raise MigrationError(f"stream lacks the state of device(s) {missing or sorted(states)}")
+            raise MigrationError(f"stream lacks the state of device(s) {quote(missing or sorted(states))}")
         images = []
         for region in managed:
             assert region.device is not None
@@ -130,21 +143,30 @@ class _Incoming:
         if len(infos) != len(mine):
             raise MigrationError(
                 f"geometry mismatch: the stream has {len(infos)} RAM regions, this machine "
-                f"{len(mine)} ({[i.name for i in infos]} vs {[i.name for i in mine]})"
+                f"{len(mine)} ({quote([i.name for i in infos])} vs {quote([i.name for i in mine])})"
             )
         for theirs, ours in zip(infos, mine, strict=True):
             for field in ("name", "kind", "size", "page_size", "device_id"):
                 if getattr(theirs, field) != getattr(ours, field):
                     raise MigrationError(
-                        f"geometry mismatch in RAM region {ours.index} ({ours.name!r}): {field} "
-                        f"{getattr(theirs, field)!r} in the stream, {getattr(ours, field)!r} here"
+                        f"geometry mismatch in RAM region {ours.index} ({quote(ours.name)}): {field} "
+                        f"{quote(getattr(theirs, field))} in the stream, {quote(getattr(ours, field))} here"
                     )
 
     # -- phase 2 -------------------------------------------------------------------------
 
-    def prepare_pages(self) -> None:
+    def prepare_pages(self, images: list[bytes]) -> None:
+        """The runs page sections may fill: the plugged runs of each device's state image
+        (not applied yet), every unmanaged region whole."""
+        from ramdiscard.virtio_mem.persist import decode_state
+
+        states = iter(images)
         for region in self.regions:
-            runs = region.populated_runs()
+            if region.device is None:
+                runs = [(0, region.size)]
+            else:
+                image = decode_state(next(states))
+                runs = _plugged_runs(image.bitmap, image.nb_blocks, image.block_size)
             self.runs.append(runs)
             self.starts.append([s for s, _n in runs])
 
@@ -167,6 +189,8 @@ class _Incoming:
 
     def receive_page(self, page: PageData) -> None:
         region = self.check_page(page)
+        if region.device is not None:
+            region.mr.ram.populate(page.offset, page.length)  # type: ignore[union-attr]
         target = region.view[page.offset : page.offset + page.length]
         if page.file_offset is None:
             base, update = address(target), self.decoder.page_update_at
@@ -195,6 +219,24 @@ class _Incoming:
                 )
 
 
+def _limits(regions: list[RamRegion]) -> Limits:
+    from ramdiscard.virtio_mem.persist import save_state
+
+    states = [len(save_state(r.device)) for r in regions if r.device is not None]
+    return Limits(regions=len(regions), device_state=max(states, default=0))
+
+
+def _plugged_runs(bitmap: bytes, nbits: int, block_size: int) -> list[tuple[int, int]]:
+    """(offset, length) of the plugged runs of a state image's bitmap, ascending."""
+    from ramdiscard.rdm.bitmap import Bitmap
+
+    try:
+        bits = Bitmap.from_bytes(nbits, bitmap)
+    except ValueError as exc:
+        raise MigrationError(f"device state bitmap: {exc}") from exc
+    return [(s * block_size, (e - s) * block_size) for s, e in bits.runs(0, nbits, True)]
+
+
 def _check_state(device: VirtioMem, state: bytes) -> None:
     from ramdiscard.virtio_mem.persist import StateError, decode_state
 
@@ -219,14 +261,13 @@ def _reset(regions: list[RamRegion], requested: dict[str, int], freeze: Freeze) 
     for region in regions:
         dev = region.device
         try:
-            if dev is None:
-                discard = getattr(region.mr.ram, "discard_range", None)
-                if discard is not None:
-                    discard(0, region.size)
-                continue
-            if dev.requested_size != requested[dev.id]:
-                dev.requested_size = requested[dev.id]
-            dev.unplug_all()
+            if dev is not None:
+                if dev.requested_size != requested[dev.id]:
+                    dev.requested_size = requested[dev.id]
+                dev.unplug_all()
+            discard = getattr(region.mr.ram, "discard_range", None)
+            if discard is not None:
+                discard(0, region.size)
         except Exception:
             log.exception("resetting %r after a failed restore", region.mr.name)
 
@@ -255,13 +296,7 @@ def load_from_reader(
             raise MigrationError(f"reading the stream failed (nothing changed): {exc}") from exc
         try:
             managed = [r for r in regions if r.device is not None]
-            for region, image in zip(managed, images, strict=True):
-                assert region.device is not None
-                try:
-                    region.device.load_state(image)
-                except Exception as exc:
-                    raise MigrationError(f"device {region.device.id!r}: {exc}") from exc
-            inc.prepare_pages()
+            inc.prepare_pages(images)
             tracker.total = sum(n for runs in inc.runs for _s, n in runs)
             while isinstance(event, PageData):
                 inc.receive_page(event)
@@ -269,6 +304,12 @@ def load_from_reader(
             if not isinstance(event, End):
                 raise StreamError(f"unexpected {type(event).__name__} after the page sections")
             inc.check_complete(event)
+            for region, image in zip(managed, images, strict=True):
+                assert region.device is not None
+                try:
+                    region.device.load_state(image)
+                except Exception as exc:
+                    raise MigrationError(f"device {region.device.id!r}: {exc}") from exc
             for region in managed:
                 for offset, length in region.discarded_runs():
                     region.mr.ram.discard_range(offset, length)  # type: ignore[union-attr]

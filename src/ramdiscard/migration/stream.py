@@ -16,8 +16,14 @@ Rules (the format is described for users in ``docs/migration-format.md``):
   order and regions in index order. Nothing may follow END.
 * END carries the number of sections and page bytes before it; a decoder checks both.
 * Limits: a metadata payload is at most :data:`MAX_META_PAYLOAD` bytes, page data per
-  section at most :data:`MAX_CHUNK`. Anything else (bad magic, version, flags, type,
-  order, length, checksum) raises :class:`StreamError` before any of its payload is used.
+  section at most :data:`MAX_CHUNK`, a REGION payload at most :data:`MAX_REGION_PAYLOAD`
+  (names and device ids at most :data:`MAX_NAME` bytes), at most :data:`MAX_REGIONS`
+  regions. A receiver passes its own, lower limits (:class:`Limits`: its region count and
+  the size of its largest device state image); every count and length is checked against
+  them as soon as its header is read, before anything is allocated for it. Anything else
+  (bad magic, version, flags, type, order, length, checksum) raises :class:`StreamError`
+  before any of its payload is used. Error messages quote at most :data:`QUOTE_LIMIT`
+  characters of a value taken from the stream.
 
 Theory of operation: the encoder only builds headers; page data is never copied into
 the stream. :func:`page_header` checksums a memoryview of guest memory and returns the
@@ -52,11 +58,16 @@ MAX_CHUNK = 64 * MiB
 MAX_META_PAYLOAD = 256 * MiB
 """Largest payload of a non-page section (a 16 TiB region with 1 MiB blocks needs 2 MiB)."""
 MAX_NAME = 1024
+"""Longest region name or device id, in UTF-8 bytes."""
+MAX_REGIONS = 4096
+"""Most RAM regions a stream may announce (a decoder may be given a lower, local limit)."""
 
 STREAM_HEADER = struct.Struct("<8sHHII")  # magic, version, flags, page checksum algorithm, crc
 SECTION_HEADER = struct.Struct("<IIQQI")  # type, flags, payload length, payload checksum, header crc
 _REGION = struct.Struct("<IIQQQHH")  # index, kind, size, gpa, page size, name len, id len
 _DEVICE = struct.Struct("<I")  # region index; the device's state image follows
+MAX_REGION_PAYLOAD = _REGION.size + 2 * MAX_NAME
+"""Largest REGION payload: the fixed part and two names at their limit."""
 PAGES_SUB = struct.Struct("<IIQ")  # region index, reserved, region offset; data follows
 _PAGES_AT = struct.Struct("<IIQQQQ")  # region, reserved, offset, length, file offset, data checksum
 _END = struct.Struct("<QQQ")  # sections before END, page sections, page bytes
@@ -139,6 +150,24 @@ class End:
 
 Event = StreamHeader | RegionInfo | DeviceState | PageData | End
 
+QUOTE_LIMIT = 64
+
+
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)`` cut to about ``limit`` characters (for error messages that quote
+    untrusted values: an error stays one short line)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What a receiver accepts: at most ``regions`` REGION sections, DEVICE payloads of at
+    most ``device_state`` bytes (state image, without the region index)."""
+
+    regions: int = MAX_REGIONS
+    device_state: int = MAX_META_PAYLOAD - 4
+
 
 # -- encoding -------------------------------------------------------------------------------
 
@@ -164,7 +193,9 @@ def encode_region(info: RegionInfo) -> bytes:
     name = info.name.encode()
     dev = info.device_id.encode()
     if len(name) > MAX_NAME or len(dev) > MAX_NAME:
-        raise MigrationError(f"region name or device id too long: {info.name!r} / {info.device_id!r}")
+        raise MigrationError(
+            f"region name or device id too long: {quote(info.name)} / {quote(info.device_id)}"
+        )
     payload = (
         _REGION.pack(info.index, int(info.kind), info.size, info.gpa, info.page_size, len(name), len(dev))
         + name
@@ -248,12 +279,14 @@ class Decoder:
     """Pull-based parser of one stream (see the module docstring for the protocol).
 
     ``sparse_ok``: accept the SPARSE flag (and PAGES_AT sections); only a seekable
-    snapshot file can honour it. Every error raises :class:`StreamError` and leaves the
+    snapshot file can honour it. ``limits``: the receiver's own caps (module rules), never
+    above the format's. Every error raises :class:`StreamError` and leaves the
     decoder unusable.
     """
 
-    def __init__(self, *, sparse_ok: bool = False) -> None:
+    def __init__(self, *, sparse_ok: bool = False, limits: Limits | None = None) -> None:
         self._sparse_ok = sparse_ok
+        self._limits = limits or Limits()
         self._phase = _Phase.STREAM_HEADER
         self._need = STREAM_HEADER.size
         self._flags = StreamFlags.NONE
@@ -357,6 +390,21 @@ class Decoder:
                 raise self._fail(f"{st.name} section with payload length {length} (expected {fixed})")
             if length > MAX_META_PAYLOAD or length < 4:
                 raise self._fail(f"{st.name} section with payload length {length}")
+            if st is SectionType.REGION:
+                regions = min(self._limits.regions, MAX_REGIONS)
+                if self._regions >= regions:
+                    raise self._fail(
+                        f"geometry mismatch: the stream announces more than {regions} RAM regions"
+                    )
+                if length > MAX_REGION_PAYLOAD:
+                    raise self._fail(
+                        f"REGION section with payload length {length} (limit {MAX_REGION_PAYLOAD})"
+                    )
+            elif st is SectionType.DEVICE and length > _DEVICE.size + self._limits.device_state:
+                raise self._fail(
+                    f"geometry mismatch: DEVICE section of {length} bytes, the largest device "
+                    f"state here takes {_DEVICE.size + self._limits.device_state}"
+                )
             self._need = length
         self._type, self._crc, self._order = st, crc, order
         self._section_len = length
@@ -413,6 +461,8 @@ class Decoder:
         if len(raw) < _REGION.size:
             raise self._fail("REGION section too short")
         index, kind, size, gpa, page_size, name_len, id_len = _REGION.unpack_from(raw)
+        if name_len > MAX_NAME or id_len > MAX_NAME:
+            raise self._fail(f"REGION section {index}: name or device id longer than {MAX_NAME} bytes")
         if len(raw) != _REGION.size + name_len + id_len:
             raise self._fail("REGION section length does not match its name lengths")
         if index != self._regions:

@@ -16,11 +16,18 @@ Rules:
 * Over TCP the destination answers the finished stream with a status message: ``OK`` or
   ``ER`` plus a UTF-8 reason (its MigrationError). :func:`migrate_to` waits for it, so a
   source only reports success when the destination has loaded everything.
+* Every socket operation has a timeout: a peer silent (receiver) or not reading (sender)
+  for that many seconds fails the migration with a one-line :class:`MigrationError`
+  (:data:`IO_TIMEOUT` unless the caller gives another). A sender's socket can be shut
+  down from another thread (``migrate_cancel``): the migration then fails at once.
+* Readiness is asked with ``poll`` (never ``select``, which cannot take descriptors
+  above 1023).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import select
@@ -41,6 +48,8 @@ if TYPE_CHECKING:
 
 _STATUS = struct.Struct("<2sI")
 STATUS_TIMEOUT = 60.0
+IO_TIMEOUT = 60.0
+"""Default seconds of silence (receiver) or of a peer not reading (sender) before failing."""
 READ_PIECE = 512 * 1024
 """Largest read when the caller checksums each piece: fits a 1 MiB L2 (a loopback recv
 returns less than that most of the time anyway, so the cap adds few syscalls)."""
@@ -62,6 +71,10 @@ class Reader(Protocol):
     def read_exact(self, view: memoryview, on_data: OnData | None = None) -> None: ...
 
 
+class ReadTimeout(StreamError):
+    """The peer sent nothing for the socket's timeout."""
+
+
 class PeerAnswered(MigrationError):
     """The destination sent its status before the stream ended (it refused the stream)."""
 
@@ -78,14 +91,15 @@ class SocketSink:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self._poll = select.poll()
+        self._poll.register(sock.fileno(), select.POLLIN)
 
     def send(self, header: bytes, data: memoryview | None = None) -> None:
         if data is None:
             faults.checkpoint(Op.SOCK_SEND)
             self.sock.sendall(header)
             return
-        readable, _w, _x = select.select([self.sock], [], [], 0)
-        if readable:
+        if self._poll.poll(0):
             raise PeerAnswered("the destination answered before the end of the stream")
         faults.checkpoint(Op.SOCK_SEND)
         sent = self.sock.sendmsg([header, data[:SEND_PIECE]])
@@ -100,6 +114,8 @@ class SocketSink:
 
 
 class SocketReader:
+    """Reads with the socket's own timeout: silence that long raises StreamError."""
+
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
 
@@ -109,7 +125,12 @@ class SocketReader:
         recv_into = self.sock.recv_into
         while pos < n:
             faults.checkpoint(Op.SOCK_RECV)
-            got = recv_into(view[pos:], min(n - pos, limit))
+            try:
+                got = recv_into(view[pos:], min(n - pos, limit))
+            except TimeoutError:
+                raise ReadTimeout(
+                    f"no data from the peer for {self.sock.gettimeout():g} s (read timeout)"
+                ) from None
             if got == 0:
                 raise StreamError(f"stream truncated: connection closed {n - pos} bytes early")
             if on_data is not None:
@@ -244,18 +265,25 @@ def migrate_to(
     chunk_size: int | None = None,
     progress: ProgressFn | None = None,
     timeout: float | None = STATUS_TIMEOUT,
+    io_timeout: float = IO_TIMEOUT,
+    on_socket: Callable[[socket.socket], None] | None = None,
 ) -> MigrationStats:
     """Migrate to a destination listening on ``host:port`` (:func:`receive_from` there).
 
     Devices are busy from the first byte until the destination's answer (or a failure).
-    Returns the statistics; raises MigrationError if the destination refused the stream,
-    OSError for connection problems.
+    ``timeout`` bounds the connect and the wait for the final status, ``io_timeout`` each
+    send (a destination that stops reading). ``on_socket`` gets the connected socket
+    before anything is sent (shutting it down from another thread cancels). Returns the
+    statistics; raises MigrationError if the destination refused the stream, stopped
+    reading or the socket was shut down, OSError for connection problems.
     """
     from ramdiscard.migration.source import DEFAULT_CHUNK, save_to_sink
 
     with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.settimeout(None)
+        sock.settimeout(io_timeout)
         _tune(sock)
+        if on_socket is not None:
+            on_socket(sock)
         try:
             stats = save_to_sink(
                 address_space, devices, SocketSink(sock), chunk_size or DEFAULT_CHUNK, progress, phase="send"
@@ -269,6 +297,14 @@ def migrate_to(
                 error = None
             if error is not None:
                 raise MigrationError(f"the destination refused the migration: {error}") from exc
+            raise
+        except TimeoutError:
+            raise MigrationError(
+                f"the destination read nothing for {io_timeout:g} s; migration abandoned"
+            ) from None
+        except OSError as exc:
+            if exc.errno in (errno.EPIPE, errno.EBADF, errno.ENOTCONN, errno.ESHUTDOWN):
+                raise MigrationError(f"migration cancelled or connection lost: {exc.strerror}") from None
             raise
         sock.shutdown(socket.SHUT_WR)
         sock.settimeout(timeout)
@@ -285,25 +321,29 @@ def receive_from(
     *,
     progress: ProgressFn | None = None,
     accept_timeout: float | None = None,
+    read_timeout: float = IO_TIMEOUT,
 ) -> MigrationStats:
     """Accept one connection on ``listen_socket`` and load the stream it carries.
 
-    The source is told the outcome. Raises MigrationError (destination reset to all
-    discarded, see :func:`ramdiscard.migration.load`) when the stream is refused.
+    ``accept_timeout`` bounds the wait for the source (None: forever), ``read_timeout``
+    every read after that. The source is told the outcome. Raises MigrationError
+    (destination reset to all discarded, see :func:`ramdiscard.migration.load`) when the
+    stream is refused or the source falls silent; TimeoutError when nobody connected.
     """
     from ramdiscard.migration.destination import load_from_reader
 
     listen_socket.settimeout(accept_timeout)
     conn, _peer = listen_socket.accept()
     with conn:
-        conn.settimeout(None)
+        conn.settimeout(read_timeout)
         _tune(conn)
         try:
             stats = load_from_reader(address_space, devices, SocketReader(conn), None, progress, "receive")
         except Exception as exc:
             try:
                 send_status(conn, str(exc) or type(exc).__name__)
-                _drain(conn)
+                if not isinstance(exc, ReadTimeout):  # a silent source has nothing to drain
+                    _drain(conn)
             except OSError:
                 pass
             raise

@@ -23,6 +23,7 @@ from typing import Any
 
 from ramdiscard.errors import RamDiscardError
 from ramdiscard.machine import Machine, load_scenario
+from ramdiscard.migration.transport import IO_TIMEOUT
 from ramdiscard.qmp.commands import CommandDispatcher, MemoryDeviceInfo, QmpBackend
 from ramdiscard.qmp.events import EventThrottle, QmpEvent, size_change_event
 from ramdiscard.qmp.machine_backend import MachineBackend
@@ -51,11 +52,11 @@ __all__ = [
 ]
 
 
-def as_backend(target: Any) -> QmpBackend:
+def as_backend(target: Any, *, migrate_timeout: float = IO_TIMEOUT) -> QmpBackend:
     """``target`` itself if it is a QmpBackend, else a MachineBackend around it."""
     if isinstance(target, QmpBackend):
         return target
-    return MachineBackend(target)
+    return MachineBackend(target, migrate_timeout=migrate_timeout)
 
 
 async def serve_async(
@@ -64,17 +65,23 @@ async def serve_async(
     *,
     on_ready: Callable[[QmpServer], None] | None = None,
     handle_signals: bool = False,
-) -> None:
+) -> bool:
     """Serve ``target`` (a QmpBackend or a Machine) until ``quit`` or a signal; the
-    backend is closed on the way out. ``on_ready`` gets the started server."""
+    backend is closed on the way out. ``on_ready`` gets the started server. Returns
+    True when SIGINT/SIGTERM (with ``handle_signals``) stopped it."""
     server = QmpServer(as_backend(target), address)
     await server.start()
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
+    signalled: list[asyncio.Task[None]] = []
+
+    def stop() -> None:
+        signalled.append(asyncio.ensure_future(server.close()))
+
     if handle_signals:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.close()))
+                loop.add_signal_handler(sig, stop)
                 installed.append(sig)
     try:
         if on_ready is not None:
@@ -84,16 +91,19 @@ async def serve_async(
         for sig in installed:
             loop.remove_signal_handler(sig)
         await server.close()
+    return bool(signalled)
 
 
-def serve(target: Any, address: str | Address) -> int:
+def serve(target: Any, address: str | Address, *, migrate_timeout: float = IO_TIMEOUT) -> int:
     """Serve QMP for ``target`` on ``address`` until ``quit`` (or SIGINT/SIGTERM).
 
     A machine (anything that is not already a QmpBackend) has its background guest
-    started first. Returns 0; raises OSError when the address cannot be bound (the
-    machine is closed then too).
+    started first; ``migrate_timeout`` bounds how long its TCP migration may wait for a
+    destination that does not read. Returns 0 after ``quit``, 130 after SIGINT/SIGTERM
+    (everything released either way); raises OSError when the address cannot be bound
+    (the machine is closed then too).
     """
-    backend = as_backend(target)
+    backend = as_backend(target, migrate_timeout=migrate_timeout)
     start = getattr(target, "start", None)
     try:
         if not isinstance(target, QmpBackend) and callable(start):
@@ -107,10 +117,10 @@ def serve(target: Any, address: str | Address) -> int:
         print(f"ramdiscard: QMP listening on {server.address}", file=sys.stderr, flush=True)
 
     try:
-        asyncio.run(serve_async(backend, addr, on_ready=ready, handle_signals=True))
+        signalled = asyncio.run(serve_async(backend, addr, on_ready=ready, handle_signals=True))
     finally:
         backend.close()
-    return 0
+    return 130 if signalled else 0
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -124,6 +134,14 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         help="where to serve QMP: unix:PATH (mode 0600) or tcp:HOST:PORT (use a loopback host)",
     )
     p.add_argument("--workdir", metavar="DIR", help="where file-backed guest memory goes")
+    p.add_argument(
+        "--migrate-timeout",
+        type=float,
+        default=IO_TIMEOUT,
+        metavar="SECONDS",
+        help="x-ramdiscard-migrate tcp: fails after this long without the destination reading "
+        f"({IO_TIMEOUT:g})",
+    )
     return p
 
 
@@ -136,7 +154,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     parse_address(args.qmp)  # a bad address fails before any memory is taken
     scenario = load_scenario(args.scenario)
     machine = Machine.from_scenario(scenario, workdir=args.workdir)
-    return serve(machine, args.qmp)
+    return serve(machine, args.qmp, migrate_timeout=args.migrate_timeout)
 
 
 def cli_main(argv: Sequence[str] | None = None) -> int:

@@ -6,7 +6,7 @@ Rules:
   is missing", an unknown one "Parameter 'X' is unexpected", a wrong JSON type "Invalid
   parameter type for 'X', expected: T"; all GenericError. Command names are QEMU's
   (``query-version``, ``query-commands``, ``query-status``, ``qom-list``, ``qom-get``,
-  ``qom-set``, ``query-memory-devices``, ``quit``); project commands carry the
+  ``qom-set``, ``query-memory-devices``, ``migrate_cancel``, ``quit``); project commands carry the
   ``x-ramdiscard-`` prefix. ``qmp_capabilities`` is the protocol's (see protocol.py) but
   is listed by ``query-commands``.
 * The QOM tree is QEMU's shape: ``/machine/peripheral/<id>`` is a ``virtio-mem-pci``
@@ -23,9 +23,16 @@ Rules:
   :meth:`CommandDispatcher.execute` except :class:`~ramdiscard.qmp.protocol.QmpError`
   itself, which is what the caller turns into the reply.
 
+* ``migrate_cancel`` (QEMU's name and reply, ``{}``) calls the backend's optional
+  ``migrate_cancel()``; without a running migration, or without that method, it does
+  nothing and succeeds, as in QEMU.
+
 Theory of operation: :class:`CommandDispatcher` is synchronous and holds no state but the
 backend. The server runs every :meth:`CommandDispatcher.execute` call on one worker
-thread, so the backend sees one command at a time and never runs on the event loop.
+thread, so the backend sees one command at a time and never runs on the event loop;
+except the commands in :attr:`CommandDispatcher.background` (a migration, which can last
+as long as the peer lets it), which run on a thread of their own, concurrently with
+the worker's commands.
 """
 
 from __future__ import annotations
@@ -100,7 +107,9 @@ class QmpBackend(Protocol):
         ...
 
     def migrate(self, uri: str) -> dict[str, Any]:
-        """Save the machine to ``uri``; raises QmpError when unsupported."""
+        """Save the machine to ``uri``; raises QmpError when unsupported. May run on a
+        thread of its own, concurrently with the other calls (see the module notes); a
+        backend may offer ``migrate_cancel()`` to end it early."""
         ...
 
     def dump(self, path: str) -> dict[str, Any]:
@@ -254,6 +263,9 @@ Handler = Callable[[dict[str, Any]], Outcome]
 class CommandDispatcher:
     """Runs commands against ``backend``; ``version`` is the ``query-version`` answer."""
 
+    background: Final = frozenset({"x-ramdiscard-migrate"})
+    """Commands the server runs off its worker thread (module notes)."""
+
     def __init__(self, backend: QmpBackend, version: dict[str, Any]) -> None:
         self._backend = backend
         self._version = version
@@ -268,6 +280,7 @@ class CommandDispatcher:
                 (Param("path", "string"), Param("property", "string"), Param("value", "any")),
             ),
             "query-memory-devices": (self._query_memory_devices, ()),
+            "migrate_cancel": (self._migrate_cancel, ()),
             "quit": (self._quit, ()),
             "x-ramdiscard-status": (self._x_status, ()),
             "x-ramdiscard-migrate": (self._x_migrate, (Param("uri", "string"),)),
@@ -396,6 +409,12 @@ class CommandDispatcher:
 
     def _query_memory_devices(self, _args: dict[str, Any]) -> Outcome:
         return Outcome([dev.to_json() for dev in self._backend.memory_devices()])
+
+    def _migrate_cancel(self, _args: dict[str, Any]) -> Outcome:
+        cancel = getattr(self._backend, "migrate_cancel", None)
+        if callable(cancel):
+            cancel()
+        return Outcome({})
 
     def _quit(self, _args: dict[str, Any]) -> Outcome:
         return Outcome({}, quit=True)

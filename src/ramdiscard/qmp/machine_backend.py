@@ -7,7 +7,15 @@ Rules:
   notifications are forwarded as they come (from that thread).
 * ``x-ramdiscard-migrate`` uses :mod:`ramdiscard.migration` and ``x-ramdiscard-dump``
   :mod:`ramdiscard.dump`. ``migrate`` accepts ``file:PATH`` (a snapshot file) and
-  ``tcp:HOST:PORT`` (a destination running ``ramdiscard migrate receive``).
+  ``tcp:HOST:PORT`` (a destination running ``ramdiscard migrate receive --scenario`` with
+  the same scenario).
+* A migration does not hold the machine lock: the devices are frozen (the guest's plugs
+  answer BUSY) and it runs on the caller's thread while other commands go on. One at a
+  time ("There's a migration process in progress" otherwise). A TCP migration fails
+  after ``migrate_timeout`` seconds in which the destination read nothing;
+  :meth:`MachineBackend.migrate_cancel` (QMP ``migrate_cancel``) shuts its socket down so
+  it fails at once. :meth:`MachineBackend.close` cancels a running migration and waits
+  for it to end before the machine is closed.
 * ``status`` is :meth:`Machine.status` made JSON-safe, with QMP-style kebab-case keys and
   the per-device table as a list.
 """
@@ -17,12 +25,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from ramdiscard import migration
 from ramdiscard.dump import dump_guest_memory
+from ramdiscard.migration.transport import IO_TIMEOUT
 from ramdiscard.qmp.commands import MemoryDeviceInfo, SizeChangeFn
 from ramdiscard.qmp.protocol import ErrorClass, QmpError
 from ramdiscard.virtio_mem import VirtioMem
@@ -62,8 +72,15 @@ def jsonable(value: Any) -> Any:
 class MachineBackend:
     """Adapts a running machine to :class:`~ramdiscard.qmp.commands.QmpBackend`."""
 
-    def __init__(self, machine: MachineLike) -> None:
+    def __init__(self, machine: MachineLike, *, migrate_timeout: float = IO_TIMEOUT) -> None:
         self.machine = machine
+        self.migrate_timeout = migrate_timeout
+        self._state = threading.Lock()
+        self._migrating = False
+        self._idle = threading.Condition(self._state)
+        self._sock: socket.socket | None = None
+        self._cancelled = False
+        self._closed = False
 
     def memory_devices(self) -> list[MemoryDeviceInfo]:
         with self.machine.lock:
@@ -96,18 +113,59 @@ class MachineBackend:
 
     def migrate(self, uri: str) -> dict[str, Any]:
         kind, _sep, rest = uri.partition(":")
-        with self.machine.lock:
-            devices = list(self.machine.devices.values())
-            if kind == "file" and rest:
-                with open(rest, "wb") as f:
-                    stats = migration.save(self.machine.space, devices, f)
-            elif kind == "tcp" and rest.rpartition(":")[2].isdigit():
+        tcp = kind == "tcp" and rest.rpartition(":")[2].isdigit()
+        if not tcp and not (kind == "file" and rest):
+            raise QmpError(f"Invalid migration URI '{uri[:256]}': expected file:PATH or tcp:HOST:PORT")
+        with self._state:
+            if self._closed:
+                raise QmpError("the machine is shutting down")
+            if self._migrating:
+                raise QmpError("There's a migration process in progress")
+            self._migrating, self._cancelled = True, False
+        try:
+            with self.machine.lock:
+                devices = list(self.machine.devices.values())
+                space = self.machine.space
+            if tcp:
                 host, _s, port = rest.rpartition(":")
-                stats = migration.migrate_to(host.strip("[]"), int(port), self.machine.space, devices)
+                stats = migration.migrate_to(
+                    host.strip("[]"),
+                    int(port),
+                    space,
+                    devices,
+                    timeout=self.migrate_timeout,
+                    io_timeout=self.migrate_timeout,
+                    on_socket=self._adopt_socket,
+                )
             else:
-                raise QmpError(f"Invalid migration URI '{uri}': expected file:PATH or tcp:HOST:PORT")
+                with open(rest, "wb") as f:
+                    stats = migration.save(space, devices, f)
+        except (OSError, migration.MigrationError) as exc:
+            if self._cancelled:
+                raise QmpError("migration cancelled (migrate_cancel)") from exc
+            raise
+        finally:
+            with self._state:
+                self._migrating, self._sock = False, None
+                self._idle.notify_all()
         result: dict[str, Any] = jsonable(stats)
         return result
+
+    def _adopt_socket(self, sock: socket.socket) -> None:
+        with self._state:
+            if self._cancelled:
+                raise migration.MigrationError("migration cancelled")
+            self._sock = sock
+
+    def migrate_cancel(self) -> None:
+        """Cancel the running migration (it fails at once); nothing when none runs."""
+        with self._state:
+            if not self._migrating:
+                return
+            self._cancelled = True
+            if self._sock is not None:
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
 
     def dump(self, path: str) -> dict[str, Any]:
         with self.machine.lock:
@@ -129,5 +187,11 @@ class MachineBackend:
 
         return unsubscribe
 
-    def close(self) -> None:
+    def close(self, wait: float = 30.0) -> None:
+        """Cancel a running migration, wait for it (at most ``wait`` s), close the machine."""
+        with self._state:
+            self._closed = True
+        self.migrate_cancel()
+        with self._state:
+            self._idle.wait_for(lambda: not self._migrating, wait)
         self.machine.close()

@@ -27,7 +27,9 @@ Rules (QEMU's monitor/qmp.c, qobject/json-streamer.c, qapi/qmp-dispatch.c):
 Theory of operation: :class:`JsonFramer` is a byte-at-a-time scanner that only tracks
 what is needed to find message boundaries: the nesting depth, whether it is inside a
 string, and whether the previous byte was a backslash. Complete messages are decoded as
-strict UTF-8 and parsed with :mod:`json` (NaN/Infinity refused). The framer's output for
+strict UTF-8 and parsed with :mod:`json` (NaN/Infinity refused, and so is a number too
+large for a double, such as ``1e999``: the whole message is a parse error, so no reply
+ever carries a non-JSON value). The framer's output for
 a stream does not depend on how the stream is cut into chunks. :class:`QmpConnection`
 adds QEMU's request-shape checks and the negotiation state on top, answering what the
 protocol itself can answer (errors, ``qmp_capabilities``) and handing every other
@@ -83,8 +85,9 @@ NO_ID: Final[Any] = _NoId()
 
 
 def encode(message: dict[str, Any]) -> bytes:
-    """One QMP message as the monitor writes it: JSON, then CRLF."""
-    return json.dumps(message).encode("ascii") + EOL
+    """One QMP message as the monitor writes it: strict JSON (never NaN or Infinity:
+    ValueError), then CRLF."""
+    return json.dumps(message, allow_nan=False).encode("ascii") + EOL
 
 
 # -- framing ------------------------------------------------------------------------------
@@ -129,6 +132,13 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"invalid keyword '{name}'")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number '{text[:32]}' out of range")
+    return value
+
+
 def parse_json(raw: bytes) -> Message | BadMessage:
     """Parse one complete JSON text the way QEMU's parser would accept it."""
     try:
@@ -136,7 +146,7 @@ def parse_json(raw: bytes) -> Message | BadMessage:
     except UnicodeDecodeError:
         return BadMessage("JSON parse error, invalid UTF-8 sequence in string")
     try:
-        return Message(json.loads(text, parse_constant=_reject_constant))
+        return Message(json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float))
     except json.JSONDecodeError as exc:
         msg = exc.msg[:1].lower() + exc.msg[1:]
         return BadMessage(f"JSON parse error, {msg} (line {exc.lineno} column {exc.colno})")

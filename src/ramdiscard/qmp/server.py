@@ -7,13 +7,22 @@ Rules:
   listening) is replaced; a live one, or a path that is not a socket, is an error. The
   file is removed at close. ``tcp:HOST:PORT`` binds HOST (QMP has no authentication:
   use a loopback address); port 0 picks a free port, see :attr:`QmpServer.address`.
-* Any number of clients; each gets the greeting, then its commands run in order, one at a
-  time (QEMU's monitor without out-of-band). All commands of all clients run on a single
-  worker thread, so the backend sees one command at a time and the event loop never
-  blocks on a long plug or dump.
+* Each client gets the greeting, then its commands run in order, one at a time (QEMU's
+  monitor without out-of-band). All commands of all clients run on a single worker
+  thread, so the backend sees one command at a time and the event loop never blocks on a
+  long plug or dump; a migration (``CommandDispatcher.background``) runs on a thread of
+  its own, so a stuck peer never holds the worker.
 * A client's bad input gets error replies (protocol.py) and never affects other clients
-  or the server. A client that stops reading is disconnected once
-  ``max_output`` bytes wait for it.
+  or the server. Limits (documented in docs/qmp.md): a message is at most
+  ``max_message`` bytes (:data:`DEFAULT_MAX_MESSAGE`); a client that stops reading is
+  disconnected once ``max_output`` bytes (:data:`DEFAULT_MAX_OUTPUT`) wait for it, and the
+  replies to what it already sent are not even produced; while a client's output waits
+  its input is not read. At most ``max_clients`` (:data:`DEFAULT_MAX_CLIENTS`)
+  connections: a new one beyond that drops the oldest *offender* (a client that got an
+  error reply or has output waiting), else the oldest client that has not negotiated
+  capabilities; when every client is negotiated and well behaved the new connection is
+  closed at once. So memory and descriptors stay bounded by these numbers whatever
+  clients do, and a fresh client is greeted even while others flood the server.
 * Size-change notifications may come from any thread; they are timestamped there and
   handed to the loop, rate limited (events.py), and delivered to negotiated clients.
 * ``quit``: the reply is written and flushed, SHUTDOWN is sent to every negotiated
@@ -32,21 +41,23 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
 
 from ramdiscard.qmp.commands import PERIPHERAL, CommandDispatcher, QmpBackend
 from ramdiscard.qmp.events import DEFAULT_RATES, EventThrottle, QmpEvent, shutdown_event, size_change_event
-from ramdiscard.qmp.protocol import DEFAULT_MAX_MESSAGE, Execute, QmpConnection, QmpError, Reply
+from ramdiscard.qmp.protocol import DEFAULT_MAX_MESSAGE, Execute, Item, QmpConnection, QmpError, Reply
 
 log = logging.getLogger("ramdiscard.qmp")
 
 QEMU_COMPAT: Final = (10, 1, 0)
 """The QEMU release whose QMP behaviour this server mirrors (reported by query-version)."""
 READ_CHUNK: Final = 64 * 1024
-DEFAULT_MAX_OUTPUT: Final = 8 << 20
+FEED_SLICE: Final = 4096
+DEFAULT_MAX_OUTPUT: Final = 1 << 20
+DEFAULT_MAX_CLIENTS: Final = 64
 
 
 def version_info() -> dict[str, Any]:
@@ -118,13 +129,19 @@ class _Client:
         self.conn = conn
         self.writer = writer
         self.peer = str(writer.get_extra_info("peername") or "unix")
+        self.errors = 0
+
+    @property
+    def offender(self) -> bool:
+        """Got an error reply, or does not read what it was sent."""
+        return self.errors > 0 or self.writer.transport.get_write_buffer_size() > 0
 
     def send(self, data: bytes, max_output: int) -> None:
         if self.writer.is_closing():
             return
         if self.writer.transport.get_write_buffer_size() + len(data) > max_output:
             log.warning("QMP client %s does not read its output; disconnecting it", self.peer)
-            self.writer.close()
+            self.writer.transport.abort()  # close() would wait for the unread output
             return
         self.writer.write(data)
 
@@ -139,6 +156,7 @@ class QmpServer:
         *,
         max_message: int = DEFAULT_MAX_MESSAGE,
         max_output: int = DEFAULT_MAX_OUTPUT,
+        max_clients: int = DEFAULT_MAX_CLIENTS,
         rates: dict[str, float] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -148,9 +166,11 @@ class QmpServer:
         self._dispatcher = CommandDispatcher(backend, self._version)
         self._max_message = max_message
         self._max_output = max_output
+        self._max_clients = max_clients
         self._clock = clock
         self._throttle = EventThrottle(clock, DEFAULT_RATES if rates is None else rates)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qmp-worker")
+        self._background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qmp-migration")
         self._clients: dict[_Client, asyncio.Task[None]] = {}
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -237,6 +257,7 @@ class QmpServer:
             log.exception("closing the QMP backend failed")
         finally:
             self._executor.shutdown(wait=False)
+            self._background.shutdown(wait=False)
             self._closed.set()
 
     def _remove_socket(self) -> None:
@@ -252,6 +273,10 @@ class QmpServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         if self._closing or task is None:
+            writer.close()
+            return
+        if len(self._clients) >= self._max_clients and not self._evict():
+            log.warning("QMP: %d clients connected, all well behaved; refusing a new one", len(self._clients))
             writer.close()
             return
         client = _Client(QmpConnection(self._version, max_message=self._max_message), writer)
@@ -270,13 +295,30 @@ class QmpServer:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
+    def _evict(self) -> bool:
+        """Drop the oldest offender, else the oldest un-negotiated client (dicts keep
+        insertion order: oldest first). False when there is none."""
+        clients = [c for c in self._clients if not c.writer.is_closing()]
+        victim = next((c for c in clients if c.offender), None) or next(
+            (c for c in clients if not c.conn.negotiated), None
+        )
+        if victim is None:
+            return False
+        log.warning("QMP: too many clients; dropping %s", victim.peer)
+        victim.writer.transport.abort()
+        task = self._clients.pop(victim, None)
+        if task is not None:
+            task.cancel()
+        return True
+
     async def _serve_client(self, client: _Client, reader: asyncio.StreamReader) -> None:
         while not self._closing and not client.writer.is_closing():
             data = await reader.read(READ_CHUNK)
             if not data:
                 return
-            for item in client.conn.receive_data(data):
+            async for item in self._items(client, data):
                 if isinstance(item, Reply):
+                    client.errors += b'"error"' in item.data[:16]
                     client.send(item.data, self._max_output)
                     continue
                 reply, quit_ = await self._run(client.conn, item)
@@ -288,12 +330,26 @@ class QmpServer:
                     return
             await client.writer.drain()
 
+    @staticmethod
+    async def _items(client: _Client, data: bytes) -> AsyncIterator[Item]:
+        """The client's items, parsed a slice at a time with a turn of the event loop in
+        between (a flood of junk from many clients cannot starve accepting and greeting a
+        new one); once the client is dropped the rest of its input is not even parsed."""
+        for pos in range(0, len(data), FEED_SLICE):
+            if pos:
+                await asyncio.sleep(0)
+            if client.writer.is_closing():
+                return
+            for item in client.conn.receive_data(data[pos : pos + FEED_SLICE]):
+                if client.writer.is_closing():
+                    return
+                yield item
+
     async def _run(self, conn: QmpConnection, req: Execute) -> tuple[bytes, bool]:
         loop = asyncio.get_running_loop()
+        executor = self._background if req.name in self._dispatcher.background else self._executor
         try:
-            outcome = await loop.run_in_executor(
-                self._executor, self._dispatcher.execute, req.name, req.arguments
-            )
+            outcome = await loop.run_in_executor(executor, self._dispatcher.execute, req.name, req.arguments)
         except QmpError as exc:
             return conn.error_bytes(req, exc), False
         except RuntimeError as exc:  # the executor is shut down: we are closing
