@@ -12,10 +12,9 @@ import argparse
 import json
 from typing import Any
 
+from ramdiscard.consumers.vfio.limits import RdmRange, smallest_granularity, worst_case_mappings
 from ramdiscard.machine import KvmConsumer, Machine, VfioConsumer, scenario_from_dict
-from ramdiscard.units import MiB, format_size, is_power_of_2
-from ramdiscard.vfio.limits import RdmRange, smallest_granularity, worst_case_mappings
-from ramdiscard.virtio_mem.trace import (
+from ramdiscard.replay.trace import (
     DiscardRange,
     MemoryDevicePlug,
     MemoryDevicePrePlug,
@@ -25,6 +24,7 @@ from ramdiscard.virtio_mem.trace import (
     parse_trace_file,
     replay_trace,
 )
+from ramdiscard.units import MiB, format_size, is_power_of_2
 
 
 def infer_geometry(log: TraceLog) -> dict[str, Any]:

@@ -55,7 +55,7 @@ from ramdiscard.migration.transport import FileReader, PositionalFile, Reader
 
 if TYPE_CHECKING:
     from ramdiscard.memory import AddressSpace
-    from ramdiscard.virtio_mem import VirtioMem
+    from ramdiscard.providers.virtio_mem import VirtioMem
 
 log = logging.getLogger("ramdiscard.migration")
 
@@ -196,7 +196,7 @@ class _Incoming:
 
 
 def _check_state(device: VirtioMem, state: bytes) -> None:
-    from ramdiscard.virtio_mem.persist import StateError, decode_state
+    from ramdiscard.providers.virtio_mem.persist import StateError, decode_state
 
     try:
         image = decode_state(state)
