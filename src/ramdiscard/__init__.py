@@ -1,6 +1,5 @@
 """ramdiscard: QEMU's RamDiscardManager system in Python, on real host memory."""
 
-from ramdiscard.attributes import RamBlockAttributes
 from ramdiscard.errors import (
     DiscardPolicyError,
     HostMemoryError,
@@ -19,6 +18,8 @@ from ramdiscard.memory import (
     TopologyError,
     transaction,
 )
+from ramdiscard.providers.attributes import RamBlockAttributes
+from ramdiscard.providers.virtio_mem import VirtioMem
 from ramdiscard.rdm import (
     BlockStateManager,
     DiscardPolicy,
@@ -27,7 +28,6 @@ from ramdiscard.rdm import (
     default_policy,
 )
 from ramdiscard.units import GiB, KiB, MiB, TiB, format_size, parse_size
-from ramdiscard.virtio_mem import VirtioMem
 
 __all__ = [
     "AddressSpace",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ramdiscard.dma import iouring_available
+from ramdiscard.consumers.dma import iouring_available
 from ramdiscard.units import MiB
 from tests.conftest import sample_trace
 

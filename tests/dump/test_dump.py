@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from ramdiscard.dump import dump_guest_memory, guest_phys_blocks
 from ramdiscard.hostmem import RamBlock
 from ramdiscard.memory import MemoryRegion
+from ramdiscard.providers.virtio_mem import ResponseType
 from ramdiscard.units import MiB
-from ramdiscard.virtio_mem import ResponseType
 from tests.migration.conftest import Machines, machines  # noqa: F401 - fixture
 from tests.migration.machine import Machine
 

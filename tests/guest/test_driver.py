@@ -69,11 +69,11 @@ def _resize(dev: FakeDevice, drv: GuestDriver, size: int) -> list[tuple[str, int
 
 
 def test_matches_the_qemu_sample_trace_with_the_real_device() -> None:
-    virtio_mem = pytest.importorskip("ramdiscard.virtio_mem")
+    virtio_mem = pytest.importorskip("ramdiscard.providers.virtio_mem")
     from ramdiscard.hostmem import RamBlock
     from ramdiscard.memory.region import MemoryRegion
     from ramdiscard.rdm.policy import DiscardPolicy
-    from ramdiscard.virtio_mem.trace import PlugRequest, UnplugRequest, parse_trace_file
+    from ramdiscard.replay.trace import PlugRequest, UnplugRequest, parse_trace_file
 
     log = parse_trace_file(sample_trace())
     expected = [

@@ -9,12 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ramdiscard.dma import iouring_available
+from ramdiscard.consumers.dma import iouring_available
+from ramdiscard.consumers.vfio import DmaLimitError
 from ramdiscard.guest import DriverState
 from ramdiscard.hostmem import proc_status
 from ramdiscard.machine import Machine, parse_scenario
 from ramdiscard.units import MiB
-from ramdiscard.vfio import DmaLimitError
 
 IOURING = iouring_available()[0]
 

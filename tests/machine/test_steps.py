@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ramdiscard.dma import iouring_available
+from ramdiscard.consumers.dma import iouring_available
 from ramdiscard.hostmem import proc_status
 from ramdiscard.machine import Machine, ScenarioError, parse_scenario
 from ramdiscard.migration import MigrationError

@@ -10,9 +10,9 @@ import numpy as np
 
 from ramdiscard.hostmem import RamBlock
 from ramdiscard.memory import AddressSpace, MemoryRegion
+from ramdiscard.providers.virtio_mem import VirtioMem
 from ramdiscard.rdm import DiscardPolicy
 from ramdiscard.units import GiB, MiB
-from ramdiscard.virtio_mem import VirtioMem
 
 BS = 2 * MiB
 ADDR = 4 * GiB

@@ -12,8 +12,8 @@ from ramdiscard import faults, migration
 from ramdiscard.faults import Op
 from ramdiscard.hostmem import proc_status
 from ramdiscard.migration.source import SPARSE_ALIGN
+from ramdiscard.providers.virtio_mem import ResponseType
 from ramdiscard.units import MiB
-from ramdiscard.virtio_mem import ResponseType
 from tests.migration.conftest import Machines
 
 

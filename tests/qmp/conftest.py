@@ -17,10 +17,10 @@ import pytest
 
 from ramdiscard.hostmem import RamBlock
 from ramdiscard.memory import MemoryRegion
+from ramdiscard.providers.virtio_mem import ResponseType, VirtioMem
 from ramdiscard.qmp import MemoryDeviceInfo, QmpError, QmpServer
 from ramdiscard.rdm import DiscardPolicy
 from ramdiscard.units import GiB, MiB
-from ramdiscard.virtio_mem import ResponseType, VirtioMem
 
 BS = 2 * MiB
 

@@ -4,10 +4,10 @@ plugged size derived from the bitmap)."""
 from __future__ import annotations
 
 from ramdiscard.migration.busy import frozen
+from ramdiscard.providers.virtio_mem import ResponseType
 from ramdiscard.rdm import DiscardPolicy
 from ramdiscard.units import MiB
-from ramdiscard.virtio_mem import ResponseType
-from tests.vfio.conftest import ADDR, World
+from tests.consumers.vfio.conftest import ADDR, World
 
 
 def test_busy_predicate_is_readable_and_restored_after_a_freeze() -> None:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from ramdiscard.errors import ListenerError
 from ramdiscard.memory import MemoryRegion, MemoryRegionSection
+from ramdiscard.providers.virtio_mem import ResponseType
 from ramdiscard.rdm import (
     AggregateManager,
     BlockStateManager,
@@ -20,9 +21,8 @@ from ramdiscard.rdm import (
     RamDiscardListener,
 )
 from ramdiscard.units import GiB, KiB, MiB
-from ramdiscard.virtio_mem import ResponseType
+from tests.consumers.vfio.conftest import IOURING_OK, IOURING_REASON, World, vm_pin
 from tests.rdm.agg_helpers import make_region
-from tests.vfio.conftest import IOURING_OK, IOURING_REASON, World, vm_pin
 
 PAGE = 4 * KiB
 BS = 2 * MiB

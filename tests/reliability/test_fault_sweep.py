@@ -34,12 +34,12 @@ from ramdiscard.fuzz.invariants import ViewListener, check_container, check_devi
 from ramdiscard.hostmem import RamBlock
 from ramdiscard.hostmem.measure import mapping_count, open_fd_count, proc_status
 from ramdiscard.memory import AddressSpace, MemoryRegion, MemoryRegionSection
+from ramdiscard.providers.virtio_mem import ResponseType, StateError, VirtioMem
 from ramdiscard.rdm import DiscardPolicy
 from ramdiscard.units import GiB, MiB
-from ramdiscard.virtio_mem import ResponseType, StateError, VirtioMem
 
-vfio = pytest.importorskip("ramdiscard.vfio")
-iouring = pytest.importorskip("ramdiscard.dma.iouring")
+vfio = pytest.importorskip("ramdiscard.consumers.vfio")
+iouring = pytest.importorskip("ramdiscard.consumers.dma.iouring")
 
 SIZE = 32 * MiB
 BS = 2 * MiB
@@ -76,7 +76,7 @@ class World:
         self.space = AddressSpace("sweep", self.root)
         self.kvm = None
         if kvm:
-            from ramdiscard.kvm.memslots import KvmMemslots
+            from ramdiscard.consumers.kvm.memslots import KvmMemslots
 
             self.kvm = KvmMemslots()
             self.kvm.attach(self.space)

@@ -32,9 +32,9 @@ from ramdiscard.memory import AddressSpace, MemoryRegion, MemoryRegionSection
 from ramdiscard.rdm import DiscardPolicy
 from ramdiscard.units import GiB, MiB
 
-attributes = pytest.importorskip("ramdiscard.attributes")
-vfio = pytest.importorskip("ramdiscard.vfio")
-iouring = pytest.importorskip("ramdiscard.dma.iouring")
+attributes = pytest.importorskip("ramdiscard.providers.attributes")
+vfio = pytest.importorskip("ramdiscard.consumers.vfio")
+iouring = pytest.importorskip("ramdiscard.consumers.dma.iouring")
 _ok, _why = iouring.available()
 pytestmark = pytest.mark.skipif(not _ok, reason=f"io_uring pins unavailable: {_why}")
 

@@ -6,9 +6,9 @@ import random
 
 from ramdiscard.fuzz.targets.virtio import FakeRam
 from ramdiscard.memory import MemoryRegion
+from ramdiscard.providers.virtio_mem import ResponseType, VirtioMem
 from ramdiscard.rdm import DiscardPolicy
 from ramdiscard.units import MiB
-from ramdiscard.virtio_mem import ResponseType, VirtioMem
 
 SIZE = 64 * MiB
 BS = 2 * MiB

@@ -7,8 +7,8 @@ import zlib
 
 import pytest
 
+from ramdiscard.providers.virtio_mem import StateError, StateImage, decode_state, encode_state
 from ramdiscard.units import GiB, MiB
-from ramdiscard.virtio_mem import StateError, StateImage, decode_state, encode_state
 
 
 def test_state_image_with_reserved_flags_is_rejected() -> None:

@@ -6,14 +6,14 @@ import pytest
 
 from ramdiscard.fuzz.targets.virtio import FakeRam
 from ramdiscard.memory import MemoryRegion
-from ramdiscard.rdm import DiscardPolicy
-from ramdiscard.units import GiB, MiB
-from ramdiscard.virtio_mem import (
+from ramdiscard.providers.virtio_mem import (
     TraceParseError,
     VirtioMem,
     parse_trace,
     replay_trace,
 )
+from ramdiscard.rdm import DiscardPolicy
+from ramdiscard.units import GiB, MiB
 
 
 def test_trace_line_with_an_absurd_pid_is_junk_not_a_crash() -> None:

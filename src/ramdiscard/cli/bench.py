@@ -1,10 +1,10 @@
 """``ramdiscard bench``: every benchmark of the project, as ratios against raw baselines.
 
-Each area of the project with a benchmark has a ``bench`` module with
+Each area of the project with a benchmark has a module in :mod:`ramdiscard.bench` with
 ``run(quick) -> list[dict]`` (:data:`BENCH_MODULES` lists every one); a row has ``group``,
 ``name``, ``ours_ns``, ``raw_ns`` and ``ratio`` (ours / raw, both measured in this run),
 and optionally a ``target`` ratio and extra figures. A row without ``group`` gets its
-area's name (``ramdiscard.<area>.bench``).
+area's name (``ramdiscard.bench.<area>``).
 
 Targets (ratio, at most): hostmem populate/discard 1.1 from 2 MiB chunks; virtio_mem
 plug/unplug cost at 4 TiB vs 16 GiB 1.1; vfio plug 1.15, unplug 1.25; migration 1.3 (TCP
@@ -18,12 +18,12 @@ import json
 from typing import Any
 
 BENCH_MODULES = [
-    "ramdiscard.rdm.bench",
-    "ramdiscard.hostmem.bench",
-    "ramdiscard.virtio_mem.bench",
-    "ramdiscard.vfio.bench",
-    "ramdiscard.guest.bench",
-    "ramdiscard.migration.bench",
+    "ramdiscard.bench.rdm",
+    "ramdiscard.bench.hostmem",
+    "ramdiscard.bench.virtio_mem",
+    "ramdiscard.bench.vfio",
+    "ramdiscard.bench.guest",
+    "ramdiscard.bench.migration",
 ]
 
 
@@ -33,7 +33,7 @@ def collect(quick: bool = False, only: list[str] | None = None) -> list[dict[str
         if only and not any(o in name for o in only):
             continue
         module = importlib.import_module(name)
-        area = name.split(".")[1]
+        area = name.rsplit(".", 1)[1]
         for row in module.run(quick=quick):
             rows.append({"group": area, **row} if not row.get("group") else row)
     return rows

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ramdiscard.dma import iouring_available
+from ramdiscard.consumers.dma import iouring_available
 from ramdiscard.guest import Exchange
 from ramdiscard.machine import Machine, Scenario, StepResult, scenario_from_dict
 from ramdiscard.units import GiB, MiB, format_size

@@ -12,11 +12,10 @@ import argparse
 import json
 from typing import Any
 
+from ramdiscard.consumers.vfio.limits import RdmRange, smallest_granularity, worst_case_mappings
 from ramdiscard.machine import KvmConsumer, Machine, VfioConsumer, scenario_from_dict
 from ramdiscard.machine.scenario import ScenarioError
-from ramdiscard.units import MiB, format_size, is_power_of_2
-from ramdiscard.vfio.limits import RdmRange, smallest_granularity, worst_case_mappings
-from ramdiscard.virtio_mem.trace import (
+from ramdiscard.replay.trace import (
     DiscardRange,
     MemoryDevicePlug,
     MemoryDevicePrePlug,
@@ -26,6 +25,7 @@ from ramdiscard.virtio_mem.trace import (
     parse_trace_file,
     replay_trace,
 )
+from ramdiscard.units import MiB, format_size, is_power_of_2
 
 
 def infer_geometry(log: TraceLog) -> dict[str, Any]:

@@ -29,8 +29,8 @@ from ramdiscard.rdm.listener import RamDiscardListener
 
 if TYPE_CHECKING:
     from ramdiscard.memory.section import MemoryRegionSection
+    from ramdiscard.providers.virtio_mem.device import VirtioMem
     from ramdiscard.rdm.block_state import BlockStateManager
-    from ramdiscard.virtio_mem.device import VirtioMem
 
 PAGE = 4096
 
@@ -185,7 +185,7 @@ def check_container(container: object, dev: BlockStateManager) -> None:
     IOVA ranges it maps for the manager's region equal populated ∩ each registered RDM
     section, and its backend pins exactly the mapped bytes (take the manager lock first
     when other threads run; the container lock is taken inside)."""
-    from ramdiscard.vfio import VfioContainer
+    from ramdiscard.consumers.vfio import VfioContainer
 
     assert isinstance(container, VfioContainer)
     with dev.lock:

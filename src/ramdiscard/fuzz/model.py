@@ -1,7 +1,7 @@
 """A reference model of virtio-mem request semantics, used as the fuzzers' oracle.
 
 Rules: the model predicts the *documented* answer of every request (virtio-mem.md D-*
-ids, the order in :mod:`ramdiscard.virtio_mem.device`): invalid range -> ERROR; PLUG
+ids, the order in :mod:`ramdiscard.providers.virtio_mem.device`): invalid range -> ERROR; PLUG
 beyond ``requested_size`` -> NACK; wrong current state -> ERROR; busy, a host failure or a
 listener refusal -> BUSY; else ACK. It is plain Python over a set of plugged blocks, shares
 no code with the device, and knows nothing about listeners beyond a "would this range be
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ramdiscard.virtio_mem.wire import BlockState, Request, RequestType, Response, ResponseType
+from ramdiscard.providers.virtio_mem.wire import BlockState, Request, RequestType, Response, ResponseType
 
 U64_END = 1 << 64
 

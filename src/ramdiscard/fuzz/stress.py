@@ -43,8 +43,8 @@ from ramdiscard.errors import ListenerError
 from ramdiscard.fuzz.invariants import PAGE, ViewListener, check_container, check_device, check_residency
 from ramdiscard.fuzz.targets.virtio import ADDR, BS, NB, SIZE, new_ram
 from ramdiscard.memory import AddressSpace, MemoryListener, MemoryRegion, MemoryRegionSection
+from ramdiscard.providers.virtio_mem import DeviceBroken, VirtioMem, decode_state
 from ramdiscard.rdm import DiscardPolicy
-from ramdiscard.virtio_mem import DeviceBroken, VirtioMem, decode_state
 
 _REQ = struct.Struct("<H6xQH6x")
 
@@ -135,9 +135,9 @@ class _Stress:
 
             self.migration = ramdiscard.migration
         self.container: Any = None
-        if importlib.util.find_spec("ramdiscard.vfio") is not None:
-            from ramdiscard.dma import NullDmaBackend
-            from ramdiscard.vfio import VfioContainer
+        if importlib.util.find_spec("ramdiscard.consumers.vfio") is not None:
+            from ramdiscard.consumers.dma import NullDmaBackend
+            from ramdiscard.consumers.vfio import VfioContainer
 
             self.container = VfioContainer(NullDmaBackend(), policy=self.policy)
 

@@ -4,7 +4,7 @@
   frees it with the primitive that really frees memory for that backing.
 * :mod:`ramdiscard.hostmem.measure` reads what the host says about this process's memory.
 * :mod:`ramdiscard.hostmem.syscalls` is the thin ctypes/stdlib syscall layer.
-* :mod:`ramdiscard.hostmem.bench` compares the wrappers against raw syscalls.
+* :mod:`ramdiscard.bench.hostmem` compares the wrappers against raw syscalls.
 """
 
 from ramdiscard.hostmem.measure import (

@@ -6,14 +6,14 @@ Rules:
 * A consumer has ``id``, ``kind``, ``attach(space)``, ``close()`` (idempotent, never
   raises, releases every pin, mapping and memslot), ``pinned_bytes``,
   ``stale_pinned_bytes()`` and ``status()`` (:class:`Consumer`).
-* ``vfio`` is :class:`VfioConsumer`: a :class:`~ramdiscard.vfio.VfioContainer` over a DMA
+* ``vfio`` is :class:`VfioConsumer`: a :class:`~ramdiscard.consumers.vfio.VfioContainer` over a DMA
   backend the consumer owns (closed at close). All mapping, pinning, DMA-limit and policy
   behaviour is the container's; this class only adds the id, owns the backend and reports.
-* ``kvm`` is :class:`KvmConsumer`: :class:`~ramdiscard.kvm.KvmMemslots` over a real
-  :class:`~ramdiscard.kvm.KvmVm` or, without ``/dev/kvm``, a
-  :class:`~ramdiscard.kvm.ModelVm` (memslots counted, not created).
-* ``blockdma`` is :class:`~ramdiscard.blockdma.BlockDmaConsumer`
-  (:func:`ramdiscard.blockdma.make_consumer`), which already has this shape.
+* ``kvm`` is :class:`KvmConsumer`: :class:`~ramdiscard.consumers.kvm.KvmMemslots` over a real
+  :class:`~ramdiscard.consumers.kvm.KvmVm` or, without ``/dev/kvm``, a
+  :class:`~ramdiscard.consumers.kvm.ModelVm` (memslots counted, not created).
+* ``blockdma`` is :class:`~ramdiscard.consumers.blockdma.BlockDmaConsumer`
+  (:func:`ramdiscard.consumers.blockdma.make_consumer`), which already has this shape.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import contextlib
 import logging
 from typing import Protocol
 
-from ramdiscard.dma import DmaBackend, stale_pinned_bytes
-from ramdiscard.kvm import KvmMemslots
+from ramdiscard.consumers.dma import DmaBackend, stale_pinned_bytes
+from ramdiscard.consumers.kvm import KvmMemslots
+from ramdiscard.consumers.vfio import VfioContainer
 from ramdiscard.memory.address_space import AddressSpace
-from ramdiscard.vfio import VfioContainer
 
 log = logging.getLogger("ramdiscard.machine")
 

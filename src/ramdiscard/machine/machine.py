@@ -4,7 +4,7 @@ Rules:
 
 * :meth:`Machine.from_scenario` builds, in QEMU's order: a DiscardPolicy of the machine's
   own, boot RAM and one RAM block per virtio-mem device (realized as
-  :class:`~ramdiscard.virtio_mem.VirtioMem`), all mapped into the address space "system
+  :class:`~ramdiscard.providers.virtio_mem.VirtioMem`), all mapped into the address space "system
   memory" and listed in the machine's own RAM-block registry; then the consumers
   (:mod:`ramdiscard.machine.consumers`: vfio containers and KVM memslots listen to the
   address space, block DMA mappers follow the registry); then one
@@ -54,13 +54,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ramdiscard import blockdma
-from ramdiscard.dma import DmaBackend, iouring_available, make_backend
+from ramdiscard.consumers import blockdma
+from ramdiscard.consumers.dma import DmaBackend, iouring_available, make_backend
+from ramdiscard.consumers.kvm import Kvm, KvmMemslots, KvmVm, MemslotVm, ModelVm
+from ramdiscard.consumers.vfio import VfioContainer
 from ramdiscard.dump import DumpInfo, dump_guest_memory
 from ramdiscard.errors import InvalidArgument
 from ramdiscard.guest import DriverState, Exchange, GuestDriver, TouchWorkload
 from ramdiscard.hostmem import RamBlock, proc_status
-from ramdiscard.kvm import Kvm, KvmMemslots, KvmVm, MemslotVm, ModelVm
 from ramdiscard.machine.consumers import Consumer, KvmConsumer, VfioConsumer
 from ramdiscard.machine.scenario import (
     ADDRESS_LIMIT,
@@ -79,11 +80,10 @@ from ramdiscard.memory.region import MemoryRegion
 from ramdiscard.migration import MigrationError, MigrationStats, load, migrate_to, receive_from, save
 from ramdiscard.migration.checksum import default as default_checksum
 from ramdiscard.migration.checksum import digest
+from ramdiscard.providers.virtio_mem import VirtioMem
 from ramdiscard.ramblocks import RamBlockRegistry
 from ramdiscard.rdm.policy import DiscardPolicy
 from ramdiscard.units import format_size
-from ramdiscard.vfio import VfioContainer
-from ramdiscard.virtio_mem import VirtioMem
 
 log = logging.getLogger("ramdiscard.machine")
 

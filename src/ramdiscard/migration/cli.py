@@ -36,8 +36,8 @@ class DemoGuest:
     def __init__(self, size: int, block: int, backing: str, low: int) -> None:
         from ramdiscard.hostmem import RamBlock
         from ramdiscard.memory import AddressSpace, MemoryRegion
+        from ramdiscard.providers.virtio_mem import VirtioMem
         from ramdiscard.rdm import DiscardPolicy
-        from ramdiscard.virtio_mem import VirtioMem
 
         self.block = block
         self.ram = RamBlock(size, backing, name="vmem0-ram")

@@ -62,7 +62,7 @@ from ramdiscard.migration.transport import FileReader, PositionalFile, Reader
 
 if TYPE_CHECKING:
     from ramdiscard.memory import AddressSpace
-    from ramdiscard.virtio_mem import VirtioMem
+    from ramdiscard.providers.virtio_mem import VirtioMem
 
 log = logging.getLogger("ramdiscard.migration")
 
@@ -158,7 +158,7 @@ class _Incoming:
     def prepare_pages(self, images: list[bytes]) -> None:
         """The runs page sections may fill: the plugged runs of each device's state image
         (not applied yet), every unmanaged region whole."""
-        from ramdiscard.virtio_mem.persist import decode_state
+        from ramdiscard.providers.virtio_mem.persist import decode_state
 
         states = iter(images)
         for region in self.regions:
@@ -220,7 +220,7 @@ class _Incoming:
 
 
 def _limits(regions: list[RamRegion]) -> Limits:
-    from ramdiscard.virtio_mem.persist import save_state
+    from ramdiscard.providers.virtio_mem.persist import save_state
 
     states = [len(save_state(r.device)) for r in regions if r.device is not None]
     return Limits(regions=len(regions), device_state=max(states, default=0))
@@ -238,7 +238,7 @@ def _plugged_runs(bitmap: bytes, nbits: int, block_size: int) -> list[tuple[int,
 
 
 def _check_state(device: VirtioMem, state: bytes) -> None:
-    from ramdiscard.virtio_mem.persist import StateError, decode_state
+    from ramdiscard.providers.virtio_mem.persist import StateError, decode_state
 
     try:
         image = decode_state(state)

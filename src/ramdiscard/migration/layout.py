@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from ramdiscard.memory import AddressSpace, MemoryRegion
-    from ramdiscard.virtio_mem import VirtioMem
+    from ramdiscard.providers.virtio_mem import VirtioMem
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,7 +49,7 @@ from ramdiscard.units import MiB, align_up
 
 if TYPE_CHECKING:
     from ramdiscard.memory import AddressSpace
-    from ramdiscard.virtio_mem import VirtioMem
+    from ramdiscard.providers.virtio_mem import VirtioMem
 
 DEFAULT_CHUNK = 4 * MiB
 SPARSE_ALIGN = 1 * MiB

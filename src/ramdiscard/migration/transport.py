@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from ramdiscard.memory import AddressSpace
     from ramdiscard.migration.progress import ProgressFn
     from ramdiscard.migration.source import MigrationStats
-    from ramdiscard.virtio_mem import VirtioMem
+    from ramdiscard.providers.virtio_mem import VirtioMem
 
 _STATUS = struct.Struct("<2sI")
 STATUS_TIMEOUT = 60.0
@@ -56,7 +56,7 @@ returns less than that most of the time anyway, so the cap adds few syscalls).""
 
 SEND_PIECE = 1024 * 1024
 """Largest ``sendmsg`` of guest memory: the best size for a plain loopback copy
-(``ramdiscard.migration.bench`` sweep, 2 vCPUs: about 160 ms per GiB with 1 MiB sends
+(``ramdiscard.bench.migration`` sweep, 2 vCPUs: about 160 ms per GiB with 1 MiB sends
 against 240 ms with 4 MiB ones)."""
 
 OnData = Callable[[int, int], None]

@@ -33,9 +33,9 @@ from typing import Any, Protocol
 from ramdiscard import migration
 from ramdiscard.dump import dump_guest_memory
 from ramdiscard.migration.transport import IO_TIMEOUT
+from ramdiscard.providers.virtio_mem import VirtioMem
 from ramdiscard.qmp.commands import MemoryDeviceInfo, SizeChangeFn
 from ramdiscard.qmp.protocol import ErrorClass, QmpError
-from ramdiscard.virtio_mem import VirtioMem
 
 
 class MachineLike(Protocol):

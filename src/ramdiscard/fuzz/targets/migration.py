@@ -30,9 +30,9 @@ from ramdiscard.fuzz.invariants import ViewListener, check_container, check_devi
 from ramdiscard.fuzz.mutate import mutate_bytes
 from ramdiscard.fuzz.targets.virtio import ADDR, BS, SIZE, new_ram
 from ramdiscard.memory import AddressSpace, MemoryRegion, MemoryRegionSection
+from ramdiscard.providers.virtio_mem import ResponseType, VirtioMem
 from ramdiscard.rdm import DiscardPolicy
 from ramdiscard.units import MiB
-from ramdiscard.virtio_mem import ResponseType, VirtioMem
 
 BOOT = 64 * 1024
 _SECTION = struct.Struct("<IIQQI")
@@ -50,8 +50,8 @@ class _Machine:
     """Boot RAM at 0, a virtio-mem device at ADDR, listener, vfio container."""
 
     def __init__(self, policy: DiscardPolicy) -> None:
-        from ramdiscard.dma import NullDmaBackend
-        from ramdiscard.vfio import VfioContainer
+        from ramdiscard.consumers.dma import NullDmaBackend
+        from ramdiscard.consumers.vfio import VfioContainer
 
         self.boot_ram = new_ram(BOOT)
         self.ram = new_ram(SIZE)
@@ -65,7 +65,7 @@ class _Machine:
         self.listener = ViewListener(block_size=BS, name="mig")
         self.dev.register_listener(self.listener, MemoryRegionSection(self.mr, 0, SIZE, ADDR))
         self.container: Any = None
-        if importlib.util.find_spec("ramdiscard.vfio") is not None:
+        if importlib.util.find_spec("ramdiscard.consumers.vfio") is not None:
             self.container = VfioContainer(NullDmaBackend(), policy=policy)
             self.container.attach(self.space)
 

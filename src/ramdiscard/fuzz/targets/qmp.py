@@ -26,8 +26,8 @@ from ramdiscard.fuzz.engine import Target
 from ramdiscard.fuzz.invariants import check_device
 from ramdiscard.fuzz.targets.virtio import ADDR, BS, SIZE, FakeRam
 from ramdiscard.memory import MemoryRegion
+from ramdiscard.providers.virtio_mem import VirtioMem
 from ramdiscard.rdm import DiscardPolicy
-from ramdiscard.virtio_mem import VirtioMem
 
 
 def _unavailable() -> str | None:

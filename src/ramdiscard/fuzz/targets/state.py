@@ -27,8 +27,8 @@ from ramdiscard.fuzz.invariants import PAGE, ViewListener, check_device, check_r
 from ramdiscard.fuzz.mutate import mutate_bytes
 from ramdiscard.fuzz.targets.virtio import ADDR, BS, NB, SIZE, new_ram
 from ramdiscard.memory import MemoryRegion, MemoryRegionSection
+from ramdiscard.providers.virtio_mem import StateError, StateImage, VirtioMem, encode_state
 from ramdiscard.rdm import DiscardPolicy
-from ramdiscard.virtio_mem import StateError, StateImage, VirtioMem, encode_state
 
 
 class StateHarness:

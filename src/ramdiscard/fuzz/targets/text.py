@@ -2,7 +2,7 @@
 :mod:`ramdiscard.machine` once present (:func:`extra_targets`).
 
 Trace: the input is decoded as UTF-8 (invalid bytes replaced, as
-:func:`~ramdiscard.virtio_mem.parse_trace_file` does) and parsed in strict and lenient
+:func:`~ramdiscard.providers.virtio_mem.parse_trace_file` does) and parsed in strict and lenient
 mode. Documented outcomes: a :class:`TraceLog`, or :class:`TraceParseError` in strict mode
 only. A parsed log is then replayed against a fresh device of the sample's geometry
 (4 GiB at 4 GiB, over a RAM stand-in): :func:`replay_trace` must return a report, and
@@ -19,9 +19,9 @@ from ramdiscard.fuzz.invariants import check_device
 from ramdiscard.fuzz.mutate import mutate_text
 from ramdiscard.fuzz.targets.virtio import FakeRam
 from ramdiscard.memory import MemoryRegion
+from ramdiscard.providers.virtio_mem import TraceParseError, VirtioMem, parse_trace, replay_trace
 from ramdiscard.rdm import DiscardPolicy
 from ramdiscard.units import GiB, MiB
-from ramdiscard.virtio_mem import TraceParseError, VirtioMem, parse_trace, replay_trace
 
 SAMPLE = "qemu-virtio-mem-trace-sample.log"
 

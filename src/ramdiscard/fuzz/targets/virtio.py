@@ -33,10 +33,10 @@ from ramdiscard.fuzz.engine import Target
 from ramdiscard.fuzz.invariants import PAGE, Refused, ViewListener, check_device, check_residency
 from ramdiscard.fuzz.model import DeviceModel
 from ramdiscard.memory import MemoryRegion, MemoryRegionSection
+from ramdiscard.providers.virtio_mem import DeviceBroken, ProtocolError, Request, RequestType, VirtioMem
+from ramdiscard.providers.virtio_mem.persist import StateError
 from ramdiscard.rdm import DiscardPolicy
 from ramdiscard.units import GiB, MiB
-from ramdiscard.virtio_mem import DeviceBroken, ProtocolError, Request, RequestType, VirtioMem
-from ramdiscard.virtio_mem.persist import StateError
 
 SIZE = 64 * MiB
 BS = 2 * MiB

@@ -1,6 +1,0 @@
-"""guest_memfd attributes: the second RamDiscardManager provider (shared = populated)."""
-
-from ramdiscard.attributes.attributes import RamBlockAttributes
-from ramdiscard.attributes.gmem import GmemUnavailable, open_guest_memfd_vm, unevictable_bytes
-
-__all__ = ["GmemUnavailable", "RamBlockAttributes", "open_guest_memfd_vm", "unevictable_bytes"]

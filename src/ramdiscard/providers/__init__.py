@@ -1,0 +1,1 @@
+"""Providers of populated/discarded state: virtio-mem and guest_memfd attributes."""

@@ -1,0 +1,81 @@
+"""virtio-mem: the device model that provides a RamDiscardManager for its memory.
+
+* :mod:`~ramdiscard.providers.virtio_mem.wire`: request/response/config layouts (sans-I/O).
+* :mod:`~ramdiscard.providers.virtio_mem.device`: :class:`VirtioMem`, the device and its manager.
+* :mod:`~ramdiscard.providers.virtio_mem.persist`: device state for migration and snapshots.
+* :mod:`~ramdiscard.providers.virtio_mem.metrics`: per-device counters.
+* :mod:`~ramdiscard.replay.trace`: QEMU trace parsing and replay.
+"""
+
+from ramdiscard.providers.virtio_mem.device import (
+    USABLE_EXTENT_X86,
+    FeatureError,
+    HostRam,
+    VirtioMem,
+    default_block_size,
+    memslot_geometry,
+)
+from ramdiscard.providers.virtio_mem.metrics import VirtioMemMetrics
+from ramdiscard.providers.virtio_mem.persist import StateError, StateImage, decode_state, encode_state
+from ramdiscard.providers.virtio_mem.wire import (
+    CONFIG_SIZE,
+    REQUEST_SIZE,
+    RESPONSE_SIZE,
+    VIRTIO_ID_MEM,
+    VIRTIO_MEM_F_ACPI_PXM,
+    VIRTIO_MEM_F_PERSISTENT_SUSPEND,
+    VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
+    BlockState,
+    ConfigSpace,
+    DeviceBroken,
+    ProtocolError,
+    Request,
+    RequestType,
+    Response,
+    ResponseType,
+    VirtioMemError,
+)
+from ramdiscard.replay.trace import (
+    ReplayReport,
+    TraceLog,
+    TraceParseError,
+    parse_trace,
+    parse_trace_file,
+    replay_trace,
+)
+
+__all__ = [
+    "CONFIG_SIZE",
+    "REQUEST_SIZE",
+    "RESPONSE_SIZE",
+    "USABLE_EXTENT_X86",
+    "VIRTIO_ID_MEM",
+    "VIRTIO_MEM_F_ACPI_PXM",
+    "VIRTIO_MEM_F_PERSISTENT_SUSPEND",
+    "VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE",
+    "BlockState",
+    "ConfigSpace",
+    "DeviceBroken",
+    "FeatureError",
+    "HostRam",
+    "ProtocolError",
+    "ReplayReport",
+    "Request",
+    "RequestType",
+    "Response",
+    "ResponseType",
+    "StateError",
+    "StateImage",
+    "TraceLog",
+    "TraceParseError",
+    "VirtioMem",
+    "VirtioMemError",
+    "VirtioMemMetrics",
+    "decode_state",
+    "default_block_size",
+    "encode_state",
+    "memslot_geometry",
+    "parse_trace",
+    "parse_trace_file",
+    "replay_trace",
+]

@@ -1,0 +1,1 @@
+"""Replaying QEMU virtio-mem traces against ramdiscard's device (``ramdiscard replay``)."""
