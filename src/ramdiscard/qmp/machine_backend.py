@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from ramdiscard import migration
 from ramdiscard.dump import dump_guest_memory
+from ramdiscard.fileio import create_output
 from ramdiscard.qmp.commands import MemoryDeviceInfo, SizeChangeFn
 from ramdiscard.qmp.protocol import ErrorClass, QmpError
 from ramdiscard.virtio_mem import VirtioMem
@@ -99,7 +100,7 @@ class MachineBackend:
         with self.machine.lock:
             devices = list(self.machine.devices.values())
             if kind == "file" and rest:
-                with open(rest, "wb") as f:
+                with create_output(rest, "migration file") as f:
                     stats = migration.save(self.machine.space, devices, f)
             elif kind == "tcp" and rest.rpartition(":")[2].isdigit():
                 host, _s, port = rest.rpartition(":")
