@@ -53,7 +53,6 @@ MEMORY_KINDS: dict[str, dict[str, Any]] = {
 plug pins memory that the previous unplug discarded, so the pin faults it in: what a
 vfio container does when a guest plugs a block in a real VM."""
 
-
 def _raw_cycle(ring: RawRing, ram: RamBlock, size: int) -> tuple[int, int]:
     base = ram.host_address
     fd = ram.fd
