@@ -2,20 +2,20 @@
 
 Rules: every error the user can cause (bad arguments, bad scenario, bad trace, host
 refusal) ends with one line ``ramdiscard: error: ...`` on stderr and exit status 1 (2 for
-argument errors, 130 for Ctrl-C / SIGTERM); no traceback. SIGTERM is turned into
-KeyboardInterrupt so every ``finally`` runs and no pin, mapping or file outlives the
-command.
+argument errors, 130 for Ctrl-C / SIGTERM); no traceback. SIGINT and SIGTERM are turned
+into KeyboardInterrupt (:mod:`ramdiscard.interrupts`) so every ``finally`` runs, and are held
+off while a machine releases its resources, so no pin, mapping or file outlives the
+command whatever signals arrive.
 """
 
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from collections.abc import Sequence
-from types import FrameType
 from typing import NoReturn
 
+from ramdiscard import interrupts
 from ramdiscard.errors import RamDiscardError
 from ramdiscard.units import format_size, parse_size
 
@@ -225,14 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _sigterm)
+    restore_signals = interrupts.install()
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
@@ -243,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ramdiscard: error: {' '.join(msg.split())}", file=sys.stderr)
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        restore_signals()
 
 
 __all__ = ["build_parser", "format_size", "main", "size_arg"]

@@ -54,12 +54,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ramdiscard import interrupts
 from ramdiscard.consumers import blockdma
 from ramdiscard.consumers.dma import DmaBackend, iouring_available, make_backend
 from ramdiscard.consumers.kvm import Kvm, KvmMemslots, KvmVm, MemslotVm, ModelVm
 from ramdiscard.consumers.vfio import VfioContainer
 from ramdiscard.dump import DumpInfo, dump_guest_memory
 from ramdiscard.errors import InvalidArgument
+from ramdiscard.fileio import ExistingData, FileId, create_output, open_input, unlink_created
 from ramdiscard.guest import DriverState, Exchange, GuestDriver, TouchWorkload
 from ramdiscard.hostmem import RamBlock, proc_status
 from ramdiscard.machine.consumers import Consumer, KvmConsumer, VfioConsumer
@@ -167,7 +169,7 @@ class Machine:
         self.blocks: list[RamBlock] = []
         self.workload: TouchWorkload | None = None
         self.memory = _Memory()
-        self._created_files: list[Path] = []
+        self._created_files: list[tuple[Path, FileId]] = []
         self._own_workdir: Path | None = None
         self._workdir = Path(workdir) if workdir is not None else None
         self._root = MemoryRegion.new_container("system", ADDRESS_LIMIT)
@@ -219,13 +221,19 @@ class Machine:
             path: Path | None = None
             if d.backing is Backing.FILE:
                 path = Path(d.path) if d.path else self._work() / f"{d.id}.mem"
-                if not path.exists():
-                    self._created_files.append(path)
-            block = RamBlock(
-                d.size, d.backing.value, path=path, thp=d.thp if d.backing is Backing.ANONYMOUS else True,
-                name=f"{d.id}-mem",
-            )  # fmt: skip
-            self.blocks.append(block)
+            # Held off so a signal cannot fall between creating a file and recording it.
+            with interrupts.deferred():
+                try:
+                    block = RamBlock(
+                        d.size, d.backing.value, path=path,
+                        thp=d.thp if d.backing is Backing.ANONYMOUS else True,
+                        name=f"{d.id}-mem", allow_existing_data=d.overwrite,
+                    )  # fmt: skip
+                except ExistingData as exc:
+                    raise ExistingData(f"{exc} (set overwrite = true on device {d.id!r} to use it)") from None
+                self.blocks.append(block)
+                if path is not None and block.created and block.file_id is not None:
+                    self._created_files.append((path, block.file_id))
             mr = MemoryRegion.new_ram(f"{d.id}-mem", block)
             self.registry.add(mr)
             assert d.addr is not None
@@ -253,7 +261,8 @@ class Machine:
     def _work(self) -> Path:
         if self._workdir is None:
             base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-            self._own_workdir = Path(tempfile.mkdtemp(prefix="ramdiscard-", dir=base))
+            with interrupts.deferred():
+                self._own_workdir = Path(tempfile.mkdtemp(prefix=f"ramdiscard-{os.getpid()}-", dir=base))
             self._workdir = self._own_workdir
         self._workdir.mkdir(parents=True, exist_ok=True)
         return self._workdir
@@ -457,7 +466,10 @@ class Machine:
                 "to a fresh machine; every populated byte and the guest's patterns check out"
             )
         elif step.action is Action.DUMP:
-            details = self.dump(step.path or str(self._files_dir() / f"{self.scenario.name}-step{index}.elf"))
+            details = self.dump(
+                step.path or str(self._files_dir() / f"{self.scenario.name}-step{index}.elf"),
+                durable=bool(step.path),
+            )
             notes.append(
                 f"dump {details['path']}: {details['segments']} PT_LOAD segments, "
                 f"{format_size(details['bytes'])} (boot RAM + plugged memory only)"
@@ -555,7 +567,7 @@ class Machine:
             target = Path(path) if path else self._files_dir() / f"{self.scenario.name}.snap"
             state = self._guest_state(self.drivers, self.workload)
             state.fingerprint = self.fingerprint()
-            with open(target, "w+b") as f:
+            with create_output(target, "snapshot file", durable=bool(path)) as f:
                 stats = save(self.space_or_fail(), list(self.devices.values()), f)
             self._snapshots[str(target)] = state
             self._last_snapshot = str(target)
@@ -580,7 +592,7 @@ class Machine:
             state = self._snapshots.get(str(Path(key)))
             for dev in self.devices.values():
                 dev.system_reset()
-            with open(key, "rb") as f:
+            with open_input(key, "snapshot file") as f:
                 stats = load(self.space_or_fail(), list(self.devices.values()), f)
             if state is not None:
                 self._adopt_guest(state)
@@ -611,15 +623,13 @@ class Machine:
             try:
                 if transport is Transport.FILE:
                     target = Path(path) if path else self._files_dir() / f"{self.scenario.name}-migration.bin"
-                    try:
-                        with open(target, "w+b") as f:
-                            save(self.space_or_fail(), list(self.devices.values()), f)
-                            f.seek(0)
-                            stats = load(dest.space_or_fail(), list(dest.devices.values()), f)
-                    finally:
-                        if not path:
-                            with contextlib.suppress(OSError):
-                                target.unlink()
+                    with create_output(target, "migration file", durable=bool(path)) as f:
+                        save(self.space_or_fail(), list(self.devices.values()), f)
+                        f.seek(0)
+                        stats = load(dest.space_or_fail(), list(dest.devices.values()), f)
+                    if not path:
+                        with contextlib.suppress(OSError):
+                            target.unlink()
                 else:
                     stats = self._migrate_tcp(dest)
                 dest._adopt_guest(state)
@@ -660,13 +670,14 @@ class Machine:
         stats: MigrationStats = result["stats"]
         return stats
 
-    def dump(self, path: str) -> dict[str, Any]:
+    def dump(self, path: str, *, durable: bool = True) -> dict[str, Any]:
         """Write an ELF core of the populated guest memory to ``path``
-        (:func:`ramdiscard.dump.dump_guest_memory`); check it holds exactly boot RAM plus
-        plugged memory. Returns the figures."""
+        (:func:`ramdiscard.dump.dump_guest_memory`: mode 0600, a non-regular path or one
+        backing guest memory refused); check it holds exactly boot RAM plus plugged
+        memory. Returns the figures."""
         with self.lock:
             self._check_open()
-            info: DumpInfo = dump_guest_memory(self.space_or_fail(), path)
+            info: DumpInfo = dump_guest_memory(self.space_or_fail(), path, durable=durable)
             want = self.scenario.boot_ram + sum(d.plugged_size for d in self.devices.values())
             if info.bytes != want:
                 raise MigrationError(f"dump: {info.bytes:#x} bytes dumped, {want:#x} populated")
@@ -687,7 +698,8 @@ class Machine:
         disk (not /dev/shm: a snapshot holds as much as the guest has populated), removed
         at close."""
         if self._own_files_dir is None:
-            self._own_files_dir = Path(tempfile.mkdtemp(prefix="ramdiscard-files-"))
+            with interrupts.deferred():
+                self._own_files_dir = Path(tempfile.mkdtemp(prefix=f"ramdiscard-files-{os.getpid()}-"))
         return self._own_files_dir
 
     # -- background mode ------------------------------------------------------------------
@@ -803,9 +815,15 @@ class Machine:
             raise InvalidArgument("machine is closed")
 
     def close(self) -> None:
-        """Release everything (see the module rules). Idempotent; never raises."""
+        """Release everything (see the module rules). Idempotent; raises nothing of its
+        own. SIGINT/SIGTERM cannot interrupt it (:func:`ramdiscard.interrupts.deferred`):
+        one arriving meanwhile raises KeyboardInterrupt once everything is released."""
         if self._closed:
             return
+        with interrupts.deferred():
+            self._close()
+
+    def _close(self) -> None:
         self._closed = True
         with contextlib.suppress(Exception):
             self.stop()
@@ -827,12 +845,13 @@ class Machine:
                     log.exception("unrealizing %s failed", dev.id)
             if self.space is not None:
                 self.space.destroy()
+            # Files are removed while their blocks still hold the lock on them, and only if
+            # the path still names the file this machine created.
+            for p, fid in self._created_files:
+                unlink_created(p, fid)
             for b in self.blocks:
                 with contextlib.suppress(Exception):
                     b.close()
-            for p in self._created_files:
-                with contextlib.suppress(OSError):
-                    p.unlink()
             if self._own_workdir is not None:
                 shutil.rmtree(self._own_workdir, ignore_errors=True)
             if self._own_files_dir is not None:

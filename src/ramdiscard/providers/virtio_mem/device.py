@@ -178,6 +178,9 @@ class VirtioMem(BlockStateManager):
     * ``node`` / ``numa_nodes``: NUMA node; must be < ``numa_nodes``, or 0 without NUMA.
       ACPI_PXM is offered only with NUMA.
     * ``prealloc``: populate host memory when blocks get plugged; failure answers BUSY.
+      Always on for hugetlb memory (a RAM block whose ``hugetlb`` is true): there an
+      unpopulated page would fault from the pool on the guest's first touch and an empty
+      pool would end the process with SIGBUS; :attr:`prealloc` reports the effective value.
     * ``unplugged_inaccessible``: offer (and require) VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE.
     * ``persistent_suspend``: offer PERSISTENT_SUSPEND (the machine supports wake-up).
     * ``dynamic_memslots`` / ``memslot_limit``: expose memslots instead of one region;
@@ -267,7 +270,10 @@ class VirtioMem(BlockStateManager):
         self._region_size = region_size
         self._node = node
         self._numa_nodes = numa_nodes
-        self._prealloc = prealloc
+        # On hugetlb memory an unpopulated page faults in from the pool on first touch, and
+        # an empty pool kills the process with SIGBUS; populating at plug time turns that
+        # into a BUSY answer, so hugetlb memory always preallocates.
+        self._prealloc = prealloc or bool(getattr(ram, "hugetlb", False))
         self._unplugged_inaccessible = unplugged_inaccessible
         self._persistent_suspend = persistent_suspend
         self._dynamic = dynamic_memslots
