@@ -28,7 +28,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from ramdiscard import faults
+from ramdiscard import (
+    faults,
+    vfio,
+)
+from ramdiscard.dma import iouring
 from ramdiscard.errors import HostMemoryError
 from ramdiscard.fuzz.invariants import ViewListener, check_container, check_device, check_residency
 from ramdiscard.hostmem import RamBlock
@@ -37,9 +41,6 @@ from ramdiscard.memory import AddressSpace, MemoryRegion, MemoryRegionSection
 from ramdiscard.rdm import DiscardPolicy
 from ramdiscard.units import GiB, MiB
 from ramdiscard.virtio_mem import ResponseType, StateError, VirtioMem
-
-vfio = pytest.importorskip("ramdiscard.vfio")
-iouring = pytest.importorskip("ramdiscard.dma.iouring")
 
 SIZE = 32 * MiB
 BS = 2 * MiB
