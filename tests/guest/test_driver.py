@@ -69,7 +69,7 @@ def _resize(dev: FakeDevice, drv: GuestDriver, size: int) -> list[tuple[str, int
 
 
 def test_matches_the_qemu_sample_trace_with_the_real_device() -> None:
-    virtio_mem = pytest.importorskip("ramdiscard.providers.virtio_mem")
+    from ramdiscard import virtio_mem
     from ramdiscard.hostmem import RamBlock
     from ramdiscard.memory.region import MemoryRegion
     from ramdiscard.rdm.policy import DiscardPolicy

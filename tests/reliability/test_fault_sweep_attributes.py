@@ -23,7 +23,8 @@ from collections.abc import Callable
 
 import pytest
 
-from ramdiscard import faults
+from ramdiscard import attributes, faults, vfio
+from ramdiscard.consumers.dma import iouring
 from ramdiscard.errors import HostMemoryError
 from ramdiscard.fuzz.invariants import ViewListener, check_container, check_listeners
 from ramdiscard.hostmem import RamBlock
@@ -32,9 +33,6 @@ from ramdiscard.memory import AddressSpace, MemoryRegion, MemoryRegionSection
 from ramdiscard.rdm import DiscardPolicy
 from ramdiscard.units import GiB, MiB
 
-attributes = pytest.importorskip("ramdiscard.providers.attributes")
-vfio = pytest.importorskip("ramdiscard.consumers.vfio")
-iouring = pytest.importorskip("ramdiscard.consumers.dma.iouring")
 _ok, _why = iouring.available()
 pytestmark = pytest.mark.skipif(not _ok, reason=f"io_uring pins unavailable: {_why}")
 

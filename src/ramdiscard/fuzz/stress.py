@@ -57,6 +57,8 @@ class StressResult:
     violations: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     hung: list[str] = field(default_factory=list)
+    iterations: dict[str, int] = field(default_factory=dict)
+    """Bodies each worker completed (the checker included), by worker name."""
 
     @property
     def ok(self) -> bool:
@@ -155,11 +157,13 @@ class _Stress:
             self.result.errors.append(what)
 
     def loop(
-        self, name: str, body: Callable[[random.Random], None], pause: float = 0.0
+        self, name: str, body: Callable[[random.Random], None], pause: float = 0.0, limit: int | None = None
     ) -> Callable[[], None]:
         def run() -> None:
             rng = random.Random(f"{self.seed}-{name}")
-            while not self.stop.is_set():
+            done = 0
+            while not self.stop.is_set() and (limit is None or done < limit):
+                done += 1
                 try:
                     body(rng)
                 except AssertionError as exc:
@@ -169,6 +173,8 @@ class _Stress:
                     self.error(f"{name}: {traceback.format_exc(limit=6)}")
                 if pause:
                     self.stop.wait(pause)
+            with self.counts_lock:
+                self.result.iterations[name] = done
 
         return run
 
@@ -293,7 +299,7 @@ class _Stress:
 
     # -- run ------------------------------------------------------------------------------------
 
-    def run(self, seconds: float, threads: int, join_timeout: float) -> None:
+    def run(self, seconds: float, threads: int, join_timeout: float, iterations: int | None = None) -> None:
         every: list[tuple[str, Callable[[random.Random], None], float]] = [
             ("guest0", self.guest, 0.0),
             ("guest1", self.guest, 0.0),
@@ -307,13 +313,22 @@ class _Stress:
         workers = every[: max(1, threads)]
         workers.append(("checker", self.checker, 0.0005))
         pool = [
-            threading.Thread(target=self.loop(name, body, pause), name=f"stress-{name}", daemon=True)
+            threading.Thread(
+                target=self.loop(name, body, pause, None if name == "checker" else iterations),
+                name=f"stress-{name}",
+                daemon=True,
+            )
             for name, body, pause in workers
         ]
         start = time.monotonic()
         for t in pool:
             t.start()
-        self.stop.wait(seconds)
+        if iterations is None:
+            self.stop.wait(seconds)
+        else:
+            end = start + seconds
+            for t in pool[:-1]:
+                t.join(max(0.0, end - time.monotonic()))
         self.stop.set()
         deadline = time.monotonic() + join_timeout
         for t in pool:
@@ -358,13 +373,16 @@ def run_stress(
     seed: int = 0,
     dynamic_memslots: bool = True,
     join_timeout: float = 10.0,
+    iterations: int | None = None,
 ) -> StressResult:
     """Run the stress for ``seconds``; see the module rules. ``threads`` caps the number
-    of workers (the checker always runs)."""
+    of workers (the checker always runs). With ``iterations`` each worker stops after that
+    many bodies and the run ends when all have (``seconds`` is then only the bound; a
+    worker that has not finished by then is stopped early, see ``result.iterations``)."""
     result = StressResult()
     s = _Stress(result, seed, dynamic_memslots)
     try:
-        s.run(seconds, threads, join_timeout)
+        s.run(seconds, threads, join_timeout, iterations)
     except AssertionError as exc:
         result.violations.append(f"final check: {exc}")
     finally:
