@@ -28,10 +28,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from ramdiscard import (
-    faults,
-    vfio,
-)
+from ramdiscard import faults
+from ramdiscard.consumers import vfio
 from ramdiscard.consumers.dma import iouring
 from ramdiscard.errors import HostMemoryError
 from ramdiscard.fuzz.invariants import ViewListener, check_container, check_device, check_residency

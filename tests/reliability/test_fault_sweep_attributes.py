@@ -23,13 +23,15 @@ from collections.abc import Callable
 
 import pytest
 
-from ramdiscard import attributes, faults, vfio
+from ramdiscard import faults
+from ramdiscard.consumers import vfio
 from ramdiscard.consumers.dma import iouring
 from ramdiscard.errors import HostMemoryError
 from ramdiscard.fuzz.invariants import ViewListener, check_container, check_listeners
 from ramdiscard.hostmem import RamBlock
 from ramdiscard.hostmem.measure import mapping_count, open_fd_count, proc_status
 from ramdiscard.memory import AddressSpace, MemoryRegion, MemoryRegionSection
+from ramdiscard.providers import attributes
 from ramdiscard.rdm import DiscardPolicy
 from ramdiscard.units import GiB, MiB
 
