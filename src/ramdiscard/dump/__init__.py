@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING
 
 from ramdiscard.dump.elf import elf_headers, write_core
 from ramdiscard.dump.mapping import GuestPhysBlock, guest_phys_blocks
-from ramdiscard.errors import RamDiscardError
+from ramdiscard.errors import InvalidState
 
 if TYPE_CHECKING:
     from ramdiscard.memory import AddressSpace
     from ramdiscard.rdm import RamDiscardManager
 
 
-class DumpError(RamDiscardError):
+class DumpError(InvalidState):
     """The dump could not be written (a region without host memory view)."""
 
 
