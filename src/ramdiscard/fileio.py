@@ -35,12 +35,12 @@ import threading
 from collections.abc import Iterator
 from typing import BinaryIO, NamedTuple
 
-from ramdiscard.errors import InvalidArgument, RamDiscardError
+from ramdiscard.errors import InvalidArgument
 
 OUTPUT_MODE = 0o600
 
 
-class FileRefused(RamDiscardError, OSError):
+class FileRefused(InvalidArgument, OSError):
     """A path was refused before anything was written or removed; the message is one line
     naming the path and the reason. ``errno`` is the matching error number."""
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ramdiscard.dump.elf import elf_headers, write_core
 from ramdiscard.dump.mapping import GuestPhysBlock, guest_phys_blocks
-from ramdiscard.errors import RamDiscardError
+from ramdiscard.errors import InvalidState
 from ramdiscard.fileio import create_output
 
 if TYPE_CHECKING:
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from ramdiscard.rdm import RamDiscardManager
 
 
-class DumpError(RamDiscardError):
+class DumpError(InvalidState):
     """The dump could not be written (a region without host memory view)."""
 
 

@@ -77,7 +77,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from ramdiscard.errors import RamDiscardError
+from ramdiscard.errors import InvalidArgument
 from ramdiscard.units import GiB, MiB, align_up, is_power_of_2, parse_size
 
 ADDRESS_LIMIT = 1 << 48
@@ -85,7 +85,7 @@ DEFAULT_BLOCK_SIZE = 2 * MiB
 _ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 
 
-class ScenarioError(RamDiscardError, ValueError):
+class ScenarioError(InvalidArgument):
     """A scenario is invalid; the message names the source and the key."""
 
 

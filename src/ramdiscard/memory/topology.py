@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from ramdiscard.errors import RamDiscardError
+from ramdiscard.errors import ListenerFailure
 
 if TYPE_CHECKING:
     from ramdiscard.memory.address_space import AddressSpace
@@ -144,7 +144,7 @@ def in_transaction() -> bool:
     return _depth > 0
 
 
-class TopologyError(RamDiscardError):
+class TopologyError(ListenerFailure):
     """One or more memory listeners raised while a topology change was applied.
 
     The new topology is in place regardless and every other listener was notified; the

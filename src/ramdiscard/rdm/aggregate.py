@@ -46,7 +46,7 @@ from __future__ import annotations
 import mmap
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from ramdiscard.errors import InvalidArgument, ManagerBusy, RamDiscardError, RegionMapped
+from ramdiscard.errors import InvalidArgument, ManagerBusy, RegionMapped
 from ramdiscard.memory import topology
 from ramdiscard.memory.section import MemoryRegionSection
 from ramdiscard.rdm.manager import RamDiscardManager, ReplayFn
@@ -59,7 +59,7 @@ Runs = list[tuple[int, int]]
 """Sorted, disjoint, non-adjacent-or-adjacent ``(start, end)`` region-offset intervals."""
 
 
-class SourceNotFound(RamDiscardError, LookupError):
+class SourceNotFound(InvalidArgument, LookupError):
     """The source is not part of this region's manager (QEMU's -ENOENT); nothing changed."""
 
 

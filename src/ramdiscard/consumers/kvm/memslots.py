@@ -33,12 +33,12 @@ from types import TracebackType
 from typing import Protocol
 
 from ramdiscard.consumers.kvm.ioctl import KVM_MEM_READONLY, KvmVm
-from ramdiscard.errors import InvalidArgument, ListenerError, RamDiscardError
+from ramdiscard.errors import InvalidArgument, ListenerError, ResourceExhausted
 from ramdiscard.memory.address_space import AddressSpace, MemoryListener
 from ramdiscard.memory.section import MemoryRegionSection
 
 
-class MemslotsExhausted(RamDiscardError):
+class MemslotsExhausted(ResourceExhausted):
     """Every memslot KVM allows (KVM_CAP_NR_MEMSLOTS) is in use; nothing was created."""
 
 

@@ -49,7 +49,14 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from ramdiscard.errors import DiscardPolicyError, InvalidArgument, ListenerError, ManagerBusy, RegionMapped
+from ramdiscard.errors import (
+    DiscardPolicyError,
+    InvalidArgument,
+    ListenerError,
+    ManagerBusy,
+    ProtocolViolation,
+    RegionMapped,
+)
 from ramdiscard.memory import topology
 from ramdiscard.memory.region import MemoryRegion
 from ramdiscard.memory.topology import TopologyError, transaction
@@ -111,7 +118,7 @@ class HostRam(Protocol):
     def populate(self, offset: int, length: int, *, write: bool = True) -> None: ...
 
 
-class FeatureError(VirtioMemError):
+class FeatureError(VirtioMemError, ProtocolViolation):
     """Feature negotiation failed (a required feature was not accepted, or an unknown one
     was); the driver must not operate the device."""
 

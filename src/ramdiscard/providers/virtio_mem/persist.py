@@ -33,6 +33,7 @@ import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ramdiscard.errors import ProtocolViolation
 from ramdiscard.providers.virtio_mem.wire import VirtioMemError
 from ramdiscard.rdm.bitmap import Bitmap
 
@@ -45,7 +46,7 @@ _HEADER = struct.Struct("<8sHHQQQIQQQQ")
 _CRC = struct.Struct("<I")
 
 
-class StateError(VirtioMemError):
+class StateError(VirtioMemError, ProtocolViolation):
     """A device state image is corrupt or does not fit the device; nothing changed."""
 
 
