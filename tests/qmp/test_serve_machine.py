@@ -15,7 +15,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 from qemu.qmp import EventListener, QMPClient
 
-from ramdiscard.qmp import cli_main
+from ramdiscard.cli.serve import cli_main
 from ramdiscard.units import MiB
 
 SCENARIO = """

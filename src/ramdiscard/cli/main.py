@@ -62,13 +62,13 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ramdiscard.qmp import run_from_args
+    from ramdiscard.cli.serve import run_from_args
 
     return run_from_args(args)
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from ramdiscard.migration.cli import run
+    from ramdiscard.cli.migrate import run
 
     return run(args)
 
@@ -170,19 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--json", action="store_true", help="print the report as JSON")
     replay.set_defaults(func=_replay)
 
-    from ramdiscard import qmp
-    from ramdiscard.migration import cli as migration_cli
+    from ramdiscard.cli import migrate as migration_cli
+    from ramdiscard.cli import serve as serve_cli
 
     serve = sub.add_parser(
         "serve",
-        help=qmp.serve_help(),
+        help=serve_cli.serve_help(),
         description="Build a scenario's machine, run its guest in the background and serve QMP "
         "(qemu.qmp, qmp-shell) on a unix socket or a loopback TCP port until a client sends "
         "'quit' (or SIGINT/SIGTERM). Steps of the scenario are not run: a QMP client drives the "
         "machine (qom-set requested-size, query-memory-devices, x-ramdiscard-status, "
         "x-ramdiscard-migrate, x-ramdiscard-dump). See docs/qmp.md.",
     )
-    qmp.build_parser(serve)
+    serve_cli.build_parser(serve)
     serve.set_defaults(func=_serve)
 
     migrate = sub.add_parser(
