@@ -9,15 +9,19 @@ from ramdiscard.errors import (
     RamDiscardError,
     RegionMapped,
 )
+from ramdiscard.hostmem import RamBlock
 from ramdiscard.memory import (
     AddressSpace,
     MemoryListener,
     MemoryRegion,
     MemoryRegionSection,
+    MemorySystem,
     RegionKind,
     TopologyError,
+    default_system,
     transaction,
 )
+from ramdiscard.memory.region import install_ram_factory
 from ramdiscard.providers.attributes import RamBlockAttributes
 from ramdiscard.providers.virtio_mem import VirtioMem
 from ramdiscard.rdm import (
@@ -28,6 +32,10 @@ from ramdiscard.rdm import (
     default_policy,
 )
 from ramdiscard.units import GiB, KiB, MiB, TiB, format_size, parse_size
+
+# The memory model sits below host memory; host RAM for ``MemoryRegion.new_ram(name, size)``
+# is plugged in from here, the one place that sees both.
+install_ram_factory(lambda size, name: RamBlock(size, name=name))
 
 __all__ = [
     "AddressSpace",
@@ -43,6 +51,7 @@ __all__ = [
     "MemoryListener",
     "MemoryRegion",
     "MemoryRegionSection",
+    "MemorySystem",
     "MiB",
     "RamDiscardError",
     "RamDiscardListener",
@@ -54,6 +63,7 @@ __all__ = [
     "TopologyError",
     "VirtioMem",
     "default_policy",
+    "default_system",
     "format_size",
     "parse_size",
     "transaction",
