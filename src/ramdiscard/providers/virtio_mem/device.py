@@ -181,7 +181,7 @@ class VirtioMem(BlockStateManager):
     * ``persistent_suspend``: offer PERSISTENT_SUSPEND (the machine supports wake-up).
     * ``dynamic_memslots`` / ``memslot_limit``: expose memslots instead of one region;
       needs ``unplugged_inaccessible``.
-    * ``policy``: the DiscardPolicy (default: the process-wide one).
+    * ``policy``: the DiscardPolicy (default: the policy of ``memory``'s memory system).
     * ``busy``: predicate, true while a migration/snapshot runs (requests answer BUSY).
     * ``usable_extent``: added to requested_size for the usable region (256 MiB, x86).
     * ``incoming``: an incoming migration is pending: skip the realize-time discard.
