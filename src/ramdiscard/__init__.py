@@ -44,10 +44,13 @@ from ramdiscard.memory import (
     MemoryListener,
     MemoryRegion,
     MemoryRegionSection,
+    MemorySystem,
     RegionKind,
     TopologyError,
+    default_system,
     transaction,
 )
+from ramdiscard.memory.region import install_ram_factory
 from ramdiscard.providers.attributes import RamBlockAttributes
 from ramdiscard.providers.virtio_mem import DeviceBroken, ProtocolError, StateError, VirtioMem
 from ramdiscard.rdm import (
@@ -60,6 +63,10 @@ from ramdiscard.rdm import (
 )
 from ramdiscard.rdm.notify import DiscardNotificationError
 from ramdiscard.units import GiB, KiB, MiB, TiB, format_size, parse_size
+
+# The memory model sits below host memory; host RAM for ``MemoryRegion.new_ram(name, size)``
+# is plugged in from here, the one place that sees both.
+install_ram_factory(lambda size, name: RamBlock(size, name=name))
 
 __all__ = [
     "AddressSpace",
@@ -85,6 +92,7 @@ __all__ = [
     "MemoryListener",
     "MemoryRegion",
     "MemoryRegionSection",
+    "MemorySystem",
     "MiB",
     "MlockDmaBackend",
     "NullDmaBackend",
@@ -106,6 +114,7 @@ __all__ = [
     "VirtioMem",
     "default_backend",
     "default_policy",
+    "default_system",
     "format_size",
     "make_backend",
     "parse_size",

@@ -17,6 +17,7 @@ from ramdiscard.dump.elf import elf_headers, write_core
 from ramdiscard.dump.mapping import GuestPhysBlock, guest_phys_blocks
 from ramdiscard.errors import InvalidState
 from ramdiscard.fileio import create_output
+from ramdiscard.rdm.manager import manager_of
 
 if TYPE_CHECKING:
     from ramdiscard.memory import AddressSpace
@@ -38,7 +39,7 @@ class DumpInfo:
 def _managers(space: AddressSpace) -> list[RamDiscardManager]:
     seen: dict[int, RamDiscardManager] = {}
     for section in space.flatview():
-        rdm = section.mr.ram_discard_manager if section.mr.is_ram else None
+        rdm = manager_of(section.mr) if section.mr.is_ram else None
         if rdm is not None:
             seen.setdefault(id(rdm), rdm)
     return list(seen.values())

@@ -44,7 +44,7 @@ from ramdiscard.fuzz.invariants import PAGE, ViewListener, check_container, chec
 from ramdiscard.fuzz.targets.virtio import ADDR, BS, NB, SIZE, new_ram
 from ramdiscard.memory import AddressSpace, MemoryListener, MemoryRegion, MemoryRegionSection
 from ramdiscard.providers.virtio_mem import DeviceBroken, VirtioMem, decode_state
-from ramdiscard.rdm import DiscardPolicy
+from ramdiscard.rdm import DiscardPolicy, manager_of
 
 _REQ = struct.Struct("<H6xQH6x")
 
@@ -93,7 +93,7 @@ class DmaListener(MemoryListener):
         self.rdls: dict[MemoryRegionSection, ViewListener] = {}
 
     def region_add(self, section: MemoryRegionSection) -> None:
-        rdm = section.mr.ram_discard_manager
+        rdm = manager_of(section.mr)
         if rdm is None:
             return
         rdl = ViewListener(block_size=BS, name="dma")

@@ -2,10 +2,12 @@
 
 Rules:
 
-* :meth:`Machine.from_scenario` builds, in QEMU's order: a DiscardPolicy of the machine's
-  own, boot RAM and one RAM block per virtio-mem device (realized as
-  :class:`~ramdiscard.providers.virtio_mem.VirtioMem`), all mapped into the address space "system
-  memory" and listed in the machine's own RAM-block registry; then the consumers
+* :meth:`Machine.from_scenario` builds, in QEMU's order: a memory system of the machine's
+  own (:attr:`Machine.system`: its topology lock, address space, RAM-block registry and
+  DiscardPolicy are nobody else's, so machines in one process are independent), boot
+  RAM and one RAM block per virtio-mem device (realized as
+  :class:`~ramdiscard.providers.virtio_mem.VirtioMem`), all mapped into the address space
+  "system memory" and listed in the system's RAM-block registry; then the consumers
   (:mod:`ramdiscard.machine.consumers`: vfio containers and KVM memslots listen to the
   address space, block DMA mappers follow the registry); then one
   :class:`~ramdiscard.guest.GuestDriver` per device (with the scenario's workload). Any
@@ -79,12 +81,13 @@ from ramdiscard.machine.scenario import (
 )
 from ramdiscard.memory.address_space import AddressSpace
 from ramdiscard.memory.region import MemoryRegion
+from ramdiscard.memory.system import MemorySystem
 from ramdiscard.migration import MigrationError, MigrationStats, load, migrate_to, receive_from, save
 from ramdiscard.migration.checksum import default as default_checksum
 from ramdiscard.migration.checksum import digest
 from ramdiscard.providers.virtio_mem import VirtioMem
-from ramdiscard.ramblocks import RamBlockRegistry
-from ramdiscard.rdm.policy import DiscardPolicy
+from ramdiscard.ramblocks import registry_of
+from ramdiscard.rdm.policy import DiscardPolicy, policy_of
 from ramdiscard.units import format_size
 
 log = logging.getLogger("ramdiscard.machine")
@@ -160,9 +163,10 @@ class Machine:
         self.clock = clock
         self.lock = threading.RLock()
         self.notes: list[str] = []
-        self.policy = DiscardPolicy()
+        self.system = MemorySystem(scenario.name)
+        self.policy = policy_of(self.system)
         self.uncoordinated_policy = DiscardPolicy()
-        self.registry = RamBlockRegistry(f"{scenario.name}-ram-blocks")
+        self.registry = registry_of(self.system)
         self.devices: dict[str, VirtioMem] = {}
         self.drivers: dict[str, GuestDriver] = {}
         self.consumers: list[Consumer] = []
@@ -172,7 +176,7 @@ class Machine:
         self._created_files: list[tuple[Path, FileId]] = []
         self._own_workdir: Path | None = None
         self._workdir = Path(workdir) if workdir is not None else None
-        self._root = MemoryRegion.new_container("system", ADDRESS_LIMIT)
+        self._root = MemoryRegion.new_container("system", ADDRESS_LIMIT, system=self.system)
         self._mapped: list[MemoryRegion] = []
         self.space: AddressSpace | None = None
         self.boot: MemoryRegion | None = None
@@ -212,8 +216,7 @@ class Machine:
         if sc.boot_ram:
             block = RamBlock(sc.boot_ram, sc.boot_backing.value, name="pc.ram")
             self.blocks.append(block)
-            self.boot = MemoryRegion.new_ram("pc.ram", block)
-            self.registry.add(self.boot)
+            self.boot = MemoryRegion.new_ram("pc.ram", block, system=self.system)
             self._root.add_subregion(0, self.boot)
             self._mapped.append(self.boot)
             self.memory.ranges.append((0, sc.boot_ram, block))
@@ -234,8 +237,7 @@ class Machine:
                 self.blocks.append(block)
                 if path is not None and block.created and block.file_id is not None:
                     self._created_files.append((path, block.file_id))
-            mr = MemoryRegion.new_ram(f"{d.id}-mem", block)
-            self.registry.add(mr)
+            mr = MemoryRegion.new_ram(f"{d.id}-mem", block, system=self.system)
             assert d.addr is not None
             dev = VirtioMem(
                 mr, addr=d.addr, id=d.id, block_size=d.block_size, requested_size=d.requested_size,

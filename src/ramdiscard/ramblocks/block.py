@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ramdiscard.rdm.manager import RamDiscardManager, manager_of
+
 if TYPE_CHECKING:
     from ramdiscard.memory.region import MemoryRegion, RamBackend
-    from ramdiscard.rdm.manager import RamDiscardManager
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -57,7 +58,7 @@ class LiveBlock:
 
     @property
     def ram_discard_manager(self) -> RamDiscardManager | None:
-        return self.region.ram_discard_manager
+        return manager_of(self.region)
 
     def __repr__(self) -> str:
         return f"<LiveBlock {self.name!r} size={self.size:#x} max={self.max_size:#x}>"

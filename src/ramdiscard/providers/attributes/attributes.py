@@ -50,7 +50,7 @@ from ramdiscard.providers.attributes import gmem
 from ramdiscard.rdm.aggregate import add_ram_discard_source, remove_ram_discard_source
 from ramdiscard.rdm.block_state import BlockStateManager
 from ramdiscard.rdm.notify import DiscardNotificationError
-from ramdiscard.rdm.policy import DiscardPolicy, default_policy
+from ramdiscard.rdm.policy import DiscardPolicy, policy_of
 
 if TYPE_CHECKING:
     from ramdiscard.memory.region import MemoryRegion
@@ -90,7 +90,7 @@ class RamBlockAttributes(BlockStateManager):
         gpa: int = 0,
     ) -> None:
         super().__init__(memory, mmap.PAGESIZE)
-        self._policy = policy if policy is not None else default_policy()
+        self._policy = policy if policy is not None else policy_of(memory.system)
         self._policy.coordinated_require(True)
         self._vm: KvmVm | None = kvm_vm
         self._own_vm: KvmVm | None = None

@@ -57,9 +57,8 @@ from ramdiscard.errors import (
     ProtocolViolation,
     RegionMapped,
 )
-from ramdiscard.memory import topology
 from ramdiscard.memory.region import MemoryRegion
-from ramdiscard.memory.topology import TopologyError, transaction
+from ramdiscard.memory.system import TopologyError
 from ramdiscard.providers.virtio_mem.metrics import VirtioMemMetrics
 from ramdiscard.providers.virtio_mem.wire import (
     U64_MAX,
@@ -80,7 +79,7 @@ from ramdiscard.providers.virtio_mem.wire import (
 from ramdiscard.rdm.aggregate import AggregateManager, add_ram_discard_source, remove_ram_discard_source
 from ramdiscard.rdm.bitmap import Bitmap
 from ramdiscard.rdm.block_state import BlockStateManager
-from ramdiscard.rdm.policy import DiscardPolicy, default_policy
+from ramdiscard.rdm.policy import DiscardPolicy, policy_of
 from ramdiscard.units import GiB, MiB, align_up, is_power_of_2
 
 if TYPE_CHECKING:
@@ -192,7 +191,7 @@ class VirtioMem(BlockStateManager):
     * ``persistent_suspend``: offer PERSISTENT_SUSPEND (the machine supports wake-up).
     * ``dynamic_memslots`` / ``memslot_limit``: expose memslots instead of one region;
       needs ``unplugged_inaccessible``.
-    * ``policy``: the DiscardPolicy (default: the process-wide one).
+    * ``policy``: the DiscardPolicy (default: the policy of ``memory``'s memory system).
     * ``busy``: predicate, true while a migration/snapshot runs (requests answer BUSY).
     * ``usable_extent``: added to requested_size for the usable region (256 MiB, x86).
     * ``incoming``: an incoming migration is pending: skip the realize-time discard.
@@ -298,7 +297,7 @@ class VirtioMem(BlockStateManager):
         self._size_notifiers: list[SizeChangeFn] = [on_size_change] if on_size_change else []
         self._discard_hooks: list[HostDiscardFn] = [on_host_discard] if on_host_discard else []
 
-        self._policy = policy if policy is not None else default_policy()
+        self._policy = policy if policy is not None else policy_of(memory.system)
         try:
             self._policy.coordinated_require(True)
         except DiscardPolicyError as exc:
@@ -329,7 +328,7 @@ class VirtioMem(BlockStateManager):
         self._memslots: list[MemoryRegion] = []
         self._container: MemoryRegion | None = None
         if dynamic_memslots:
-            self._container = MemoryRegion.new_container(f"{id}-memslots", region_size)
+            self._container = MemoryRegion.new_container(f"{id}-memslots", region_size, system=memory.system)
             for i in range(self._nb_memslots):
                 start = i * self._memslot_size
                 size = min(self._memslot_size, region_size - start)
@@ -536,7 +535,7 @@ class VirtioMem(BlockStateManager):
         device lock first and then the topology lock could deadlock (QEMU holds the BQL
         for both). Without dynamic memslots requests never touch the topology.
         """
-        return topology.lock if self._dynamic else nullcontext()
+        return self.region.system.lock if self._dynamic else nullcontext()
 
     def is_busy(self) -> bool:
         fn = self._busy
@@ -756,7 +755,7 @@ class VirtioMem(BlockStateManager):
         """Map every unmapped memslot overlapping the range in one transaction, recording
         the ones mapped in ``mapped`` (also when a listener failure raises TopologyError)."""
         assert self._container is not None
-        with transaction():
+        with self.region.system.transaction():
             for i in self._memslot_span(offset, size):
                 slot = self._memslots[i]
                 if slot.container is None:
@@ -768,7 +767,7 @@ class VirtioMem(BlockStateManager):
             return
         assert self._container is not None
         try:
-            with transaction():
+            with self.region.system.transaction():
                 for i in indexes:
                     slot = self._memslots[i]
                     if slot.container is not None:
@@ -794,7 +793,7 @@ class VirtioMem(BlockStateManager):
         if not self._dynamic:
             return
         assert self._container is not None
-        with transaction():
+        with self.region.system.transaction():
             for i, slot in enumerate(self._memslots):
                 first = (i * self._memslot_size) >> self._shift
                 last = first + (slot.size >> self._shift)
@@ -880,7 +879,7 @@ class VirtioMem(BlockStateManager):
         listener may remain (ListenerError); nothing changes when it raises. Idempotent.
         Host memory stays with the RAM block's owner.
         """
-        with topology.lock, self._lock:
+        with self.region.system.lock, self._lock:
             if not self._realized:
                 return
             self._check_not_notifying("unrealize the device")
