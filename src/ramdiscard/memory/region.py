@@ -21,29 +21,16 @@ Rules:
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING
 
 from ramdiscard.errors import InvalidArgument, ManagerBusy, RegionMapped
+from ramdiscard.interfaces import HostMemory as RamBackend
 from ramdiscard.memory import topology
 from ramdiscard.ramblocks import registry as ramblock_registry
 
 if TYPE_CHECKING:
     from ramdiscard.memory.address_space import AddressSpace
     from ramdiscard.rdm.manager import RamDiscardManager
-
-
-@runtime_checkable
-class RamBackend(Protocol):
-    """What a RAM region needs from its host memory: a size, an address and a page size."""
-
-    @property
-    def size(self) -> int: ...
-
-    @property
-    def host_address(self) -> int: ...
-
-    @property
-    def page_size(self) -> int: ...
 
 
 class RegionKind(StrEnum):
