@@ -11,8 +11,10 @@ members exist (not their signatures).
    Optional capabilities are separate protocols, checked with ``isinstance``:
    :class:`DiscardableMemory` (discard and populate ranges: what a provider such as
    virtio-mem needs), :class:`MeasurableMemory` (resident bytes of a range) and
-   :class:`ResizableMemory` (a reserved ``max_size`` above the used size).
-   Implemented by :class:`ramdiscard.hostmem.RamBlock` (all four); tests use doubles.
+   :class:`ResizableMemory` (a reserved ``max_size`` above the used size) and
+   :class:`MappedMemory` (a memoryview of the used bytes, for dumps, migration and
+   workloads). Implemented by :class:`ramdiscard.hostmem.RamBlock` (all of them); tests
+   use doubles with fewer capabilities.
 
 2. **DMA backend** -- :class:`DmaPinner`: pins host pages the way a device doing DMA holds
    them (all-or-nothing pins, handles, reads through a pin, close). Implemented by every
@@ -91,6 +93,15 @@ class ResizableMemory(Protocol):
 
     @property
     def max_size(self) -> int: ...
+
+
+@runtime_checkable
+class MappedMemory(Protocol):
+    """Host memory readable and writable from this process through a memoryview."""
+
+    @property
+    def view(self) -> memoryview:
+        """The used bytes (owned by the memory: do not keep it across a resize or close)."""
 
 
 def reserved_size(ram: HostMemory) -> int:

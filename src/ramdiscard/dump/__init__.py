@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from ramdiscard.dump.elf import elf_headers, write_core
 from ramdiscard.dump.mapping import GuestPhysBlock, guest_phys_blocks
 from ramdiscard.errors import RamDiscardError
+from ramdiscard.interfaces import MappedMemory
 
 if TYPE_CHECKING:
     from ramdiscard.memory import AddressSpace
@@ -81,10 +82,10 @@ def dump_guest_memory(address_space: AddressSpace, path: str | os.PathLike[str])
 
 
 def _view(block: GuestPhysBlock) -> memoryview:
-    view = getattr(block.mr.ram, "view", None)
-    if not isinstance(view, memoryview):
+    ram = block.mr.ram
+    if not isinstance(ram, MappedMemory):
         raise DumpError(f"RAM region {block.mr.name!r} has no host memory view to dump")
-    return view[block.offset : block.offset + block.size]
+    return ram.view[block.offset : block.offset + block.size]
 
 
 __all__ = ["DumpError", "DumpInfo", "GuestPhysBlock", "dump_guest_memory", "guest_phys_blocks"]
