@@ -40,8 +40,7 @@ members exist (not their signatures).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from ramdiscard.consumers.dma.backend import PinHandle
@@ -161,9 +160,8 @@ class MemslotVm(Protocol):
 # -- 4. virtqueue transport ----------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class VirtqElement:
-    """One available descriptor chain as the device sees it.
+class VirtqElement(NamedTuple):
+    """One available descriptor chain as the device sees it (immutable).
 
     ``head``: the chain's id, unique among the queue's in-flight elements. ``request``:
     the device-readable bytes (the out descriptors, concatenated). ``response_capacity``:

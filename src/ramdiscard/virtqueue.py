@@ -18,8 +18,8 @@ Rules:
   out of :meth:`~LocalVirtqueue.kick`; the queue keeps whatever state the handler left.
 
 Theory of operation: the available ring is a deque of elements, the used ring a deque of
-:class:`UsedElement`; ``_in_flight`` maps heads to elements popped or waiting, so an element
-cannot be pushed twice or pushed after a detach.
+:class:`UsedElement`, free heads a heap; ``_popped`` maps the heads the device holds to
+their elements, so an element cannot be pushed twice, or pushed after a detach.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ramdiscard.errors import InvalidArgument
 from ramdiscard.interfaces import VirtqElement, Virtqueue
@@ -43,8 +43,7 @@ class QueueFull(InvalidArgument):
     """Every descriptor head of the queue is in flight; nothing was added."""
 
 
-@dataclass(frozen=True, slots=True)
-class UsedElement:
+class UsedElement(NamedTuple):
     """One used-ring entry: the element's head, and the ``length`` bytes the device wrote."""
 
     head: int
@@ -53,6 +52,9 @@ class UsedElement:
     @property
     def length(self) -> int:
         return len(self.data)
+
+
+_new = tuple.__new__
 
 
 class LocalVirtqueue:
@@ -65,8 +67,7 @@ class LocalVirtqueue:
         self.size = size
         self._free = list(range(size))
         self._avail: deque[VirtqElement] = deque()
-        self._in_flight: dict[int, VirtqElement] = {}
-        self._popped: set[int] = set()
+        self._popped: dict[int, VirtqElement] = {}
         self._used: deque[UsedElement] = deque()
         self.notifications = 0
         """Used-buffer notifications the device sent."""
@@ -78,16 +79,13 @@ class LocalVirtqueue:
     def add(self, request: bytes, response_capacity: int) -> int:
         """Make an element available; returns its head. Raises InvalidArgument for a
         negative capacity and QueueFull when ``size`` elements are in flight."""
-        if isinstance(response_capacity, bool) or not isinstance(response_capacity, int):
-            raise InvalidArgument(f"response capacity must be an int, got {response_capacity!r}")
-        if response_capacity < 0:
-            raise InvalidArgument(f"response capacity must be >= 0, got {response_capacity}")
+        if type(response_capacity) is not int or response_capacity < 0:
+            raise InvalidArgument(f"response capacity must be an int >= 0, got {response_capacity!r}")
         if not self._free:
             raise QueueFull(f"virtqueue full: {self.size} elements in flight")
         head = heapq.heappop(self._free)
-        element = VirtqElement(head, bytes(request), response_capacity)
-        self._in_flight[head] = element
-        self._avail.append(element)
+        # tuple.__new__ skips the NamedTuple's Python-level __new__: this is per request.
+        self._avail.append(_new(VirtqElement, (head, bytes(request), response_capacity)))
         return head
 
     def kick(self) -> None:
@@ -118,30 +116,31 @@ class LocalVirtqueue:
         if not self._avail:
             return None
         element = self._avail.popleft()
-        self._popped.add(element.head)
+        self._popped[element.head] = element
         return element
 
     def push(self, element: VirtqElement, response: bytes) -> None:
-        self._check_popped(element)
-        if len(response) > element.response_capacity:
+        head = element[0]
+        if self._popped.get(head) is not element:
+            self._not_popped(element)
+        if len(response) > element[2]:
             raise InvalidArgument(
                 f"response of {len(response)} bytes does not fit the {element.response_capacity}-byte "
-                f"buffer of element {element.head}"
+                f"buffer of element {head}"
             )
-        self._popped.discard(element.head)
-        del self._in_flight[element.head]
-        self._used.append(UsedElement(element.head, bytes(response)))
+        del self._popped[head]
+        self._used.append(_new(UsedElement, (head, bytes(response))))
 
     def detach(self, element: VirtqElement) -> None:
-        self._check_popped(element)
-        self._popped.discard(element.head)
-        del self._in_flight[element.head]
+        if self._popped.get(element.head) is not element:
+            self._not_popped(element)
+        del self._popped[element.head]
         heapq.heappush(self._free, element.head)
         self.detached.append(element)
 
     def notify(self) -> None:
         self.notifications += 1
 
-    def _check_popped(self, element: VirtqElement) -> None:
-        if element.head not in self._popped or self._in_flight.get(element.head) is not element:
-            raise InvalidArgument(f"element {element.head} is not in flight on this device side")
+    @staticmethod
+    def _not_popped(element: VirtqElement) -> None:
+        raise InvalidArgument(f"element {element.head} is not in flight on this device side")

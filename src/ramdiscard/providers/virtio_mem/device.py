@@ -56,7 +56,7 @@ from ramdiscard.memory import topology
 from ramdiscard.memory.region import MemoryRegion
 from ramdiscard.memory.topology import TopologyError, transaction
 from ramdiscard.providers.virtio_mem.metrics import VirtioMemMetrics
-from ramdiscard.providers.virtio_mem.virtqueue import VirtioMemQueue
+from ramdiscard.providers.virtio_mem.virtqueue import serve as serve_queue
 from ramdiscard.providers.virtio_mem.wire import (
     U64_MAX,
     VIRTIO_MEM_F_ACPI_PXM,
@@ -544,8 +544,8 @@ class VirtioMem(BlockStateManager):
 
     def process_queue(self, vq: Virtqueue) -> int:
         """Queue-notify handler: serve every available element of ``vq``; see
-        :class:`~ramdiscard.providers.virtio_mem.virtqueue.VirtioMemQueue`."""
-        return VirtioMemQueue(self).process(vq)
+        :func:`ramdiscard.providers.virtio_mem.virtqueue.serve`."""
+        return serve_queue(self, vq)
 
     def protocol_violation(self, reason: str) -> ProtocolError:
         """Record a violation a transport found (e.g. a response buffer too small): the

@@ -2,7 +2,7 @@
 
 Rules (virtio-mem.md §3.1; QEMU's ``virtio_mem_handle_request``):
 
-* :meth:`VirtioMemQueue.process` serves every available element of the queue in order:
+* :func:`serve` (and :meth:`VirtioMemQueue.process`) serves every available element of the queue in order:
   it pops one, answers it with the device's :meth:`~VirtioMem.handle_request` and pushes
   the 10-byte response (used length 10), then the next. After the last (or after a
   violation) it notifies the driver once if it pushed anything.
@@ -31,43 +31,52 @@ if TYPE_CHECKING:
     from ramdiscard.providers.virtio_mem.device import VirtioMem
 
 
+def serve(device: VirtioMem, vq: Virtqueue) -> int:
+    """Serve every available element of ``vq`` with ``device``; returns how many were
+    answered (see the module rules).
+
+    Raises ProtocolError for a violating element (the device is broken, that element
+    detached) and DeviceBroken if the device is broken (nothing popped).
+    """
+    answered = 0
+    handle = device.handle_request
+    try:
+        while not device.broken:
+            element = vq.pop()
+            if element is None:
+                return answered
+            request = element.request
+            if len(request) < REQUEST_SIZE:
+                vq.detach(element)
+                raise device.protocol_violation(
+                    f"invalid request size: {len(request)} bytes, need {REQUEST_SIZE}"
+                )
+            if element.response_capacity < RESPONSE_SIZE:
+                vq.detach(element)
+                capacity = element.response_capacity
+                raise device.protocol_violation(
+                    f"not enough space for the response: {capacity} bytes, need {RESPONSE_SIZE}"
+                )
+            try:
+                response = handle(request)
+            except BaseException:
+                vq.detach(element)
+                raise
+            vq.push(element, response)
+            answered += 1
+        raise DeviceBroken(f"virtio-mem {device.id!r} is broken after a protocol violation")
+    finally:
+        if answered:
+            vq.notify()
+
+
 class VirtioMemQueue:
-    """The request-queue side of ``device``; see the module rules."""
+    """The request-queue side of ``device`` as an object (e.g. for a vhost-user backend
+    that keeps one per queue); :meth:`process` is :func:`serve`."""
 
     def __init__(self, device: VirtioMem) -> None:
         self.device = device
 
     def process(self, vq: Virtqueue) -> int:
-        """Serve every available element of ``vq``; returns how many were answered.
-
-        Raises ProtocolError for a violating element (the device is broken, that element
-        detached) and DeviceBroken if the device is broken (nothing popped).
-        """
-        dev = self.device
-        answered = 0
-        try:
-            while True:
-                if dev.broken:
-                    raise DeviceBroken(f"virtio-mem {dev.id!r} is broken after a protocol violation")
-                element = vq.pop()
-                if element is None:
-                    return answered
-                try:
-                    if len(element.request) < REQUEST_SIZE:
-                        raise dev.protocol_violation(
-                            f"invalid request size: {len(element.request)} bytes, need {REQUEST_SIZE}"
-                        )
-                    if element.response_capacity < RESPONSE_SIZE:
-                        raise dev.protocol_violation(
-                            f"not enough space for the response: {element.response_capacity} bytes, "
-                            f"need {RESPONSE_SIZE}"
-                        )
-                    response = dev.handle_request(element.request)
-                except BaseException:
-                    vq.detach(element)
-                    raise
-                vq.push(element, response)
-                answered += 1
-        finally:
-            if answered:
-                vq.notify()
+        """:func:`serve` ``vq`` with this queue's device."""
+        return serve(self.device, vq)
