@@ -17,6 +17,7 @@ from ramdiscard.dump.elf import elf_headers, write_core
 from ramdiscard.dump.mapping import GuestPhysBlock, guest_phys_blocks
 from ramdiscard.errors import InvalidState
 from ramdiscard.fileio import create_output
+from ramdiscard.interfaces import MappedMemory
 from ramdiscard.rdm.manager import manager_of
 
 if TYPE_CHECKING:
@@ -79,10 +80,10 @@ def dump_guest_memory(
 
 
 def _view(block: GuestPhysBlock) -> memoryview:
-    view = getattr(block.mr.ram, "view", None)
-    if not isinstance(view, memoryview):
+    ram = block.mr.ram
+    if not isinstance(ram, MappedMemory):
         raise DumpError(f"RAM region {block.mr.name!r} has no host memory view to dump")
-    return view[block.offset : block.offset + block.size]
+    return ram.view[block.offset : block.offset + block.size]
 
 
 __all__ = ["DumpError", "DumpInfo", "GuestPhysBlock", "dump_guest_memory", "guest_phys_blocks"]

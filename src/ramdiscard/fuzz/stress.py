@@ -42,6 +42,7 @@ from typing import Any
 from ramdiscard.errors import ListenerError
 from ramdiscard.fuzz.invariants import PAGE, ViewListener, check_container, check_device, check_residency
 from ramdiscard.fuzz.targets.virtio import ADDR, BS, NB, SIZE, new_ram
+from ramdiscard.interfaces import MappedMemory
 from ramdiscard.memory import AddressSpace, MemoryListener, MemoryRegion, MemoryRegionSection
 from ramdiscard.providers.virtio_mem import DeviceBroken, VirtioMem, decode_state
 from ramdiscard.rdm import DiscardPolicy, manager_of
@@ -194,8 +195,8 @@ class _Stress:
         rtype = struct.unpack_from("<H", out)[0]
         assert rtype in (0, 1, 2, 3), f"unknown response type {rtype}"
         self.count(f"request:{('plug', 'unplug', 'unplug_all', 'state')[kind]}")
-        view = getattr(self.ram, "view", None)
-        if kind == 0 and rtype == 0 and view is not None:
+        if kind == 0 and rtype == 0 and isinstance(self.ram, MappedMemory):
+            view = self.ram.view
             with self.dev.lock:
                 for b in range(first, first + nb):
                     if self.dev.is_range_populated(b * BS, BS):

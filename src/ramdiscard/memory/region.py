@@ -28,28 +28,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from enum import StrEnum
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol
 
 from ramdiscard.errors import InvalidArgument, ManagerBusy, RegionMapped
+from ramdiscard.interfaces import HostMemory as RamBackend
 from ramdiscard.memory.system import MemorySystem, default_system
 
 if TYPE_CHECKING:
     from ramdiscard.memory.address_space import AddressSpace
     from ramdiscard.memory.section import MemoryRegionSection
-
-
-@runtime_checkable
-class RamBackend(Protocol):
-    """What a RAM region needs from its host memory: a size, an address and a page size."""
-
-    @property
-    def size(self) -> int: ...
-
-    @property
-    def host_address(self) -> int: ...
-
-    @property
-    def page_size(self) -> int: ...
 
 
 class RegionDiscardManager(Protocol):

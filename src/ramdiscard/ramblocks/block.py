@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ramdiscard.interfaces import reserved_size
 from ramdiscard.rdm.manager import RamDiscardManager, manager_of
 
 if TYPE_CHECKING:
-    from ramdiscard.memory.region import MemoryRegion, RamBackend
+    from ramdiscard.interfaces import HostMemory
+    from ramdiscard.memory.region import MemoryRegion
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -24,7 +26,7 @@ class LiveBlock:
     region: MemoryRegion
 
     @property
-    def ram(self) -> RamBackend:
+    def ram(self) -> HostMemory:
         ram = self.region.ram
         assert ram is not None  # the registry only holds RAM regions with a block
         return ram
@@ -45,7 +47,7 @@ class LiveBlock:
     @property
     def max_size(self) -> int:
         """Bytes reserved for the block: its ``max_size`` if it has one, else its size."""
-        return int(getattr(self.ram, "max_size", self.ram.size))
+        return reserved_size(self.ram)
 
     @property
     def page_size(self) -> int:

@@ -68,9 +68,10 @@ from types import TracebackType
 
 from ramdiscard.consumers.blockdma.iova import IovaAllocator
 from ramdiscard.consumers.dma import stale_pinned_bytes
-from ramdiscard.consumers.dma.backend import PAGE_SIZE, DmaBackend, PinHandle
+from ramdiscard.consumers.dma.backend import PAGE_SIZE, PinHandle
 from ramdiscard.consumers.dma.granules import granule_pieces
 from ramdiscard.errors import InvalidArgument, RamDiscardError
+from ramdiscard.interfaces import DmaPinner
 from ramdiscard.memory.region import MemoryRegion
 from ramdiscard.memory.section import MemoryRegionSection
 from ramdiscard.memory.system import MemorySystem, default_system
@@ -182,7 +183,7 @@ class RamBlockDmaMapper(RamBlockNotifier):
 
     def __init__(
         self,
-        backend: DmaBackend,
+        backend: DmaPinner,
         *,
         coordinate_discards: bool = True,
         policy: DiscardPolicy | None = None,

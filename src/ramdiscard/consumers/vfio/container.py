@@ -60,13 +60,14 @@ import threading
 import warnings
 from typing import NamedTuple
 
-from ramdiscard.consumers.dma.backend import PAGE_SIZE, DmaBackend, PinHandle
+from ramdiscard.consumers.dma.backend import PAGE_SIZE, PinHandle
 from ramdiscard.consumers.dma.granules import granule_bounds
 from ramdiscard.consumers.vfio.errors import ContainerStateError, IommuMapRefused, MappingLimitError
 from ramdiscard.consumers.vfio.limits import RdmRange, check_dma_limit, worst_case_mappings
 from ramdiscard.consumers.vfio.sections import PlainSection, RdmSection
 from ramdiscard.consumers.vfio.table import MappingTable
 from ramdiscard.errors import InvalidArgument, ListenerError
+from ramdiscard.interfaces import DmaPinner
 from ramdiscard.memory.address_space import AddressSpace, MemoryListener
 from ramdiscard.memory.region import MemoryRegion
 from ramdiscard.memory.section import MemoryRegionSection
@@ -115,7 +116,7 @@ class VfioContainer(MemoryListener):
 
     def __init__(
         self,
-        backend: DmaBackend,
+        backend: DmaPinner,
         *,
         max_mappings: int = DEFAULT_MAX_MAPPINGS,
         coordinate_discards: bool = True,
@@ -123,8 +124,8 @@ class VfioContainer(MemoryListener):
         max_memslots: int = 512,
         dma_limit_check: bool = True,
     ) -> None:
-        if not isinstance(backend, DmaBackend):
-            raise InvalidArgument(f"backend must be a DmaBackend, not {type(backend).__name__}")
+        if not isinstance(backend, DmaPinner):
+            raise InvalidArgument(f"backend must be a DMA backend (DmaPinner), not {type(backend).__name__}")
         _check_ints(max_mappings=max_mappings, max_memslots=max_memslots)
         if max_mappings <= 0:
             raise InvalidArgument(f"max_mappings must be positive, got {max_mappings}")

@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING
 
 from ramdiscard.consumers.kvm import (
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
@@ -46,6 +46,7 @@ from ramdiscard.consumers.kvm import (
     guest_memfd_punch_hole,
 )
 from ramdiscard.errors import InvalidArgument
+from ramdiscard.interfaces import DiscardableMemory, MeasurableMemory
 from ramdiscard.providers.attributes import gmem
 from ramdiscard.rdm.aggregate import add_ram_discard_source, remove_ram_discard_source
 from ramdiscard.rdm.block_state import BlockStateManager
@@ -57,16 +58,6 @@ if TYPE_CHECKING:
     from ramdiscard.memory.section import MemoryRegionSection
 
 _log = logging.getLogger("ramdiscard.providers.attributes")
-
-
-@runtime_checkable
-class _Discardable(Protocol):
-    def discard_range(self, offset: int, length: int) -> None: ...
-
-
-@runtime_checkable
-class _Measurable(Protocol):
-    def resident_bytes(self, offset: int = 0, length: int | None = None) -> int: ...
 
 
 class RamBlockAttributes(BlockStateManager):
@@ -227,7 +218,7 @@ class RamBlockAttributes(BlockStateManager):
     def shared_resident_bytes(self) -> int | None:
         """Host memory resident on the shared side, if the RAM block can measure it."""
         ram = self.region.ram
-        return ram.resident_bytes() if isinstance(ram, _Measurable) else None
+        return ram.resident_bytes() if isinstance(ram, MeasurableMemory) else None
 
     # -- state changes ------------------------------------------------------------------
 
@@ -274,7 +265,7 @@ class RamBlockAttributes(BlockStateManager):
                 raise
             ram = self.region.ram
             if to_private:
-                if isinstance(ram, _Discardable) and ram.page_size == self.granularity:
+                if isinstance(ram, DiscardableMemory) and ram.page_size == self.granularity:
                     ram.discard_range(offset, size)
                 if prealloc_private and self._gmem_fd >= 0:
                     guest_memfd_allocate(self._gmem_fd, offset, size)

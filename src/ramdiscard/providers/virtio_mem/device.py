@@ -47,7 +47,7 @@ import os
 import platform
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING
 
 from ramdiscard.errors import (
     DiscardPolicyError,
@@ -57,9 +57,12 @@ from ramdiscard.errors import (
     ProtocolViolation,
     RegionMapped,
 )
+from ramdiscard.interfaces import DiscardableMemory as HostRam
+from ramdiscard.interfaces import Virtqueue
 from ramdiscard.memory.region import MemoryRegion
 from ramdiscard.memory.system import TopologyError
 from ramdiscard.providers.virtio_mem.metrics import VirtioMemMetrics
+from ramdiscard.providers.virtio_mem.virtqueue import serve as serve_queue
 from ramdiscard.providers.virtio_mem.wire import (
     U64_MAX,
     VIRTIO_MEM_F_ACPI_PXM,
@@ -97,24 +100,6 @@ SizeChangeFn = Callable[[str, int], None]
 """Called with (device id, new plugged size)."""
 HostDiscardFn = Callable[[int, int], None]
 """Called with (region offset, length) after every successful host discard."""
-
-
-@runtime_checkable
-class HostRam(Protocol):
-    """What the device needs from the RAM block behind its region."""
-
-    @property
-    def size(self) -> int: ...
-
-    @property
-    def page_size(self) -> int: ...
-
-    @property
-    def host_address(self) -> int: ...
-
-    def discard_range(self, offset: int, length: int) -> None: ...
-
-    def populate(self, offset: int, length: int, *, write: bool = True) -> None: ...
 
 
 class FeatureError(VirtioMemError, ProtocolViolation):
@@ -568,6 +553,19 @@ class VirtioMem(BlockStateManager):
                 self.metrics.broken_refusals += 1
                 raise DeviceBroken(f"{self._prefix} is broken after a protocol violation; reset it")
             return self._execute(req)
+
+    def process_queue(self, vq: Virtqueue) -> int:
+        """Queue-notify handler: serve every available element of ``vq``; see
+        :func:`ramdiscard.providers.virtio_mem.virtqueue.serve`."""
+        return serve_queue(self, vq)
+
+    def protocol_violation(self, reason: str) -> ProtocolError:
+        """Record a violation a transport found (e.g. a response buffer too small): the
+        device is broken until reset and nothing else changes. Returns the error to raise."""
+        with self._lock:
+            self._broken = True
+            self.metrics.protocol_errors += 1
+        return ProtocolError(f"{self._prefix} protocol violation: {reason}")
 
     def plug(self, addr: int, nb_blocks: int) -> ResponseType:
         return self.process(Request(RequestType.PLUG, addr, nb_blocks)).type
