@@ -93,7 +93,13 @@ async def record(qemu: str, out: str) -> None:
         schema["memory-regions"] = regions
         schema["qom-list-properties"] = {
             t: (await ex("qom-list-properties", {"typename": t}))["ok"]
-            for t in ("virtio-mem-pci", "virtio-mem", "memory-backend-ram", "memory-backend-memfd", "memory-backend-file")
+            for t in (
+                "virtio-mem-pci",
+                "virtio-mem",
+                "memory-backend-ram",
+                "memory-backend-memfd",
+                "memory-backend-file",
+            )
         }
         schema["device-list-properties"] = {
             "virtio-mem-pci": (await ex("device-list-properties", {"typename": "virtio-mem-pci"}))["ok"]

@@ -258,7 +258,8 @@ class CommandDispatcher:
     ``emit`` receives the events a command raises (RESET, STOP, RESUME, SHUTDOWN,
     DUMP_COMPLETED), from the thread that raises them, before the command returns, so a
     server that delivers them in call order sends them ahead of the reply, as QEMU does.
-    The run state (``running``/``paused``) and the dump state live here.
+    The run state (``running``; ``paused`` after ``stop``; ``prelaunch`` after a
+    ``system_reset`` of a stopped machine, as QEMU) and the dump state live here.
     """
 
     background: Final = frozenset({"x-ramdiscard-migrate"})
@@ -268,7 +269,7 @@ class CommandDispatcher:
         self._backend = backend
         self._version = version
         self._emit: EmitFn = emit or (lambda _event: None)
-        self._running = True
+        self._status = "running"
         self._dump_lock = threading.Lock()
         self._dump: dict[str, Any] = {"status": "none", "completed": 0, "total": 0}
         self._dump_thread: threading.Thread | None = None
@@ -455,7 +456,7 @@ class CommandDispatcher:
     def _qom_list_properties(self, args: dict[str, Any]) -> Outcome:
         props = qom.list_properties(args["typename"])
         if props is None:
-            raise QmpError(f"Class '{args['typename']}' not found")
+            raise QmpError(f"Class '{args['typename']}' not found", ErrorClass.DeviceNotFound)
         return Outcome(props)
 
     def _device_list_properties(self, args: dict[str, Any]) -> Outcome:
@@ -476,7 +477,7 @@ class CommandDispatcher:
         return Outcome([{"name": n} for n in self.command_names()])
 
     def _query_status(self, _args: dict[str, Any]) -> Outcome:
-        return Outcome({"status": "running" if self._running else "paused", "running": self._running})
+        return Outcome({"status": self._status, "running": self._status == "running"})
 
     def _query_memory_devices(self, _args: dict[str, Any]) -> Outcome:
         return Outcome([dev.to_json() for dev in self._backend.memory_devices()])
@@ -500,26 +501,28 @@ class CommandDispatcher:
         reset = getattr(self._backend, "system_reset", None)
         if callable(reset):
             reset()
+        if self._status != "running":
+            self._status = "prelaunch"  # QEMU: a reset of a stopped VM leaves it in prelaunch
         self._emit(qmp_event("RESET", {"guest": False, "reason": "host-qmp-system-reset"}))
         return Outcome({})
 
     def _stop(self, _args: dict[str, Any]) -> Outcome:
-        if self._running:
+        if self._status == "running":
             pause = getattr(self._backend, "pause", None)
             if callable(pause):
                 pause()
-            self._running = False
+            self._status = "paused"
             self._emit(qmp_event("STOP"))
         return Outcome({})
 
     def _cont(self, _args: dict[str, Any]) -> Outcome:
         if self._dump_active():
             raise QmpError("There is a dump in process, please wait.")
-        if not self._running:
+        if self._status != "running":
             resume = getattr(self._backend, "resume", None)
             if callable(resume):
                 resume()
-            self._running = True
+            self._status = "running"
             self._emit(qmp_event("RESUME"))
         return Outcome({})
 
@@ -564,8 +567,17 @@ class CommandDispatcher:
         return Outcome({})
 
     def _run_dump(self, path: str) -> str | None:
-        """Write the dump; record and announce (DUMP_COMPLETED) how it ended."""
+        """Write the dump; record and announce (DUMP_COMPLETED) how it ended. A running
+        machine is stopped for it (STOP, status ``save-vm``) and resumed after (RESUME),
+        as QEMU does."""
         error: str | None = None
+        resume = self._status == "running"
+        if resume:
+            pause = getattr(self._backend, "pause", None)
+            if callable(pause):
+                pause()
+            self._status = "save-vm"
+            self._emit(qmp_event("STOP"))
         try:
             info = self._backend.dump(path)
             total = int(info.get("bytes", 0))
@@ -580,6 +592,12 @@ class CommandDispatcher:
         with self._dump_lock:
             self._dump = state
         self._emit(dump_completed_event(state, error))
+        if resume:
+            restart = getattr(self._backend, "resume", None)
+            if callable(restart):
+                restart()
+            self._status = "running"
+            self._emit(qmp_event("RESUME"))
         return error
 
     def _query_dump(self, _args: dict[str, Any]) -> Outcome:

@@ -229,8 +229,8 @@ def populate(
 def memory_region_child(container: str, size: int) -> Callable[[QomNode, str, str, Any], None]:
     """Builds the memory-region child a memory backend owns."""
 
-    def build(node: QomNode, name: str, typename: str, _recorded: Any) -> None:
-        mr = node.add_child(name, typename)
+    def build(node: QomNode, _name: str, typename: str, _recorded: Any) -> None:
+        mr = node.add_child(f"{node.name}[0]", typename)  # QEMU names it after its owner
         populate(
             mr,
             "memory-region",
