@@ -69,9 +69,9 @@ def _resize(dev: FakeDevice, drv: GuestDriver, size: int) -> list[tuple[str, int
 
 
 def test_matches_the_qemu_sample_trace_with_the_real_device() -> None:
-    from ramdiscard import virtio_mem
     from ramdiscard.hostmem import RamBlock
     from ramdiscard.memory.region import MemoryRegion
+    from ramdiscard.providers import virtio_mem
     from ramdiscard.rdm.policy import DiscardPolicy
     from ramdiscard.replay.trace import PlugRequest, UnplugRequest, parse_trace_file
 
