@@ -388,6 +388,11 @@ class VirtioMem(BlockStateManager):
         return self._broken
 
     @property
+    def unplugged_inaccessible(self) -> bool:
+        """Whether VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE is offered (and required)."""
+        return self._unplugged_inaccessible
+
+    @property
     def requested_size(self) -> int:
         return self._requested_size
 
