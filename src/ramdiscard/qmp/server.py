@@ -2,11 +2,13 @@
 
 Rules:
 
-* ``unix:PATH`` sockets are bound, chmod'ed to 0600 and only then put in listen state, so
-  no client can connect while the file is more open. A stale socket file (nobody
-  listening) is replaced; a live one, or a path that is not a socket, is an error. The
-  file is removed at close. ``tcp:HOST:PORT`` binds HOST (QMP has no authentication:
-  use a loopback address); port 0 picks a free port, see :attr:`QmpServer.address`.
+* ``unix:PATH`` sockets are bound under a temporary name beside PATH, chmod'ed to 0600,
+  put in listen state and only then renamed to PATH: no client can connect while the file
+  is more open, and once PATH exists a connect succeeds (no window between bind and
+  listen). A stale socket file (nobody listening) is replaced; a live one, or a path that
+  is not a socket, is an error. The file is removed at close.
+* ``tcp:HOST:PORT`` binds HOST (QMP has no authentication: use a loopback address);
+  port 0 picks a free port, see :attr:`QmpServer.address`.
 * Each client gets the greeting, then its commands run in order, one at a time (QEMU's
   monitor without out-of-band). All commands of all clients run on a single worker
   thread, so the backend sees one command at a time and the event loop never blocks on a
@@ -42,6 +44,7 @@ import contextlib
 import errno
 import logging
 import os
+import secrets
 import socket
 import stat
 import time
@@ -98,6 +101,10 @@ def parse_address(text: str) -> Address:
     raise ValueError(f"invalid QMP address {text!r}: expected unix:PATH or tcp:HOST:PORT")
 
 
+_SUN_PATH_MAX = 108
+"""Bytes of ``sockaddr_un.sun_path`` on Linux, the terminating NUL included."""
+
+
 def bind_unix(path: str, backlog: int = 16) -> socket.socket:
     """A listening unix socket at ``path`` with mode 0600 (see the module rules)."""
     if os.path.lexists(path):
@@ -113,14 +120,19 @@ def bind_unix(path: str, backlog: int = 16) -> socket.socket:
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    staging = os.path.join(os.path.dirname(path) or ".", f".qmp-{os.getpid()}-{secrets.token_hex(4)}")
+    if len(os.fsencode(staging)) >= _SUN_PATH_MAX:
+        staging = path  # no room for a longer name: bind in place (a connect may be refused until listen)
     try:
-        sock.bind(path)
+        sock.bind(staging)
         try:
-            os.chmod(path, 0o600)
+            os.chmod(staging, 0o600)
             sock.listen(backlog)
+            if staging != path:
+                os.rename(staging, path)
         except BaseException:
             with contextlib.suppress(OSError):
-                os.unlink(path)
+                os.unlink(staging)
             raise
     except BaseException:
         sock.close()
