@@ -727,6 +727,17 @@ class Machine:
             if self.writer is not None:
                 self.writer.start()
 
+    def resume_incoming(self) -> None:
+        """After an incoming migration loaded this machine's memory and device states:
+        the guest drivers resume with what is plugged (their state travelled with the
+        guest), and the guest thread (and writer) starts."""
+        with self.lock:
+            self._check_open()
+            for dev_id, dev in self.devices.items():
+                drv = self._new_driver(dev_id)
+                drv.assume_plugged([(dev.addr + s, n) for s, n in dev.plugged_ranges()])
+        self.start()
+
     def stop(self) -> None:
         if self.writer is not None:
             self.writer.stop()

@@ -187,7 +187,13 @@ class _Batcher:
             raise PeerAnswered("the destination answered before the end of the stream")
         bufs, total = self.bufs, self.bytes
         self.bufs, self.bytes, self._used = [], 0, 0
+        limit = self.sock.gettimeout()
+        deadline = None if limit is None else time.monotonic() + limit
         while bufs:
+            # The socket timeout bounds each call; a peer reading a trickle would reset it,
+            # so the whole batch (about 1 MiB) gets one bound too.
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("send stalled")
             n = self.sock.sendmsg(bufs)
             while n:
                 first = bufs[0]

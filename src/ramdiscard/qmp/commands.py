@@ -286,6 +286,9 @@ class CommandDispatcher:
             "x-ramdiscard-migrate": (self._x_migrate, (Param("uri", "string"),)),
             "x-ramdiscard-dump": (self._x_dump, (Param("path", "string"),)),
         }
+        extra = getattr(backend, "extra_commands", None)
+        if callable(extra):  # a backend's own commands (live migration) win over the defaults
+            self._commands.update(extra())
 
     def command_names(self) -> list[str]:
         return ["qmp_capabilities", *self._commands]
