@@ -200,3 +200,56 @@ def test_page_data_in_pieces(algo: Checksum, cuts: list[int], at: bool) -> None:
         run(data + b"\0", cuts)
     with pytest.raises(StreamError, match="page_done after 8191 bytes"):
         run(data[:-1], cuts)
+
+
+def test_live_stream_interleaves_and_is_refused_by_old_readers() -> None:
+    from ramdiscard.migration.stream import (
+        Decoder,
+        DeviceState,
+        Round,
+        StreamFlags,
+        encode_device,
+        encode_end,
+        encode_round,
+        encode_stream_header,
+    )
+
+    info = RegionInfo(0, RegionKind.MANAGED, 8192, 0, 4096, "r", "d")
+    page = bytes(4096)
+    body = [
+        encode_stream_header(StreamFlags.LIVE),
+        encode_region(info),
+        encode_device(0, b"s1"),
+        page_header(0, 4096, page) + page,
+        encode_round(1, 4096),
+        page_header(0, 4096, page) + page,
+        encode_device(0, b"s2"),
+        encode_end(End(6, 2, 8192)),
+    ]
+    blob = b"".join(body)
+    events = []
+    dec = Decoder(live_ok=True)
+    pos = 0
+    while not dec.done:
+        need = dec.need()
+        if need == 0:
+            pending = events[-1]
+            dec.page_done(blob[pos : pos + pending.length])
+            pos += pending.length
+            continue
+        ev = dec.feed(blob[pos : pos + need])
+        pos += need
+        if ev is not None:
+            events.append(ev)
+    kinds = [type(e).__name__ for e in events]
+    assert kinds == [
+        "StreamHeader", "RegionInfo", "DeviceState", "PageData", "Round", "PageData", "DeviceState", "End"
+    ]  # fmt: skip
+    assert events[4] == Round(1, 4096)
+    assert isinstance(events[6], DeviceState) and events[6].state == b"s2"
+    with pytest.raises(StreamError, match="flags"):
+        Decoder().feed(body[0])
+    plain = Decoder()
+    plain.feed(encode_stream_header())
+    with pytest.raises(StreamError, match="ROUND section out of order"):
+        plain.feed(encode_round(1, 0)[:28])

@@ -25,6 +25,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     )
     p.add_argument("--workdir", metavar="DIR", help="where file-backed guest memory goes")
     p.add_argument(
+        "--incoming",
+        metavar="URI",
+        help="be a migration destination: tcp:HOST:PORT listens at once, 'defer' waits for "
+        "QMP migrate-incoming; the guest starts once the migration completed",
+    )
+    p.add_argument("-S", dest="paused", action="store_true", help="do not start the guest (QMP cont does)")
+    p.add_argument(
         "--migrate-timeout",
         type=float,
         default=IO_TIMEOUT,
@@ -43,8 +50,23 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Build the scenario's machine and serve it (for the ``ramdiscard`` CLI)."""
     parse_address(args.qmp)  # a bad address fails before any memory is taken
     scenario = load_scenario(args.scenario)
+    from ramdiscard.qmp.migration_commands import LiveMachineBackend
+
     machine = Machine.from_scenario(scenario, workdir=args.workdir)
-    return serve(machine, args.qmp, migrate_timeout=args.migrate_timeout)
+    try:
+        backend = LiveMachineBackend(
+            machine, migrate_timeout=args.migrate_timeout, incoming=args.incoming, start_paused=args.paused
+        )
+        if args.incoming is None:
+            machine.start()
+            if args.paused:
+                backend.run_state = "paused"
+                if machine.writer is not None:
+                    machine.writer.pause()
+    except BaseException:
+        machine.close()
+        raise
+    return serve(backend, args.qmp, migrate_timeout=args.migrate_timeout)
 
 
 def cli_main(argv: Sequence[str] | None = None) -> int:

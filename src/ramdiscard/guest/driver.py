@@ -284,6 +284,21 @@ class GuestDriver:
         twin.warnings = list(self.warnings)
         return twin
 
+    def assume_plugged(self, ranges: list[tuple[int, int]]) -> None:
+        """The driver resumes on a device that already has ``ranges`` (gpa, size) plugged
+        by this guest (after an incoming migration: its state travelled in guest memory).
+        Whole units inside the ranges are taken as plugged; no UNPLUG_ALL is sent."""
+        bits = 0
+        for gpa, size in ranges:
+            first = -(-(gpa - self.base) // self.unit_size)
+            last = (gpa + size - self.base) // self.unit_size
+            for unit in range(max(first, 0), last):
+                bits |= 1 << unit
+        self._plugged_units = bits
+        self._plugged_size = bits.bit_count() * self.unit_size
+        self._unplug_all_required = False
+        self._cfg = self._read_config()
+
     def plugged_ranges(self) -> list[tuple[int, int]]:
         """(gpa, size) runs the driver has plugged, ascending."""
         out: list[tuple[int, int]] = []

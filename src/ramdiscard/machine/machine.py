@@ -65,6 +65,7 @@ from ramdiscard.dump import DumpInfo, dump_guest_memory
 from ramdiscard.errors import InvalidArgument
 from ramdiscard.fileio import ExistingData, FileId, create_output, open_input, unlink_created
 from ramdiscard.guest import DriverState, Exchange, GuestDriver, TouchWorkload
+from ramdiscard.guest.writer import DeviceTarget, GuestWriter
 from ramdiscard.hostmem import RamBlock, proc_status
 from ramdiscard.machine.consumers import Consumer, KvmConsumer, VfioConsumer
 from ramdiscard.machine.scenario import (
@@ -172,6 +173,7 @@ class Machine:
         self.consumers: list[Consumer] = []
         self.blocks: list[RamBlock] = []
         self.workload: TouchWorkload | None = None
+        self.writer: GuestWriter | None = None
         self.memory = _Memory()
         self._created_files: list[tuple[Path, FileId]] = []
         self._own_workdir: Path | None = None
@@ -259,6 +261,12 @@ class Machine:
         for dev_id, dev in self.devices.items():
             self._new_driver(dev_id)
             dev.add_config_change_notifier(self._config_changed)
+        if sc.workload.write_rate > 0:
+            targets = [DeviceTarget(dev, dev.region.ram) for dev in self.devices.values()]
+            self.writer = GuestWriter(
+                targets, self.lock, rate=sc.workload.write_rate,
+                pattern=sc.workload.write_pattern, hot_set=sc.workload.hot_set,
+            )  # fmt: skip
 
     def _work(self) -> Path:
         if self._workdir is None:
@@ -716,8 +724,23 @@ class Machine:
             self._stop.clear()
             self._thread = threading.Thread(target=self._loop, name="ramdiscard-guest", daemon=True)
             self._thread.start()
+            if self.writer is not None:
+                self.writer.start()
+
+    def resume_incoming(self) -> None:
+        """After an incoming migration loaded this machine's memory and device states:
+        the guest drivers resume with what is plugged (their state travelled with the
+        guest), and the guest thread (and writer) starts."""
+        with self.lock:
+            self._check_open()
+            for dev_id, dev in self.devices.items():
+                drv = self._new_driver(dev_id)
+                drv.assume_plugged([(dev.addr + s, n) for s, n in dev.plugged_ranges()])
+        self.start()
 
     def stop(self) -> None:
+        if self.writer is not None:
+            self.writer.stop()
         t = self._thread
         if t is None:
             return

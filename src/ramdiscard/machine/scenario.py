@@ -49,6 +49,9 @@ Schema (keys use QEMU's hyphenated spelling)::
 
     [workload]
     touch = 0.25                     # fraction of plugged memory the guest writes
+    write-rate = "50M"               # a writer thread: bytes/s into plugged memory (0 = none)
+    write-pattern = "random"         # random | hot (within hot-set) | sequential (4 KiB pages)
+    hot-set = "64M"
 
     [[steps]]                        # run in order
     requested-size = { vmem0 = "4G" }   # or one size when there is one device
@@ -163,6 +166,10 @@ class ConsumerSpec:
 @dataclass(frozen=True)
 class WorkloadSpec:
     touch: float = 0.0
+    write_rate: int = 0
+    """Bytes per second the guest writer writes into plugged memory (0: no writer)."""
+    write_pattern: str = "random"
+    hot_set: int = 64 * MiB
 
 
 @dataclass(frozen=True)
@@ -500,7 +507,7 @@ class _Reader:
 
     def workload(self, raw: object, key: str) -> WorkloadSpec:
         tbl = self.table(raw, key)
-        self.keys(tbl, key, ("touch",))
+        self.keys(tbl, key, ("touch", "write-rate", "write-pattern", "hot-set"))
         touch = tbl.get("touch", 0.0)
         if (
             isinstance(touch, bool)
@@ -509,7 +516,16 @@ class _Reader:
             or (isinstance(touch, float) and math.isnan(touch))
         ):
             raise self.fail(f"{key}.touch", f"must be a number in [0, 1], got {_show(touch)}")
-        return WorkloadSpec(touch=float(touch))
+        rate = self.size(tbl.get("write-rate", 0), f"{key}.write-rate")
+        pattern = tbl.get("write-pattern", "random")
+        if pattern not in ("random", "hot", "sequential"):
+            raise self.fail(
+                f"{key}.write-pattern", f"must be one of random, hot, sequential, got {_show(pattern)}"
+            )
+        hot = self.size(tbl.get("hot-set", 64 * MiB), f"{key}.hot-set")
+        if hot % 4096:
+            raise self.fail(f"{key}.hot-set", f"must be a multiple of 4K, got {_show(tbl.get('hot-set'))}")
+        return WorkloadSpec(touch=float(touch), write_rate=rate, write_pattern=pattern, hot_set=hot)
 
     def step(self, raw: object, key: str, devices: list[DeviceSpec]) -> StepSpec:
         tbl = self.table(raw, key)

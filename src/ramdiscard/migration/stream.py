@@ -15,6 +15,12 @@ Rules (the format is described for users in ``docs/migration-format.md``):
   snapshot file), END. Page sections of one region come in ascending, non-overlapping
   order and regions in index order. Nothing may follow END.
 * END carries the number of sections and page bytes before it; a decoder checks both.
+* Live streams (flag LIVE, precopy; accepted only by a decoder created with
+  ``live_ok``): after the REGION table, DEVICE, PAGES and ROUND sections may come in any
+  order and any number of times. A later DEVICE state for a region replaces the earlier
+  one; PAGES may repeat (a later copy of a page replaces the earlier one); ROUND marks
+  the end of a precopy round (its number, and the bytes the source then knew dirty).
+  Stop-and-copy streams are valid live-stream input too.
 * Limits: a metadata payload is at most :data:`MAX_META_PAYLOAD` bytes, page data per
   section at most :data:`MAX_CHUNK`, a REGION payload at most :data:`MAX_REGION_PAYLOAD`
   (names and device ids at most :data:`MAX_NAME` bytes), at most :data:`MAX_REGIONS`
@@ -71,6 +77,7 @@ MAX_REGION_PAYLOAD = _REGION.size + 2 * MAX_NAME
 PAGES_SUB = struct.Struct("<IIQ")  # region index, reserved, region offset; data follows
 _PAGES_AT = struct.Struct("<IIQQQQ")  # region, reserved, offset, length, file offset, data checksum
 _END = struct.Struct("<QQQ")  # sections before END, page sections, page bytes
+_ROUND = struct.Struct("<IIQ")  # round number, reserved, dirty bytes
 
 
 class MigrationError(RamDiscardError):
@@ -85,6 +92,8 @@ class StreamFlags(IntFlag):
     NONE = 0
     SPARSE = 1
     """Snapshot file: page sections are PAGES_AT, data at file offsets (holes elsewhere)."""
+    LIVE = 2
+    """Precopy stream: DEVICE, PAGES and ROUND interleave (module rules)."""
 
 
 class SectionType(IntEnum):
@@ -93,6 +102,7 @@ class SectionType(IntEnum):
     PAGES = 3
     PAGES_AT = 4
     END = 5
+    ROUND = 6
 
 
 class RegionKind(IntEnum):
@@ -142,13 +152,21 @@ class PageData:
 
 
 @dataclass(frozen=True, slots=True)
+class Round:
+    """End of precopy round ``number``; the source then knew ``dirty`` bytes dirty."""
+
+    number: int
+    dirty: int
+
+
+@dataclass(frozen=True, slots=True)
 class End:
     sections: int
     page_sections: int
     page_bytes: int
 
 
-Event = StreamHeader | RegionInfo | DeviceState | PageData | End
+Event = StreamHeader | RegionInfo | DeviceState | PageData | Round | End
 
 QUOTE_LIMIT = 64
 
@@ -231,6 +249,10 @@ def encode_pages_at(region: int, offset: int, length: int, file_offset: int, dat
 END_SECTION_SIZE = SECTION_HEADER.size + _END.size
 
 
+def encode_round(number: int, dirty: int) -> bytes:
+    return section(SectionType.ROUND, _ROUND.pack(number, 0, dirty))
+
+
 def encode_end(end: End) -> bytes:
     return section(SectionType.END, _END.pack(end.sections, end.page_sections, end.page_bytes))
 
@@ -272,6 +294,7 @@ _ORDER = {
     SectionType.PAGES: 2,
     SectionType.PAGES_AT: 2,
     SectionType.END: 3,
+    SectionType.ROUND: 2,
 }
 
 
@@ -284,8 +307,11 @@ class Decoder:
     decoder unusable.
     """
 
-    def __init__(self, *, sparse_ok: bool = False, limits: Limits | None = None) -> None:
+    def __init__(
+        self, *, sparse_ok: bool = False, limits: Limits | None = None, live_ok: bool = False
+    ) -> None:
         self._sparse_ok = sparse_ok
+        self._live_ok = live_ok
         self._limits = limits or Limits()
         self._phase = _Phase.STREAM_HEADER
         self._need = STREAM_HEADER.size
@@ -349,7 +375,9 @@ class Decoder:
             raise self._fail("stream header checksum mismatch")
         if version != VERSION:
             raise self._fail(f"unsupported migration stream version {version} (this is version {VERSION})")
-        if flags & ~int(StreamFlags.SPARSE):
+        if flags & ~int(StreamFlags.SPARSE | StreamFlags.LIVE) or (
+            flags & StreamFlags.LIVE and (not self._live_ok or flags & StreamFlags.SPARSE)
+        ):
             raise self._fail(f"unknown stream flags {flags:#x}")
         try:
             self._checksum = Checksum(algo)
@@ -375,7 +403,10 @@ class Decoder:
         if flags:
             raise self._fail(f"{st.name} section: unknown flags {flags:#x}")
         order = _ORDER[st]
-        if order < self._order:
+        live = bool(self._flags & StreamFlags.LIVE)
+        if live and st is SectionType.DEVICE:
+            order = 2
+        if (st is SectionType.ROUND and not live) or order < self._order:
             raise self._fail(f"{st.name} section out of order")
         sparse = bool(self._flags & StreamFlags.SPARSE)
         if (st is SectionType.PAGES and sparse) or (st is SectionType.PAGES_AT and not sparse):
@@ -385,7 +416,9 @@ class Decoder:
                 raise self._fail(f"PAGES section with payload length {length}")
             self._need = PAGES_SUB.size
         else:
-            fixed = {SectionType.PAGES_AT: _PAGES_AT.size, SectionType.END: _END.size}.get(st)
+            sizes = {SectionType.PAGES_AT: _PAGES_AT.size, SectionType.END: _END.size}
+            sizes[SectionType.ROUND] = _ROUND.size
+            fixed = sizes.get(st)
             if fixed is not None and length != fixed:
                 raise self._fail(f"{st.name} section with payload length {length} (expected {fixed})")
             if length > MAX_META_PAYLOAD or length < 4:
@@ -432,10 +465,14 @@ class Decoder:
             (region,) = _DEVICE.unpack_from(raw)
             if self._regions == 0:
                 raise self._fail("DEVICE section before any REGION section")
-            if region >= self._regions or region < self._devices:
+            live = bool(self._flags & StreamFlags.LIVE)
+            if region >= self._regions or (region < self._devices and not live):
                 raise self._fail(f"DEVICE section for region {region} out of order or unknown")
-            self._devices = region + 1
+            self._devices = max(self._devices, region + 1)
             event = DeviceState(region, raw[_DEVICE.size :])
+        elif st is SectionType.ROUND:
+            number, _r, dirty = _ROUND.unpack(raw)
+            event = Round(number, dirty)
         elif st is SectionType.PAGES_AT:
             region, _r, offset, length, file_offset, data_crc = _PAGES_AT.unpack(raw)
             if not 0 < length <= MAX_CHUNK:
@@ -482,6 +519,8 @@ class Decoder:
         if region >= self._regions:
             raise self._fail(f"page section for unknown region {region}")
         last_region, last_end = self._last_page
+        if self._flags & StreamFlags.LIVE:
+            return
         if region < last_region or (region == last_region and offset < last_end):
             raise self._fail(f"page section [{region}:{offset:#x}] out of order or overlapping")
         self._last_page = (region, offset + length)

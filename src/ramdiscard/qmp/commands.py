@@ -259,7 +259,10 @@ class CommandDispatcher:
     DUMP_COMPLETED), from the thread that raises them, before the command returns, so a
     server that delivers them in call order sends them ahead of the reply, as QEMU does.
     The run state (``running``; ``paused`` after ``stop``; ``prelaunch`` after a
-    ``system_reset`` of a stopped machine, as QEMU) and the dump state live here.
+    ``system_reset`` of a stopped machine, as QEMU) lives here, or in the backend when it
+    has a ``run_state`` attribute (a backend that migrates also sets ``inmigrate`` and
+    ``postmigrate``); the dump state lives here. ``stop``/``cont`` call the backend's
+    ``pause``/``resume`` and raise STOP/RESUME; ``cont`` is refused in ``inmigrate``.
     """
 
     background: Final = frozenset({"x-ramdiscard-migrate"})
@@ -269,7 +272,7 @@ class CommandDispatcher:
         self._backend = backend
         self._version = version
         self._emit: EmitFn = emit or (lambda _event: None)
-        self._status = "running"
+        self._own_status = "running"
         self._dump_lock = threading.Lock()
         self._dump: dict[str, Any] = {"status": "none", "completed": 0, "total": 0}
         self._dump_thread: threading.Thread | None = None
@@ -309,6 +312,21 @@ class CommandDispatcher:
             "x-ramdiscard-migrate": (self._x_migrate, (Param("uri", "string"),)),
             "x-ramdiscard-dump": (self._x_dump, (Param("path", "string"),)),
         }
+        extra = getattr(backend, "extra_commands", None)
+        if callable(extra):  # a backend's own commands (live migration) win over the defaults
+            self._commands.update(extra())
+
+    @property
+    def _status(self) -> str:
+        state = getattr(self._backend, "run_state", None)
+        return state if isinstance(state, str) else self._own_status
+
+    @_status.setter
+    def _status(self, value: str) -> None:
+        if isinstance(getattr(self._backend, "run_state", None), str):
+            self._backend.run_state = value  # type: ignore[attr-defined]
+        else:
+            self._own_status = value
 
     def command_names(self) -> list[str]:
         return ["qmp_capabilities", *self._commands]
@@ -518,6 +536,8 @@ class CommandDispatcher:
     def _cont(self, _args: dict[str, Any]) -> Outcome:
         if self._dump_active():
             raise QmpError("There is a dump in process, please wait.")
+        if self._status == "inmigrate":
+            raise QmpError("Migration is not finalized yet")
         if self._status != "running":
             resume = getattr(self._backend, "resume", None)
             if callable(resume):

@@ -226,6 +226,9 @@ class QmpServer:
         else:
             self._server = await asyncio.start_server(self._handle, self._address.host, self._address.port)
         self._unsubscribe = self._backend.add_size_change_listener(self._size_changed)
+        set_sink = getattr(self._backend, "set_event_sink", None)
+        if callable(set_sink):
+            set_sink(self.emit)
         log.info("QMP listening on %s", self.address)
 
     async def wait_closed(self) -> None:
@@ -383,6 +386,14 @@ class QmpServer:
             return
         with contextlib.suppress(RuntimeError):  # loop already closed
             loop.call_soon_threadsafe(self._deliver, [event])
+
+    def emit(self, event: QmpEvent) -> None:
+        """Deliver ``event`` to every client (unthrottled); callable from any thread."""
+        loop = self._loop
+        if loop is None or self._closing:
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(lambda: None if self._closing else self._deliver([event]))
 
     def _size_changed(self, device_id: str, size: int) -> None:
         """Backend callback, from any thread."""

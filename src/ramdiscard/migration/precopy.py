@@ -1,0 +1,630 @@
+"""Live migration, precopy: the guest keeps running while its memory is sent.
+
+Rules (qemu-ram-discard §3.10, live-migration.md; format in ``docs/migration-format.md``):
+
+* The devices are frozen (plug/unplug answer BUSY, as QEMU's ``virtio_mem_is_busy``)
+  from setup to the end, also on failure. The guest itself keeps writing until the
+  switchover.
+* Dirty tracking per RAM region: a :class:`~ramdiscard.hostmem.uffd.WriteTracker`
+  (userfaultfd WP_ASYNC) over the region; only the populated runs (the manager's
+  ``replay_populated``, the whole region without a manager) are write-protected and
+  scanned, so every round's dirty set is the scan ANDed with the populated state and
+  discarded memory is never protected, scanned or read.
+* Round 1 sends every populated run. Each later round scan-and-resets the populated runs
+  and sends what was written since. After each scan the source estimates the downtime
+  (dirty bytes / the bandwidth measured in the last round); when it fits
+  ``downtime_limit`` (or ``max_rounds`` is reached, or a round did not shrink the
+  remainder while the rounds already exceed 5) it switches over: the guest is paused, a
+  last scan is merged in, the rest is sent with the final DEVICE states and END.
+* Fallback without PAGEMAP_SCAN/WP_ASYNC (:func:`ramdiscard.hostmem.uffd.available`
+  says why): nothing can tell which pages changed, so round 1 is followed at once by the
+  switchover, which resends every populated run (downtime = a full copy).
+  :attr:`PrecopyStats.fallback` carries the reason.
+* On failure or cancel (``cancel`` set, the socket shut down, the destination refusing or
+  stalling past the socket timeout) the guest is resumed, the trackers closed (memory
+  unprotected) and the devices unfrozen: the source runs on as before. On success the
+  guest stays paused (``postmigrate``); the caller decides.
+* Receiving (:func:`load_live`): the stream is checked as a stop-and-copy one is, with
+  these differences: page sections may repeat; a later DEVICE state replaces the
+  earlier one (its plugged runs bound what may arrive next; ranges that left it are
+  discarded here at once); at END every plugged run of the final state must have been
+  received. Nothing outside plugged runs is ever populated; a failure resets the
+  destination to all discarded, as :func:`ramdiscard.migration.load` does.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import time
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from ramdiscard.hostmem import uffd
+from ramdiscard.migration.busy import frozen
+from ramdiscard.migration.checksum import default as default_checksum
+from ramdiscard.migration.layout import RamRegion, collect_regions
+from ramdiscard.migration.stream import (
+    Counter,
+    DeviceState,
+    End,
+    MigrationError,
+    PageData,
+    Round,
+    StreamError,
+    StreamFlags,
+    encode_device,
+    encode_end,
+    encode_region,
+    encode_round,
+    encode_stream_header,
+    page_header,
+)
+from ramdiscard.migration.transport import (
+    IO_TIMEOUT,
+    STATUS_TIMEOUT,
+    PeerAnswered,
+    ReadTimeout,
+    SocketReader,
+    recv_status,
+    send_status,
+)
+
+if TYPE_CHECKING:
+    from ramdiscard.memory import AddressSpace
+    from ramdiscard.providers.virtio_mem import VirtioMem
+
+Runs = list[tuple[int, int]]
+PAGE = 4096
+CHUNK = 1 << 20
+"""Largest page section of a contiguous dirty run."""
+BATCH_BYTES = 1 << 20
+BATCH_IOV = 512
+DEFAULT_DOWNTIME = 0.3
+DEFAULT_MAX_ROUNDS = 30
+
+
+class GuestControl(Protocol):
+    """Stops and restarts the guest's vCPUs (the writer)."""
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+
+@dataclass
+class PrecopyParams:
+    downtime_limit: float = DEFAULT_DOWNTIME
+    """Seconds the guest may be stopped at the switchover (QEMU's downtime-limit)."""
+    max_bandwidth: int = 0
+    """Bytes per second on the wire during the live rounds (0: unlimited)."""
+    max_rounds: int = DEFAULT_MAX_ROUNDS
+
+
+@dataclass
+class PrecopyStats:
+    """Figures of one precopy (QEMU's query-migrate names where they exist)."""
+
+    status: str = "setup"
+    rounds: int = 0
+    round_bytes: list[int] = field(default_factory=list)
+    page_bytes: int = 0
+    stream_bytes: int = 0
+    total_bytes: int = 0
+    """Populated bytes at setup (what round 1 sends)."""
+    remaining: int = 0
+    dirty_rate: float = 0.0
+    """Bytes per second written by the guest, from the last round."""
+    bandwidth: float = 0.0
+    expected_downtime: float = 0.0
+    setup_time: float = 0.0
+    total_time: float = 0.0
+    downtime: float = 0.0
+    fallback: str | None = None
+    pages_sent: int = 0
+
+
+ProgressFn = Callable[[PrecopyStats], None]
+
+
+def merge(a: Runs, b: Runs) -> Runs:
+    """Union of two ascending run lists, as ascending maximal runs."""
+    out: Runs = []
+    for s, n in sorted(a + b):
+        if out and s <= out[-1][0] + out[-1][1]:
+            ps, pn = out[-1]
+            out[-1] = (ps, max(pn, s + n - ps))
+        else:
+            out.append((s, n))
+    return out
+
+
+class _Batcher:
+    """Sends page sections with few ``sendmsg`` calls: headers and guest-memory views
+    go out as one iovec list (no copy in Python)."""
+
+    def __init__(self, sock: socket.socket, stats: PrecopyStats, params: PrecopyParams) -> None:
+        self.sock = sock
+        self.stats = stats
+        self.params = params
+        self.bufs: list[bytes | memoryview] = []
+        self.bytes = 0
+        self._poll = select.poll()
+        self._poll.register(sock.fileno(), select.POLLIN)
+        self._t0 = time.perf_counter()
+        self._sent = 0
+        self.throttle = True
+        self._bounce = bytearray(BATCH_BYTES + CHUNK)
+        self._used = 0
+
+    def copy(self, data: memoryview) -> memoryview:
+        """A copy of ``data`` in this batch's bounce buffer (valid until the flush):
+        memory the guest is writing is checksummed and sent as one consistent copy."""
+        n = data.nbytes
+        if self._used + n > len(self._bounce):
+            self.flush()
+        dst = memoryview(self._bounce)[self._used : self._used + n]
+        dst[:] = data
+        self._used += n
+        return dst
+
+    def add(self, header: bytes, data: memoryview | None = None) -> None:
+        self.bufs.append(header)
+        self.bytes += len(header)
+        if data is not None:
+            self.bufs.append(data)
+            self.bytes += data.nbytes
+        if self.bytes >= BATCH_BYTES or len(self.bufs) >= BATCH_IOV:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.bufs:
+            return
+        if self._poll.poll(0):
+            raise PeerAnswered("the destination answered before the end of the stream")
+        bufs, total = self.bufs, self.bytes
+        self.bufs, self.bytes, self._used = [], 0, 0
+        limit = self.sock.gettimeout()
+        deadline = None if limit is None else time.monotonic() + limit
+        while bufs:
+            # The socket timeout bounds each call; a peer reading a trickle would reset it,
+            # so the whole batch (about 1 MiB) gets one bound too.
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("send stalled")
+            n = self.sock.sendmsg(bufs)
+            while n:
+                first = bufs[0]
+                size = len(first) if isinstance(first, bytes) else first.nbytes
+                if n >= size:
+                    n -= size
+                    bufs.pop(0)
+                else:
+                    bufs[0] = memoryview(first)[n:]
+                    n = 0
+        self.stats.stream_bytes += total
+        self._sent += total
+        limit = self.params.max_bandwidth
+        if limit and self.throttle:
+            ahead = self._sent / limit - (time.perf_counter() - self._t0)
+            if ahead > 0:
+                time.sleep(ahead)
+
+
+class _Region:
+    def __init__(self, region: RamRegion) -> None:
+        self.region = region
+        self.view = region.view
+        self.runs: Runs = region.populated_runs()
+        self.tracker: uffd.WriteTracker | None = None
+
+    def start_tracking(self) -> None:
+        ram = self.region.mr.ram
+        shmem = getattr(ram, "fd", None) is not None
+        self.tracker = uffd.WriteTracker(ram.host_address, self.region.size, shmem=shmem)  # type: ignore[union-attr]
+        for s, n in self.runs:
+            self.tracker.protect(s, n)
+
+    def scan(self) -> Runs:
+        assert self.tracker is not None
+        out: Runs = []
+        for s, n in self.runs:
+            out.extend(self.tracker.scan_reset(s, n))
+        return out
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
+
+
+def _tracking_problem(regions: list[_Region]) -> str | None:
+    why = uffd.available()
+    if why is not None:
+        return why
+    for r in regions:
+        if r.region.page_size != PAGE:
+            return f"region {r.region.mr.name!r} has {r.region.page_size:#x}-byte pages (tracked: 4 KiB only)"
+    return None
+
+
+class PrecopySource:
+    """One precopy over a connected socket (module rules). :meth:`run` returns once the
+    destination confirmed; ``cancel`` (an Event) stops it between sections."""
+
+    def __init__(
+        self,
+        address_space: AddressSpace,
+        devices: Sequence[VirtioMem],
+        sock: socket.socket,
+        guest: GuestControl | None,
+        params: PrecopyParams | None = None,
+        *,
+        progress: ProgressFn | None = None,
+        status_timeout: float | None = STATUS_TIMEOUT,
+    ) -> None:
+        self.space = address_space
+        self.devices = list(devices)
+        self.sock = sock
+        self.guest = guest
+        self.params = params or PrecopyParams()
+        self.progress = progress
+        self.status_timeout = status_timeout
+        self.stats = PrecopyStats()
+        self.cancel = threading.Event()
+        self.algo = default_checksum()
+        self.counter = Counter()
+        self._paused = False
+
+    def _check_cancel(self) -> None:
+        if self.cancel.is_set():
+            raise MigrationError("migration cancelled")
+
+    def _send_runs(self, out: _Batcher, region: _Region, runs: Runs, live: bool) -> int:
+        sent = 0
+        view, index = region.view, region.region.index
+        for s, n in runs:
+            end = s + n
+            while s < end:
+                k = min(CHUNK, end - s)
+                data = out.copy(view[s : s + k]) if live else view[s : s + k]
+                out.add(page_header(index, s, data, self.algo), data)
+                self.counter.pages(k)
+                sent += k
+                s += k
+            self._check_cancel()
+        return sent
+
+    def _report(self) -> None:
+        if self.progress is not None:
+            self.progress(self.stats)
+
+    def run(self) -> PrecopyStats:
+        st = self.stats
+        t0 = time.perf_counter()
+        try:
+            with frozen(self.devices):
+                regions = [_Region(r) for r in collect_regions(self.space, self.devices)]
+                try:
+                    return self._run(regions, t0)
+                finally:
+                    for r in regions:
+                        r.close()
+        except BaseException:
+            st.status = "failed" if not self.cancel.is_set() else "cancelled"
+            if self._paused and self.guest is not None:
+                self.guest.resume()
+                self._paused = False
+            raise
+
+    def _run(self, regions: list[_Region], t0: float) -> PrecopyStats:
+        st, p = self.stats, self.params
+        st.fallback = _tracking_problem(regions)
+        if st.fallback is None:
+            for r in regions:
+                r.start_tracking()
+        st.total_bytes = sum(n for r in regions for _s, n in r.runs)
+        out = _Batcher(self.sock, st, p)
+        flags = StreamFlags.LIVE
+        out.add(encode_stream_header(flags, self.algo))
+        for r in regions:
+            out.add(encode_region(r.region.info()))
+            self.counter.meta()
+        for r in regions:
+            if r.region.device is not None:
+                out.add(encode_device(r.region.index, r.region.device.save_state()))
+                self.counter.meta()
+        st.setup_time = time.perf_counter() - t0
+        st.status = "active"
+        dirty: list[Runs] = [list(r.runs) for r in regions]
+        remaining = st.total_bytes
+        best = remaining
+        while True:
+            self._check_cancel()
+            st.rounds += 1
+            t_round = time.perf_counter()
+            sent = sum(self._send_runs(out, r, d, True) for r, d in zip(regions, dirty, strict=True))
+            out.add(encode_round(st.rounds, remaining))
+            self.counter.meta()
+            out.flush()
+            st.round_bytes.append(sent)
+            st.page_bytes += sent
+            elapsed = max(time.perf_counter() - t_round, 1e-6)
+            if sent:
+                st.bandwidth = sent / elapsed
+            if st.fallback is not None:
+                dirty = [list(r.runs) for r in regions]
+                break
+            dirty = [r.scan() for r in regions]
+            remaining = sum(n for d in dirty for _s, n in d)
+            st.remaining = remaining
+            st.dirty_rate = remaining / elapsed
+            st.expected_downtime = remaining / st.bandwidth if st.bandwidth else 0.0
+            self._report()
+            stalled = remaining >= best and st.rounds >= 5
+            best = min(best, remaining)
+            if st.expected_downtime <= p.downtime_limit or st.rounds >= p.max_rounds or stalled:
+                break
+        # switchover
+        st.status = "device"
+        t_down = time.perf_counter()
+        if self.guest is not None:
+            self.guest.pause()
+            self._paused = True
+        if st.fallback is None:
+            dirty = [merge(d, r.scan()) for r, d in zip(regions, dirty, strict=True)]
+        out.throttle = False
+        sent = sum(self._send_runs(out, r, d, False) for r, d in zip(regions, dirty, strict=True))
+        st.round_bytes.append(sent)
+        st.page_bytes += sent
+        for r in regions:
+            if r.region.device is not None:
+                out.add(encode_device(r.region.index, r.region.device.save_state()))
+                self.counter.meta()
+        out.add(encode_end(self.counter.end()))
+        out.flush()
+        self.sock.shutdown(socket.SHUT_WR)
+        self.sock.settimeout(self.status_timeout)
+        error = recv_status(self.sock)
+        if error is not None:
+            raise MigrationError(f"the destination refused the migration: {error}")
+        st.downtime = time.perf_counter() - t_down
+        st.total_time = time.perf_counter() - t0
+        st.remaining = 0
+        st.pages_sent = self.counter.page_bytes // PAGE
+        st.status = "completed"
+        self._report()
+        return st
+
+
+def precopy_to(
+    host: str,
+    port: int,
+    address_space: AddressSpace,
+    devices: Sequence[VirtioMem],
+    guest: GuestControl | None,
+    params: PrecopyParams | None = None,
+    *,
+    progress: ProgressFn | None = None,
+    timeout: float | None = STATUS_TIMEOUT,
+    io_timeout: float = IO_TIMEOUT,
+    on_start: Callable[[PrecopySource], None] | None = None,
+) -> PrecopyStats:
+    """Precopy to a destination listening on ``host:port`` (:func:`receive_live` there).
+    ``on_start`` gets the source before anything is sent (``source.cancel.set()`` and
+    ``source.sock.shutdown`` cancel it). Raises MigrationError (the source runs on,
+    unchanged) or OSError for connection problems."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.settimeout(io_timeout)
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+        src = PrecopySource(
+            address_space, devices, sock, guest, params, progress=progress, status_timeout=timeout
+        )
+        if on_start is not None:
+            on_start(src)
+        try:
+            return src.run()
+        except PeerAnswered as exc:
+            sock.settimeout(timeout)
+            try:
+                error = recv_status(sock)
+            except (MigrationError, OSError):
+                error = None
+            raise MigrationError(f"the destination refused the migration: {error or exc}") from exc
+        except TimeoutError:
+            raise MigrationError(
+                f"the destination read nothing for {io_timeout:g} s; migration abandoned"
+            ) from None
+        except OSError as exc:
+            if src.cancel.is_set():
+                raise MigrationError("migration cancelled") from None
+            raise MigrationError(f"migration cancelled or connection lost: {exc.strerror or exc}") from None
+
+
+# -- destination ------------------------------------------------------------------------------
+
+
+class Coverage:
+    """Disjoint ascending byte ranges received so far (one per region)."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    def add(self, start: int, end: int) -> None:
+        i = bisect_left(self.ends, start)
+        j = bisect_right(self.starts, end)
+        if i < j:
+            start = min(start, self.starts[i])
+            end = max(end, self.ends[j - 1])
+        self.starts[i:j] = [start]
+        self.ends[i:j] = [end]
+
+    def remove(self, start: int, end: int) -> None:
+        keep_s: list[int] = []
+        keep_e: list[int] = []
+        i = bisect_right(self.ends, start)
+        j = bisect_left(self.starts, end)
+        for s, e in zip(self.starts[i:j], self.ends[i:j], strict=True):
+            if s < start:
+                keep_s.append(s)
+                keep_e.append(start)
+            if e > end:
+                keep_s.append(end)
+                keep_e.append(e)
+        self.starts[i:j] = keep_s
+        self.ends[i:j] = keep_e
+
+    def covers(self, start: int, end: int) -> bool:
+        i = bisect_right(self.starts, start) - 1
+        return start == end or (i >= 0 and self.ends[i] >= end)
+
+
+def _subtract(a: Runs, b: Runs) -> Runs:
+    """Parts of runs ``a`` outside runs ``b`` (both ascending)."""
+    out: Runs = []
+    for s, n in a:
+        pos, end = s, s + n
+        for bs, bn in b:
+            be = bs + bn
+            if be <= pos or bs >= end:
+                continue
+            if bs > pos:
+                out.append((pos, bs - pos))
+            pos = max(pos, be)
+        if pos < end:
+            out.append((pos, end - pos))
+    return out
+
+
+@dataclass
+class LiveLoadStats:
+    rounds: int = 0
+    page_bytes: int = 0
+    stream_bytes: int = 0
+    seconds: float = 0.0
+
+
+def load_live(
+    address_space: AddressSpace,
+    devices: Sequence[VirtioMem],
+    reader: SocketReader,
+    *,
+    on_round: Callable[[int], None] | None = None,
+) -> LiveLoadStats:
+    """Load a live (or stop-and-copy) stream from ``reader`` (module rules). Raises
+    MigrationError with the destination reset to all discarded."""
+    from ramdiscard.migration.destination import _check_state, _Incoming, _limits, _plugged_runs, _reset
+    from ramdiscard.migration.progress import ProgressTracker
+    from ramdiscard.migration.stream import Decoder
+    from ramdiscard.providers.virtio_mem.persist import decode_state
+
+    t0 = time.perf_counter()
+    with frozen(devices) as freeze:
+        regions = collect_regions(address_space, devices)
+        for dev in devices:
+            if dev.plugged_size:
+                raise MigrationError(f"device {dev.id!r} has memory plugged; a destination must start empty")
+        requested = {dev.id: dev.requested_size for dev in devices}
+        tracker = ProgressTracker("receive", 0, None)
+        inc = _Incoming(regions, reader, None, tracker)
+        inc.decoder = Decoder(limits=_limits(regions), live_ok=True)
+        stats = LiveLoadStats()
+        try:
+            images, event = inc.read_metadata()
+        except OSError as exc:
+            raise MigrationError(f"reading the stream failed (nothing changed): {exc}") from exc
+        try:
+            managed = [r for r in regions if r.device is not None]
+            final = {r.index: img for r, img in zip(managed, images, strict=True)}
+            inc.prepare_pages(images)
+            cover = [Coverage() for _r in regions]
+            while not isinstance(event, End):
+                if isinstance(event, PageData):
+                    inc.receive_page(event)
+                    cover[event.region].add(event.offset, event.offset + event.length)
+                    stats.page_bytes += event.length
+                elif isinstance(event, Round):
+                    stats.rounds = event.number
+                    if on_round is not None:
+                        on_round(event.number)
+                elif isinstance(event, DeviceState):
+                    region = regions[event.region]
+                    if region.device is None:
+                        raise StreamError(f"DEVICE section for unmanaged region {region.mr.name!r}")
+                    _check_state(region.device, event.state)
+                    image = decode_state(event.state)
+                    runs = _plugged_runs(image.bitmap, image.nb_blocks, image.block_size)
+                    for s, n in _subtract(inc.runs[event.region], runs):
+                        region.mr.ram.discard_range(s, n)  # type: ignore[union-attr]
+                        cover[event.region].remove(s, s + n)
+                    inc.runs[event.region] = runs
+                    inc.starts[event.region] = [s for s, _n in runs]
+                    final[event.region] = event.state
+                else:
+                    raise StreamError(f"unexpected {type(event).__name__} in a live stream")
+                event = inc.next_event()
+            for region, runs, cov in zip(regions, inc.runs, cover, strict=True):
+                for s, n in runs:
+                    if not cov.covers(s, s + n):
+                        raise StreamError(
+                            f"region {region.mr.name!r}: plugged range [{s:#x}, +{n:#x}) was not received"
+                        )
+            for region in managed:
+                assert region.device is not None
+                try:
+                    region.device.load_state(final[region.index])
+                except Exception as exc:
+                    raise MigrationError(f"device {region.device.id!r}: {exc}") from exc
+            for region in managed:
+                for offset, length in region.discarded_runs():
+                    region.mr.ram.discard_range(offset, length)  # type: ignore[union-attr]
+        except BaseException as exc:
+            _reset(regions, requested, freeze)
+            if isinstance(exc, MigrationError):
+                raise
+            if isinstance(exc, Exception):
+                raise MigrationError(f"restore failed, destination reset to all discarded: {exc!r}") from exc
+            raise
+    stats.stream_bytes = inc.position
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def receive_live(
+    listen_socket: socket.socket,
+    address_space: AddressSpace,
+    devices: Sequence[VirtioMem],
+    *,
+    accept_timeout: float | None = None,
+    read_timeout: float = IO_TIMEOUT,
+    on_round: Callable[[int], None] | None = None,
+    on_connection: Callable[[socket.socket], None] | None = None,
+) -> LiveLoadStats:
+    """Accept one source on ``listen_socket`` and load its stream (live or not); the
+    source is told the outcome. ``read_timeout`` bounds every silence of the source.
+    Raises MigrationError (destination reset), TimeoutError when nobody connected."""
+    from ramdiscard.migration.transport import _drain, _tune
+
+    listen_socket.settimeout(accept_timeout)
+    conn, _peer = listen_socket.accept()
+    with conn:
+        conn.settimeout(read_timeout)
+        _tune(conn)
+        if on_connection is not None:
+            on_connection(conn)
+        try:
+            stats = load_live(address_space, devices, SocketReader(conn), on_round=on_round)
+        except Exception as exc:
+            try:
+                send_status(conn, str(exc) or type(exc).__name__)
+                if not isinstance(exc, ReadTimeout):
+                    _drain(conn)
+            except OSError:
+                pass
+            raise
+        send_status(conn, None)
+    return stats

@@ -1,0 +1,383 @@
+"""QEMU's live-migration QMP interface for a scenario machine.
+
+Rules (QEMU qapi/migration.json shapes):
+
+* :class:`LiveMachineBackend` is a :class:`MachineBackend` with these commands:
+  ``migrate`` {uri: ``tcp:HOST:PORT`` precopy with the guest running, ``file:PATH`` a
+  sparse snapshot of the machine as it is}, which returns ``{}`` at once while the
+  migration runs on a thread of its own; ``migrate-incoming`` {uri} (only when started
+  with ``--incoming defer``); ``migrate-set-capabilities``; ``migrate-set-parameters``
+  (``downtime-limit`` ms, ``max-bandwidth`` bytes/s); ``query-migrate``,
+  ``query-migrate-capabilities``, ``query-migrate-parameters``; ``migrate_cancel``;
+  ``x-ramdiscard-memory-digest``. It keeps the run state (``run_state``, adding
+  ``inmigrate`` and ``postmigrate``) that the dispatcher's ``query-status``, ``stop`` and
+  ``cont`` read and set.
+* Events: ``MIGRATION`` {status} at every status change (setup, active, device,
+  completed, failed, cancelled), ``MIGRATION_PASS`` {pass} after every precopy round.
+* Source: after ``completed`` the guest stays stopped (run state ``postmigrate``); on
+  failure or cancel the guest runs on with its memory, pins and plugged state intact.
+  Destination: run state ``inmigrate`` until the stream is loaded, then the guest
+  starts (``running``), or stays ``paused`` when the server was started paused.
+* Capabilities ``postcopy-ram``, ``postcopy-preempt`` and ``background-snapshot`` are
+  known but not implemented here: ``migrate`` with one of them set is refused with a
+  one-line error, changing nothing.
+* ``x-ramdiscard-memory-digest``: per RAM region, its populated runs and a SHA-256 over
+  their content (and the runs); refused while the guest runs (the content moves).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ramdiscard import migration
+from ramdiscard.fileio import create_output
+from ramdiscard.migration.layout import collect_regions
+from ramdiscard.migration.precopy import PrecopyParams, PrecopySource, PrecopyStats, precopy_to, receive_live
+from ramdiscard.migration.transport import IO_TIMEOUT
+from ramdiscard.qmp.commands import Outcome, Param, check_arguments
+from ramdiscard.qmp.events import QmpEvent
+from ramdiscard.qmp.machine_backend import MachineBackend, MachineLike
+from ramdiscard.qmp.protocol import QmpError
+
+CAPABILITIES = ("postcopy-ram", "postcopy-preempt", "background-snapshot", "mapped-ram")
+UNSUPPORTED = ("postcopy-ram", "postcopy-preempt", "background-snapshot")
+PAGE = 4096
+
+Handler = Callable[[dict[str, Any]], Outcome]
+
+
+class _Guest:
+    """GuestControl over the machine's writer (the vCPUs)."""
+
+    def __init__(self, machine: Any) -> None:
+        self.machine = machine
+
+    def pause(self) -> None:
+        w = getattr(self.machine, "writer", None)
+        if w is not None:
+            w.pause()
+
+    def resume(self) -> None:
+        w = getattr(self.machine, "writer", None)
+        if w is not None:
+            w.resume()
+
+
+class LiveMachineBackend(MachineBackend):
+    """A machine backend with QEMU's migration commands (module rules)."""
+
+    def __init__(
+        self,
+        machine: MachineLike,
+        *,
+        migrate_timeout: float = IO_TIMEOUT,
+        incoming: str | None = None,
+        start_paused: bool = False,
+    ) -> None:
+        super().__init__(machine, migrate_timeout=migrate_timeout)
+        self.caps = dict.fromkeys(CAPABILITIES, False)
+        self.params = {"downtime-limit": 300, "max-bandwidth": 0}
+        self.mstatus = "none"
+        self.run_state = "inmigrate" if incoming else "running"
+        self.start_paused = start_paused
+        self.stats: PrecopyStats | None = None
+        self.error: str | None = None
+        self._source: PrecopySource | None = None
+        self._live_thread: threading.Thread | None = None
+        self._emit: Callable[[QmpEvent], None] | None = None
+        self._incoming = incoming
+        self._incoming_sock: socket.socket | None = None
+        self._t0 = 0.0
+        self._stopped_by_user = False
+        if incoming and incoming != "defer":
+            self._listen(incoming)
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def set_event_sink(self, emit: Callable[[QmpEvent], None]) -> None:
+        self._emit = emit
+
+    def _event(self, name: str, data: dict[str, Any]) -> None:
+        if self._emit is not None:
+            self._emit(QmpEvent(name, data, time.time()))
+
+    def _set_status(self, status: str) -> None:
+        self.mstatus = status
+        self._event("MIGRATION", {"status": status})
+
+    def extra_commands(self) -> dict[str, tuple[Handler, tuple[Param, ...]]]:
+        def raw(fn: Callable[[dict[str, Any]], Any]) -> Handler:
+            return lambda args: Outcome(fn(args))
+
+        return {
+            "migrate": (raw(self._cmd_migrate), (Param("uri", "string"), Param("detach", "boolean", False))),
+            "migrate-incoming": (raw(self._cmd_incoming), (Param("uri", "string"),)),
+            "migrate-set-capabilities": (raw(self._cmd_set_caps), (Param("capabilities", "any"),)),
+            "migrate-set-parameters": (
+                raw(self._cmd_set_params),
+                (Param("downtime-limit", "any", False), Param("max-bandwidth", "any", False)),
+            ),
+            "query-migrate": (raw(lambda _a: self.query_migrate()), ()),
+            "query-migrate-capabilities": (
+                raw(lambda _a: [{"capability": k, "state": v} for k, v in self.caps.items()]),
+                (),
+            ),
+            "query-migrate-parameters": (raw(lambda _a: dict(self.params)), ()),
+            "x-ramdiscard-memory-digest": (raw(lambda _a: self.memory_digest()), ()),
+        }
+
+    # -- commands -------------------------------------------------------------------------
+
+    def _busy(self) -> bool:
+        return self.mstatus in ("setup", "active", "device")
+
+    def _cmd_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
+        uri: str = args["uri"]
+        kind, _sep, rest = uri.partition(":")
+        tcp = kind == "tcp" and rest.rpartition(":")[2].isdigit()
+        if not tcp and not (kind == "file" and rest):
+            raise QmpError(f"Invalid migration URI '{uri[:256]}': expected file:PATH or tcp:HOST:PORT")
+        wanted = [c for c in UNSUPPORTED if self.caps[c]]
+        if wanted:
+            raise QmpError(f"capability {wanted[0]} is not supported by this build; migration not started")
+        if self.run_state in ("inmigrate", "postmigrate"):
+            raise QmpError(f"cannot migrate in run state {self.run_state}")
+        with self._state:
+            if self._closed:
+                raise QmpError("the machine is shutting down")
+            if self._migrating or self._busy():
+                raise QmpError("There's a migration process in progress")
+            self._migrating, self._cancelled = True, False
+        self.stats, self.error, self._t0 = None, None, time.perf_counter()
+        self._set_status("setup")
+        target = self._run_tcp if tcp else self._run_file
+        self._live_thread = threading.Thread(
+            target=target, args=(rest,), name="ramdiscard-migrate", daemon=True
+        )
+        self._live_thread.start()
+        return {}
+
+    def _finish(self, ok: bool) -> None:
+        with self._state:
+            self._migrating, self._sock, self._source = False, None, None
+            self._idle.notify_all()
+        if ok:
+            self._set_status("completed")
+        else:
+            self._set_status("cancelled" if self._cancelled else "failed")
+
+    def _run_tcp(self, rest: str) -> None:
+        host, _s, port = rest.rpartition(":")
+        m = self.machine
+        with m.lock:
+            devices = list(m.devices.values())
+            space = m.space
+        params = PrecopyParams(
+            downtime_limit=self.params["downtime-limit"] / 1000.0, max_bandwidth=self.params["max-bandwidth"]
+        )
+        seen = [0]
+
+        def progress(st: PrecopyStats) -> None:
+            self.stats = st
+            if st.status == "active" and self.mstatus == "setup":
+                self._set_status("active")
+            if st.rounds > seen[0]:
+                seen[0] = st.rounds
+                self._event("MIGRATION_PASS", {"pass": st.rounds})
+
+        def started(src: PrecopySource) -> None:
+            with self._state:
+                self._source, self._sock = src, src.sock
+                if self._cancelled:
+                    src.cancel.set()
+            self.stats = src.stats
+
+        ok = False
+        try:
+            self.stats = precopy_to(
+                host.strip("[]"), int(port), space, devices, _Guest(m), params,
+                progress=progress, timeout=self.migrate_timeout, io_timeout=self.migrate_timeout,
+                on_start=started,
+            )  # fmt: skip
+            ok = True
+            self.run_state = "postmigrate"
+        except (OSError, migration.MigrationError) as exc:
+            self.error = str(exc)
+        finally:
+            self._finish(ok)
+
+    def _run_file(self, path: str) -> None:
+        ok = False
+        try:
+            with self.machine.lock:
+                devices = list(self.machine.devices.values())
+                self._set_status("active")
+                with create_output(path, "migration file") as f:
+                    migration.save(self.machine.space, devices, f)
+            ok = True
+        except (OSError, migration.MigrationError) as exc:
+            self.error = str(exc)
+        finally:
+            self._finish(ok)
+
+    def migrate_cancel(self) -> None:
+        with self._state:
+            if not self._migrating:
+                return
+            self._cancelled = True
+            if self._source is not None:
+                self._source.cancel.set()
+            if self._sock is not None:
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
+
+    def _cmd_set_caps(self, args: dict[str, Any]) -> dict[str, Any]:
+        caps = args["capabilities"]
+        if not isinstance(caps, list):
+            raise QmpError("Invalid parameter type for 'capabilities', expected: array")
+        new = dict(self.caps)
+        for item in caps:
+            if not isinstance(item, dict):
+                raise QmpError("Invalid parameter type for 'capabilities', expected: array of objects")
+            check_arguments(item, (Param("capability", "string"), Param("state", "boolean")))
+            if item["capability"] not in new:
+                value = str(item["capability"])[:64]
+                raise QmpError(f"Parameter 'capability' does not accept value '{value}'")
+            new[item["capability"]] = item["state"]
+        if self._busy():
+            raise QmpError("There's a migration process in progress")
+        self.caps = new
+        return {}
+
+    def _cmd_set_params(self, args: dict[str, Any]) -> dict[str, Any]:
+        new = dict(self.params)
+        for key, limit in (("downtime-limit", 2000 * 1000), ("max-bandwidth", (1 << 63) - 1)):
+            if key in args:
+                v = args[key]
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise QmpError(f"Invalid parameter type for '{key}', expected: integer")
+                if not 0 <= v <= limit:
+                    raise QmpError(f"Parameter '{key}' expects an integer in the range of 0 to {limit}")
+                new[key] = v
+        self.params = new
+        return {}
+
+    def query_migrate(self) -> dict[str, Any]:
+        addr = getattr(self, "incoming_address", None)
+        if self.mstatus == "none":
+            if addr is not None:
+                return {"socket-address": [{"type": "inet", "host": addr[0], "port": str(addr[1])}]}
+            return {}
+        st = self.stats
+        out: dict[str, Any] = {"status": self.mstatus}
+        if st is not None:
+            elapsed = st.total_time if self.mstatus == "completed" else time.perf_counter() - self._t0
+            out["total-time"] = int(elapsed * 1000)
+            out["setup-time"] = int(st.setup_time * 1000)
+            if self.mstatus == "completed":
+                out["downtime"] = round(st.downtime * 1000)
+            else:
+                out["expected-downtime"] = int(st.expected_downtime * 1000)
+            out["ram"] = {
+                "transferred": st.stream_bytes,
+                "remaining": st.remaining,
+                "total": st.total_bytes,
+                "normal": st.page_bytes // PAGE,
+                "normal-bytes": st.page_bytes,
+                "duplicate": 0,
+                "dirty-sync-count": st.rounds,
+                "mbps": st.bandwidth * 8 / 1e6,
+                "dirty-pages-rate": int(st.dirty_rate / PAGE),
+                "page-size": PAGE,
+            }
+            if st.fallback:
+                out["x-ramdiscard-fallback"] = st.fallback
+        if self.error and self.mstatus in ("failed", "cancelled"):
+            out["error-desc"] = self.error
+        return out
+
+    # -- incoming -------------------------------------------------------------------------
+
+    def _cmd_incoming(self, args: dict[str, Any]) -> dict[str, Any]:
+        if self._incoming != "defer" or self._incoming_sock is not None or self.run_state != "inmigrate":
+            raise QmpError("The incoming migration has already been started or -incoming defer was not used")
+        self._listen(args["uri"])
+        return {}
+
+    def _listen(self, uri: str) -> None:
+        kind, _s, rest = uri.partition(":")
+        host, _s2, port = rest.rpartition(":")
+        if kind != "tcp" or not port.isdigit():
+            raise QmpError(f"Invalid incoming URI '{uri[:256]}': expected tcp:HOST:PORT")
+        ls = socket.create_server((host.strip("[]"), int(port)))
+        self._incoming_sock = ls
+        self.incoming_address = ls.getsockname()[:2]
+        threading.Thread(target=self._receive, args=(ls,), name="ramdiscard-incoming", daemon=True).start()
+
+    def _receive(self, ls: socket.socket) -> None:
+        m = self.machine
+        with m.lock:
+            devices = list(m.devices.values())
+            space = m.space
+        ok = False
+        try:
+            with ls:
+
+                def connected(_conn: socket.socket) -> None:
+                    self._set_status("active")
+
+                receive_live(
+                    ls, space, devices, read_timeout=self.migrate_timeout, on_connection=connected,
+                    on_round=lambda n: self._event("MIGRATION_PASS", {"pass": n}),
+                )  # fmt: skip
+            ok = True
+        except (OSError, migration.MigrationError) as exc:
+            self.error = str(exc)
+        self._set_status("completed" if ok else "failed")
+        if not ok:
+            return
+        resume = getattr(m, "resume_incoming", None)
+        if callable(resume):
+            resume()
+        if self.start_paused:
+            _Guest(m).pause()
+            self.run_state = "paused"
+        else:
+            self.run_state = "running"
+
+    # -- digest ---------------------------------------------------------------------------
+
+    def memory_digest(self) -> dict[str, Any]:
+        writer = getattr(self.machine, "writer", None)
+        if self.run_state == "running" and writer is not None and writer.running and not writer.paused:
+            raise QmpError("the guest is running; stop it first (its memory changes meanwhile)")
+        with self.machine.lock:
+            regions = collect_regions(self.machine.space, list(self.machine.devices.values()))
+            out = []
+            total = hashlib.sha256()
+            for r in regions:
+                h = hashlib.sha256()
+                runs = r.populated_runs()
+                view = r.view
+                for s, n in runs:
+                    h.update(s.to_bytes(8, "little") + n.to_bytes(8, "little"))
+                    h.update(view[s : s + n])
+                digest = h.hexdigest()
+                total.update(digest.encode())
+                out.append({"name": r.mr.name, "runs": [[s, n] for s, n in runs], "sha256": digest})
+        return {"regions": out, "sha256": total.hexdigest()}
+
+    def close(self, wait: float = 30.0) -> None:
+        if self._incoming_sock is not None:
+            with contextlib.suppress(OSError):
+                self._incoming_sock.shutdown(socket.SHUT_RDWR)  # wakes the accept
+        super().close(wait)
+        t = self._live_thread
+        if t is not None:
+            t.join(wait)

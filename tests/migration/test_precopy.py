@@ -1,0 +1,150 @@
+"""Precopy with a guest writing all the time: equal content, discarded memory untouched."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from ramdiscard.guest.writer import DeviceTarget, GuestWriter
+from ramdiscard.hostmem import uffd
+from ramdiscard.migration import MigrationError
+from ramdiscard.migration.precopy import Coverage, PrecopyParams, PrecopySource, precopy_to, receive_live
+from ramdiscard.units import MiB
+from tests.migration.conftest import Machines, assert_fresh
+from tests.migration.machine import Machine
+
+BLOCKS = [0, 1, 2, 5, 6, 9, 20, 21, 22, 23, 40, 63]
+
+
+def _pair(machines: Machines, backing: str) -> tuple[Machine, Machine, GuestWriter, threading.RLock]:
+    src = machines(128 * MiB, backing=backing)
+    dst = machines(128 * MiB, backing=backing)
+    src.plug_blocks(BLOCKS)
+    src.fill(3)
+    lock = threading.RLock()
+    writer = GuestWriter([DeviceTarget(src.dev, src.ram)], lock, rate=50 * MiB, seed=5)
+    return src, dst, writer, lock
+
+
+def _migrate(src: Machine, dst: Machine, writer: GuestWriter, **kw: Any) -> tuple[Any, dict[str, Any]]:
+    out: dict[str, Any] = {}
+    with socket.create_server(("127.0.0.1", 0)) as ls:
+        port = ls.getsockname()[1]
+
+        def receive() -> None:
+            try:
+                out["stats"] = receive_live(ls, dst.space, dst.devices, accept_timeout=30, read_timeout=30)
+            except BaseException as exc:
+                out["error"] = exc
+
+        t = threading.Thread(target=receive, daemon=True)
+        t.start()
+        try:
+            stats = precopy_to(
+                "127.0.0.1", port, src.space, src.devices, writer, timeout=30, io_timeout=30, **kw
+            )
+        finally:
+            t.join(60)
+    return stats, out
+
+
+@pytest.mark.skipif(uffd.available() is not None, reason=f"no WP_ASYNC dirty tracking: {uffd.available()}")
+def test_precopy_with_writer_converges(machines: Machines, backing: str) -> None:
+    src, dst, writer, _lock = _pair(machines, backing)
+    writer.start()
+    try:
+        deadline = time.monotonic() + 10
+        while writer.pages_written < 500:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        resident_before = src.resident_outside_plugged()
+        stats, out = _migrate(src, dst, writer, params=PrecopyParams(downtime_limit=0.02))
+        assert "error" not in out, out.get("error")
+        assert writer.paused
+        frozen = writer.pages_written
+        assert stats.status == "completed"
+        assert stats.fallback is None
+        assert stats.rounds == len(stats.round_bytes) - 1
+        assert sum(stats.round_bytes) == stats.page_bytes
+        assert stats.round_bytes[0] == len(BLOCKS) * src.block + 4 * MiB
+        assert src.digests() == dst.digests()
+        assert dst.dev.plugged_size == src.dev.plugged_size
+        assert dst.resident_outside_plugged() == 0
+        assert src.resident_outside_plugged() == resident_before == 0
+        assert writer.pages_written == frozen
+        assert not src.dev.is_busy() and not dst.dev.is_busy()
+    finally:
+        writer.resume()
+        writer.stop()
+
+
+def test_refused_stream_leaves_source_running(machines: Machines) -> None:
+    src, dst, writer, _lock = _pair(machines, "anonymous")
+    dst.plug_blocks([3])  # a destination that is not empty refuses
+    writer.start()
+    try:
+        digests = src.digests()
+        with pytest.raises(MigrationError, match="must start empty"):
+            _migrate(src, dst, writer)
+        assert not writer.paused
+        before = writer.pages_written
+        deadline = time.monotonic() + 10
+        while writer.pages_written == before:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert src.plugged_blocks() == BLOCKS
+        assert set(src.digests()) == set(digests)
+        assert not src.dev.is_busy()
+    finally:
+        writer.stop()
+
+
+def test_cancel_during_rounds_leaves_source_intact(machines: Machines) -> None:
+    src, dst, writer, _lock = _pair(machines, "memfd")
+    writer.start()
+    sources: list[PrecopySource] = []
+
+    def progress(stats: Any) -> None:
+        if stats.rounds >= 1:
+            sources[0].cancel.set()
+
+    try:
+        with pytest.raises(MigrationError):
+            _migrate(
+                src, dst, writer, params=PrecopyParams(downtime_limit=0.0, max_rounds=1000),
+                progress=progress, on_start=sources.append,
+            )  # fmt: skip
+        assert not writer.paused
+        assert src.plugged_blocks() == BLOCKS
+        assert not src.dev.is_busy()
+        assert src.resident_outside_plugged() == 0
+        assert_fresh(dst)
+    finally:
+        writer.stop()
+
+
+def test_silent_destination_cut_off(machines: Machines) -> None:
+    src, _dst, writer, _lock = _pair(machines, "anonymous")
+    with socket.create_server(("127.0.0.1", 0)) as ls:
+        port = ls.getsockname()[1]
+        t0 = time.monotonic()
+        with pytest.raises(MigrationError, match=r"read nothing|lost|refused|status"):
+            precopy_to("127.0.0.1", port, src.space, src.devices, writer, timeout=1.0, io_timeout=1.0)
+        assert time.monotonic() - t0 < 30
+    assert not src.dev.is_busy()
+    assert not writer.paused
+
+
+def test_coverage_sets() -> None:
+    c = Coverage()
+    c.add(0, 10)
+    c.add(20, 30)
+    c.add(5, 22)
+    assert (c.starts, c.ends) == ([0], [30])
+    c.remove(10, 12)
+    assert (c.starts, c.ends) == ([0, 12], [10, 30])
+    assert c.covers(0, 10) and not c.covers(0, 11) and c.covers(12, 30)
