@@ -20,9 +20,11 @@ from __future__ import annotations
 import logging
 import os
 import platform
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from ramdiscard.errors import InvalidArgument
+from ramdiscard.memory.region import MemoryRegion
 from ramdiscard.providers.virtio_mem.state import check_requested
 from ramdiscard.providers.virtio_mem.wire import (
     U64_MAX,
@@ -32,6 +34,7 @@ from ramdiscard.providers.virtio_mem.wire import (
     VirtioMemError,
     feature_bit,
 )
+from ramdiscard.rdm.aggregate import AggregateManager
 from ramdiscard.units import GiB, MiB, align_up, is_power_of_2
 
 log = logging.getLogger("ramdiscard.providers.virtio_mem")
@@ -113,6 +116,22 @@ def memslot_geometry(region_size: int, block_size: int, limit: int | None) -> tu
     if size >= region_size:
         return region_size, 1
     return size, -(-region_size // size)
+
+
+def check_memdev(prefix: str, memory: object, is_device: Callable[[object], bool]) -> HostRam:
+    """The RAM block of ``memory`` if it can back a device: a RAM region whose RAM block
+    can discard and populate, not already used by a device (``is_device`` says whether a
+    manager of the region, or a source of its aggregate, is one). InvalidArgument otherwise."""
+    if not isinstance(memory, MemoryRegion) or not memory.is_ram or memory.ram is None:
+        raise InvalidArgument(f"{prefix}: memdev must be a RAM memory region with a RAM block")
+    ram = memory.ram
+    if not isinstance(ram, HostRam):
+        raise InvalidArgument(f"{prefix}: RAM block {ram!r} cannot discard/populate memory")
+    current = memory.ram_discard_manager
+    users = current.sources if isinstance(current, AggregateManager) else (current,)
+    if any(is_device(user) for user in users):
+        raise InvalidArgument(f"{prefix}: memdev {memory.name!r} is busy (used by another virtio-mem)")
+    return ram
 
 
 def check_properties(

@@ -55,13 +55,23 @@ from ramdiscard.providers.virtio_mem.config import (
     USABLE_EXTENT_X86,
     HostRam,
     check_driver_features,
+    check_memdev,
     check_properties,
     host_features,
     memslot_geometry,
 )
-from ramdiscard.providers.virtio_mem.effects import Effects, Engine, HostDiscardFn, HostMemory, Memslots
+from ramdiscard.providers.virtio_mem.effects import (
+    ConfigChangeFn,
+    Effects,
+    Engine,
+    HostDiscardFn,
+    HostMemory,
+    Memslots,
+    Notifiers,
+    SizeChangeFn,
+)
 from ramdiscard.providers.virtio_mem.metrics import VirtioMemMetrics
-from ramdiscard.providers.virtio_mem.persist import StateError, StateImage
+from ramdiscard.providers.virtio_mem.persist import StateImage
 from ramdiscard.providers.virtio_mem.state import PlugState
 from ramdiscard.providers.virtio_mem.wire import (
     BlockState,
@@ -74,16 +84,12 @@ from ramdiscard.providers.virtio_mem.wire import (
     ResponseType,
     VirtioMemError,
 )
-from ramdiscard.rdm.aggregate import AggregateManager, add_ram_discard_source, remove_ram_discard_source
+from ramdiscard.rdm.aggregate import add_ram_discard_source, remove_ram_discard_source
 from ramdiscard.rdm.block_state import BlockStateManager
 from ramdiscard.rdm.manager import RamDiscardManager, ReplayFn
 from ramdiscard.rdm.policy import DiscardPolicy, default_policy
 
 log = logging.getLogger("ramdiscard.providers.virtio_mem")
-
-ConfigChangeFn = Callable[["VirtioMem"], None]
-SizeChangeFn = Callable[[str, int], None]
-"""Called with (device id, new plugged size)."""
 
 
 class VirtioMem(RamDiscardManager):
@@ -137,15 +143,7 @@ class VirtioMem(RamDiscardManager):
         on_host_discard: HostDiscardFn | None = None,
     ) -> None:
         prefix = f"virtio-mem {id!r}"
-        if not isinstance(memory, MemoryRegion) or not memory.is_ram or memory.ram is None:
-            raise InvalidArgument(f"{prefix}: memdev must be a RAM memory region with a RAM block")
-        ram = memory.ram
-        if not isinstance(ram, HostRam):
-            raise InvalidArgument(f"{prefix}: RAM block {ram!r} cannot discard/populate memory")
-        current = memory.ram_discard_manager
-        users = current.sources if isinstance(current, AggregateManager) else (current,)
-        if any(isinstance(user, VirtioMem) for user in users):
-            raise InvalidArgument(f"{prefix}: memdev {memory.name!r} is busy (used by another virtio-mem)")
+        ram = check_memdev(prefix, memory, lambda user: isinstance(user, VirtioMem))
         block_size = check_properties(
             prefix,
             page_size=ram.page_size,
@@ -185,8 +183,7 @@ class VirtioMem(RamDiscardManager):
         self._realize_discarded = False
         self._metrics = VirtioMemMetrics()
         self._host = HostMemory(ram, prefix, self._metrics)
-        self._config_notifiers: list[ConfigChangeFn] = [on_config_change] if on_config_change else []
-        self._size_notifiers: list[SizeChangeFn] = [on_size_change] if on_size_change else []
+        self._notifiers = Notifiers(self, prefix, on_config_change, on_size_change)
         if on_host_discard:
             self._host.hooks.append(on_host_discard)
 
@@ -226,7 +223,7 @@ class VirtioMem(RamDiscardManager):
             self._memslots,
             engine,
             self._metrics,
-            self._fire_size_change,
+            self._notifiers.size_changed,
             prefix,
         )
         self._realized = True
@@ -318,7 +315,7 @@ class VirtioMem(RamDiscardManager):
         with self.lock:
             self._check_realized()
             self._plug.set_requested(value)
-        self._fire_config_change()
+        self._notifiers.config_changed()
 
     @property
     def host_features(self) -> int:
@@ -375,36 +372,22 @@ class VirtioMem(RamDiscardManager):
     # -- notifiers ----------------------------------------------------------------------
 
     def add_config_change_notifier(self, fn: ConfigChangeFn) -> None:
-        self._config_notifiers.append(fn)
+        self._notifiers.config.append(fn)
 
     def remove_config_change_notifier(self, fn: ConfigChangeFn) -> None:
-        self._config_notifiers.remove(fn)
+        self._notifiers.config.remove(fn)
 
     def add_size_change_notifier(self, fn: SizeChangeFn) -> None:
-        self._size_notifiers.append(fn)
+        self._notifiers.size.append(fn)
 
     def remove_size_change_notifier(self, fn: SizeChangeFn) -> None:
-        self._size_notifiers.remove(fn)
+        self._notifiers.size.remove(fn)
 
     def add_host_discard_hook(self, fn: HostDiscardFn) -> None:
         self._host.hooks.append(fn)
 
     def remove_host_discard_hook(self, fn: HostDiscardFn) -> None:
         self._host.hooks.remove(fn)
-
-    def _fire_config_change(self) -> None:
-        for fn in list(self._config_notifiers):
-            try:
-                fn(self)
-            except Exception:
-                log.exception("%s: config-change notifier %r failed", self._prefix, fn)
-
-    def _fire_size_change(self) -> None:
-        for fn in list(self._size_notifiers):
-            try:
-                fn(self._id, self._plug.plugged_size)
-            except Exception:
-                log.exception("%s: size-change notifier %r failed", self._prefix, fn)
 
     @property
     def busy_predicate(self) -> Callable[[], bool] | None:
@@ -538,12 +521,6 @@ class VirtioMem(RamDiscardManager):
 
     def count_populated(self, offset: int, size: int) -> int:
         """Plugged bytes in the block-aligned, non-empty range (InvalidArgument otherwise)."""
-        bs = self._plug.block_size
-        if offset < 0 or size <= 0 or offset % bs or size % bs or offset + size > self.region_size:
-            raise InvalidArgument(
-                f"range [{offset:#x}, +{size:#x}) of {self.region.name!r} must be non-empty, "
-                f"aligned to {bs:#x} and inside the region (size {self.region_size:#x})"
-            )
         return self._plug.count_plugged(offset, size)
 
     def bitmap_bytes(self) -> bytes:
@@ -643,21 +620,8 @@ class VirtioMem(RamDiscardManager):
         with self._topology_lock(), self.lock:
             self._check_realized()
             self._check_not_notifying("load device state")
-            mine = self._sanity()
-            if state.sanity() != mine:
-                names = ("addr", "region size", "block size", "node")
-                diffs = ", ".join(
-                    f"{n} {theirs:#x} != {ours:#x}"
-                    for n, theirs, ours in zip(names, state.sanity(), mine, strict=True)
-                    if theirs != ours
-                )
-                raise StateError(f"virtio-mem state does not match device {self._id!r}: {diffs}")
-            plan = self._plug.plan_restore(
-                usable_region_size=state.usable_region_size,
-                requested_size=state.requested_size,
-                plugged_size=state.plugged_size,
-                bitmap=state.bitmap,
-            )
+            persist.check_sanity(state, self._sanity(), f"device {self._id!r}")
+            plan = self._plug.plan_restore(state)
             self._effects.restore(plan, self._prealloc)
 
     def save_state(self) -> bytes:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ramdiscard.memory.region import MemoryRegion
 from ramdiscard.memory.topology import TopologyError, transaction
@@ -56,6 +57,36 @@ log = logging.getLogger("ramdiscard.providers.virtio_mem")
 
 HostDiscardFn = Callable[[int, int], None]
 """Called with (region offset, length) after every successful host discard."""
+ConfigChangeFn = Callable[[Any], None]
+"""Called with the device after every ``requested_size`` write."""
+SizeChangeFn = Callable[[str, int], None]
+"""Called with (device id, new plugged size)."""
+
+
+class Notifiers:
+    """The device's config-change and size-change notifiers; exceptions are logged."""
+
+    def __init__(
+        self, device: Any, prefix: str, config: ConfigChangeFn | None, size: SizeChangeFn | None
+    ) -> None:
+        self.config: list[ConfigChangeFn] = [config] if config else []
+        self.size: list[SizeChangeFn] = [size] if size else []
+        self._device = device
+        self._prefix = prefix
+
+    def config_changed(self) -> None:
+        for fn in list(self.config):
+            try:
+                fn(self._device)
+            except Exception:
+                log.exception("%s: config-change notifier %r failed", self._prefix, fn)
+
+    def size_changed(self) -> None:
+        for fn in list(self.size):
+            try:
+                fn(self._device.id, self._device.plugged_size)
+            except Exception:
+                log.exception("%s: size-change notifier %r failed", self._prefix, fn)
 
 
 class HostMemory:

@@ -115,3 +115,17 @@ def decode_state(data: bytes | bytearray | memoryview) -> StateImage:
     if usable > region_size or requested > region_size:
         raise StateError("virtio-mem state: usable/requested size exceeds the region size")
     return StateImage(addr, region_size, block_size, node, usable, requested, plugged, body[_HEADER.size :])
+
+
+def check_sanity(image: StateImage, mine: tuple[int, int, int, int], what: str) -> None:
+    """Raise StateError naming every differing field unless the image's sanity block (addr,
+    region size, block size, node) equals ``mine`` (QEMU's -EINVAL on load)."""
+    if image.sanity() == mine:
+        return
+    names = ("addr", "region size", "block size", "node")
+    diffs = ", ".join(
+        f"{n} {theirs:#x} != {ours:#x}"
+        for n, theirs, ours in zip(names, image.sanity(), mine, strict=True)
+        if theirs != ours
+    )
+    raise StateError(f"virtio-mem state does not match {what}: {diffs}")

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from ramdiscard.errors import InvalidArgument
-from ramdiscard.providers.virtio_mem.persist import StateError
+from ramdiscard.providers.virtio_mem.persist import StateError, StateImage
 from ramdiscard.providers.virtio_mem.wire import U64_MAX, BlockState, Request, RequestType, ResponseType
 from ramdiscard.rdm.bitmap import Bitmap
 from ramdiscard.units import align_up, is_power_of_2
@@ -310,9 +310,14 @@ class PlugState:
         return self._bitmap.all_clear(first, last)
 
     def count_plugged(self, offset: int, size: int) -> int:
-        """Plugged bytes among the blocks touched by the byte range."""
-        first, last = self._range(offset, size)
-        return self._bitmap.count_range(first, last) << self._shift
+        """Plugged bytes in a block-aligned, non-empty byte range; InvalidArgument otherwise."""
+        bs = self._bs
+        if offset < 0 or size <= 0 or (offset | size) & (bs - 1) or offset + size > self._region_size:
+            raise InvalidArgument(
+                f"{self._name}: range [{offset:#x}, +{size:#x}) must be non-empty, "
+                f"aligned to {bs:#x} and inside the region (size {self._region_size:#x})"
+            )
+        return self._bitmap.count_range(offset >> self._shift, (offset + size) >> self._shift) << self._shift
 
     def runs(self, offset: int, size: int, plugged: bool = True) -> Iterator[Run]:
         """Maximal runs (start, end) in region offsets with the given state, ascending,
@@ -342,11 +347,10 @@ class PlugState:
 
     # -- restore ------------------------------------------------------------------------
 
-    def plan_restore(
-        self, *, usable_region_size: int, requested_size: int, plugged_size: int, bitmap: bytes
-    ) -> RestorePlan:
+    def plan_restore(self, image: StateImage) -> RestorePlan:
         """Check a decoded image's state against this one (module rules); StateError if
-        it cannot be restored. Sizes must already be block multiples within the region."""
+        it cannot be restored. The image's geometry must already match this core's."""
+        plugged_size, bitmap = image.plugged_size, image.bitmap
         if self.plugged_size:
             raise StateError(f"{self._name} has memory plugged; load needs an empty device")
         try:
@@ -358,13 +362,13 @@ class PlugState:
                 f"virtio-mem state: plugged size {plugged_size:#x} disagrees with the bitmap "
                 f"({bm.count} blocks)"
             )
-        if not bm.all_clear(usable_region_size >> self._shift, bm.nbits):
+        if not bm.all_clear(image.usable_region_size >> self._shift, bm.nbits):
             raise StateError("virtio-mem state: plugged blocks outside the usable region")
         g = self._shift
         return RestorePlan(
             bm,
-            usable_region_size,
-            requested_size,
+            image.usable_region_size,
+            image.requested_size,
             [(s << g, (e - s) << g) for s, e in bm.runs(0, bm.nbits, True)],
             [(s << g, (e - s) << g) for s, e in bm.runs(0, bm.nbits, False)],
             g,
