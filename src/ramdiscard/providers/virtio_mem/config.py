@@ -179,7 +179,7 @@ def check_properties(
     return block_size
 
 
-def host_features(*, numa: bool, unplugged_inaccessible: bool, persistent_suspend: bool) -> int:
+def host_features(numa: bool, unplugged_inaccessible: bool, persistent_suspend: bool) -> int:
     """The device feature bits offered for these properties."""
     features = 0
     if numa:

@@ -46,7 +46,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 
-from ramdiscard.errors import DiscardPolicyError, InvalidArgument, ListenerError, ManagerBusy, RegionMapped
+from ramdiscard.errors import InvalidArgument, ListenerError, RegionMapped
 from ramdiscard.memory import topology
 from ramdiscard.memory.region import MemoryRegion
 from ramdiscard.memory.section import MemoryRegionSection
@@ -54,7 +54,6 @@ from ramdiscard.providers.virtio_mem import persist
 from ramdiscard.providers.virtio_mem.config import (
     USABLE_EXTENT_X86,
     HostRam,
-    check_driver_features,
     check_memdev,
     check_properties,
     host_features,
@@ -69,22 +68,22 @@ from ramdiscard.providers.virtio_mem.effects import (
     Memslots,
     Notifiers,
     SizeChangeFn,
+    claim_region,
+    release_region,
 )
+from ramdiscard.providers.virtio_mem.frontend import Frontend
 from ramdiscard.providers.virtio_mem.metrics import VirtioMemMetrics
 from ramdiscard.providers.virtio_mem.persist import StateImage
 from ramdiscard.providers.virtio_mem.state import PlugState
 from ramdiscard.providers.virtio_mem.wire import (
     BlockState,
     ConfigSpace,
-    DeviceBroken,
-    ProtocolError,
     Request,
     RequestType,
     Response,
     ResponseType,
     VirtioMemError,
 )
-from ramdiscard.rdm.aggregate import add_ram_discard_source, remove_ram_discard_source
 from ramdiscard.rdm.block_state import BlockStateManager
 from ramdiscard.rdm.manager import RamDiscardManager, ReplayFn
 from ramdiscard.rdm.policy import DiscardPolicy, default_policy
@@ -170,46 +169,26 @@ class VirtioMem(RamDiscardManager):
         )
         self._node = node
         self._prealloc = prealloc
-        self._features = host_features(
+        features = host_features(
             numa=numa_nodes > 0,
             unplugged_inaccessible=unplugged_inaccessible,
             persistent_suspend=persistent_suspend,
         )
         self._unplugged_inaccessible = unplugged_inaccessible
         self._busy: Callable[[], bool] | None = busy
-        self._broken = False
-        self._driver_features = 0
         self._realized = False
         self._realize_discarded = False
         self._metrics = VirtioMemMetrics()
+        self._frontend = Frontend(prefix, features, self._metrics, self._execute)
         self._host = HostMemory(ram, prefix, self._metrics)
         self._notifiers = Notifiers(self, prefix, on_config_change, on_size_change)
         if on_host_discard:
             self._host.hooks.append(on_host_discard)
 
         self._policy = policy if policy is not None else default_policy()
-        try:
-            self._policy.coordinated_require(True)
-        except DiscardPolicyError as exc:
-            raise DiscardPolicyError(f"{prefix}: Discarding RAM is disabled") from exc
-        try:
-            try:
-                # Alone this makes the device the region's manager; beside another provider
-                # (guest_memfd attributes) both become sources of one aggregate manager.
-                add_ram_discard_source(memory, self)
-            except (ManagerBusy, RegionMapped, InvalidArgument) as exc:
-                raise type(exc)(f"{prefix}: Failed to set RamDiscardManager: {exc}") from exc
-            try:
-                if not incoming:
-                    ram.discard_range(0, ram.size)
-                    self._realize_discarded = True
-                    self._host.run_hooks(0, ram.size)
-            except BaseException:
-                remove_ram_discard_source(memory, self)
-                raise
-        except BaseException:
-            self._policy.coordinated_require(False)
-            raise
+        self._realize_discarded = claim_region(
+            self, self._policy, self._host, discard=not incoming, prefix=prefix
+        )
         self._memslot_size, self._nb_memslots = (
             memslot_geometry(memory.size, block_size, memslot_limit) if dynamic_memslots else (memory.size, 1)
         )
@@ -293,7 +272,7 @@ class VirtioMem(RamDiscardManager):
     @property
     def broken(self) -> bool:
         """True after a protocol violation, until a device or system reset."""
-        return self._broken
+        return self._frontend.broken
 
     @property
     def metrics(self) -> VirtioMemMetrics:
@@ -320,20 +299,19 @@ class VirtioMem(RamDiscardManager):
     @property
     def host_features(self) -> int:
         """Device feature bits offered to the driver."""
-        return self._features
+        return self._frontend.offered
 
     @property
     def driver_features(self) -> int:
         """Features the driver accepted (0 until negotiated, and after a reset)."""
-        return self._driver_features
+        return self._frontend.accepted
 
     def set_driver_features(self, features: int) -> None:
         """Feature negotiation. Raises FeatureError (nothing changes) when the driver accepts
         a feature that was not offered or does not accept an offered
         UNPLUGGED_INACCESSIBLE (D-INIT-1: QEMU fails validation)."""
-        check_driver_features(self._prefix, self._features, features)
         with self.lock:
-            self._driver_features = features
+            self._frontend.negotiate(features)
 
     @property
     def device_region(self) -> MemoryRegion:
@@ -422,24 +400,12 @@ class VirtioMem(RamDiscardManager):
         broken) and DeviceBroken while broken; nothing else for any byte string.
         """
         with self._topology_lock(), self.lock:
-            if self._broken:
-                self._metrics.broken_refusals += 1
-                raise DeviceBroken(f"{self._prefix} is broken after a protocol violation; reset it")
-            try:
-                req = Request.parse(request)
-            except ProtocolError:
-                self._broken = True
-                self._metrics.protocol_errors += 1
-                raise
-            return self._execute(req).pack()
+            return self._frontend.handle(request)
 
     def process(self, req: Request) -> Response:
         """Process a parsed request (the typed path). Raises DeviceBroken while broken."""
         with self._topology_lock(), self.lock:
-            if self._broken:
-                self._metrics.broken_refusals += 1
-                raise DeviceBroken(f"{self._prefix} is broken after a protocol violation; reset it")
-            return self._execute(req)
+            return self._frontend.process(req)
 
     def plug(self, addr: int, nb_blocks: int) -> ResponseType:
         return self.process(Request(RequestType.PLUG, addr, nb_blocks)).type
@@ -534,8 +500,7 @@ class VirtioMem(RamDiscardManager):
         """Virtio device reset: clears the broken flag and the negotiated features; block
         state and memory stay exactly as they are (D-INIT-2/3)."""
         with self.lock:
-            self._broken = False
-            self._driver_features = 0
+            self._frontend.reset()
 
     def system_reset(self, wakeup: bool = False) -> None:
         """Full system reset: unplug everything and shrink the usable region (D-OP-7),
@@ -577,10 +542,7 @@ class VirtioMem(RamDiscardManager):
                 raise RegionMapped(f"{self._prefix}: unmap the device region before unrealizing")
             if self.listeners:
                 raise ListenerError(f"{self._prefix}: RamDiscardListeners are still registered")
-            if self._memslots is not None:
-                self._memslots.release()
-            remove_ram_discard_source(self.region, self)
-            self._policy.coordinated_require(False)
+            release_region(self, self._policy, self._memslots)
             self._realized = False
 
     close = unrealize

@@ -45,6 +45,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ramdiscard.errors import DiscardPolicyError, InvalidArgument, ManagerBusy, RegionMapped
 from ramdiscard.memory.region import MemoryRegion
 from ramdiscard.memory.topology import TopologyError, transaction
 from ramdiscard.providers.virtio_mem.config import HostRam
@@ -52,6 +53,9 @@ from ramdiscard.providers.virtio_mem.metrics import VirtioMemMetrics
 from ramdiscard.providers.virtio_mem.persist import StateError
 from ramdiscard.providers.virtio_mem.state import Action, Decision, PlugState, RestorePlan, Run
 from ramdiscard.providers.virtio_mem.wire import ResponseType
+from ramdiscard.rdm.aggregate import add_ram_discard_source, remove_ram_discard_source
+from ramdiscard.rdm.manager import RamDiscardManager
+from ramdiscard.rdm.policy import DiscardPolicy
 
 log = logging.getLogger("ramdiscard.providers.virtio_mem")
 
@@ -333,3 +337,42 @@ class Effects:
     def _discard_quietly(self, runs: list[Run]) -> None:
         for offset, size in runs:
             self.host.discard(offset, size)
+
+
+def claim_region(
+    manager: RamDiscardManager, policy: DiscardPolicy, host: HostMemory, *, discard: bool, prefix: str
+) -> bool:
+    """Realize-time claims in QEMU's order: count a coordinated discarder in ``policy``
+    ("Discarding RAM is disabled" otherwise), make ``manager`` the manager (or a source of
+    the aggregate) of its region, then, if ``discard``, discard the whole RAM block and
+    run the host-discard hooks. Returns whether it discarded. Whatever fails releases
+    what was claimed and raises (DiscardPolicyError, ManagerBusy, RegionMapped,
+    InvalidArgument, or the host's error)."""
+    try:
+        policy.coordinated_require(True)
+    except DiscardPolicyError as exc:
+        raise DiscardPolicyError(f"{prefix}: Discarding RAM is disabled") from exc
+    try:
+        try:
+            add_ram_discard_source(manager.region, manager)
+        except (ManagerBusy, RegionMapped, InvalidArgument) as exc:
+            raise type(exc)(f"{prefix}: Failed to set RamDiscardManager: {exc}") from exc
+        try:
+            if discard:
+                host.ram.discard_range(0, host.ram.size)
+                host.run_hooks(0, host.ram.size)
+        except BaseException:
+            remove_ram_discard_source(manager.region, manager)
+            raise
+    except BaseException:
+        policy.coordinated_require(False)
+        raise
+    return discard
+
+
+def release_region(manager: RamDiscardManager, policy: DiscardPolicy, memslots: Memslots | None) -> None:
+    """Undo :func:`claim_region` (and unmap every memslot first)."""
+    if memslots is not None:
+        memslots.release()
+    remove_ram_discard_source(manager.region, manager)
+    policy.coordinated_require(False)
