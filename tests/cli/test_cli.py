@@ -211,6 +211,18 @@ def test_replay_junk_trace(tmp_path: Path) -> None:
     assert r.returncode == 1 and r.stderr.startswith("ramdiscard: error: line 1:")
 
 
+def _vm_pin(pid: int) -> int:
+    """VmPin of process ``pid`` in kB (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmPin:"):
+                    return int(line.split()[1])
+    except FileNotFoundError:
+        pass
+    return 0
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_releases_everything(tmp_path: Path, sig: signal.Signals) -> None:
     work = tmp_path / "work"
@@ -237,11 +249,12 @@ seconds = 60
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
     )  # fmt: skip
     try:
+        # Up and running its steps: the file-backed RAM exists and the vfio consumer holds
+        # io_uring pins (the pause step then keeps it there for 60 s).
         deadline = time.monotonic() + 30
-        while not (work / "vmem0.mem").exists():
+        while not ((work / "vmem0.mem").exists() and _vm_pin(p.pid) > 0):
             assert time.monotonic() < deadline and p.poll() is None, "machine never came up"
             time.sleep(0.05)
-        time.sleep(1.0)  # inside the pause step
         p.send_signal(sig)
         _, err = p.communicate(timeout=30)
     finally:

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ramdiscard.guest import DriverState, GuestDriver, ReqType, RespType
+from ramdiscard.interfaces import Virtqueue
 from ramdiscard.units import GiB, MiB
 from tests.conftest import sample_trace
 
@@ -34,6 +35,11 @@ class FakeDevice:
         return struct.pack(
             "<QH6xQQQQQ", self.block_size, 0, ADDR, self.region_size, usable, plugged, self.requested
         )
+
+    def process_queue(self, vq: Virtqueue) -> None:
+        while (element := vq.pop()) is not None:
+            vq.push(element, self.handle_request(element.request))
+        vq.notify()
 
     def handle_request(self, req: bytes) -> bytes:
         rtype, addr, nb = struct.unpack_from("<H6xQH", req)
@@ -69,9 +75,9 @@ def _resize(dev: FakeDevice, drv: GuestDriver, size: int) -> list[tuple[str, int
 
 
 def test_matches_the_qemu_sample_trace_with_the_real_device() -> None:
-    virtio_mem = pytest.importorskip("ramdiscard.providers.virtio_mem")
     from ramdiscard.hostmem import RamBlock
     from ramdiscard.memory.region import MemoryRegion
+    from ramdiscard.providers import virtio_mem
     from ramdiscard.rdm.policy import DiscardPolicy
     from ramdiscard.replay.trace import PlugRequest, UnplugRequest, parse_trace_file
 

@@ -12,6 +12,7 @@ import threading
 import pytest
 
 from ramdiscard import faults, migration
+from ramdiscard.cli import migrate as migrate_cli
 from ramdiscard.faults import Op
 from ramdiscard.units import MiB
 from tests.migration.conftest import Machines, assert_fresh
@@ -22,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_two_processes_cli(backing: str, capsys: pytest.CaptureFixture[str]) -> None:
     common = ["--size", "128M", "--block-size", "2M", "--backing", backing, "--low", "4M", "--seed", "7"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "src"), ROOT])}
-    code = "import sys; from ramdiscard.migration import cli_main; sys.exit(cli_main(sys.argv[1:]))"
+    code = "import sys; from ramdiscard.cli.migrate import main; sys.exit(main(sys.argv[1:]))"
     receiver = subprocess.Popen(
         [sys.executable, "-c", code, "receive", "--port", "0", "--json", "--timeout", "60", *common],
         stdout=subprocess.PIPE,
@@ -35,7 +36,7 @@ def test_two_processes_cli(backing: str, capsys: pytest.CaptureFixture[str]) -> 
         line = receiver.stderr.readline()
         assert line.startswith("listening on"), line
         port = int(line.rsplit(":", 1)[1])
-        assert migration.cli_main(["send", "--port", str(port), "--plugged", "40M", "--json", *common]) == 0
+        assert migrate_cli.main(["send", "--port", str(port), "--plugged", "40M", "--json", *common]) == 0
         out, err = receiver.communicate(timeout=60)
     finally:
         if receiver.poll() is None:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import pytest
 
 from ramdiscard import faults
+from ramdiscard.consumers import vfio
+from ramdiscard.consumers.dma import iouring
 from ramdiscard.errors import HostMemoryError
 from ramdiscard.fuzz.invariants import ViewListener, check_container, check_device, check_residency
 from ramdiscard.hostmem import RamBlock
@@ -37,9 +39,6 @@ from ramdiscard.memory import AddressSpace, MemoryRegion, MemoryRegionSection
 from ramdiscard.providers.virtio_mem import ResponseType, StateError, VirtioMem
 from ramdiscard.rdm import DiscardPolicy
 from ramdiscard.units import GiB, MiB
-
-vfio = pytest.importorskip("ramdiscard.consumers.vfio")
-iouring = pytest.importorskip("ramdiscard.consumers.dma.iouring")
 
 SIZE = 32 * MiB
 BS = 2 * MiB

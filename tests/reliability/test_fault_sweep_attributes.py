@@ -24,17 +24,17 @@ from collections.abc import Callable
 import pytest
 
 from ramdiscard import faults
+from ramdiscard.consumers import vfio
+from ramdiscard.consumers.dma import iouring
 from ramdiscard.errors import HostMemoryError
 from ramdiscard.fuzz.invariants import ViewListener, check_container, check_listeners
 from ramdiscard.hostmem import RamBlock
 from ramdiscard.hostmem.measure import mapping_count, open_fd_count, proc_status
 from ramdiscard.memory import AddressSpace, MemoryRegion, MemoryRegionSection
+from ramdiscard.providers import attributes
 from ramdiscard.rdm import DiscardPolicy
 from ramdiscard.units import GiB, MiB
 
-attributes = pytest.importorskip("ramdiscard.providers.attributes")
-vfio = pytest.importorskip("ramdiscard.consumers.vfio")
-iouring = pytest.importorskip("ramdiscard.consumers.dma.iouring")
 _ok, _why = iouring.available()
 pytestmark = pytest.mark.skipif(not _ok, reason=f"io_uring pins unavailable: {_why}")
 

@@ -1,6 +1,6 @@
-"""Smoke runs of every fuzz target (a few seconds each): zero findings, inputs executed.
+"""Smoke runs of every fuzz target: a fixed number of inputs each, zero findings.
 
-A target whose module is not on this branch is skipped with the reason it reports.
+A target that needs a host facility this machine lacks is skipped with the reason it reports.
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ from ramdiscard.fuzz.engine import Target
 from ramdiscard.fuzz.targets import all_targets
 
 TARGETS = {t.name: t for t in all_targets()}
+SMOKE_INPUTS = 200
 
 
 @pytest.mark.parametrize("name", sorted(TARGETS))
 def test_target_smoke(name: str, tmp_path: Path) -> None:
     target = TARGETS[name]
-    reason = target.unavailable()
-    if reason:
-        pytest.skip(reason)
-    report = fuzz(target, seconds=2.5, seed=1234, crash_dir=tmp_path)
-    assert report.inputs > len(target.seeds()), "the run did not get past its seeds"
+    assert target.unavailable() is None  # every module under test is part of the project
+    # A fixed amount of work; the time is only a bound, so the outcome does not depend on speed.
+    report = fuzz(target, seconds=120, max_inputs=SMOKE_INPUTS, seed=1234, crash_dir=tmp_path)
+    assert report.inputs == SMOKE_INPUTS, "the run stopped at its time bound"
     details = [f"{f.signature} x{f.count}: {f.message} -> {f.path}" for f in report.findings]
     assert report.crashes == 0, "\n".join(details)
 

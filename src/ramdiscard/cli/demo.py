@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ramdiscard.consumers.dma import iouring_available
+from ramdiscard.fileio import create_output
 from ramdiscard.guest import Exchange
 from ramdiscard.machine import Machine, Scenario, StepResult, scenario_from_dict
 from ramdiscard.units import GiB, MiB, format_size
@@ -359,12 +359,9 @@ def write_plot(runs: list[Run], path: str | None) -> Path:
     axes[0][0].set_ylabel("GiB")
     fig.suptitle("virtio-mem + DMA pinning: memory over time")
     fig.tight_layout()
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, target)
+        with create_output(target, "--plot", durable=False) as f:
+            fig.savefig(f, format="png", dpi=100)
     finally:
         plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
     return target

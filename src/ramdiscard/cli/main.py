@@ -2,20 +2,20 @@
 
 Rules: every error the user can cause (bad arguments, bad scenario, bad trace, host
 refusal) ends with one line ``ramdiscard: error: ...`` on stderr and exit status 1 (2 for
-argument errors, 130 for Ctrl-C / SIGTERM); no traceback. SIGTERM is turned into
-KeyboardInterrupt so every ``finally`` runs and no pin, mapping or file outlives the
-command.
+argument errors, 130 for Ctrl-C / SIGTERM); no traceback. SIGINT and SIGTERM are turned
+into KeyboardInterrupt (:mod:`ramdiscard.interrupts`) so every ``finally`` runs, and are held
+off while a machine releases its resources, so no pin, mapping or file outlives the
+command whatever signals arrive.
 """
 
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from collections.abc import Sequence
-from types import FrameType
 from typing import NoReturn
 
+from ramdiscard import interrupts
 from ramdiscard.errors import RamDiscardError
 from ramdiscard.units import format_size, parse_size
 
@@ -62,13 +62,13 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ramdiscard.qmp import run_from_args
+    from ramdiscard.cli.serve import run_from_args
 
     return run_from_args(args)
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from ramdiscard.migration.cli import run
+    from ramdiscard.cli.migrate import run
 
     return run(args)
 
@@ -170,19 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--json", action="store_true", help="print the report as JSON")
     replay.set_defaults(func=_replay)
 
-    from ramdiscard import qmp
-    from ramdiscard.migration import cli as migration_cli
+    from ramdiscard.cli import migrate as migration_cli
+    from ramdiscard.cli import serve as serve_cli
 
     serve = sub.add_parser(
         "serve",
-        help=qmp.serve_help(),
+        help=serve_cli.serve_help(),
         description="Build a scenario's machine, run its guest in the background and serve QMP "
         "(qemu.qmp, qmp-shell) on a unix socket or a loopback TCP port until a client sends "
         "'quit' (or SIGINT/SIGTERM). Steps of the scenario are not run: a QMP client drives the "
         "machine (qom-set requested-size, query-memory-devices, x-ramdiscard-status, "
         "x-ramdiscard-migrate, x-ramdiscard-dump). See docs/qmp.md.",
     )
-    qmp.build_parser(serve)
+    serve_cli.build_parser(serve)
     serve.set_defaults(func=_serve)
 
     migrate = sub.add_parser(
@@ -225,14 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _sigterm)
+    restore_signals = interrupts.install()
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
@@ -243,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ramdiscard: error: {' '.join(msg.split())}", file=sys.stderr)
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        restore_signals()
 
 
 __all__ = ["build_parser", "format_size", "main", "size_arg"]

@@ -9,20 +9,23 @@
 from __future__ import annotations
 
 import os
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ramdiscard.dump.elf import elf_headers, write_core
 from ramdiscard.dump.mapping import GuestPhysBlock, guest_phys_blocks
-from ramdiscard.errors import RamDiscardError
+from ramdiscard.errors import InvalidState
+from ramdiscard.fileio import create_output
+from ramdiscard.interfaces import MappedMemory
+from ramdiscard.rdm.manager import manager_of
 
 if TYPE_CHECKING:
     from ramdiscard.memory import AddressSpace
     from ramdiscard.rdm import RamDiscardManager
 
 
-class DumpError(RamDiscardError):
+class DumpError(InvalidState):
     """The dump could not be written (a region without host memory view)."""
 
 
@@ -37,19 +40,25 @@ class DumpInfo:
 def _managers(space: AddressSpace) -> list[RamDiscardManager]:
     seen: dict[int, RamDiscardManager] = {}
     for section in space.flatview():
-        rdm = section.mr.ram_discard_manager if section.mr.is_ram else None
+        rdm = manager_of(section.mr) if section.mr.is_ram else None
         if rdm is not None:
             seen.setdefault(id(rdm), rdm)
     return list(seen.values())
 
 
-def dump_guest_memory(address_space: AddressSpace, path: str | os.PathLike[str]) -> DumpInfo:
+def dump_guest_memory(
+    address_space: AddressSpace, path: str | os.PathLike[str], *, durable: bool = True
+) -> DumpInfo:
     """Dump the populated guest memory of ``address_space`` to an ELF core file at ``path``.
 
     While the dump runs, state changes are held off: a virtio-mem device answers BUSY
     (its busy predicate), any other manager is locked. Discarded memory is neither read
-    nor populated. Raises DumpError for a RAM region without a memory view, OSError from
-    the file (a partial file is removed).
+    nor populated. The file is written by :func:`ramdiscard.fileio.create_output`: mode
+    0600, renamed over ``path`` only when complete (fsynced if ``durable``); an existing
+    ``path`` that is not a regular file, or that backs guest memory, is refused with
+    :class:`~ramdiscard.fileio.FileRefused` before anything is read or written. Raises
+    DumpError for a RAM region without a memory view, OSError from the file (then ``path``
+    is as it was).
     """
     with ExitStack() as stack:
         busy_devices = []
@@ -65,26 +74,16 @@ def dump_guest_memory(address_space: AddressSpace, path: str | os.PathLike[str])
         blocks = guest_phys_blocks(address_space)
         views = [_view(b) for b in blocks]
         headers, segments = elf_headers([(b.gpa, b.size) for b in blocks])
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            size = write_core(fd, headers, segments, views)
-        except BaseException:
-            os.close(fd)
-            fd = -1
-            with suppress(OSError):
-                os.unlink(path)
-            raise
-        finally:
-            if fd >= 0:
-                os.close(fd)
+        with create_output(path, "dump file", durable=durable) as f:
+            size = write_core(f.fileno(), headers, segments, views)
     return DumpInfo(os.fspath(path), len(blocks), sum(b.size for b in blocks), size)
 
 
 def _view(block: GuestPhysBlock) -> memoryview:
-    view = getattr(block.mr.ram, "view", None)
-    if not isinstance(view, memoryview):
+    ram = block.mr.ram
+    if not isinstance(ram, MappedMemory):
         raise DumpError(f"RAM region {block.mr.name!r} has no host memory view to dump")
-    return view[block.offset : block.offset + block.size]
+    return ram.view[block.offset : block.offset + block.size]
 
 
 __all__ = ["DumpError", "DumpInfo", "GuestPhysBlock", "dump_guest_memory", "guest_phys_blocks"]

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from ramdiscard.fileio import create_output
 from ramdiscard.fuzz.mutate import mutate_bytes
 
 Mutator = Callable[[bytes, random.Random, Sequence[bytes], int], bytes]
@@ -115,8 +116,10 @@ def _save(crash_dir: Path | None, target: str, data: bytes, exc: BaseException) 
     out = crash_dir / target
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"crash-{hashlib.sha1(data).hexdigest()}.bin"
-    path.write_bytes(data)
-    path.with_suffix(".txt").write_text("".join(traceback.format_exception(exc)))
+    with create_output(path, "crash file", durable=False) as f:
+        f.write(data)
+    with create_output(path.with_suffix(".txt"), "crash report", durable=False) as f:
+        f.write("".join(traceback.format_exception(exc)).encode())
     return path
 
 

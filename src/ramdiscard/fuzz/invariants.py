@@ -20,11 +20,12 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
+from ramdiscard.interfaces import MeasurableMemory
 from ramdiscard.rdm.listener import RamDiscardListener
 
 if TYPE_CHECKING:
@@ -153,16 +154,11 @@ def check_device(dev: VirtioMem, listeners: Iterable[ViewListener] = ()) -> None
         check_listeners(dev, listeners)
 
 
-@runtime_checkable
-class Residency(Protocol):
-    def resident_bytes(self, offset: int = 0, length: int | None = None) -> int: ...
-
-
 def check_residency(dev: VirtioMem) -> None:
     """No host memory resident in unplugged blocks (needs a RAM block with
     ``resident_bytes``; a no-op otherwise)."""
     ram = dev.ram
-    if not isinstance(ram, Residency):
+    if not isinstance(ram, MeasurableMemory):
         return
     with dev.lock:
         for start, end in dev.discarded_runs():

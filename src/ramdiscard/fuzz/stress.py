@@ -42,9 +42,10 @@ from typing import Any
 from ramdiscard.errors import ListenerError
 from ramdiscard.fuzz.invariants import PAGE, ViewListener, check_container, check_device, check_residency
 from ramdiscard.fuzz.targets.virtio import ADDR, BS, NB, SIZE, new_ram
+from ramdiscard.interfaces import MappedMemory
 from ramdiscard.memory import AddressSpace, MemoryListener, MemoryRegion, MemoryRegionSection
 from ramdiscard.providers.virtio_mem import DeviceBroken, VirtioMem, decode_state
-from ramdiscard.rdm import DiscardPolicy
+from ramdiscard.rdm import DiscardPolicy, manager_of
 
 _REQ = struct.Struct("<H6xQH6x")
 
@@ -57,6 +58,8 @@ class StressResult:
     violations: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     hung: list[str] = field(default_factory=list)
+    iterations: dict[str, int] = field(default_factory=dict)
+    """Bodies each worker completed (the checker included), by worker name."""
 
     @property
     def ok(self) -> bool:
@@ -91,7 +94,7 @@ class DmaListener(MemoryListener):
         self.rdls: dict[MemoryRegionSection, ViewListener] = {}
 
     def region_add(self, section: MemoryRegionSection) -> None:
-        rdm = section.mr.ram_discard_manager
+        rdm = manager_of(section.mr)
         if rdm is None:
             return
         rdl = ViewListener(block_size=BS, name="dma")
@@ -155,11 +158,13 @@ class _Stress:
             self.result.errors.append(what)
 
     def loop(
-        self, name: str, body: Callable[[random.Random], None], pause: float = 0.0
+        self, name: str, body: Callable[[random.Random], None], pause: float = 0.0, limit: int | None = None
     ) -> Callable[[], None]:
         def run() -> None:
             rng = random.Random(f"{self.seed}-{name}")
-            while not self.stop.is_set():
+            done = 0
+            while not self.stop.is_set() and (limit is None or done < limit):
+                done += 1
                 try:
                     body(rng)
                 except AssertionError as exc:
@@ -169,6 +174,8 @@ class _Stress:
                     self.error(f"{name}: {traceback.format_exc(limit=6)}")
                 if pause:
                     self.stop.wait(pause)
+            with self.counts_lock:
+                self.result.iterations[name] = done
 
         return run
 
@@ -188,8 +195,8 @@ class _Stress:
         rtype = struct.unpack_from("<H", out)[0]
         assert rtype in (0, 1, 2, 3), f"unknown response type {rtype}"
         self.count(f"request:{('plug', 'unplug', 'unplug_all', 'state')[kind]}")
-        view = getattr(self.ram, "view", None)
-        if kind == 0 and rtype == 0 and view is not None:
+        if kind == 0 and rtype == 0 and isinstance(self.ram, MappedMemory):
+            view = self.ram.view
             with self.dev.lock:
                 for b in range(first, first + nb):
                     if self.dev.is_range_populated(b * BS, BS):
@@ -293,7 +300,7 @@ class _Stress:
 
     # -- run ------------------------------------------------------------------------------------
 
-    def run(self, seconds: float, threads: int, join_timeout: float) -> None:
+    def run(self, seconds: float, threads: int, join_timeout: float, iterations: int | None = None) -> None:
         every: list[tuple[str, Callable[[random.Random], None], float]] = [
             ("guest0", self.guest, 0.0),
             ("guest1", self.guest, 0.0),
@@ -307,13 +314,22 @@ class _Stress:
         workers = every[: max(1, threads)]
         workers.append(("checker", self.checker, 0.0005))
         pool = [
-            threading.Thread(target=self.loop(name, body, pause), name=f"stress-{name}", daemon=True)
+            threading.Thread(
+                target=self.loop(name, body, pause, None if name == "checker" else iterations),
+                name=f"stress-{name}",
+                daemon=True,
+            )
             for name, body, pause in workers
         ]
         start = time.monotonic()
         for t in pool:
             t.start()
-        self.stop.wait(seconds)
+        if iterations is None:
+            self.stop.wait(seconds)
+        else:
+            end = start + seconds
+            for t in pool[:-1]:
+                t.join(max(0.0, end - time.monotonic()))
         self.stop.set()
         deadline = time.monotonic() + join_timeout
         for t in pool:
@@ -358,13 +374,16 @@ def run_stress(
     seed: int = 0,
     dynamic_memslots: bool = True,
     join_timeout: float = 10.0,
+    iterations: int | None = None,
 ) -> StressResult:
     """Run the stress for ``seconds``; see the module rules. ``threads`` caps the number
-    of workers (the checker always runs)."""
+    of workers (the checker always runs). With ``iterations`` each worker stops after that
+    many bodies and the run ends when all have (``seconds`` is then only the bound; a
+    worker that has not finished by then is stopped early, see ``result.iterations``)."""
     result = StressResult()
     s = _Stress(result, seed, dynamic_memslots)
     try:
-        s.run(seconds, threads, join_timeout)
+        s.run(seconds, threads, join_timeout, iterations)
     except AssertionError as exc:
         result.violations.append(f"final check: {exc}")
     finally:

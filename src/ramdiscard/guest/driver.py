@@ -3,9 +3,12 @@
 Rules (virtio-mem.md §2; R-* ids of §1):
 
 * The driver talks to the device only through bytes: it reads the 56-byte config space
-  with ``device.config_bytes()`` and sends 24-byte requests to ``device.handle_request``,
-  which answers 10 bytes. It never writes the config (R-CFG-1) and ignores padding and,
-  for PLUG/UNPLUG/UNPLUG_ALL, everything but the response type (R-PLUG-1, R-UNPLUG-1,
+  with ``device.config_bytes()`` and sends requests over a virtqueue
+  (:attr:`GuestDriver.queue`, an in-process :class:`~ramdiscard.virtqueue.LocalVirtqueue`
+  whose kick runs ``device.process_queue``): each request is one element of 24
+  device-readable bytes and a 10-byte device-writable response buffer, as Linux adds them.
+  It never writes the config (R-CFG-1) and ignores padding and, for
+  PLUG/UNPLUG/UNPLUG_ALL, everything but the response type (R-PLUG-1, R-UNPLUG-1,
   R-UA-1). Its wire codec is its own, independent of the device's.
 * One request in flight: :meth:`GuestDriver.step` sends at most one request and handles
   its response before returning.
@@ -30,8 +33,9 @@ Rules (virtio-mem.md §2; R-* ids of §1):
   again at once. BUSY (any request), UNPLUG NACK, any non-ACK/BUSY answer to UNPLUG_ALL
   and any unknown answer: arm the retry timer (50 s, doubling up to 300 s, reset after a
   successful request), read through the injectable ``clock``; nothing sleeps. ERROR to a
-  PLUG or UNPLUG: the driver is broken and sends nothing more. A device that raises
-  (protocol violation on its side) also leaves the driver broken.
+  PLUG or UNPLUG: the driver is broken and sends nothing more. A device that raises on
+  the kick (protocol violation on its side) or leaves the request without a used entry
+  also leaves the driver broken (Linux would wait for that answer forever).
 * A config change (:meth:`config_changed`) makes the next step re-read the config and
   cancels a pending retry timer, as the driver's config interrupt does.
 
@@ -52,7 +56,9 @@ from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Protocol
 
+from ramdiscard.interfaces import Virtqueue
 from ramdiscard.units import MiB
+from ramdiscard.virtqueue import LocalVirtqueue
 
 MEMORY_BLOCK_SIZE = 128 * MiB
 """Linux memory block size on x86-64."""
@@ -64,6 +70,7 @@ RETRY_TIMER_MAX = 300.0
 _CONFIG = struct.Struct("<QH6xQQQQQ")
 _REQUEST = struct.Struct("<H6xQH6x")
 _RESPONSE_TYPE = struct.Struct("<H")
+_RESPONSE_SIZE = 10
 _MAX_NB_BLOCKS = 0xFFFF
 
 
@@ -93,11 +100,12 @@ class DriverState(StrEnum):
 
 
 class Device(Protocol):
-    """What the driver sees of a virtio-mem device: config space and request queue."""
+    """What the driver sees of a virtio-mem device: its config space, and the handler the
+    request queue's kick runs (it serves the queue's available elements)."""
 
     def config_bytes(self) -> bytes: ...
 
-    def handle_request(self, request: bytes) -> bytes: ...
+    def process_queue(self, vq: Virtqueue) -> object: ...
 
 
 class Workload(Protocol):
@@ -174,6 +182,8 @@ class GuestDriver:
         force_bbm: bool = False,
     ) -> None:
         self.device = device
+        self.queue = LocalVirtqueue(device.process_queue)
+        """The request queue (driver side); its kick runs ``device.process_queue``."""
         self.clock = clock
         self.workload = workload
         self.log: list[Exchange] = []
@@ -268,6 +278,7 @@ class GuestDriver:
         restore, where its state travels in guest memory. The original is unchanged."""
         twin = copy.copy(self)
         twin.device = device
+        twin.queue = LocalVirtqueue(device.process_queue)
         twin.workload = workload
         twin.log = list(self.log)
         twin.warnings = list(self.warnings)
@@ -405,13 +416,19 @@ class GuestDriver:
         assert nb_blocks <= _MAX_NB_BLOCKS
         raw_req = _REQUEST.pack(int(rtype), gpa, nb_blocks)
         now = self.clock()
+        head = self.queue.add(raw_req, _RESPONSE_SIZE)
         try:
-            raw_resp = self.device.handle_request(raw_req)
+            self.queue.kick()
         except Exception as exc:  # the device failed as a transport would: no answer
             self.broken_reason = f"device raised {type(exc).__name__} on {rtype.name}: {exc}"
+        used = self.queue.get_used()
+        if self.broken_reason is not None or used is None or used.head != head:
+            if self.broken_reason is None:
+                self.broken_reason = f"device left {rtype.name} without an answer"
             ex = Exchange(rtype, gpa, nb_blocks, None, now)
             self.log.append(ex)
             return ex
+        raw_resp = used.data
         code: RespType | int
         if len(raw_resp) < _RESPONSE_TYPE.size:
             code = -1

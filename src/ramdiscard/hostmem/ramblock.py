@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as _errno
+import fcntl
 import itertools
 import mmap
 import os
@@ -84,7 +85,7 @@ from enum import StrEnum
 from types import TracebackType
 from typing import Final
 
-from ramdiscard import faults
+from ramdiscard import faults, fileio
 from ramdiscard.errors import HostMemoryError, InvalidArgument
 from ramdiscard.faults import Op
 from ramdiscard.hostmem import measure, syscalls
@@ -145,9 +146,19 @@ class RamBlock:
     * ``size``: used length in bytes, a positive multiple of the page size.
     * ``backing``: a :class:`Backing` or its string value.
     * ``path``: the file for ``file`` backing (required there, refused otherwise). It is
-      created if missing and extended (never shrunk) to ``max_size``; it is not deleted by
-      :meth:`close`. It should live on tmpfs or hugetlbfs; other filesystems work if they
-      support hole punching, but then memory means page cache.
+      created (mode 0600) if missing and extended (never shrunk) to ``max_size``; it is
+      not deleted by :meth:`close` (:attr:`created` tells whether this block created it).
+      It should live on tmpfs or hugetlbfs; other filesystems work if they support hole
+      punching, but then memory means page cache. A path that is not a regular file (FIFO,
+      device node, directory, ...) is refused (:class:`~ramdiscard.fileio.FileRefused`)
+      without being opened. The block holds an advisory lock on the file (``flock``:
+      exclusive, shared when ``readonly``) while open; a file locked by another block, in
+      this or another process, is refused with :class:`HostMemoryError` (``EBUSY``) and
+      left untouched. While the block is open, :mod:`ramdiscard.fileio` refuses the file
+      as an output.
+    * ``allow_existing_data``: ``file`` only: with ``False`` an existing file that is not
+      empty is refused (:class:`~ramdiscard.fileio.ExistingData`, an
+      :class:`InvalidArgument`, naming the path and its size) and left untouched.
     * ``hugepages``: ``memfd`` only: take pages from the hugetlb pool (``MFD_HUGETLB``). For
       ``file`` it is implied by a hugetlbfs path and refused for any other filesystem.
     * ``thp``: ``anonymous`` only: ask for transparent huge pages (``MADV_HUGEPAGE``); with
@@ -164,10 +175,13 @@ class RamBlock:
 
     __slots__ = (
         "__weakref__",
+        "_allow_existing",
         "_backing",
         "_closed",
+        "_created",
         "_fd",
         "_fd_finalizer",
+        "_file_id",
         "_host_address",
         "_hugetlb",
         "_limit",
@@ -180,6 +194,7 @@ class RamBlock:
         "_path",
         "_punch",
         "_readonly",
+        "_registered",
         "_size",
         "_thp",
         "_view",
@@ -198,6 +213,7 @@ class RamBlock:
         max_size: int | None = None,
         readonly: bool = False,
         name: str | None = None,
+        allow_existing_data: bool = True,
     ) -> None:
         try:
             kind = Backing(backing)
@@ -221,6 +237,10 @@ class RamBlock:
         self._readonly = readonly
         self._thp = thp and kind is Backing.ANONYMOUS
         self._path = os.fspath(path) if path is not None else None
+        self._created = False
+        self._registered = False
+        self._file_id: fileio.FileId | None = None
+        self._allow_existing = allow_existing_data
         self.resize_hooks: list[ResizeHook] = []
 
         if kind is Backing.FILE:
@@ -246,6 +266,8 @@ class RamBlock:
         try:
             self._setup(size, max_size, hugepages)
         except BaseException:
+            if self._created and self._file_id is not None and self._path is not None:
+                fileio.unlink_created(self._path, self._file_id)
             self._release()
             raise
         self._closed = False
@@ -261,12 +283,7 @@ class RamBlock:
             self._adopt_fd(syscalls.memfd_create(self._name, hugetlb=hugepages))
         elif kind is Backing.FILE:
             assert self._path is not None
-            flags = (os.O_RDONLY if self._readonly else os.O_RDWR | os.O_CREAT) | os.O_CLOEXEC
-            try:
-                fd = os.open(self._path, flags, 0o600)
-            except OSError as exc:
-                raise syscalls.error(exc.errno or _errno.EIO, f"open of {self._path!r}") from None
-            self._adopt_fd(fd)
+            self._open_file(self._path)
         if self._fd is not None:
             fs_type, bsize = syscalls.fstatfs_type(self._fd)
             hugetlb = fs_type == syscalls.HUGETLBFS_MAGIC
@@ -331,6 +348,31 @@ class RamBlock:
     def _set_limits(self) -> None:
         self._limit = -1 if self._closed else self._size
         self._wlimit = -1 if self._closed or self._readonly else self._size
+
+    def _open_file(self, path: str) -> None:
+        """Open, lock and check the backing file (see ``path`` in the class docstring)."""
+        what = f"RamBlock {self._name!r}: backing file"
+        opened = fileio.open_backing(path, what, readonly=self._readonly)
+        self._adopt_fd(opened.fd)
+        try:
+            fcntl.flock(opened.fd, (fcntl.LOCK_SH if self._readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (_errno.EWOULDBLOCK, _errno.EAGAIN):
+                raise HostMemoryError(
+                    _errno.EBUSY, f"{what} {path!r} is in use by another machine (locked); left untouched"
+                ) from None
+            raise syscalls.error(exc.errno or _errno.EIO, f"flock of {path!r}") from None
+        # Only a file we created and hold the lock on is ours to remove on failure.
+        self._created = opened.created
+        self._file_id = opened.fid
+        size = os.fstat(opened.fd).st_size
+        if not self._allow_existing and not opened.created and size > 0:
+            raise fileio.ExistingData(
+                f"{what} {path!r} exists and holds {size} bytes; refusing to discard its contents; "
+                "left untouched"
+            )
+        fileio.register_guest_memory(opened.fd, self._name)
+        self._registered = True
 
     def _adopt_fd(self, fd: int) -> None:
         self._fd = fd
@@ -402,6 +444,16 @@ class RamBlock:
     @property
     def path(self) -> str | None:
         return self._path
+
+    @property
+    def created(self) -> bool:
+        """Whether this block created its backing file (``file`` backing only)."""
+        return self._created
+
+    @property
+    def file_id(self) -> fileio.FileId | None:
+        """(st_dev, st_ino) of the backing file (``file`` backing only)."""
+        return self._file_id
 
     @property
     def closed(self) -> bool:
@@ -649,6 +701,9 @@ class RamBlock:
             # nothing dangles.
             with contextlib.suppress(BufferError):
                 mm.close()
+        if self._registered and self._file_id is not None:
+            self._registered = False
+            fileio.unregister_guest_memory(self._file_id, self._name)
         if self._fd_finalizer is not None:
             self._fd_finalizer()
             self._fd_finalizer = None

@@ -2,10 +2,12 @@
 
 Rules:
 
-* :meth:`Machine.from_scenario` builds, in QEMU's order: a DiscardPolicy of the machine's
-  own, boot RAM and one RAM block per virtio-mem device (realized as
-  :class:`~ramdiscard.providers.virtio_mem.VirtioMem`), all mapped into the address space "system
-  memory" and listed in the machine's own RAM-block registry; then the consumers
+* :meth:`Machine.from_scenario` builds, in QEMU's order: a memory system of the machine's
+  own (:attr:`Machine.system`: its topology lock, address space, RAM-block registry and
+  DiscardPolicy are nobody else's, so machines in one process are independent), boot
+  RAM and one RAM block per virtio-mem device (realized as
+  :class:`~ramdiscard.providers.virtio_mem.VirtioMem`), all mapped into the address space
+  "system memory" and listed in the system's RAM-block registry; then the consumers
   (:mod:`ramdiscard.machine.consumers`: vfio containers and KVM memslots listen to the
   address space, block DMA mappers follow the registry); then one
   :class:`~ramdiscard.guest.GuestDriver` per device (with the scenario's workload). Any
@@ -54,12 +56,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ramdiscard import interrupts
 from ramdiscard.consumers import blockdma
 from ramdiscard.consumers.dma import DmaBackend, iouring_available, make_backend
 from ramdiscard.consumers.kvm import Kvm, KvmMemslots, KvmVm, MemslotVm, ModelVm
 from ramdiscard.consumers.vfio import VfioContainer
 from ramdiscard.dump import DumpInfo, dump_guest_memory
 from ramdiscard.errors import InvalidArgument
+from ramdiscard.fileio import ExistingData, FileId, create_output, open_input, unlink_created
 from ramdiscard.guest import DriverState, Exchange, GuestDriver, TouchWorkload
 from ramdiscard.hostmem import RamBlock, proc_status
 from ramdiscard.machine.consumers import Consumer, KvmConsumer, VfioConsumer
@@ -77,12 +81,13 @@ from ramdiscard.machine.scenario import (
 )
 from ramdiscard.memory.address_space import AddressSpace
 from ramdiscard.memory.region import MemoryRegion
+from ramdiscard.memory.system import MemorySystem
 from ramdiscard.migration import MigrationError, MigrationStats, load, migrate_to, receive_from, save
 from ramdiscard.migration.checksum import default as default_checksum
 from ramdiscard.migration.checksum import digest
 from ramdiscard.providers.virtio_mem import VirtioMem
-from ramdiscard.ramblocks import RamBlockRegistry
-from ramdiscard.rdm.policy import DiscardPolicy
+from ramdiscard.ramblocks import registry_of
+from ramdiscard.rdm.policy import DiscardPolicy, policy_of
 from ramdiscard.units import format_size
 
 log = logging.getLogger("ramdiscard.machine")
@@ -158,19 +163,20 @@ class Machine:
         self.clock = clock
         self.lock = threading.RLock()
         self.notes: list[str] = []
-        self.policy = DiscardPolicy()
+        self.system = MemorySystem(scenario.name)
+        self.policy = policy_of(self.system)
         self.uncoordinated_policy = DiscardPolicy()
-        self.registry = RamBlockRegistry(f"{scenario.name}-ram-blocks")
+        self.registry = registry_of(self.system)
         self.devices: dict[str, VirtioMem] = {}
         self.drivers: dict[str, GuestDriver] = {}
         self.consumers: list[Consumer] = []
         self.blocks: list[RamBlock] = []
         self.workload: TouchWorkload | None = None
         self.memory = _Memory()
-        self._created_files: list[Path] = []
+        self._created_files: list[tuple[Path, FileId]] = []
         self._own_workdir: Path | None = None
         self._workdir = Path(workdir) if workdir is not None else None
-        self._root = MemoryRegion.new_container("system", ADDRESS_LIMIT)
+        self._root = MemoryRegion.new_container("system", ADDRESS_LIMIT, system=self.system)
         self._mapped: list[MemoryRegion] = []
         self.space: AddressSpace | None = None
         self.boot: MemoryRegion | None = None
@@ -210,8 +216,7 @@ class Machine:
         if sc.boot_ram:
             block = RamBlock(sc.boot_ram, sc.boot_backing.value, name="pc.ram")
             self.blocks.append(block)
-            self.boot = MemoryRegion.new_ram("pc.ram", block)
-            self.registry.add(self.boot)
+            self.boot = MemoryRegion.new_ram("pc.ram", block, system=self.system)
             self._root.add_subregion(0, self.boot)
             self._mapped.append(self.boot)
             self.memory.ranges.append((0, sc.boot_ram, block))
@@ -219,15 +224,20 @@ class Machine:
             path: Path | None = None
             if d.backing is Backing.FILE:
                 path = Path(d.path) if d.path else self._work() / f"{d.id}.mem"
-                if not path.exists():
-                    self._created_files.append(path)
-            block = RamBlock(
-                d.size, d.backing.value, path=path, thp=d.thp if d.backing is Backing.ANONYMOUS else True,
-                name=f"{d.id}-mem",
-            )  # fmt: skip
-            self.blocks.append(block)
-            mr = MemoryRegion.new_ram(f"{d.id}-mem", block)
-            self.registry.add(mr)
+            # Held off so a signal cannot fall between creating a file and recording it.
+            with interrupts.deferred():
+                try:
+                    block = RamBlock(
+                        d.size, d.backing.value, path=path,
+                        thp=d.thp if d.backing is Backing.ANONYMOUS else True,
+                        name=f"{d.id}-mem", allow_existing_data=d.overwrite,
+                    )  # fmt: skip
+                except ExistingData as exc:
+                    raise ExistingData(f"{exc} (set overwrite = true on device {d.id!r} to use it)") from None
+                self.blocks.append(block)
+                if path is not None and block.created and block.file_id is not None:
+                    self._created_files.append((path, block.file_id))
+            mr = MemoryRegion.new_ram(f"{d.id}-mem", block, system=self.system)
             assert d.addr is not None
             dev = VirtioMem(
                 mr, addr=d.addr, id=d.id, block_size=d.block_size, requested_size=d.requested_size,
@@ -253,7 +263,8 @@ class Machine:
     def _work(self) -> Path:
         if self._workdir is None:
             base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-            self._own_workdir = Path(tempfile.mkdtemp(prefix="ramdiscard-", dir=base))
+            with interrupts.deferred():
+                self._own_workdir = Path(tempfile.mkdtemp(prefix=f"ramdiscard-{os.getpid()}-", dir=base))
             self._workdir = self._own_workdir
         self._workdir.mkdir(parents=True, exist_ok=True)
         return self._workdir
@@ -457,7 +468,10 @@ class Machine:
                 "to a fresh machine; every populated byte and the guest's patterns check out"
             )
         elif step.action is Action.DUMP:
-            details = self.dump(step.path or str(self._files_dir() / f"{self.scenario.name}-step{index}.elf"))
+            details = self.dump(
+                step.path or str(self._files_dir() / f"{self.scenario.name}-step{index}.elf"),
+                durable=bool(step.path),
+            )
             notes.append(
                 f"dump {details['path']}: {details['segments']} PT_LOAD segments, "
                 f"{format_size(details['bytes'])} (boot RAM + plugged memory only)"
@@ -555,7 +569,7 @@ class Machine:
             target = Path(path) if path else self._files_dir() / f"{self.scenario.name}.snap"
             state = self._guest_state(self.drivers, self.workload)
             state.fingerprint = self.fingerprint()
-            with open(target, "w+b") as f:
+            with create_output(target, "snapshot file", durable=bool(path)) as f:
                 stats = save(self.space_or_fail(), list(self.devices.values()), f)
             self._snapshots[str(target)] = state
             self._last_snapshot = str(target)
@@ -580,7 +594,7 @@ class Machine:
             state = self._snapshots.get(str(Path(key)))
             for dev in self.devices.values():
                 dev.system_reset()
-            with open(key, "rb") as f:
+            with open_input(key, "snapshot file") as f:
                 stats = load(self.space_or_fail(), list(self.devices.values()), f)
             if state is not None:
                 self._adopt_guest(state)
@@ -611,15 +625,13 @@ class Machine:
             try:
                 if transport is Transport.FILE:
                     target = Path(path) if path else self._files_dir() / f"{self.scenario.name}-migration.bin"
-                    try:
-                        with open(target, "w+b") as f:
-                            save(self.space_or_fail(), list(self.devices.values()), f)
-                            f.seek(0)
-                            stats = load(dest.space_or_fail(), list(dest.devices.values()), f)
-                    finally:
-                        if not path:
-                            with contextlib.suppress(OSError):
-                                target.unlink()
+                    with create_output(target, "migration file", durable=bool(path)) as f:
+                        save(self.space_or_fail(), list(self.devices.values()), f)
+                        f.seek(0)
+                        stats = load(dest.space_or_fail(), list(dest.devices.values()), f)
+                    if not path:
+                        with contextlib.suppress(OSError):
+                            target.unlink()
                 else:
                     stats = self._migrate_tcp(dest)
                 dest._adopt_guest(state)
@@ -660,13 +672,14 @@ class Machine:
         stats: MigrationStats = result["stats"]
         return stats
 
-    def dump(self, path: str) -> dict[str, Any]:
+    def dump(self, path: str, *, durable: bool = True) -> dict[str, Any]:
         """Write an ELF core of the populated guest memory to ``path``
-        (:func:`ramdiscard.dump.dump_guest_memory`); check it holds exactly boot RAM plus
-        plugged memory. Returns the figures."""
+        (:func:`ramdiscard.dump.dump_guest_memory`: mode 0600, a non-regular path or one
+        backing guest memory refused); check it holds exactly boot RAM plus plugged
+        memory. Returns the figures."""
         with self.lock:
             self._check_open()
-            info: DumpInfo = dump_guest_memory(self.space_or_fail(), path)
+            info: DumpInfo = dump_guest_memory(self.space_or_fail(), path, durable=durable)
             want = self.scenario.boot_ram + sum(d.plugged_size for d in self.devices.values())
             if info.bytes != want:
                 raise MigrationError(f"dump: {info.bytes:#x} bytes dumped, {want:#x} populated")
@@ -687,7 +700,8 @@ class Machine:
         disk (not /dev/shm: a snapshot holds as much as the guest has populated), removed
         at close."""
         if self._own_files_dir is None:
-            self._own_files_dir = Path(tempfile.mkdtemp(prefix="ramdiscard-files-"))
+            with interrupts.deferred():
+                self._own_files_dir = Path(tempfile.mkdtemp(prefix=f"ramdiscard-files-{os.getpid()}-"))
         return self._own_files_dir
 
     # -- background mode ------------------------------------------------------------------
@@ -803,9 +817,15 @@ class Machine:
             raise InvalidArgument("machine is closed")
 
     def close(self) -> None:
-        """Release everything (see the module rules). Idempotent; never raises."""
+        """Release everything (see the module rules). Idempotent; raises nothing of its
+        own. SIGINT/SIGTERM cannot interrupt it (:func:`ramdiscard.interrupts.deferred`):
+        one arriving meanwhile raises KeyboardInterrupt once everything is released."""
         if self._closed:
             return
+        with interrupts.deferred():
+            self._close()
+
+    def _close(self) -> None:
         self._closed = True
         with contextlib.suppress(Exception):
             self.stop()
@@ -827,12 +847,13 @@ class Machine:
                     log.exception("unrealizing %s failed", dev.id)
             if self.space is not None:
                 self.space.destroy()
+            # Files are removed while their blocks still hold the lock on them, and only if
+            # the path still names the file this machine created.
+            for p, fid in self._created_files:
+                unlink_created(p, fid)
             for b in self.blocks:
                 with contextlib.suppress(Exception):
                     b.close()
-            for p in self._created_files:
-                with contextlib.suppress(OSError):
-                    p.unlink()
             if self._own_workdir is not None:
                 shutil.rmtree(self._own_workdir, ignore_errors=True)
             if self._own_files_dir is not None:

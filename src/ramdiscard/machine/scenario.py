@@ -27,6 +27,8 @@ Schema (keys use QEMU's hyphenated spelling)::
     backing = "anonymous"            # anonymous | memfd | file
     thp = true                       # anonymous only: transparent huge pages
     path = "/dev/shm/vmem0.mem"      # file only; default <workdir>/<id>.mem
+    overwrite = false                # file only: may an existing non-empty file be used
+                                     # (its contents are discarded)? false: refused
     addr = "0x100000000"             # default: after boot RAM / previous device, 1G-aligned, >= 4G
     requested-size = "0"             # at start
     dynamic-memslots = false
@@ -75,7 +77,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from ramdiscard.errors import RamDiscardError
+from ramdiscard.errors import InvalidArgument
 from ramdiscard.units import GiB, MiB, align_up, is_power_of_2, parse_size
 
 ADDRESS_LIMIT = 1 << 48
@@ -83,7 +85,7 @@ DEFAULT_BLOCK_SIZE = 2 * MiB
 _ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 
 
-class ScenarioError(RamDiscardError, ValueError):
+class ScenarioError(InvalidArgument):
     """A scenario is invalid; the message names the source and the key."""
 
 
@@ -141,6 +143,7 @@ class DeviceSpec:
     dynamic_memslots: bool = False
     memslot_limit: int = 0
     prealloc: bool = False
+    overwrite: bool = False
 
 
 @dataclass(frozen=True)
@@ -391,7 +394,7 @@ class _Reader:
         tbl = self.table(raw, key)
         allowed = (
             "id", "size", "block-size", "backing", "thp", "path", "addr", "requested-size",
-            "dynamic-memslots", "memslot-limit", "prealloc",
+            "dynamic-memslots", "memslot-limit", "prealloc", "overwrite",
         )  # fmt: skip
         self.keys(tbl, key, allowed)
         if "id" not in tbl:
@@ -436,9 +439,13 @@ class _Reader:
         if "memslot-limit" in tbl and not dynamic:
             raise self.fail(f"{key}.memslot-limit", "only valid with dynamic-memslots = true")
         prealloc = self.boolean(tbl.get("prealloc", False), f"{key}.prealloc")
+        overwrite = self.boolean(tbl.get("overwrite", False), f"{key}.overwrite")
+        if "overwrite" in tbl and backing is not Backing.FILE:
+            raise self.fail(f"{key}.overwrite", 'only valid with backing = "file"')
         return DeviceSpec(
             id=dev_id, size=size, block_size=bs, backing=backing, thp=thp, path=path, addr=addr,
             requested_size=requested, dynamic_memslots=dynamic, memslot_limit=limit, prealloc=prealloc,
+            overwrite=overwrite,
         )  # fmt: skip
 
     def _check_requested(self, requested: int, raw: object, bs: int, size: int, key: str) -> None:

@@ -17,7 +17,9 @@ Rules:
 * If ``region_add`` raises during :meth:`AddressSpace.register_listener`, the sections
   already added to that listener are deleted again, the listener is not registered, and
   the error propagates. During a topology change a raising listener cannot stop the
-  change; see :class:`~ramdiscard.memory.topology.TopologyError`.
+  change; see :class:`~ramdiscard.memory.system.TopologyError`.
+* An address space belongs to its root region's memory system (an unplaced root without
+  one joins the default system) and re-renders only on that system's topology changes.
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from ramdiscard.errors import ListenerError
-from ramdiscard.memory import topology
 from ramdiscard.memory.region import MemoryRegion, RegionKind
 from ramdiscard.memory.section import MemoryRegionSection
+from ramdiscard.memory.system import MemorySystem
 
 _serials = itertools.count()
 
@@ -140,17 +142,21 @@ class AddressSpace:
         self.root = root
         self.serial = next(_serials)
         self._listeners: list[MemoryListener] = []
-        with topology.watch_mapping():
+        system = root.system
+        if root._system is None and root.container is None:
+            root._system = system
+        self.system: MemorySystem = system
+        with system.watch_mapping():
             self._view: list[MemoryRegionSection] = render_flatview(root)
             self._mapped: set[int] = {id(s.mr) for s in self._view}
-            topology.register_space(self)
+            system.register_space(self)
 
     def __repr__(self) -> str:
         return f"<AddressSpace {self.name!r}>"
 
     def flatview(self) -> list[MemoryRegionSection]:
         """The current flat view: sections in address order."""
-        with topology.lock:
+        with self.system.lock:
             return list(self._view)
 
     def maps(self, mr: MemoryRegion) -> bool:
@@ -158,8 +164,9 @@ class AddressSpace:
         return id(mr) in self._mapped
 
     def transaction(self) -> AbstractContextManager[None]:
-        """Batch topology changes (process-wide, as QEMU's memory transactions)."""
-        return topology.transaction()
+        """Batch topology changes of this space's memory system (all its address spaces,
+        as QEMU's memory transactions)."""
+        return self.system.transaction()
 
     def register_listener(self, listener: MemoryListener) -> None:
         """Add ``listener`` and send it ``region_add`` for every current section.
@@ -168,7 +175,7 @@ class AddressSpace:
         the sections already added get ``region_del``, the listener is not registered and
         the error propagates.
         """
-        with topology.lock:
+        with self.system.lock:
             if any(existing is listener for existing in self._listeners):
                 raise ListenerError(f"{listener!r} is already registered with {self!r}")
             done: list[MemoryRegionSection] = []
@@ -184,7 +191,7 @@ class AddressSpace:
 
     def unregister_listener(self, listener: MemoryListener) -> None:
         """Remove ``listener``, sending it ``region_del`` for every current section."""
-        with topology.lock:
+        with self.system.lock:
             for i, existing in enumerate(self._listeners):
                 if existing is listener:
                     del self._listeners[i]
@@ -200,8 +207,8 @@ class AddressSpace:
 
     def destroy(self) -> None:
         """Stop tracking topology changes (listeners get no further notifications)."""
-        with topology.watch_mapping():
-            topology.unregister_space(self)
+        with self.system.watch_mapping():
+            self.system.unregister_space(self)
             self._view = []
             self._mapped = set()
 

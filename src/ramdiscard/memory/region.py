@@ -9,9 +9,15 @@ Rules:
 * Subregions sit at an offset inside their parent with a priority. Where subregions
   overlap, the higher priority wins; among equal priorities the one added last wins. A
   region has at most one parent.
-* Every change to the tree is a topology change (see :mod:`ramdiscard.memory.topology`):
-  address spaces re-render and notify their listeners, at once or at the end of the
-  enclosing transaction.
+* A region belongs to one :class:`~ramdiscard.memory.system.MemorySystem`. A RAM region
+  joins its system when created (``system=None``: the default system) and the system's
+  RAM-region observers hear of it. A container or alias created without ``system=`` takes
+  the system of the first region it meets: a subregion added to it, the container it is
+  added to, or (alias) its target; until then :attr:`MemoryRegion.system` is the default
+  system. Putting a region of one system into a region of another raises InvalidArgument.
+* Every change to the tree is a topology change of the region's system: that system's
+  address spaces (and no other) re-render and notify their listeners, at once or at the
+  end of the enclosing transaction.
 * A RAM region's manager can be set once, and set, replaced or cleared only while the
   region is not mapped into any address space, directly or through an alias. QEMU only
   documents this; here it is enforced, because memory listeners look the manager up at
@@ -20,30 +26,52 @@ Rules:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import StrEnum
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol
 
 from ramdiscard.errors import InvalidArgument, ManagerBusy, RegionMapped
-from ramdiscard.memory import topology
-from ramdiscard.ramblocks import registry as ramblock_registry
+from ramdiscard.interfaces import HostMemory as RamBackend
+from ramdiscard.memory.system import MemorySystem, default_system
 
 if TYPE_CHECKING:
     from ramdiscard.memory.address_space import AddressSpace
-    from ramdiscard.rdm.manager import RamDiscardManager
+    from ramdiscard.memory.section import MemoryRegionSection
 
 
-@runtime_checkable
-class RamBackend(Protocol):
-    """What a RAM region needs from its host memory: a size, an address and a page size."""
-
-    @property
-    def size(self) -> int: ...
+class RegionDiscardManager(Protocol):
+    """What the memory model (and a reader of guest memory) needs from a RAM region's
+    RamDiscardManager: the query half of the contract. The full contract, listeners
+    included, is :class:`ramdiscard.rdm.RamDiscardManager`."""
 
     @property
-    def host_address(self) -> int: ...
+    def region(self) -> MemoryRegion: ...
 
-    @property
-    def page_size(self) -> int: ...
+    def get_min_granularity(self, mr: MemoryRegion) -> int: ...
+
+    def is_populated(self, section: MemoryRegionSection) -> bool: ...
+
+    def replay_populated(
+        self, section: MemoryRegionSection, fn: Callable[[MemoryRegionSection], object]
+    ) -> None: ...
+
+    def replay_discarded(
+        self, section: MemoryRegionSection, fn: Callable[[MemoryRegionSection], object]
+    ) -> None: ...
+
+
+RamFactory = Callable[[int, str], RamBackend]
+"""Makes an anonymous RAM block of ``size`` bytes named ``name`` (for ``new_ram(name, size)``)."""
+
+_ram_factory: RamFactory | None = None
+
+
+def install_ram_factory(factory: RamFactory) -> None:
+    """Install what ``MemoryRegion.new_ram(name, size)`` uses to make host RAM. The host
+    memory layer is above this model, so it is installed from above (the package root
+    installs :class:`ramdiscard.hostmem.RamBlock`)."""
+    global _ram_factory
+    _ram_factory = factory
 
 
 class RegionKind(StrEnum):
@@ -67,6 +95,7 @@ class MemoryRegion:
         alias_offset: int = 0,
         readonly: bool = False,
         unmergeable: bool = False,
+        system: MemorySystem | None = None,
     ) -> None:
         if size < 0:
             raise InvalidArgument(f"region {name!r}: negative size {size}")
@@ -84,37 +113,48 @@ class MemoryRegion:
         self._priority = 0
         # Highest priority first; among equals the most recently added first.
         self._subregions: list[MemoryRegion] = []
-        self._rdm: RamDiscardManager | None = None
+        self._rdm: RegionDiscardManager | None = None
+        self._system = system
 
     # -- constructors ---------------------------------------------------------------
 
     @classmethod
-    def new_ram(cls, name: str, ram: RamBackend | int, *, readonly: bool = False) -> MemoryRegion:
+    def new_ram(
+        cls, name: str, ram: RamBackend | int, *, readonly: bool = False, system: MemorySystem | None = None
+    ) -> MemoryRegion:
         """A RAM region over ``ram`` (a RAM block), or over a new anonymous RAM block of
-        ``ram`` bytes when an int is given. The region joins the default RAM block
-        registry (:func:`ramdiscard.ramblocks.default_registry`)."""
+        ``ram`` bytes when an int is given, in ``system`` (default: the default system).
+        The system's RAM-region observers are told (its RAM-block registry joins it)."""
         if isinstance(ram, bool):
             raise InvalidArgument(f"region {name!r}: RAM must be a RAM block or a size")
         if isinstance(ram, int):
-            from ramdiscard.hostmem import RamBlock
-
             if ram <= 0:
                 raise InvalidArgument(f"region {name!r}: RAM size must be positive, got {ram}")
-            ram = RamBlock(ram, name=name)
+            if _ram_factory is None:
+                raise InvalidArgument(f"region {name!r}: no host RAM factory installed; pass a RAM block")
+            ram = _ram_factory(ram, name)
         if not isinstance(ram, RamBackend):
             raise InvalidArgument(f"region {name!r}: {ram!r} is not a RAM block")
-        mr = cls(name, ram.size, RegionKind.RAM, ram=ram, readonly=readonly)
-        ramblock_registry.region_created(mr)
+        system = system if system is not None else default_system()
+        mr = cls(name, ram.size, RegionKind.RAM, ram=ram, readonly=readonly, system=system)
+        system.ram_region_created(mr)
         return mr
 
     @classmethod
-    def new_container(cls, name: str, size: int) -> MemoryRegion:
-        """A region that only holds subregions."""
-        return cls(name, size, RegionKind.CONTAINER)
+    def new_container(cls, name: str, size: int, *, system: MemorySystem | None = None) -> MemoryRegion:
+        """A region that only holds subregions (``system``: see the module rules)."""
+        return cls(name, size, RegionKind.CONTAINER, system=system)
 
     @classmethod
     def new_alias(
-        cls, name: str, target: MemoryRegion, offset: int, size: int, *, unmergeable: bool = False
+        cls,
+        name: str,
+        target: MemoryRegion,
+        offset: int,
+        size: int,
+        *,
+        unmergeable: bool = False,
+        system: MemorySystem | None = None,
     ) -> MemoryRegion:
         """A window of ``size`` bytes onto ``target`` starting at ``offset`` in it.
 
@@ -133,6 +173,7 @@ class MemoryRegion:
             alias_target=target,
             alias_offset=offset,
             unmergeable=unmergeable,
+            system=system,
         )
 
     # -- attributes ---------------------------------------------------------------
@@ -140,6 +181,29 @@ class MemoryRegion:
     @property
     def size(self) -> int:
         return self._size
+
+    @property
+    def system(self) -> MemorySystem:
+        """The memory system this region belongs to (see the module rules)."""
+        return self._bound_system() or default_system()
+
+    def _bound_system(self) -> MemorySystem | None:
+        node: MemoryRegion | None = self
+        while node is not None:
+            if node._system is not None:
+                return node._system
+            if node.alias_target is not None:
+                target = node.alias_target._bound_system()
+                if target is not None:
+                    return target
+            node = node._container
+        return None
+
+    def _root(self) -> MemoryRegion:
+        node = self
+        while node._container is not None:
+            node = node._container
+        return node
 
     @property
     def is_ram(self) -> bool:
@@ -187,7 +251,14 @@ class MemoryRegion:
         Raises InvalidArgument if ``mr`` already has a parent, is this region or one of its
         ancestors, if this region is an alias, or if ``offset`` is negative.
         """
-        with topology.lock:
+        mine, theirs = self._bound_system(), mr._bound_system()
+        if mine is not None and theirs is not None and mine is not theirs:
+            raise InvalidArgument(
+                f"{mr.name!r} belongs to memory system {theirs.name!r}, "
+                f"{self.name!r} to {mine.name!r}: regions of two systems cannot be combined"
+            )
+        system = mine or theirs or default_system()
+        with system.lock:
             if self.kind is RegionKind.ALIAS:
                 raise InvalidArgument(f"alias {self.name!r} cannot have subregions")
             if offset < 0:
@@ -199,6 +270,10 @@ class MemoryRegion:
                 if node is mr:
                     raise InvalidArgument(f"adding {mr.name!r} under {self.name!r} makes a cycle")
                 node = node._container
+            if mine is None and theirs is not None:
+                self._root()._system = theirs
+            if theirs is None and mine is not None:
+                mr._system = mine
             mr._container = self
             mr._offset = offset
             mr._priority = priority
@@ -208,59 +283,65 @@ class MemoryRegion:
                     index = i
                     break
             self._subregions.insert(index, mr)
-            topology.changed()
+            system.changed()
 
     def del_subregion(self, mr: MemoryRegion) -> None:
         """Remove the subregion ``mr``; InvalidArgument if it is not a child of this region."""
-        with topology.lock:
+        system = self.system
+        with system.lock:
             if mr._container is not self:
                 raise InvalidArgument(f"{mr.name!r} is not a subregion of {self.name!r}")
+            mr._system = mr._bound_system()
             self._subregions.remove(mr)
             mr._container = None
-            topology.changed()
+            system.changed()
 
     def set_enabled(self, enabled: bool) -> None:
         """A disabled region (and everything below it) is absent from every flat view."""
-        with topology.lock:
+        system = self.system
+        with system.lock:
             if self._enabled != enabled:
                 self._enabled = enabled
-                topology.changed()
+                system.changed()
 
     def set_readonly(self, readonly: bool) -> None:
-        with topology.lock:
+        system = self.system
+        with system.lock:
             if self._readonly != readonly:
                 self._readonly = readonly
-                topology.changed()
+                system.changed()
 
     # -- mapping and the discard manager ----------------------------------------------
 
     def mapped_in(self) -> list[AddressSpace]:
         """Address spaces whose current flat view contains a section of this region."""
-        with topology.lock:
-            return [s for s in topology.live_spaces() if s.maps(self)]
+        system = self.system
+        with system.lock:
+            return [s for s in system.live_spaces() if s.maps(self)]
 
     @property
     def is_mapped(self) -> bool:
         return bool(self.mapped_in())
 
     @property
-    def ram_discard_manager(self) -> RamDiscardManager | None:
+    def ram_discard_manager(self) -> RegionDiscardManager | None:
         """The region's RamDiscardManager; always None for non-RAM regions."""
         return self._rdm if self.kind is RegionKind.RAM else None
 
     def has_ram_discard_manager(self) -> bool:
         return self.ram_discard_manager is not None
 
-    def set_ram_discard_manager(self, rdm: RamDiscardManager | None) -> None:
+    def set_ram_discard_manager(self, rdm: RegionDiscardManager | None) -> None:
         """Set (or clear, with None) the region's manager.
 
         Raises InvalidArgument for a non-RAM region or a manager of another region,
         ManagerBusy when a manager is already set (clear it first), and RegionMapped when
         the region is mapped into an address space, directly or through an alias.
         Nothing changes when it raises. After the change, RAM block notifiers get
-        ``ram_block_manager_changed``.
+        ``ram_block_manager_changed`` (through the system's RAM-region observers).
         """
-        with topology.lock:
+        system = self.system
+        with system.lock:
             if self.kind is not RegionKind.RAM:
                 raise InvalidArgument(f"{self.name!r} is not a RAM region; only RAM has a manager")
             if rdm is not None and rdm.region is not self:
@@ -278,4 +359,4 @@ class MemoryRegion:
                     f"mapped into address space {names}"
                 )
             self._rdm = rdm
-            ramblock_registry.manager_changed(self)
+            system.ram_manager_changed(self)

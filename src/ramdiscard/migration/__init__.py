@@ -3,11 +3,8 @@
 * :func:`save` / :func:`load`: snapshot to / restore from a file (sparse snapshot file,
   or a plain stream for pipes and in-memory files).
 * :func:`migrate_to` / :func:`receive_from`: live-migration style transfer over TCP.
-* :func:`cli_main`: ``ramdiscard migrate send|receive``.
 * Format: :mod:`ramdiscard.migration.stream` and ``docs/migration-format.md``.
 """
-
-from collections.abc import Sequence
 
 from ramdiscard.migration.destination import load
 from ramdiscard.migration.progress import Progress, ProgressFn
@@ -15,21 +12,12 @@ from ramdiscard.migration.source import MigrationStats, save
 from ramdiscard.migration.stream import MigrationError, StreamError
 from ramdiscard.migration.transport import migrate_to, receive_from
 
-
-def cli_main(argv: Sequence[str] | None = None) -> int:
-    """Entry of ``ramdiscard migrate send|receive`` (see :mod:`ramdiscard.migration.cli`)."""
-    from ramdiscard.migration.cli import main
-
-    return main(argv)
-
-
 __all__ = [
     "MigrationError",
     "MigrationStats",
     "Progress",
     "ProgressFn",
     "StreamError",
-    "cli_main",
     "load",
     "migrate_to",
     "receive_from",

@@ -41,6 +41,7 @@ from bisect import bisect_right
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, BinaryIO
 
+from ramdiscard.interfaces import DiscardableMemory
 from ramdiscard.migration.busy import Freeze, frozen
 from ramdiscard.migration.checksum import address, digest
 from ramdiscard.migration.layout import RamRegion, collect_regions
@@ -263,9 +264,9 @@ def _reset(regions: list[RamRegion], requested: dict[str, int], freeze: Freeze) 
                 if dev.requested_size != requested[dev.id]:
                     dev.requested_size = requested[dev.id]
                 dev.unplug_all()
-            discard = getattr(region.mr.ram, "discard_range", None)
-            if discard is not None:
-                discard(0, region.size)
+            ram = region.mr.ram
+            if isinstance(ram, DiscardableMemory):
+                ram.discard_range(0, region.size)
         except Exception:
             log.exception("resetting %r after a failed restore", region.mr.name)
 

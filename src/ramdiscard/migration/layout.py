@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ramdiscard.interfaces import MappedMemory
 from ramdiscard.memory.section import MemoryRegionSection
 from ramdiscard.migration.stream import MigrationError, RegionInfo, RegionKind
 
@@ -51,10 +52,10 @@ class RamRegion:
     @property
     def view(self) -> memoryview:
         """The region's host memory (the RAM block's view, not a copy)."""
-        view = getattr(self.mr.ram, "view", None)
-        if not isinstance(view, memoryview):
+        ram = self.mr.ram
+        if not isinstance(ram, MappedMemory):
             raise MigrationError(f"RAM region {self.mr.name!r}: its RAM block has no memory view")
-        return view
+        return ram.view
 
     def info(self) -> RegionInfo:
         kind = RegionKind.MANAGED if self.device is not None else RegionKind.WHOLE

@@ -44,7 +44,7 @@ import zlib
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 
-from ramdiscard.errors import RamDiscardError
+from ramdiscard.errors import ProtocolViolation, RamDiscardError
 from ramdiscard.migration.checksum import Checksum, Hasher, available, digest
 from ramdiscard.units import MiB
 
@@ -77,7 +77,7 @@ class MigrationError(RamDiscardError):
     """A migration, snapshot or restore failed; the message says why and what was left."""
 
 
-class StreamError(MigrationError):
+class StreamError(MigrationError, ProtocolViolation):
     """The stream is truncated, corrupt, out of order or of another format/version."""
 
 

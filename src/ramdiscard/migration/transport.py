@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from ramdiscard import faults
+from ramdiscard.errors import ProtocolViolation
 from ramdiscard.faults import Op
 from ramdiscard.migration.stream import Buffer, MigrationError, StreamError
 
@@ -75,7 +76,7 @@ class ReadTimeout(StreamError):
     """The peer sent nothing for the socket's timeout."""
 
 
-class PeerAnswered(MigrationError):
+class PeerAnswered(MigrationError, ProtocolViolation):
     """The destination sent its status before the stream ended (it refused the stream)."""
 
 

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 from ramdiscard import migration
 from ramdiscard.dump import dump_guest_memory
+from ramdiscard.fileio import create_output
 from ramdiscard.migration.transport import IO_TIMEOUT
 from ramdiscard.providers.virtio_mem import VirtioMem
 from ramdiscard.qmp.commands import MemoryDeviceInfo, SizeChangeFn
@@ -138,7 +139,7 @@ class MachineBackend:
                     on_socket=self._adopt_socket,
                 )
             else:
-                with open(rest, "wb") as f:
+                with create_output(rest, "migration file") as f:
                     stats = migration.save(space, devices, f)
         except (OSError, migration.MigrationError) as exc:
             if self._cancelled:

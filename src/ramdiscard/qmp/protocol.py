@@ -44,6 +44,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from ramdiscard.errors import ProtocolViolation
+
 MiB: Final = 1 << 20
 DEFAULT_MAX_MESSAGE: Final = 1 * MiB
 """Largest accepted message (QEMU allows 64 MiB of tokens; a control plane needs far less)."""
@@ -63,7 +65,7 @@ class ErrorClass(enum.Enum):
     KVMMissingCap = "KVMMissingCap"
 
 
-class QmpError(Exception):
+class QmpError(ProtocolViolation):
     """A command failed; becomes ``{"error": {"class": ..., "desc": ...}}``."""
 
     def __init__(self, desc: str, error_class: ErrorClass = ErrorClass.GenericError) -> None:

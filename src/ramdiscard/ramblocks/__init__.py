@@ -13,6 +13,13 @@ and when its manager changes.
 
 from ramdiscard.ramblocks.block import LiveBlock
 from ramdiscard.ramblocks.notifier import RamBlockNotifier
-from ramdiscard.ramblocks.registry import BlockRegistered, RamBlockRegistry, default_registry
+from ramdiscard.ramblocks.registry import BlockRegistered, RamBlockRegistry, default_registry, registry_of
 
-__all__ = ["BlockRegistered", "LiveBlock", "RamBlockNotifier", "RamBlockRegistry", "default_registry"]
+__all__ = [
+    "BlockRegistered",
+    "LiveBlock",
+    "RamBlockNotifier",
+    "RamBlockRegistry",
+    "default_registry",
+    "registry_of",
+]

@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ramdiscard.interfaces import reserved_size
+from ramdiscard.rdm.manager import RamDiscardManager, manager_of
+
 if TYPE_CHECKING:
-    from ramdiscard.memory.region import MemoryRegion, RamBackend
-    from ramdiscard.rdm.manager import RamDiscardManager
+    from ramdiscard.interfaces import HostMemory
+    from ramdiscard.memory.region import MemoryRegion
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -23,7 +26,7 @@ class LiveBlock:
     region: MemoryRegion
 
     @property
-    def ram(self) -> RamBackend:
+    def ram(self) -> HostMemory:
         ram = self.region.ram
         assert ram is not None  # the registry only holds RAM regions with a block
         return ram
@@ -44,7 +47,7 @@ class LiveBlock:
     @property
     def max_size(self) -> int:
         """Bytes reserved for the block: its ``max_size`` if it has one, else its size."""
-        return int(getattr(self.ram, "max_size", self.ram.size))
+        return reserved_size(self.ram)
 
     @property
     def page_size(self) -> int:
@@ -57,7 +60,7 @@ class LiveBlock:
 
     @property
     def ram_discard_manager(self) -> RamDiscardManager | None:
-        return self.region.ram_discard_manager
+        return manager_of(self.region)
 
     def __repr__(self) -> str:
         return f"<LiveBlock {self.name!r} size={self.size:#x} max={self.max_size:#x}>"

@@ -2,10 +2,13 @@
 
 Rules:
 
-* A registry holds RAM regions that have a RAM block. :meth:`MemoryRegion.new_ram
-  <ramdiscard.memory.MemoryRegion.new_ram>` adds every region it creates to the
-  process-wide :func:`default_registry` (QEMU's ``ram_list``); other registries, and
-  regions built another way, are filled with :meth:`RamBlockRegistry.add`.
+* A registry belongs to one memory system and holds RAM regions of that system that have
+  a RAM block (a region of another system is refused). Each system has one *system
+  registry* (:func:`registry_of`, QEMU's ``ram_list``; :func:`default_registry` is the
+  default system's): it holds every RAM region ever created in its system by
+  :meth:`MemoryRegion.new_ram <ramdiscard.memory.MemoryRegion.new_ram>`, including those
+  created before it was first asked for. Other registries are filled with
+  :meth:`RamBlockRegistry.add`.
 * A region is in a registry at most once. :meth:`RamBlockRegistry.remove` refuses a region
   that is mapped into an address space (QEMU cannot free a RAMBlock whose region is in
   use). A registry holds its regions weakly: a region that nobody else references
@@ -17,11 +20,12 @@ Rules:
   raises, the blocks already replayed get ``unmapped``/``removed`` again, the notifier is
   not registered and the exception propagates. :meth:`RamBlockRegistry.remove_notifier`
   sends ``unmapped``/``removed`` for every block, newest first.
-* Event sources are minimal hooks: ``new_ram`` (added), ``set_ram_discard_manager``
-  (manager changed), the block's ``resize_hooks`` (resized, for blocks that have them),
-  and a topology mapping observer (mapped/unmapped), installed only while the registry has
-  notifiers, so a registry without notifiers costs nothing on topology changes.
-* Everything runs under the topology lock, the model's big lock.
+* Event sources are the hooks the memory system owns: its RAM-region observers (created:
+  added, for the system registry; manager changed), the block's ``resize_hooks``
+  (resized, for blocks that have them), and a mapping observer (mapped/unmapped),
+  installed only while the registry has notifiers, so a registry without notifiers costs
+  nothing on topology changes.
+* Everything runs under the system's topology lock, the model's big lock.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 from ramdiscard.errors import InvalidArgument, ListenerError, RegionMapped
-from ramdiscard.memory import topology
+from ramdiscard.memory.system import MemorySystem, default_system
 from ramdiscard.ramblocks.block import LiveBlock
 from ramdiscard.ramblocks.notifier import RamBlockNotifier
 
@@ -41,21 +45,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ramdiscard.ramblocks")
 
-_registries: weakref.WeakSet[RamBlockRegistry] = weakref.WeakSet()
-
-
 class BlockRegistered(InvalidArgument):
     """The region is already in this registry."""
 
 
 class RamBlockRegistry:
-    """Live RAM blocks and their notifiers; see the module rules."""
+    """Live RAM blocks of ``system`` (default: the default system) and their notifiers;
+    see the module rules."""
 
-    def __init__(self, name: str = "ram-blocks") -> None:
+    def __init__(self, name: str = "ram-blocks", *, system: MemorySystem | None = None) -> None:
         self.name = name
+        self.system = system if system is not None else default_system()
         self._refs: dict[int, weakref.ref[MemoryRegion]] = {}
         self._notifiers: list[RamBlockNotifier] = []
-        _registries.add(self)
+        self._joins_new = False
+        self.system.add_ram_observer(self)
 
     def __repr__(self) -> str:
         return f"<RamBlockRegistry {self.name!r} blocks={len(self._refs)}>"
@@ -64,7 +68,7 @@ class RamBlockRegistry:
 
     def blocks(self) -> list[LiveBlock]:
         """The live blocks, oldest first."""
-        with topology.lock:
+        with self.system.lock:
             return [LiveBlock(mr) for mr in self._regions()]
 
     def __contains__(self, mr: object) -> bool:
@@ -75,12 +79,17 @@ class RamBlockRegistry:
         """Register the RAM region ``mr`` and tell every notifier (added, then mapped if it
         is mapped already).
 
-        Raises InvalidArgument if ``mr`` is not a RAM region with a RAM block, and
-        BlockRegistered if it is registered here already; nothing changes then.
+        Raises InvalidArgument if ``mr`` is not a RAM region with a RAM block or belongs to
+        another memory system, and BlockRegistered if it is registered here already;
+        nothing changes then.
         """
-        with topology.lock:
+        with self.system.lock:
             if not mr.is_ram or mr.ram is None:
                 raise InvalidArgument(f"{mr!r} is not a RAM region with a RAM block")
+            if mr.system is not self.system:
+                raise InvalidArgument(
+                    f"{mr!r} belongs to memory system {mr.system.name!r}, {self!r} to {self.system.name!r}"
+                )
             if mr in self:
                 raise BlockRegistered(f"RAM block of {mr.name!r} is already registered with {self!r}")
             key = id(mr)
@@ -100,7 +109,7 @@ class RamBlockRegistry:
         Raises InvalidArgument if it is not registered here, RegionMapped if it is mapped
         into an address space; nothing changes then.
         """
-        with topology.lock:
+        with self.system.lock:
             if mr not in self:
                 raise InvalidArgument(f"{mr!r} is not registered with {self!r}")
             if mr.is_mapped:
@@ -124,7 +133,7 @@ class RamBlockRegistry:
         Raises ListenerError if it is registered here already; otherwise whatever the
         notifier raised during the replay, after undoing what it was told.
         """
-        with topology.lock:
+        with self.system.lock:
             if any(n is notifier for n in self._notifiers):
                 raise ListenerError(f"{notifier!r} is already registered with {self!r}")
             done: list[tuple[LiveBlock, bool]] = []
@@ -144,12 +153,12 @@ class RamBlockRegistry:
                 raise
             self._notifiers.append(notifier)
             if len(self._notifiers) == 1:
-                topology.add_mapping_observer(self._mapping_changed)
+                self.system.add_mapping_observer(self._mapping_changed)
 
     def remove_notifier(self, notifier: RamBlockNotifier) -> None:
         """Unregister ``notifier``, sending it ``unmapped`` (if mapped) and ``removed`` for
         every block, newest first. Raises ListenerError if it is not registered here."""
-        with topology.lock:
+        with self.system.lock:
             for i, existing in enumerate(self._notifiers):
                 if existing is notifier:
                     del self._notifiers[i]
@@ -157,7 +166,7 @@ class RamBlockRegistry:
             else:
                 raise ListenerError(f"{notifier!r} is not registered with {self!r}")
             if not self._notifiers:
-                topology.remove_mapping_observer(self._mapping_changed)
+                self.system.remove_mapping_observer(self._mapping_changed)
             for mr in reversed(self._regions()):
                 block = LiveBlock(mr)
                 if mr.is_mapped:
@@ -188,12 +197,18 @@ class RamBlockRegistry:
             if mr in self:
                 self._dispatch("ram_block_mapped", LiveBlock(mr))
 
-    def _manager_changed(self, mr: MemoryRegion) -> None:
+    # RamRegionObserver (called by the memory system with its lock held)
+
+    def ram_region_created(self, mr: MemoryRegion) -> None:
+        if self._joins_new:
+            self.add(mr)
+
+    def ram_manager_changed(self, mr: MemoryRegion) -> None:
         if mr in self:
             self._dispatch("ram_block_manager_changed", LiveBlock(mr))
 
     def _resized(self, mr: MemoryRegion, old_size: int, new_size: int) -> None:
-        with topology.lock:
+        with self.system.lock:
             if mr in self:
                 self._dispatch("ram_block_resized", LiveBlock(mr), old_size, new_size)
 
@@ -223,21 +238,20 @@ def _call_quietly(notifier: RamBlockNotifier, event: str, block: LiveBlock, *arg
         log.exception("RAM block notifier %r raised from %s(%r)", notifier, event, block)
 
 
-_default = RamBlockRegistry("default")
+def registry_of(system: MemorySystem) -> RamBlockRegistry:
+    """The system registry of ``system``: made on first use, holding every RAM region
+    created in the system so far and, from then on, every new one."""
+
+    def make() -> RamBlockRegistry:
+        registry = RamBlockRegistry(system.name, system=system)
+        for mr in system.ram_regions():
+            registry.add(mr)
+        registry._joins_new = True
+        return registry
+
+    return system.component(RamBlockRegistry, make)
 
 
 def default_registry() -> RamBlockRegistry:
-    """The process-wide registry that ``MemoryRegion.new_ram`` fills."""
-    return _default
-
-
-def region_created(mr: MemoryRegion) -> None:
-    """Hook for ``MemoryRegion.new_ram``: register the new region by default."""
-    _default.add(mr)
-
-
-def manager_changed(mr: MemoryRegion) -> None:
-    """Hook for ``MemoryRegion.set_ram_discard_manager``, after the change."""
-    with topology.lock:
-        for registry in list(_registries):
-            registry._manager_changed(mr)
+    """The default system's registry, which ``MemoryRegion.new_ram`` fills."""
+    return registry_of(default_system())

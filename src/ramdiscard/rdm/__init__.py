@@ -10,9 +10,9 @@ from ramdiscard.rdm.aggregate import (
 from ramdiscard.rdm.bitmap import Bitmap
 from ramdiscard.rdm.block_state import BlockStateManager
 from ramdiscard.rdm.listener import RamDiscardListener
-from ramdiscard.rdm.manager import NotificationSink, RamDiscardManager, ReplayFn, region_lock
+from ramdiscard.rdm.manager import NotificationSink, RamDiscardManager, ReplayFn, manager_of, region_lock
 from ramdiscard.rdm.notify import DiscardNotificationError, Notifier
-from ramdiscard.rdm.policy import DiscardCount, DiscardPolicy, PolicySnapshot, default_policy
+from ramdiscard.rdm.policy import DiscardCount, DiscardPolicy, PolicySnapshot, default_policy, policy_of
 
 __all__ = [
     "AggregateManager",
@@ -31,6 +31,8 @@ __all__ = [
     "SourceNotFound",
     "add_ram_discard_source",
     "default_policy",
+    "manager_of",
+    "policy_of",
     "region_lock",
     "remove_ram_discard_source",
 ]

@@ -46,10 +46,9 @@ from __future__ import annotations
 import mmap
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from ramdiscard.errors import InvalidArgument, ManagerBusy, RamDiscardError, RegionMapped
-from ramdiscard.memory import topology
+from ramdiscard.errors import InvalidArgument, ManagerBusy, RegionMapped
 from ramdiscard.memory.section import MemoryRegionSection
-from ramdiscard.rdm.manager import RamDiscardManager, ReplayFn
+from ramdiscard.rdm.manager import RamDiscardManager, ReplayFn, manager_of
 from ramdiscard.units import is_power_of_2
 
 if TYPE_CHECKING:
@@ -59,7 +58,7 @@ Runs = list[tuple[int, int]]
 """Sorted, disjoint, non-adjacent-or-adjacent ``(start, end)`` region-offset intervals."""
 
 
-class SourceNotFound(RamDiscardError, LookupError):
+class SourceNotFound(InvalidArgument, LookupError):
     """The source is not part of this region's manager (QEMU's -ENOENT); nothing changed."""
 
 
@@ -240,8 +239,8 @@ def add_ram_discard_source(region: MemoryRegion, source: RamDiscardManager) -> R
     registered directly). Returns the region's manager afterwards. Nothing changes when it
     raises.
     """
-    with topology.lock:
-        current = region.ram_discard_manager
+    with region.system.lock:
+        current = manager_of(region)
         if current is None:
             region.set_ram_discard_manager(source)
             return source
@@ -279,8 +278,8 @@ def remove_ram_discard_source(region: MemoryRegion, source: RamDiscardManager) -
     aggregate is dissolved: the remaining provider becomes the manager again, or the region
     has none. SourceNotFound otherwise.
     """
-    with topology.lock:
-        current = region.ram_discard_manager
+    with region.system.lock:
+        current = manager_of(region)
         if current is not None and current is source:
             region.set_ram_discard_manager(None)
             return

@@ -302,3 +302,15 @@ class RamDiscardManager(ABC):
             self._sink.source_discard_all(self, populated_runs)
             return
         self._notifier.discard_all(populated_runs)
+
+
+def manager_of(mr: MemoryRegion) -> RamDiscardManager | None:
+    """``mr``'s discard manager with the full contract (listeners included), or None.
+
+    The memory model types the slot by the query protocol it needs; a manager set there
+    that is not a :class:`RamDiscardManager` raises InvalidArgument here.
+    """
+    rdm = mr.ram_discard_manager
+    if rdm is None or isinstance(rdm, RamDiscardManager):
+        return rdm
+    raise InvalidArgument(f"{mr.name!r}: manager {rdm!r} is not a RamDiscardManager")

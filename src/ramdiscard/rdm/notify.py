@@ -18,7 +18,7 @@ Rules (every provider, the aggregate and state restore go through these):
   run, whatever some of them raise: the memory is already gone, so stopping would leave a
   later listener with pins or mappings on discarded memory. After the walk the failures
   are raised together as one :class:`DiscardNotificationError` (an ExceptionGroup that is
-  also a ListenerError). A failure that is not an ``Exception`` (KeyboardInterrupt,
+  also a ListenerFailure). A failure that is not an ``Exception`` (KeyboardInterrupt,
   SystemExit) is re-raised as itself after the walk, the others logged. The provider
   records the discard whether or not this raises.
 * **Discard or undo** (for changes that may still be refused, such as adding a source to
@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING
 
-from ramdiscard.errors import ListenerError
+from ramdiscard.errors import ListenerFailure
 from ramdiscard.rdm.listener import RamDiscardListener
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ ReplayInto = Callable[["MemoryRegionSection", Callable[["MemoryRegionSection"], 
 Told = list[tuple[RamDiscardListener, "MemoryRegionSection"]]
 
 
-class DiscardNotificationError(ExceptionGroup[Exception], ListenerError):
+class DiscardNotificationError(ExceptionGroup[Exception], ListenerFailure):
     """One or more listeners raised from ``notify_discard``; every listener was still told.
 
     ``exceptions`` holds what the listeners raised, in delivery order; ``failures`` pairs

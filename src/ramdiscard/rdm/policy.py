@@ -13,8 +13,9 @@ Rules:
   conflicts: D with R or Rc; Du with R; R with D or Du; Rc with D. Releasing a count never
   conflicts; releasing one that was not taken raises.
 
-A process-wide default instance exists (:func:`default_policy`); components take an
-injectable ``policy`` argument so tests can use their own.
+Each memory system has one policy (:func:`policy_of`); components take it from the system
+of the region they serve unless given an explicit ``policy`` argument.
+:func:`default_policy` is the default system's.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from ramdiscard.errors import DiscardPolicyError
+from ramdiscard.memory.system import MemorySystem, default_system
 
 
 class DiscardCount(StrEnum):
@@ -124,9 +126,12 @@ class DiscardPolicy:
             )
 
 
-_default = DiscardPolicy()
+def policy_of(system: MemorySystem) -> DiscardPolicy:
+    """The discard policy of ``system`` (made on first use, one per system)."""
+    return system.component(DiscardPolicy)
 
 
 def default_policy() -> DiscardPolicy:
-    """The process-wide policy used when a component is given none."""
-    return _default
+    """The default memory system's policy, used when a component is given none and serves
+    no region of another system."""
+    return policy_of(default_system())

@@ -40,14 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ramdiscard.errors import InvalidArgument, RamDiscardError
+from ramdiscard.errors import InvalidArgument, ProtocolViolation
 from ramdiscard.providers.virtio_mem.wire import BlockState, Request, RequestType, Response, ResponseType
 
 if TYPE_CHECKING:
     from ramdiscard.providers.virtio_mem.device import VirtioMem
 
 
-class TraceParseError(RamDiscardError, ValueError):
+class TraceParseError(ProtocolViolation, ValueError):
     """A trace line of a known event could not be parsed; ``line`` is 1-based."""
 
     def __init__(self, line: int, message: str) -> None:

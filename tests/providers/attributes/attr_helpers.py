@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import mmap
 from dataclasses import dataclass, field
 
+import pytest
+
 from ramdiscard.hostmem import RamBlock
 from ramdiscard.memory import MemoryRegion, MemoryRegionSection
+from ramdiscard.providers.attributes import GmemUnavailable, open_guest_memfd_vm
 from ramdiscard.rdm import RamDiscardListener
 
 PAGE = mmap.PAGESIZE
@@ -16,6 +20,23 @@ def ram_region(size: int, name: str = "guest-ram") -> MemoryRegion:
     """A RAM region over a real anonymous RamBlock (4 KiB pages, no THP, so resident
     bytes are exact)."""
     return MemoryRegion.new_ram(name, RamBlock(size, name=name, thp=False))
+
+
+@functools.cache
+def guest_memfd_missing() -> str | None:
+    """Why this host has no usable guest_memfd (a KVM VM is probed once), or None."""
+    try:
+        open_guest_memfd_vm().close()
+    except GmemUnavailable as exc:
+        return str(exc)
+    return None
+
+
+needs_guest_memfd = pytest.mark.skipif(
+    guest_memfd_missing() is not None, reason=f"no guest_memfd on this host: {guest_memfd_missing()}"
+)
+"""Mark for tests of the real guest_memfd path: they skip, with the probe's reason, where
+KVM or KVM_CAP_GUEST_MEMFD is missing, instead of silently running the model."""
 
 
 @dataclass(eq=False)

@@ -5,7 +5,6 @@ aggregate populated state (plugged and shared) inside its section."""
 
 from __future__ import annotations
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -13,7 +12,7 @@ from ramdiscard import RamBlockAttributes
 from ramdiscard.memory import MemoryRegionSection
 from ramdiscard.rdm import AggregateManager, BlockStateManager, DiscardPolicy, add_ram_discard_source
 from ramdiscard.units import MiB
-from tests.providers.attributes.attr_helpers import PAGE, PageView, ram_region
+from tests.providers.attributes.attr_helpers import PAGE, PageView, needs_guest_memfd, ram_region
 
 SIZE = 8 * MiB
 BLOCK = 2 * MiB
@@ -31,6 +30,7 @@ def run(steps: list[tuple[object, ...]], use_kvm: bool) -> None:
     plug = BlockStateManager(mr, BLOCK)
     add_ram_discard_source(mr, plug)
     attrs = RamBlockAttributes(mr, use_kvm=use_kvm, policy=DiscardPolicy())
+    assert (attrs.guest_memfd is not None) == use_kvm, attrs.backend_description
     agg = mr.ram_discard_manager
     assert isinstance(agg, AggregateManager)
     views = [PageView(), PageView()]
@@ -87,8 +87,8 @@ def test_plug_and_convert_model(steps: list[tuple[object, ...]]) -> None:
     run(steps, use_kvm=False)
 
 
-@pytest.mark.parametrize("use_kvm", [True])
-def test_plug_and_convert_real_guest_memfd(use_kvm: bool) -> None:
+@needs_guest_memfd
+def test_plug_and_convert_real_guest_memfd() -> None:
     run(
         [
             ("convert", 0, PAGES, False),
@@ -100,5 +100,5 @@ def test_plug_and_convert_real_guest_memfd(use_kvm: bool) -> None:
             ("convert", 0, 10, True),
             ("plug", 1, True),
         ],
-        use_kvm=use_kvm,
+        use_kvm=True,
     )

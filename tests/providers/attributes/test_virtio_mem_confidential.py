@@ -14,7 +14,7 @@ from ramdiscard.memory import MemoryRegion, MemoryRegionSection
 from ramdiscard.providers.virtio_mem import ResponseType, VirtioMem
 from ramdiscard.rdm import AggregateManager, DiscardPolicy
 from ramdiscard.units import GiB, MiB
-from tests.providers.attributes.attr_helpers import PAGE, PageView
+from tests.providers.attributes.attr_helpers import PAGE, PageView, needs_guest_memfd
 
 SIZE = 16 * MiB
 BS = 2 * MiB
@@ -37,6 +37,7 @@ def scenario(steps: list[tuple[str, int, int]], use_kvm: bool) -> None:
     mr = MemoryRegion.new_ram("cvm-ram", RamBlock(SIZE, name="cvm-ram", thp=False))
     vmem = VirtioMem(mr, addr=ADDR, block_size=BS, requested_size=SIZE, policy=policy)
     attrs = RamBlockAttributes(mr, use_kvm=use_kvm, policy=policy)
+    assert (attrs.guest_memfd is not None) == use_kvm, attrs.backend_description
     agg = mr.ram_discard_manager
     assert isinstance(agg, AggregateManager) and agg.sources == (vmem, attrs)
     assert agg.get_min_granularity(mr) == PAGE
@@ -118,5 +119,6 @@ def test_virtio_mem_and_attributes_model(steps: list[tuple[str, int, int]]) -> N
         ]
     ],
 )
+@needs_guest_memfd
 def test_virtio_mem_and_attributes_real_guest_memfd(steps: list[tuple[str, int, int]]) -> None:
     scenario(steps, use_kvm=True)

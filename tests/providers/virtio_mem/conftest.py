@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -10,12 +9,12 @@ import pytest
 
 from ramdiscard import faults
 from ramdiscard.errors import InvalidArgument
+from ramdiscard.hostmem import RamBlock
 from ramdiscard.memory import AddressSpace, MemoryListener, MemoryRegion, MemoryRegionSection
 from ramdiscard.providers.virtio_mem import VirtioMem
 from ramdiscard.rdm import DiscardPolicy, RamDiscardListener
 from ramdiscard.units import GiB, MiB
 
-HAVE_HOSTMEM = importlib.util.find_spec("ramdiscard.hostmem") is not None
 BS = 2 * MiB
 ADDR = 4 * GiB
 
@@ -46,24 +45,16 @@ class FakeRam:
 
 
 def real_ram(size: int, backing: str) -> Any:
-    if not HAVE_HOSTMEM:
-        pytest.skip("ramdiscard.hostmem (RamBlock) is not available on this branch yet")
-    from ramdiscard.hostmem import RamBlock
-
     return RamBlock(size, backing)
 
 
 @pytest.fixture(params=["fake", "anonymous", "memfd"])
 def backing(request: pytest.FixtureRequest) -> str:
-    if request.param != "fake" and not HAVE_HOSTMEM:
-        pytest.skip("ramdiscard.hostmem (RamBlock) is not available on this branch yet")
     return str(request.param)
 
 
 @pytest.fixture(params=["anonymous", "memfd"])
 def real_backing(request: pytest.FixtureRequest) -> str:
-    if not HAVE_HOSTMEM:
-        pytest.skip("ramdiscard.hostmem (RamBlock) is not available on this branch yet")
     return str(request.param)
 
 

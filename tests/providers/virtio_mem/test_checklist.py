@@ -7,6 +7,7 @@ import struct
 import pytest
 
 from ramdiscard import faults
+from ramdiscard.memory import MemoryRegionSection
 from ramdiscard.providers.virtio_mem import (
     VIRTIO_MEM_F_ACPI_PXM,
     VIRTIO_MEM_F_PERSISTENT_SUSPEND,
@@ -101,8 +102,12 @@ def test_D_CFG_6_fields_are_block_multiples(make: Factory) -> None:
         make.device(65 * MiB)
 
 
-def test_D_CFG_7_region_size_non_negative(make: Factory) -> None:
-    assert cfg(make.device(64 * MiB)).region_size == 64 * MiB
+@pytest.mark.parametrize("size", [2 * MiB, 64 * MiB, 4096 * MiB])
+def test_D_CFG_7_region_size_is_the_backend_size(make: Factory, size: int) -> None:
+    """region_size is an unsigned field: "0 or greater" is only testable as the value the
+    driver decodes, which must be the backend's size, also above 32 bits."""
+    raw_cfg = make.device(size, requested_size=0).config_bytes()
+    assert struct.unpack_from("<Q", raw_cfg, 24)[0] == size
 
 
 def test_D_CFG_8_usable_shrinks_only_on_unplug_all_or_reset(make: Factory) -> None:
@@ -202,11 +207,29 @@ def test_D_INIT_4_persistent_suspend_offered_when_supported(make: Factory) -> No
 
 
 def test_D_OP_1_plugged_memory_is_plain_ram(make: Factory, real_backing: str) -> None:
+    """A plugged block is guest RAM like a plain RAM block of the same backing: mapped at
+    its address as RAM, reported populated, zero-filled, and it keeps what the guest wrote
+    while other blocks are plugged, unplugged, queried and the device is reset."""
     dev = make.device(backing=real_backing)
+    plain = make.ram(dev.region_size, real_backing)
+    _root, space = make.map(dev)
     assert dev.plug(ADDR + BS, 1) is ACK
+    (sec,) = [s for s in space.flatview() if s.offset_within_address_space <= ADDR + BS < s.address_end]
+    assert sec.mr is dev.region and sec.mr.is_ram and not sec.readonly
+    assert sec.offset_within_region + (ADDR + BS - sec.offset_within_address_space) == BS
+    assert dev.is_populated(MemoryRegionSection(dev.region, BS, BS))
     ram = dev.ram
-    ram.view[BS : BS + 5] = b"hello"
-    assert bytes(ram.view[BS : BS + 5]) == b"hello"
+    assert bytes(ram.view[BS : 2 * BS]) == bytes(plain.view[BS : 2 * BS]) == bytes(BS)
+    pattern = bytes(range(256)) * (BS // 256)
+    ram.view[BS : 2 * BS] = pattern
+    plain.view[BS : 2 * BS] = pattern
+    assert ram.resident_bytes(BS, BS) == plain.resident_bytes(BS, BS) == BS
+    assert dev.plug(ADDR, 1) is ACK and dev.plug(ADDR + 2 * BS, 1) is ACK
+    assert dev.unplug(ADDR, 1) is ACK and dev.unplug(ADDR + 2 * BS, 1) is ACK
+    assert dev.state(ADDR + BS, 1) == (ACK, BlockState.PLUGGED)
+    dev.device_reset()
+    assert bytes(ram.view[BS : 2 * BS]) == pattern
+    assert ram.resident_bytes(BS, BS) == BS
 
 
 def test_D_OP_2_unplugged_memory_is_discarded(make: Factory, real_backing: str) -> None:
@@ -241,20 +264,33 @@ def test_D_OP_4_driver_may_use_plugged_blocks(make: Factory, real_backing: str) 
 
 
 def test_D_OP_5_unplugged_readable_without_unplugged_inaccessible(make: Factory, real_backing: str) -> None:
+    """Without UNPLUGGED_INACCESSIBLE the device neither offers nor requires it, and an
+    unplugged block inside the usable region stays mapped and readable (as zeroes)."""
     dev = make.device(backing=real_backing, unplugged_inaccessible=False)
+    assert not dev.host_features & (1 << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE)
     dev.set_driver_features(0)
-    assert bytes(dev.ram.view[3 * BS : 3 * BS + 16]) == bytes(16)
+    _root, space = make.map(dev)
+    assert dev.plug(ADDR + 3 * BS, 1) is ACK
+    dev.ram.view[3 * BS : 3 * BS + 4] = b"gone"
+    assert dev.unplug(ADDR + 3 * BS, 1) is ACK
+    assert dev.usable_region_size >= 4 * BS
+    (sec,) = [s for s in space.flatview() if s.offset_within_address_space <= ADDR + 3 * BS < s.address_end]
+    assert sec.mr is dev.region
+    assert bytes(dev.ram.view[3 * BS : 4 * BS]) == bytes(BS)
 
 
 def test_D_OP_6_D_OP_7_system_reset_unplugs_everything(make: Factory) -> None:
     rdl = RecordingListener()
-    dev = make.device(requested_size=8 * MiB)
+    dev = make.device(1024 * MiB, requested_size=512 * MiB)
     dev.register_listener(rdl, _whole(dev))
-    dev.plug(ADDR, 4)
+    assert dev.usable_region_size == 768 * MiB
+    assert dev.plug(ADDR, 4) is ACK
+    dev.requested_size = 8 * MiB
+    assert dev.usable_region_size == 768 * MiB
     dev.system_reset()
     assert dev.plugged_size == 0 and dev.bitmap_bytes() == bytes(len(dev.bitmap_bytes()))
     assert rdl.populated == set()
-    assert dev.usable_region_size == 264 * MiB if dev.region_size >= 264 * MiB else dev.region_size
+    assert dev.usable_region_size == 8 * MiB + 256 * MiB  # shrunk to fit requested_size
 
 
 def test_D_OP_7_system_reset_busy_is_ignored(make: Factory) -> None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ramdiscard.errors import RamDiscardError
+from ramdiscard.errors import ResourceExhausted
 
 
-class IovaExhausted(RamDiscardError):
+class IovaExhausted(ResourceExhausted):
     """No free IOVA range is large enough; nothing was allocated."""

@@ -51,8 +51,8 @@ Rules:
   ``False`` the disable-all count (D), like nvme:// today; with D held, virtio-mem cannot
   realize ("Discarding RAM is disabled"), and the mapper cannot be created while
   virtio-mem holds coordinated-require.
-* Everything runs under the topology lock (the model's BQL); notifications from managers
-  arrive with the manager's lock held too.
+* Everything runs under the topology lock of the registry's memory system (the model's
+  BQL); notifications from managers arrive with the manager's lock held too.
 
 The mapper does not own the backend: :meth:`RamBlockDmaMapper.close` unpins what the
 mapper pinned and leaves the backend open.
@@ -68,17 +68,19 @@ from types import TracebackType
 
 from ramdiscard.consumers.blockdma.iova import IovaAllocator
 from ramdiscard.consumers.dma import stale_pinned_bytes
-from ramdiscard.consumers.dma.backend import PAGE_SIZE, DmaBackend, PinHandle
+from ramdiscard.consumers.dma.backend import PAGE_SIZE, PinHandle
 from ramdiscard.consumers.dma.granules import granule_pieces
 from ramdiscard.errors import InvalidArgument, RamDiscardError
-from ramdiscard.memory import topology
+from ramdiscard.interfaces import DmaPinner
 from ramdiscard.memory.region import MemoryRegion
 from ramdiscard.memory.section import MemoryRegionSection
+from ramdiscard.memory.system import MemorySystem, default_system
 from ramdiscard.ramblocks.block import LiveBlock
 from ramdiscard.ramblocks.notifier import RamBlockNotifier
-from ramdiscard.ramblocks.registry import RamBlockRegistry, default_registry
+from ramdiscard.ramblocks.registry import RamBlockRegistry, registry_of
 from ramdiscard.rdm.listener import RamDiscardListener
-from ramdiscard.rdm.policy import DiscardPolicy, default_policy
+from ramdiscard.rdm.manager import manager_of
+from ramdiscard.rdm.policy import DiscardPolicy, policy_of
 from ramdiscard.units import MiB, align_up, format_size, is_power_of_2
 
 log = logging.getLogger("ramdiscard.consumers.blockdma")
@@ -169,7 +171,10 @@ class RamBlockDmaMapper(RamBlockNotifier):
     """Maps every RAM block of ``registry`` for DMA through ``backend``; see the module rules.
 
     ``RamBlockDmaMapper(backend, *, coordinate_discards=True, policy=None, registry=None,
-    iova_base=4 GiB, iova_size=2**48 - 4 GiB, iova_align=2 MiB)``
+    system=None, iova_base=4 GiB, iova_size=2**48 - 4 GiB, iova_align=2 MiB)``
+
+    ``registry`` defaults to the system registry of ``system`` (default: the default
+    memory system), ``policy`` to the policy of the registry's system.
 
     Raises DiscardPolicyError when the policy count cannot be taken, InvalidArgument for a
     bad IOVA window, IovaExhausted, or a backend error from pinning a block; nothing is
@@ -178,11 +183,12 @@ class RamBlockDmaMapper(RamBlockNotifier):
 
     def __init__(
         self,
-        backend: DmaBackend,
+        backend: DmaPinner,
         *,
         coordinate_discards: bool = True,
         policy: DiscardPolicy | None = None,
         registry: RamBlockRegistry | None = None,
+        system: MemorySystem | None = None,
         iova_base: int = DEFAULT_IOVA_BASE,
         iova_size: int = DEFAULT_IOVA_SIZE,
         iova_align: int = DEFAULT_IOVA_ALIGN,
@@ -192,8 +198,11 @@ class RamBlockDmaMapper(RamBlockNotifier):
         self.backend = backend
         self.coordinate_discards = coordinate_discards
         self.iova = IovaAllocator(iova_base, iova_size, align=iova_align)
-        self._policy = policy if policy is not None else default_policy()
-        self._registry = registry if registry is not None else default_registry()
+        if registry is None:
+            registry = registry_of(system if system is not None else default_system())
+        self._registry = registry
+        self._policy = policy if policy is not None else policy_of(registry.system)
+        self._system_lock = registry.system.lock
         self._blocks: dict[int, _Block] = {}
         self._stuck: list[PinHandle] = []
         self._attaching = True
@@ -226,14 +235,14 @@ class RamBlockDmaMapper(RamBlockNotifier):
     @property
     def pinned_bytes(self) -> int:
         """Bytes this mapper holds pinned, including pins whose release failed."""
-        with topology.lock:
+        with self._system_lock:
             return sum(b.pinned_bytes for b in self._blocks.values()) + sum(h.size for h in self._stuck)
 
     def stale_pinned_bytes(self) -> int:
         """Bytes pinned by ``whole`` blocks that are not resident: memory discarded under a
         live pin (a provider that discards without the mapper following), which the pin
         keeps from being freed. Listener blocks unpin before a discard, so never count."""
-        with topology.lock:
+        with self._system_lock:
             return sum(
                 stale_pinned_bytes(self.backend, b.region.ram, p.offset, p.size)
                 for b in self._blocks.values()
@@ -248,12 +257,12 @@ class RamBlockDmaMapper(RamBlockNotifier):
 
     def blocks(self) -> list[BlockStatus]:
         """Every block the mapper follows, in registry order."""
-        with topology.lock:
+        with self._system_lock:
             return [self.block(b.region) for b in self._blocks.values()]
 
     def block(self, mr: MemoryRegion) -> BlockStatus:
         """The status of ``mr``'s block; InvalidArgument if the mapper does not follow it."""
-        with topology.lock:
+        with self._system_lock:
             b = self._blocks.get(id(mr))
             if b is None or b.region is not mr:
                 raise InvalidArgument(f"{mr!r} is not followed by {self!r}")
@@ -275,7 +284,7 @@ class RamBlockDmaMapper(RamBlockNotifier):
 
         Raises InvalidArgument (an IOMMU fault) unless one pin covers the whole range.
         """
-        with topology.lock:
+        with self._system_lock:
             for b in self._blocks.values():
                 if b.iova <= iova < b.iova + b.iova_size:
                     offset = iova - b.iova
@@ -291,7 +300,7 @@ class RamBlockDmaMapper(RamBlockNotifier):
 
     def close(self) -> None:
         """Unpin everything, leave the registry and release the policy count. Idempotent."""
-        with topology.lock:
+        with self._system_lock:
             if self._closed:
                 return
             self._closed = True
@@ -412,7 +421,7 @@ class RamBlockDmaMapper(RamBlockNotifier):
 
     def _register_listener(self, b: _Block) -> None:
         mr = b.region
-        rdm = mr.ram_discard_manager
+        rdm = manager_of(mr)
         assert rdm is not None
         granularity = rdm.get_min_granularity(mr)
         if not is_power_of_2(granularity) or granularity < PAGE_SIZE or granularity % self._page_size(b):

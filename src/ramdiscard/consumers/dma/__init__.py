@@ -29,6 +29,7 @@ from ramdiscard.consumers.dma.iouring import available as iouring_available
 from ramdiscard.consumers.dma.mlock import MlockDmaBackend
 from ramdiscard.consumers.dma.null import NullDmaBackend
 from ramdiscard.errors import InvalidArgument
+from ramdiscard.interfaces import DmaPinner, MeasurableMemory
 
 BACKENDS = ("auto", "io_uring", "mlock", "null")
 
@@ -56,14 +57,13 @@ def make_backend(kind: str) -> DmaBackend:
     raise InvalidArgument(f"unknown DMA backend {kind!r}; expected one of {', '.join(BACKENDS)}")
 
 
-def stale_pinned_bytes(backend: DmaBackend, ram: object, offset: int, size: int) -> int:
+def stale_pinned_bytes(backend: DmaPinner, ram: object, offset: int, size: int) -> int:
     """Bytes of ``ram[offset, +size)``, pinned through ``backend``, that are not resident
     (discarded while pinned: the pin still holds those pages). 0 for a NullDmaBackend
-    (nothing is really held) or a RAM object without ``resident_bytes``."""
-    resident = getattr(ram, "resident_bytes", None)
-    if isinstance(backend, NullDmaBackend) or resident is None:
+    (nothing is really held) or RAM that is not :class:`MeasurableMemory`."""
+    if isinstance(backend, NullDmaBackend) or not isinstance(ram, MeasurableMemory):
         return 0
-    return max(0, size - int(resident(offset, size)))
+    return max(0, size - int(ram.resident_bytes(offset, size)))
 
 
 __all__ = [
@@ -73,6 +73,7 @@ __all__ = [
     "PAGE_SIZE",
     "BackendClosed",
     "DmaBackend",
+    "DmaPinner",
     "IoUringDmaBackend",
     "MlockDmaBackend",
     "NullDmaBackend",

@@ -22,7 +22,8 @@ from ramdiscard.consumers.kvm.ioctl import (
     guest_memfd_allocate,
     guest_memfd_punch_hole,
 )
-from ramdiscard.consumers.kvm.memslots import KvmMemslots, Memslot, MemslotsExhausted, MemslotVm, ModelVm
+from ramdiscard.consumers.kvm.memslots import KvmMemslots, Memslot, MemslotsExhausted, ModelVm
+from ramdiscard.interfaces import MemslotVm
 
 __all__ = [
     "GUEST_MEMFD_FLAG_INIT_SHARED",

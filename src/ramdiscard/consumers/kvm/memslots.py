@@ -30,15 +30,15 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol
 
 from ramdiscard.consumers.kvm.ioctl import KVM_MEM_READONLY, KvmVm
-from ramdiscard.errors import InvalidArgument, ListenerError, RamDiscardError
+from ramdiscard.errors import InvalidArgument, ListenerError, ResourceExhausted
+from ramdiscard.interfaces import MemslotVm
 from ramdiscard.memory.address_space import AddressSpace, MemoryListener
 from ramdiscard.memory.section import MemoryRegionSection
 
 
-class MemslotsExhausted(RamDiscardError):
+class MemslotsExhausted(ResourceExhausted):
     """Every memslot KVM allows (KVM_CAP_NR_MEMSLOTS) is in use; nothing was created."""
 
 
@@ -51,20 +51,6 @@ class Memslot:
     size: int
     host_address: int
     readonly: bool = False
-
-
-class MemslotVm(Protocol):
-    """The memslot calls of :class:`~ramdiscard.consumers.kvm.ioctl.KvmVm` that KvmMemslots uses."""
-
-    def nr_memslots(self) -> int: ...
-
-    def set_user_memory_region(
-        self, slot: int, guest_phys_addr: int, memory_size: int, userspace_addr: int, flags: int = 0
-    ) -> None: ...
-
-    def delete_memory_region(self, slot: int) -> None: ...
-
-    def close(self) -> None: ...
 
 
 class ModelVm:

@@ -60,18 +60,20 @@ import threading
 import warnings
 from typing import NamedTuple
 
-from ramdiscard.consumers.dma.backend import PAGE_SIZE, DmaBackend, PinHandle
+from ramdiscard.consumers.dma.backend import PAGE_SIZE, PinHandle
 from ramdiscard.consumers.dma.granules import granule_bounds
 from ramdiscard.consumers.vfio.errors import ContainerStateError, IommuMapRefused, MappingLimitError
 from ramdiscard.consumers.vfio.limits import RdmRange, check_dma_limit, worst_case_mappings
 from ramdiscard.consumers.vfio.sections import PlainSection, RdmSection
 from ramdiscard.consumers.vfio.table import MappingTable
 from ramdiscard.errors import InvalidArgument, ListenerError
-from ramdiscard.memory import topology
+from ramdiscard.interfaces import DmaPinner
 from ramdiscard.memory.address_space import AddressSpace, MemoryListener
 from ramdiscard.memory.region import MemoryRegion
 from ramdiscard.memory.section import MemoryRegionSection
-from ramdiscard.rdm.policy import DiscardPolicy, default_policy
+from ramdiscard.memory.system import default_system
+from ramdiscard.rdm.manager import manager_of
+from ramdiscard.rdm.policy import DiscardPolicy, default_policy, policy_of
 from ramdiscard.units import is_power_of_2
 
 DEFAULT_MAX_MAPPINGS = 65535
@@ -108,13 +110,13 @@ class VfioContainer(MemoryListener):
     ``max_mappings`` is the container's DMA-mapping limit (the kernel's ``dma_entry_limit``,
     also used by the DMA-limit check); ``max_memslots`` is the memslot count that check
     assumes (the KVM limit in QEMU when KVM is used, else 512); ``dma_limit_check`` False
-    skips that check. ``policy`` defaults to the process-wide DiscardPolicy. The container
-    does not own ``backend``.
+    skips that check. ``policy`` defaults to the policy of the memory system of the address
+    space the container attaches to. The container does not own ``backend``.
     """
 
     def __init__(
         self,
-        backend: DmaBackend,
+        backend: DmaPinner,
         *,
         max_mappings: int = DEFAULT_MAX_MAPPINGS,
         coordinate_discards: bool = True,
@@ -122,8 +124,8 @@ class VfioContainer(MemoryListener):
         max_memslots: int = 512,
         dma_limit_check: bool = True,
     ) -> None:
-        if not isinstance(backend, DmaBackend):
-            raise InvalidArgument(f"backend must be a DmaBackend, not {type(backend).__name__}")
+        if not isinstance(backend, DmaPinner):
+            raise InvalidArgument(f"backend must be a DMA backend (DmaPinner), not {type(backend).__name__}")
         _check_ints(max_mappings=max_mappings, max_memslots=max_memslots)
         if max_mappings <= 0:
             raise InvalidArgument(f"max_mappings must be positive, got {max_mappings}")
@@ -134,7 +136,8 @@ class VfioContainer(MemoryListener):
         self.max_memslots = max_memslots
         self.coordinate_discards = coordinate_discards
         self.dma_limit_check = dma_limit_check
-        self.policy = policy if policy is not None else default_policy()
+        self._policy = policy
+        self._held_policy: DiscardPolicy | None = None
         self.peak_mapping_count = 0
         self.peak_mapped_bytes = 0
         self.refused_maps = 0
@@ -144,6 +147,18 @@ class VfioContainer(MemoryListener):
         self._rdm_sections: dict[_SectionKey, RdmSection] = {}
         self._plain_sections: dict[_SectionKey, PlainSection] = {}
         self._iommu_warned = False
+
+    @property
+    def policy(self) -> DiscardPolicy:
+        """The policy the container holds its count on: the one given, else the policy of
+        the attached address space's memory system (the default policy while detached)."""
+        if self._policy is not None:
+            return self._policy
+        return policy_of(self._space.system) if self._space is not None else default_policy()
+
+    def _system_lock(self) -> threading.RLock:
+        space = self._space
+        return space.system.lock if space is not None else default_system().lock
 
     def __repr__(self) -> str:
         where = f" attached to {self._space.name!r}" if self._space is not None else ""
@@ -242,7 +257,7 @@ class VfioContainer(MemoryListener):
         """
         mr = section.mr
         host = self._host_base(mr)
-        rdm = mr.ram_discard_manager
+        rdm = manager_of(mr)
         if rdm is None:
             self.dma_map(iova, host + section.offset_within_region, section.size, section.readonly)
             return
@@ -300,18 +315,21 @@ class VfioContainer(MemoryListener):
         conflicts, or the first section's error; then nothing stays attached, mapped,
         pinned or held.
         """
-        with topology.lock:
+        with address_space.system.lock:
             with self._lock:
                 if self._space is not None:
                     raise ContainerStateError(f"{self!r} is already attached")
-                take = self.policy.uncoordinated_disable if self.coordinate_discards else self.policy.disable
+                policy = self._policy if self._policy is not None else policy_of(address_space.system)
+                take = policy.uncoordinated_disable if self.coordinate_discards else policy.disable
                 take(True)
+                self._held_policy = policy
                 self._space = address_space
             try:
                 address_space.register_listener(self)
             except BaseException:
                 with self._lock:
                     self._space = None
+                    self._held_policy = None
                     take(False)
                 raise
 
@@ -319,22 +337,23 @@ class VfioContainer(MemoryListener):
         """Stop listening: every section is removed (unmapped, unpinned, unregistered from
         its manager), then the discard-policy count is released. Mappings made directly
         with :meth:`dma_map` / :meth:`iommu_map` stay."""
-        with topology.lock:
-            space = self._space
-            if space is None:
+        with self._system_lock():
+            space, policy = self._space, self._held_policy
+            if space is None or policy is None:
                 raise ContainerStateError(f"{self!r} is not attached")
             try:
                 space.unregister_listener(self)
             finally:
                 self._space = None
+                self._held_policy = None
                 if self.coordinate_discards:
-                    self.policy.uncoordinated_disable(False)
+                    policy.uncoordinated_disable(False)
                 else:
-                    self.policy.disable(False)
+                    policy.disable(False)
 
     def close(self) -> None:
         """Detach if attached and unmap everything. The backend stays open."""
-        with topology.lock:
+        with self._system_lock():
             if self._space is not None:
                 self.detach()
             self.unmap_all()
@@ -356,7 +375,7 @@ class VfioContainer(MemoryListener):
             if key in self._rdm_sections or key in self._plain_sections:
                 raise ListenerError(f"{section!r} was added twice")
             host = self._host_base(mr)
-            rdm = mr.ram_discard_manager
+            rdm = manager_of(mr)
             if rdm is None or not self.coordinate_discards:
                 if section.size == 0:
                     return

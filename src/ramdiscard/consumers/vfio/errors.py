@@ -6,7 +6,7 @@ every one of them is raised before anything changed.
 
 from __future__ import annotations
 
-from ramdiscard.errors import InvalidArgument, RamDiscardError
+from ramdiscard.errors import InvalidArgument, InvalidState, RamDiscardError, ResourceExhausted
 
 
 class VfioError(RamDiscardError):
@@ -21,18 +21,18 @@ class UnmapSplitError(VfioError, InvalidArgument):
     """An unmap would cut a mapping in two (type1 v2 refuses) [EINVAL]; nothing removed."""
 
 
-class MappingLimitError(VfioError):
+class MappingLimitError(VfioError, ResourceExhausted):
     """The container holds ``max_mappings`` mappings already [ENOSPC]; nothing was mapped."""
 
 
-class DmaLimitError(VfioError):
+class DmaLimitError(VfioError, ResourceExhausted):
     """Registering a section would let the RDM sections need more DMA mappings than the
     container allows (QEMU 10.2's sanity check); nothing stayed registered or pinned."""
 
 
-class IommuMapRefused(VfioError):
+class IommuMapRefused(VfioError, InvalidState):
     """A vIOMMU mapping targets memory that is not fully populated; nothing was pinned."""
 
 
-class ContainerStateError(VfioError):
+class ContainerStateError(VfioError, InvalidState):
     """The container is attached already, not attached, or closed."""

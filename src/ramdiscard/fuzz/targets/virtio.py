@@ -32,6 +32,7 @@ from ramdiscard.errors import InvalidArgument
 from ramdiscard.fuzz.engine import Target
 from ramdiscard.fuzz.invariants import PAGE, Refused, ViewListener, check_device, check_residency
 from ramdiscard.fuzz.model import DeviceModel
+from ramdiscard.interfaces import MappedMemory
 from ramdiscard.memory import MemoryRegion, MemoryRegionSection
 from ramdiscard.providers.virtio_mem import DeviceBroken, ProtocolError, Request, RequestType, VirtioMem
 from ramdiscard.providers.virtio_mem.persist import StateError
@@ -158,9 +159,9 @@ class VirtioHarness:
         return any(lst.refuses(offset, size) for lst in self.dev.listeners if isinstance(lst, ViewListener))  # type: ignore[union-attr]
 
     def _touch_new(self, before: set[int]) -> None:
-        view = getattr(self.ram, "view", None)
-        if view is None or self.model is None:
+        if not isinstance(self.ram, MappedMemory) or self.model is None:
             return
+        view = self.ram.view
         for block in self.model.plugged - before:
             view[block * BS] = 0xA5
 

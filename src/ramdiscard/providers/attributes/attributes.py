@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING
 
 from ramdiscard.consumers.kvm import (
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
@@ -46,27 +46,18 @@ from ramdiscard.consumers.kvm import (
     guest_memfd_punch_hole,
 )
 from ramdiscard.errors import InvalidArgument
+from ramdiscard.interfaces import DiscardableMemory, MeasurableMemory
 from ramdiscard.providers.attributes import gmem
 from ramdiscard.rdm.aggregate import add_ram_discard_source, remove_ram_discard_source
 from ramdiscard.rdm.block_state import BlockStateManager
 from ramdiscard.rdm.notify import DiscardNotificationError
-from ramdiscard.rdm.policy import DiscardPolicy, default_policy
+from ramdiscard.rdm.policy import DiscardPolicy, policy_of
 
 if TYPE_CHECKING:
     from ramdiscard.memory.region import MemoryRegion
     from ramdiscard.memory.section import MemoryRegionSection
 
 _log = logging.getLogger("ramdiscard.providers.attributes")
-
-
-@runtime_checkable
-class _Discardable(Protocol):
-    def discard_range(self, offset: int, length: int) -> None: ...
-
-
-@runtime_checkable
-class _Measurable(Protocol):
-    def resident_bytes(self, offset: int = 0, length: int | None = None) -> int: ...
 
 
 class RamBlockAttributes(BlockStateManager):
@@ -90,7 +81,7 @@ class RamBlockAttributes(BlockStateManager):
         gpa: int = 0,
     ) -> None:
         super().__init__(memory, mmap.PAGESIZE)
-        self._policy = policy if policy is not None else default_policy()
+        self._policy = policy if policy is not None else policy_of(memory.system)
         self._policy.coordinated_require(True)
         self._vm: KvmVm | None = kvm_vm
         self._own_vm: KvmVm | None = None
@@ -227,7 +218,7 @@ class RamBlockAttributes(BlockStateManager):
     def shared_resident_bytes(self) -> int | None:
         """Host memory resident on the shared side, if the RAM block can measure it."""
         ram = self.region.ram
-        return ram.resident_bytes() if isinstance(ram, _Measurable) else None
+        return ram.resident_bytes() if isinstance(ram, MeasurableMemory) else None
 
     # -- state changes ------------------------------------------------------------------
 
@@ -274,7 +265,7 @@ class RamBlockAttributes(BlockStateManager):
                 raise
             ram = self.region.ram
             if to_private:
-                if isinstance(ram, _Discardable) and ram.page_size == self.granularity:
+                if isinstance(ram, DiscardableMemory) and ram.page_size == self.granularity:
                     ram.discard_range(offset, size)
                 if prealloc_private and self._gmem_fd >= 0:
                     guest_memfd_allocate(self._gmem_fd, offset, size)

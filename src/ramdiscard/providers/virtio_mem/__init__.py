@@ -12,10 +12,10 @@
 * :mod:`~ramdiscard.replay.trace`: QEMU trace parsing and replay.
 """
 
+from ramdiscard.interfaces import DiscardableMemory as HostRam
 from ramdiscard.providers.virtio_mem.config import (
     USABLE_EXTENT_X86,
     FeatureError,
-    HostRam,
     default_block_size,
     memslot_geometry,
 )

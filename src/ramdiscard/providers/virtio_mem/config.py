@@ -21,9 +21,9 @@ import logging
 import os
 import platform
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
 
-from ramdiscard.errors import InvalidArgument
+from ramdiscard.errors import InvalidArgument, ProtocolViolation
+from ramdiscard.interfaces import DiscardableMemory as HostRam
 from ramdiscard.memory.region import MemoryRegion
 from ramdiscard.providers.virtio_mem.state import check_requested
 from ramdiscard.providers.virtio_mem.wire import (
@@ -45,25 +45,7 @@ MIN_BLOCK_SIZE = 1 * MiB
 MIN_MEMSLOT_SIZE = 1 * GiB
 
 
-@runtime_checkable
-class HostRam(Protocol):
-    """What the device needs from the RAM block behind its region."""
-
-    @property
-    def size(self) -> int: ...
-
-    @property
-    def page_size(self) -> int: ...
-
-    @property
-    def host_address(self) -> int: ...
-
-    def discard_range(self, offset: int, length: int) -> None: ...
-
-    def populate(self, offset: int, length: int, *, write: bool = True) -> None: ...
-
-
-class FeatureError(VirtioMemError):
+class FeatureError(VirtioMemError, ProtocolViolation):
     """Feature negotiation failed (a required feature was not accepted, or an unknown one
     was); the driver must not operate the device."""
 

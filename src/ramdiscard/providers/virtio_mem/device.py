@@ -10,11 +10,14 @@ Rules (qemu-ram-discard §3, virtio-mem.md D-* ids):
   ``coordinated_require`` ("Discarding RAM is disabled"), become the region's manager (or a
   source of its aggregate), discard the whole RAM block (not on incoming migration), create
   the memslots. Any failure releases what was taken and raises; nothing stays held.
-* Guest requests go through :meth:`VirtioMem.handle_request` (bytes) or
-  :meth:`VirtioMem.process` (typed). The core decides ERROR / NACK / BUSY / ACK in QEMU's
-  order; an ACK whose effects fail becomes BUSY and changes nothing: memory is discarded
-  again, listeners are rolled back by the notification engine, memslots unmapped.
-* A protocol violation (short request, unknown type) raises :class:`ProtocolError` and
+* Guest requests go through :meth:`VirtioMem.process_queue` (a virtqueue, see
+  :mod:`.virtqueue`), :meth:`VirtioMem.handle_request` (bytes) or
+  :meth:`VirtioMem.process` (typed); the guest-facing part is :mod:`.frontend`. The
+  core decides ERROR / NACK / BUSY / ACK in QEMU's order; an ACK whose effects fail
+  becomes BUSY and changes nothing: memory is discarded again, listeners are rolled back
+  by the notification engine, memslots unmapped.
+* A protocol violation (short request, unknown type, or one the transport reports
+  through :meth:`VirtioMem.protocol_violation`) raises :class:`ProtocolError` and
   marks the device broken: every later request raises :class:`DeviceBroken` until
   :meth:`device_reset` or :meth:`system_reset`. No other exception escapes for guest input.
 * Effect order. PLUG: decide, prealloc (``ram.populate``), map memslots (one topology
@@ -47,13 +50,13 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 
 from ramdiscard.errors import InvalidArgument, ListenerError, RegionMapped
-from ramdiscard.memory import topology
+from ramdiscard.interfaces import DiscardableMemory as HostRam
+from ramdiscard.interfaces import Virtqueue
 from ramdiscard.memory.region import MemoryRegion
 from ramdiscard.memory.section import MemoryRegionSection
 from ramdiscard.providers.virtio_mem import persist
 from ramdiscard.providers.virtio_mem.config import (
     USABLE_EXTENT_X86,
-    HostRam,
     check_memdev,
     check_properties,
     host_features,
@@ -75,9 +78,11 @@ from ramdiscard.providers.virtio_mem.frontend import Frontend
 from ramdiscard.providers.virtio_mem.metrics import VirtioMemMetrics
 from ramdiscard.providers.virtio_mem.persist import StateImage
 from ramdiscard.providers.virtio_mem.state import PlugState
+from ramdiscard.providers.virtio_mem.virtqueue import serve as serve_queue
 from ramdiscard.providers.virtio_mem.wire import (
     BlockState,
     ConfigSpace,
+    ProtocolError,
     Request,
     RequestType,
     Response,
@@ -86,7 +91,7 @@ from ramdiscard.providers.virtio_mem.wire import (
 )
 from ramdiscard.rdm.block_state import BlockStateManager
 from ramdiscard.rdm.manager import RamDiscardManager, ReplayFn
-from ramdiscard.rdm.policy import DiscardPolicy, default_policy
+from ramdiscard.rdm.policy import DiscardPolicy, policy_of
 
 log = logging.getLogger("ramdiscard.providers.virtio_mem")
 
@@ -103,11 +108,14 @@ class VirtioMem(RamDiscardManager):
     * ``node`` / ``numa_nodes``: NUMA node; must be < ``numa_nodes``, or 0 without NUMA.
       ACPI_PXM is offered only with NUMA.
     * ``prealloc``: populate host memory when blocks get plugged; failure answers BUSY.
+      Always on for hugetlb memory (a RAM block whose ``hugetlb`` is true): there an
+      unpopulated page would fault from the pool on the guest's first touch and an empty
+      pool would end the process with SIGBUS; :attr:`prealloc` reports the effective value.
     * ``unplugged_inaccessible``: offer (and require) VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE.
     * ``persistent_suspend``: offer PERSISTENT_SUSPEND (the machine supports wake-up).
     * ``dynamic_memslots`` / ``memslot_limit``: expose memslots instead of one region;
       needs ``unplugged_inaccessible``.
-    * ``policy``: the DiscardPolicy (default: the process-wide one).
+    * ``policy``: the DiscardPolicy (default: the policy of ``memory``'s memory system).
     * ``busy``: predicate, true while a migration/snapshot runs (requests answer BUSY).
     * ``usable_extent``: added to requested_size for the usable region (256 MiB, x86).
     * ``incoming``: an incoming migration is pending: skip the realize-time discard.
@@ -168,7 +176,10 @@ class VirtioMem(RamDiscardManager):
             name=prefix,
         )
         self._node = node
-        self._prealloc = prealloc
+        # On hugetlb memory an unpopulated page faults in from the pool on first touch, and
+        # an empty pool kills the process with SIGBUS; populating at plug time turns that
+        # into a BUSY answer, so hugetlb memory always preallocates.
+        self._prealloc = prealloc or bool(getattr(ram, "hugetlb", False))
         features = host_features(
             numa=numa_nodes > 0,
             unplugged_inaccessible=unplugged_inaccessible,
@@ -185,7 +196,7 @@ class VirtioMem(RamDiscardManager):
         if on_host_discard:
             self._host.hooks.append(on_host_discard)
 
-        self._policy = policy if policy is not None else default_policy()
+        self._policy = policy if policy is not None else policy_of(memory.system)
         self._realize_discarded = claim_region(
             self, self._policy, self._host, discard=not incoming, prefix=prefix
         )
@@ -389,7 +400,7 @@ class VirtioMem(RamDiscardManager):
         device lock first and then the topology lock could deadlock (QEMU holds the BQL
         for both). Without dynamic memslots requests never touch the topology.
         """
-        return topology.lock if self._memslots is not None else nullcontext()
+        return self.region.system.lock if self._memslots is not None else nullcontext()
 
     # -- the request path -----------------------------------------------------------------
 
@@ -406,6 +417,17 @@ class VirtioMem(RamDiscardManager):
         """Process a parsed request (the typed path). Raises DeviceBroken while broken."""
         with self._topology_lock(), self.lock:
             return self._frontend.process(req)
+
+    def process_queue(self, vq: Virtqueue) -> int:
+        """Queue-notify handler: serve every available element of ``vq``; see
+        :func:`ramdiscard.providers.virtio_mem.virtqueue.serve`."""
+        return serve_queue(self, vq)
+
+    def protocol_violation(self, reason: str) -> ProtocolError:
+        """Record a violation a transport found (e.g. a response buffer too small): the
+        device is broken until reset and nothing else changes. Returns the error to raise."""
+        with self.lock:
+            return self._frontend.violation(reason)
 
     def plug(self, addr: int, nb_blocks: int) -> ResponseType:
         return self.process(Request(RequestType.PLUG, addr, nb_blocks)).type
@@ -534,7 +556,7 @@ class VirtioMem(RamDiscardManager):
         listener may remain (ListenerError); nothing changes when it raises. Idempotent.
         Host memory stays with the RAM block's owner.
         """
-        with topology.lock, self.lock:
+        with self.region.system.lock, self.lock:
             if not self._realized:
                 return
             self._check_not_notifying("unrealize the device")

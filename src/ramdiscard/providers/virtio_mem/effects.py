@@ -46,9 +46,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ramdiscard.errors import DiscardPolicyError, InvalidArgument, ManagerBusy, RegionMapped
+from ramdiscard.interfaces import DiscardableMemory as HostRam
 from ramdiscard.memory.region import MemoryRegion
-from ramdiscard.memory.topology import TopologyError, transaction
-from ramdiscard.providers.virtio_mem.config import HostRam
+from ramdiscard.memory.system import TopologyError
 from ramdiscard.providers.virtio_mem.metrics import VirtioMemMetrics
 from ramdiscard.providers.virtio_mem.persist import StateError
 from ramdiscard.providers.virtio_mem.state import Action, Decision, PlugState, RestorePlan, Run
@@ -140,7 +140,8 @@ class Memslots:
 
     def __init__(self, name: str, memory: MemoryRegion, slot_size: int, count: int, prefix: str) -> None:
         self.slot_size = slot_size
-        self.container = MemoryRegion.new_container(f"{name}-memslots", memory.size)
+        self.container = MemoryRegion.new_container(f"{name}-memslots", memory.size, system=memory.system)
+        self._system = memory.system
         self.slots: list[MemoryRegion] = []
         self._prefix = prefix
         for i in range(count):
@@ -159,7 +160,7 @@ class Memslots:
 
     def map_range(self, offset: int, size: int, mapped: list[int]) -> None:
         """Map the unmapped memslots overlapping the range (module rules)."""
-        with transaction():
+        with self._system.transaction():
             for i in self._span(offset, size):
                 slot = self.slots[i]
                 if slot.container is None:
@@ -169,7 +170,7 @@ class Memslots:
     def map_where(self, holds_plugged: Callable[[int, int], bool], mapped: list[int]) -> None:
         """Map every unmapped memslot for which ``holds_plugged(offset, size)`` is true,
         recording them in ``mapped`` as :meth:`map_range` does."""
-        with transaction():
+        with self._system.transaction():
             for i, slot in enumerate(self.slots):
                 if slot.container is None and holds_plugged(i * self.slot_size, slot.size):
                     self.container.add_subregion(i * self.slot_size, slot)
@@ -179,7 +180,7 @@ class Memslots:
         if not indexes:
             return
         try:
-            with transaction():
+            with self._system.transaction():
                 for i in indexes:
                     slot = self.slots[i]
                     if slot.container is not None:

@@ -21,6 +21,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from ramdiscard.errors import ProtocolViolation
 from ramdiscard.providers.virtio_mem.wire import VirtioMemError
 
 MAGIC = b"RDVMEMST"
@@ -29,7 +30,7 @@ _HEADER = struct.Struct("<8sHHQQQIQQQQ")
 _CRC = struct.Struct("<I")
 
 
-class StateError(VirtioMemError):
+class StateError(VirtioMemError, ProtocolViolation):
     """A device state image is corrupt or does not fit the device; nothing changed."""
 
 

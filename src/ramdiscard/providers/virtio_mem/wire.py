@@ -26,7 +26,7 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-from ramdiscard.errors import RamDiscardError
+from ramdiscard.errors import ProtocolViolation, RamDiscardError
 
 VIRTIO_ID_MEM = 24
 """virtio device ID of the memory device."""
@@ -56,7 +56,7 @@ class VirtioMemError(RamDiscardError):
     """Base class of virtio-mem device errors."""
 
 
-class ProtocolError(VirtioMemError):
+class ProtocolError(VirtioMemError, ProtocolViolation):
     """The driver violated the transport protocol (short request, unknown request type).
 
     QEMU answers such a request with ``virtio_error``: no response, device broken until
