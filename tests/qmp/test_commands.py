@@ -128,7 +128,7 @@ def test_refused_requested_size_changes_nothing(
         (
             "qom-set",
             {"path": "vm0", "property": "size", "value": 0},
-            ("GenericError", "Property 'virtio-mem-pci.size' is not writable"),
+            ("GenericError", "Property 'virtio-mem.size' is not writable"),
         ),
         (
             "qom-set",
@@ -140,7 +140,7 @@ def test_refused_requested_size_changes_nothing(
             {"path": "vm0", "property": "memaddr", "value": 0},
             (
                 "GenericError",
-                "Attempt to set property 'memaddr' on device 'vm0' (type 'virtio-mem-pci') "
+                "Attempt to set property 'memaddr' on anonymous device (type 'virtio-mem') "
                 "after it was realized",
             ),
         ),

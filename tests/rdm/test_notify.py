@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ramdiscard.errors import ListenerError
+from ramdiscard.errors import ListenerFailure
 from ramdiscard.memory import MemoryRegion, MemoryRegionSection
 from ramdiscard.providers.virtio_mem import ResponseType
 from ramdiscard.rdm import (
@@ -196,7 +196,7 @@ def test_set_discarded_tells_everyone_records_it_and_raises_the_failures_togethe
     with pytest.raises(DiscardNotificationError) as info:
         m.set_discarded(0, 8 * g)
     error = info.value
-    assert isinstance(error, ListenerError) and isinstance(error, ExceptionGroup)
+    assert isinstance(error, ListenerFailure) and isinstance(error, ExceptionGroup)
     assert [listener for listener, _, _ in error.failures] == [second_bad, first_bad, second_bad]
     assert all(isinstance(exc, Refused) for exc in error.exceptions)
     assert m.populated_size == 0 and good.pages == set() and good.violations == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from enum import IntEnum
 from typing import Any
 
 from ramdiscard.consumers.vfio.limits import RdmRange, smallest_granularity, worst_case_mappings
@@ -122,7 +123,12 @@ def run_replay(args: argparse.Namespace) -> int:
             "requests": report.requests,
             "responses": report.responses,
             "mismatches": [
-                {"line": m.line, "what": m.what, "logged": str(m.logged), "replayed": str(m.replayed)}
+                {
+                    "line": m.line,
+                    "what": m.what,
+                    "logged": _json_value(m.logged),
+                    "replayed": _json_value(m.replayed),
+                }
                 for m in report.mismatches
             ],
             "skipped_discards": len(report.skipped_discards),
@@ -156,6 +162,26 @@ def run_replay(args: argparse.Namespace) -> int:
     return 0 if not result["mismatches"] else 3
 
 
+def _json_value(value: object) -> Any:
+    """A mismatch value as JSON: sizes and counts stay numbers, response and block-state
+    codes become their names, (offset, length) pairs become lists, None becomes null."""
+    if isinstance(value, IntEnum):
+        return value.name
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, list | tuple):
+        return [_json_value(v) for v in value]
+    return str(value)
+
+
+def _text_value(value: object) -> str:
+    if isinstance(value, IntEnum):
+        return value.name
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:#x}"
+    return str(value)
+
+
 def _print(r: dict[str, Any]) -> None:
     g = r["geometry"]
     print(f"trace: {r['trace']}")
@@ -168,7 +194,10 @@ def _print(r: dict[str, Any]) -> None:
     if r["mismatches"]:
         print(f"responses/effects that differ from QEMU's log: {len(r['mismatches'])}")
         for m in r["mismatches"][:20]:
-            print(f"  line {m['line']}: {m['what']}: logged {m['logged']}, replayed {m['replayed']}")
+            print(
+                f"  line {m['line']}: {m['what']}: logged {_text_value(m['logged'])}, "
+                f"replayed {_text_value(m['replayed'])}"
+            )
     else:
         print("responses that differ from QEMU's log: 0")
     if r["skipped_discards"]:

@@ -38,20 +38,21 @@ the worker's commands.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final, Protocol, runtime_checkable
 
 from ramdiscard.errors import RamDiscardError
+from ramdiscard.qmp import qom
+from ramdiscard.qmp.events import QmpEvent, dump_completed_event, qmp_event
 from ramdiscard.qmp.protocol import ErrorClass, QmpError
+from ramdiscard.qmp.qom import DEVICE_TYPE, OBJECTS, PERIPHERAL, QomNode, QomProperty
 
 log = logging.getLogger("ramdiscard.qmp")
 
 U64_MAX: Final = (1 << 64) - 1
-DEVICE_TYPE: Final = "virtio-mem-pci"
 BACKEND_TYPE: Final = "memory-backend-ram"
-PERIPHERAL: Final = "/machine/peripheral"
-OBJECTS: Final = "/objects"
 
 SizeChangeFn = Callable[[str, int], None]
 """Called with (device id, new plugged size) from whatever thread plugged."""
@@ -69,6 +70,9 @@ class MemoryDeviceInfo:
     block_size: int
     memdev: str
     node: int = 0
+    prealloc: bool = False
+    dynamic_memslots: bool = False
+    unplugged_inaccessible: bool = True
 
     @property
     def qom_path(self) -> str:
@@ -87,6 +91,33 @@ class MemoryDeviceInfo:
                 "node": self.node,
                 "memdev": f"{OBJECTS}/{self.memdev}",
             },
+        }
+
+
+@dataclass(frozen=True)
+class MemoryBackendInfo:
+    """A memory backend object (``/objects/<id>``) as query-memdev reports it.
+    ``typename`` is memory-backend-ram, -memfd or -file after how the memory is backed."""
+
+    id: str
+    typename: str
+    size: int
+    prealloc: bool = False
+    share: bool = False
+    mem_path: str | None = None
+    container: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "size": self.size,
+            "merge": True,
+            "dump": True,
+            "prealloc": self.prealloc,
+            "share": self.share,
+            "reserve": True,
+            "host-nodes": [],
+            "policy": "default",
         }
 
 
@@ -125,17 +156,29 @@ class QmpBackend(Protocol):
         ...
 
 
+class VmControl(Protocol):
+    """Optional backend methods (looked up with getattr; absent ones are skipped):
+
+    * ``memory_backends() -> list[MemoryBackendInfo]``: every RAM backend, boot RAM first
+      (without it, one memory-backend-ram per device memdev).
+    * ``base_memory() -> int``: boot RAM bytes (query-memory-size-summary).
+    * ``system_reset()``: every device unplugs everything, the guest reboots.
+    * ``pause()`` / ``resume()``: stop and restart the guest (``stop``/``cont``).
+    """
+
+
 # -- argument checking -----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Param:
     name: str
-    kind: str  # "string" | "boolean" | "any"
+    kind: str  # "string" | "boolean" | "int" | "any"
     required: bool = True
 
 
-_PY_TYPES: Final[dict[str, type | tuple[type, ...]]] = {"string": str, "boolean": bool}
+_PY_TYPES: Final[dict[str, type | tuple[type, ...]]] = {"string": str, "boolean": bool, "int": int}
+_QAPI_NAMES: Final = {"string": "string", "boolean": "boolean", "int": "integer"}
 
 
 def check_arguments(arguments: dict[str, Any], params: tuple[Param, ...]) -> None:
@@ -146,67 +189,16 @@ def check_arguments(arguments: dict[str, Any], params: tuple[Param, ...]) -> Non
             if p.required:
                 raise QmpError(f"Parameter '{p.name}' is missing")
             continue
-        if p.kind != "any" and not isinstance(arguments[p.name], _PY_TYPES[p.kind]):
-            raise QmpError(f"Invalid parameter type for '{p.name}', expected: {p.kind}")
+        value = arguments[p.name]
+        wrong = p.kind != "any" and not isinstance(value, _PY_TYPES[p.kind])
+        if wrong or (p.kind == "int" and isinstance(value, bool)):
+            raise QmpError(f"Invalid parameter type for '{p.name}', expected: {_QAPI_NAMES[p.kind]}")
     for key in arguments:
         if key not in known:
             raise QmpError(f"Parameter '{key}' is unexpected")
 
 
 # -- the QOM tree ------------------------------------------------------------------------------
-
-
-@dataclass
-class QomProperty:
-    type: str
-    get: Callable[[], Any]
-    set: Callable[[Any], None] | None = None
-
-
-@dataclass(eq=False)
-class QomNode:
-    """One object of the QOM tree: its type name, properties and children."""
-
-    name: str
-    typename: str
-    parent: QomNode | None = None
-    props: dict[str, QomProperty] = field(default_factory=dict)
-    children: dict[str, QomNode] = field(default_factory=dict)
-
-    def add_child(self, name: str, typename: str) -> QomNode:
-        child = QomNode(name, typename, parent=self)
-        self.children[name] = child
-        return child
-
-    @property
-    def path(self) -> str:
-        parts: list[str] = []
-        node: QomNode | None = self
-        while node is not None and node.parent is not None:
-            parts.append(node.name)
-            node = node.parent
-        return "/" + "/".join(reversed(parts))
-
-    def walk(self) -> list[QomNode]:
-        out = [self]
-        for child in self.children.values():
-            out.extend(child.walk())
-        return out
-
-    def list_properties(self) -> list[dict[str, str]]:
-        out = [{"name": "type", "type": "string"}]
-        out += [{"name": name, "type": prop.type} for name, prop in self.props.items()]
-        out += [{"name": name, "type": f"child<{c.typename}>"} for name, c in self.children.items()]
-        return out
-
-    def get(self, prop: str) -> Any:
-        if prop == "type":
-            return self.typename
-        if prop in self.props:
-            return self.props[prop].get()
-        if prop in self.children:
-            return self.children[prop].path
-        raise QmpError(f"Property '{self.typename}.{prop}' not found")
 
 
 def _resolve_from(node: QomNode, parts: list[str]) -> QomNode | None:
@@ -242,10 +234,6 @@ def resolve_path(root: QomNode, path: str) -> tuple[QomNode | None, bool]:
     return None, len(matches) > 1
 
 
-def _constant(value: Any) -> Callable[[], Any]:
-    return lambda: value
-
-
 # -- the dispatcher ------------------------------------------------------------------------------
 
 
@@ -258,17 +246,33 @@ class Outcome:
 
 
 Handler = Callable[[dict[str, Any]], Outcome]
+EmitFn = Callable[[QmpEvent], None]
+
+DUMP_FORMATS: Final = ("elf", "kdump-zlib", "kdump-lzo", "kdump-snappy", "kdump-raw-zlib",
+                       "kdump-raw-lzo", "kdump-raw-snappy", "win-dmp")  # fmt: skip
 
 
 class CommandDispatcher:
-    """Runs commands against ``backend``; ``version`` is the ``query-version`` answer."""
+    """Runs commands against ``backend``; ``version`` is the ``query-version`` answer.
+
+    ``emit`` receives the events a command raises (RESET, STOP, RESUME, SHUTDOWN,
+    DUMP_COMPLETED), from the thread that raises them, before the command returns, so a
+    server that delivers them in call order sends them ahead of the reply, as QEMU does.
+    The run state (``running``; ``paused`` after ``stop``; ``prelaunch`` after a
+    ``system_reset`` of a stopped machine, as QEMU) and the dump state live here.
+    """
 
     background: Final = frozenset({"x-ramdiscard-migrate"})
     """Commands the server runs off its worker thread (module notes)."""
 
-    def __init__(self, backend: QmpBackend, version: dict[str, Any]) -> None:
+    def __init__(self, backend: QmpBackend, version: dict[str, Any], emit: EmitFn | None = None) -> None:
         self._backend = backend
         self._version = version
+        self._emit: EmitFn = emit or (lambda _event: None)
+        self._status = "running"
+        self._dump_lock = threading.Lock()
+        self._dump: dict[str, Any] = {"status": "none", "completed": 0, "total": 0}
+        self._dump_thread: threading.Thread | None = None
         self._commands: dict[str, tuple[Handler, tuple[Param, ...]]] = {
             "query-version": (self._query_version, ()),
             "query-commands": (self._query_commands, ()),
@@ -279,7 +283,26 @@ class CommandDispatcher:
                 self._qom_set,
                 (Param("path", "string"), Param("property", "string"), Param("value", "any")),
             ),
+            "qom-list-properties": (self._qom_list_properties, (Param("typename", "string"),)),
+            "device-list-properties": (self._device_list_properties, (Param("typename", "string"),)),
             "query-memory-devices": (self._query_memory_devices, ()),
+            "query-memory-size-summary": (self._query_memory_size_summary, ()),
+            "query-memdev": (self._query_memdev, ()),
+            "system_reset": (self._system_reset, ()),
+            "stop": (self._stop, ()),
+            "cont": (self._cont, ()),
+            "dump-guest-memory": (
+                self._dump_guest_memory,
+                (
+                    Param("paging", "boolean"),
+                    Param("protocol", "string"),
+                    Param("detach", "boolean", False),
+                    Param("begin", "int", False),
+                    Param("length", "int", False),
+                    Param("format", "string", False),
+                ),
+            ),
+            "query-dump": (self._query_dump, ()),
             "migrate_cancel": (self._migrate_cancel, ()),
             "quit": (self._quit, ()),
             "x-ramdiscard-status": (self._x_status, ()),
@@ -309,49 +332,92 @@ class CommandDispatcher:
 
     # -- QOM ---------------------------------------------------------------------------
 
+    def _memory_backends(self, devices: list[MemoryDeviceInfo]) -> list[MemoryBackendInfo]:
+        fn = getattr(self._backend, "memory_backends", None)
+        if callable(fn):
+            backends: list[MemoryBackendInfo] = fn()
+            return backends
+        return [MemoryBackendInfo(d.memdev, BACKEND_TYPE, d.max_size) for d in devices]
+
     def qom_tree(self) -> QomNode:
-        """The current QOM tree, built from the backend's devices."""
+        """The current QOM tree, built from the backend's devices and memory backends."""
         root = QomNode("", "container")
-        machine = root.add_child("machine", "ramdiscard-machine")
+        machine = root.add_child("machine", "pc-i440fx-10.0-machine")
         peripheral = machine.add_child("peripheral", "container")
         objects = root.add_child("objects", "container")
-        for dev in self._backend.memory_devices():
+        devices = self._backend.memory_devices()
+        for mem in self._memory_backends(devices):
+            node = objects.add_child(mem.id, mem.typename)
+            self._backend_props(node, mem)
+        for index, dev in enumerate(devices):
             node = peripheral.add_child(dev.id, DEVICE_TYPE)
-            self._device_props(node, dev)
-            mem = objects.add_child(dev.memdev, BACKEND_TYPE)
-            mem.props["size"] = QomProperty("uint64", _constant(dev.max_size))
+            self._device_props(node, dev, index)
         return root
 
-    def _device_props(self, node: QomNode, dev: MemoryDeviceInfo) -> None:
-        def realized(name: str) -> Callable[[Any], None]:
-            def refuse(_value: Any) -> None:
-                raise QmpError(
-                    f"Attempt to set property '{name}' on device '{dev.id}' "
-                    f"(type '{DEVICE_TYPE}') after it was realized"
+    def _backend_props(self, node: QomNode, mem: MemoryBackendInfo) -> None:
+        values: dict[str, Callable[[], Any]] = {
+            "size": lambda: mem.size,
+            "prealloc": lambda: mem.prealloc,
+            "share": lambda: mem.share,
+        }
+        if mem.mem_path is not None:
+            path = mem.mem_path
+            values["mem-path"] = lambda: path
+        recorded = qom.schema()["memory-regions"]
+        region = recorded.get(f"/objects/{mem.id}/{mem.id}[0]") or recorded["/objects/{memdev}/{memdev}[0]"]
+        qom.populate(
+            node,
+            mem.typename,
+            values,
+            texts={"{memdev}": mem.id},
+            child=qom.memory_region_child(mem.container or region["container"], mem.size),
+        )
+
+    def _device_props(self, node: QomNode, dev: MemoryDeviceInfo, index: int) -> None:
+        slot = qom.FIRST_PCI_SLOT + index
+        path = f"{PERIPHERAL}/{dev.id}"
+        values: dict[str, Callable[[], Any]] = {
+            "realized": lambda: True,
+            "memaddr": lambda: dev.memaddr,
+            "node": lambda: dev.node,
+            "memdev": lambda: f"{OBJECTS}/{dev.memdev}",
+            "prealloc": lambda: dev.prealloc,
+            "dynamic-memslots": lambda: dev.dynamic_memslots,
+            "unplugged-inaccessible": lambda: "on" if dev.unplugged_inaccessible else "off",
+            "size": lambda: dev.size,
+            "requested-size": lambda: dev.requested_size,
+            "block-size": lambda: dev.block_size,
+            "addr": lambda: slot << 3,
+            "legacy-addr": lambda: f"{slot:02x}.0",
+        }
+        setters = {"requested-size": lambda v: self._set_requested_size(dev, v)}
+        texts = {"/machine/peripheral/vm0": path, "{id}": dev.id, "{memdev}": dev.memdev}
+        regions = qom.schema()["memory-regions"]
+
+        def child(parent: QomNode, name: str, typename: str, _recorded: Any) -> None:
+            node = parent.add_child(name, typename)
+            if typename == "virtio-mem":
+                qom.populate(node, typename, values, texts=texts, setters=setters)
+                node.props["parent_bus"] = QomProperty(
+                    "link<bus>", lambda: f"{path}/virtio-bus", node.props["parent_bus"].set
+                )
+            elif typename == "virtio-pci-bus":
+                qom.populate(node, typename, {}, texts=texts)
+            elif typename == "memory-region":
+                rec = regions.get(f"/machine/peripheral/{{id}}/{name}", {})
+                container = str(rec.get("container", "")).replace("/machine/peripheral/vm0", path)
+                qom.populate(
+                    node,
+                    typename,
+                    {
+                        "container": lambda: container,
+                        "addr": lambda: rec.get("addr", 0),
+                        "size": lambda: rec.get("size", 0),
+                    },
+                    texts={},
                 )
 
-            return refuse
-
-        def not_writable(_value: Any) -> None:
-            raise QmpError(f"Property '{DEVICE_TYPE}.size' is not writable")
-
-        def block_size_fixed(_value: Any) -> None:
-            raise QmpError("'block-size' cannot be changed")
-
-        node.props.update(
-            {
-                "memaddr": QomProperty("uint64", lambda: dev.memaddr, realized("memaddr")),
-                "node": QomProperty("uint32", lambda: dev.node, realized("node")),
-                "memdev": QomProperty(
-                    "link<memory-backend>", lambda: f"{OBJECTS}/{dev.memdev}", realized("memdev")
-                ),
-                "size": QomProperty("size", lambda: dev.size, not_writable),
-                "requested-size": QomProperty(
-                    "size", lambda: dev.requested_size, lambda v: self._set_requested_size(dev, v)
-                ),
-                "block-size": QomProperty("size", lambda: dev.block_size, block_size_fixed),
-            }
-        )
+        qom.populate(node, DEVICE_TYPE, values, texts=texts, setters=setters, child=child)
 
     def _set_requested_size(self, dev: MemoryDeviceInfo, value: Any) -> None:
         name = "requested-size"
@@ -384,17 +450,23 @@ class CommandDispatcher:
         return Outcome(self._resolve(args["path"]).get(args["property"]))
 
     def _qom_set(self, args: dict[str, Any]) -> Outcome:
-        node = self._resolve(args["path"])
-        prop = args["property"]
-        if prop == "type" or prop in node.children:
-            raise QmpError(f"Property '{node.typename}.{prop}' is not writable")
-        spec = node.props.get(prop)
-        if spec is None:
-            raise QmpError(f"Property '{node.typename}.{prop}' not found")
-        if spec.set is None:
-            raise QmpError(f"Property '{node.typename}.{prop}' is not writable")
-        spec.set(args["value"])
+        self._resolve(args["path"]).set(args["property"], args["value"])
         return Outcome({})
+
+    def _qom_list_properties(self, args: dict[str, Any]) -> Outcome:
+        props = qom.list_properties(args["typename"])
+        if props is None:
+            raise QmpError(f"Class '{args['typename']}' not found", ErrorClass.DeviceNotFound)
+        return Outcome(props)
+
+    def _device_list_properties(self, args: dict[str, Any]) -> Outcome:
+        name = args["typename"]
+        props = qom.device_list_properties(name)
+        if props is None:
+            if name in qom.known_types():
+                raise QmpError(f"'{name}' is not a user-creatable device type known to ramdiscard")
+            raise QmpError(f"Device '{name}' not found", ErrorClass.DeviceNotFound)
+        return Outcome(props)
 
     # -- queries -------------------------------------------------------------------------
 
@@ -405,10 +477,140 @@ class CommandDispatcher:
         return Outcome([{"name": n} for n in self.command_names()])
 
     def _query_status(self, _args: dict[str, Any]) -> Outcome:
-        return Outcome({"status": "running", "running": True})
+        return Outcome({"status": self._status, "running": self._status == "running"})
 
     def _query_memory_devices(self, _args: dict[str, Any]) -> Outcome:
         return Outcome([dev.to_json() for dev in self._backend.memory_devices()])
+
+    def _query_memory_size_summary(self, _args: dict[str, Any]) -> Outcome:
+        base = getattr(self._backend, "base_memory", None)
+        devices = self._backend.memory_devices()
+        return Outcome(
+            {
+                "base-memory": int(base()) if callable(base) else 0,
+                "plugged-memory": sum(d.size for d in devices),
+            }
+        )
+
+    def _query_memdev(self, _args: dict[str, Any]) -> Outcome:
+        return Outcome([m.to_json() for m in self._memory_backends(self._backend.memory_devices())])
+
+    # -- run state -----------------------------------------------------------------------
+
+    def _system_reset(self, _args: dict[str, Any]) -> Outcome:
+        reset = getattr(self._backend, "system_reset", None)
+        if callable(reset):
+            reset()
+        if self._status != "running":
+            self._status = "prelaunch"  # QEMU: a reset of a stopped VM leaves it in prelaunch
+        self._emit(qmp_event("RESET", {"guest": False, "reason": "host-qmp-system-reset"}))
+        return Outcome({})
+
+    def _stop(self, _args: dict[str, Any]) -> Outcome:
+        if self._status == "running":
+            pause = getattr(self._backend, "pause", None)
+            if callable(pause):
+                pause()
+            self._status = "paused"
+            self._emit(qmp_event("STOP"))
+        return Outcome({})
+
+    def _cont(self, _args: dict[str, Any]) -> Outcome:
+        if self._dump_active():
+            raise QmpError("There is a dump in process, please wait.")
+        if self._status != "running":
+            resume = getattr(self._backend, "resume", None)
+            if callable(resume):
+                resume()
+            self._status = "running"
+            self._emit(qmp_event("RESUME"))
+        return Outcome({})
+
+    # -- dumps ---------------------------------------------------------------------------
+
+    def _dump_active(self) -> bool:
+        with self._dump_lock:
+            return bool(self._dump["status"] == "active")
+
+    def _dump_guest_memory(self, args: dict[str, Any]) -> Outcome:
+        if self._dump_active():
+            raise QmpError("There is a dump in process, please wait.")
+        fmt = args.get("format", "elf")
+        if fmt not in DUMP_FORMATS:
+            raise QmpError(f"Parameter 'format' does not accept value '{fmt}'")
+        if fmt != "elf" and (args["paging"] or "begin" in args or "length" in args):
+            raise QmpError("kdump-compressed format doesn't support paging or filter")
+        if "begin" in args and "length" not in args:
+            raise QmpError("Parameter 'length' is missing")
+        if "length" in args and "begin" not in args:
+            raise QmpError("Parameter 'begin' is missing")
+        protocol = args["protocol"]
+        if protocol.startswith("fd:"):
+            raise QmpError("ramdiscard: dump-guest-memory takes protocol 'file:PATH' (no fd passing)")
+        if not protocol.startswith("file:"):
+            raise QmpError("parameter 'protocol' must start with 'file:' or 'fd:'")
+        if fmt != "elf":
+            raise QmpError(f"ramdiscard: dump format '{fmt}' is not supported (only 'elf')")
+        if "begin" in args:
+            raise QmpError("ramdiscard: dump-guest-memory 'begin'/'length' are not supported")
+        path = protocol[len("file:") :]
+        with self._dump_lock:
+            self._dump = {"status": "active", "completed": 0, "total": 0}
+        if args.get("detach", False):
+            thread = threading.Thread(target=self._run_dump, args=(path,), name="qmp-dump", daemon=True)
+            self._dump_thread = thread
+            thread.start()
+            return Outcome({})
+        error = self._run_dump(path)
+        if error is not None:
+            raise QmpError(error)
+        return Outcome({})
+
+    def _run_dump(self, path: str) -> str | None:
+        """Write the dump; record and announce (DUMP_COMPLETED) how it ended. A running
+        machine is stopped for it (STOP, status ``save-vm``) and resumed after (RESUME),
+        as QEMU does."""
+        error: str | None = None
+        resume = self._status == "running"
+        if resume:
+            pause = getattr(self._backend, "pause", None)
+            if callable(pause):
+                pause()
+            self._status = "save-vm"
+            self._emit(qmp_event("STOP"))
+        try:
+            info = self._backend.dump(path)
+            total = int(info.get("bytes", 0))
+            state = {"status": "completed", "completed": total, "total": total}
+        except (QmpError, RamDiscardError, ValueError, OSError) as exc:
+            error = str(exc)
+            state = {"status": "failed", "completed": 0, "total": 0}
+        except Exception as exc:
+            log.exception("dump-guest-memory failed")
+            error = f"internal error in dump-guest-memory: {type(exc).__name__}: {exc}"
+            state = {"status": "failed", "completed": 0, "total": 0}
+        with self._dump_lock:
+            self._dump = state
+        self._emit(dump_completed_event(state, error))
+        if resume:
+            restart = getattr(self._backend, "resume", None)
+            if callable(restart):
+                restart()
+            self._status = "running"
+            self._emit(qmp_event("RESUME"))
+        return error
+
+    def _query_dump(self, _args: dict[str, Any]) -> Outcome:
+        with self._dump_lock:
+            return Outcome(dict(self._dump))
+
+    def wait_dump(self, timeout: float | None = None) -> None:
+        """Wait for a detached dump to end (used at shutdown)."""
+        thread = self._dump_thread
+        if thread is not None:
+            thread.join(timeout)
+
+    # -- the rest ------------------------------------------------------------------------
 
     def _migrate_cancel(self, _args: dict[str, Any]) -> Outcome:
         cancel = getattr(self._backend, "migrate_cancel", None)
@@ -417,6 +619,7 @@ class CommandDispatcher:
         return Outcome({})
 
     def _quit(self, _args: dict[str, Any]) -> Outcome:
+        self._emit(qmp_event("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"}))
         return Outcome({}, quit=True)
 
     # -- project commands ----------------------------------------------------------------

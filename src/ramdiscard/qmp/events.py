@@ -72,6 +72,19 @@ def shutdown_event(reason: str = "host-qmp-quit", *, timestamp: float | None = N
     )
 
 
+def qmp_event(name: str, data: dict[str, Any] | None = None, *, timestamp: float | None = None) -> QmpEvent:
+    """An event raised now (RESET, STOP, RESUME, SHUTDOWN...)."""
+    return QmpEvent(name, data or {}, time.time() if timestamp is None else timestamp)
+
+
+def dump_completed_event(result: dict[str, Any], error: str | None) -> QmpEvent:
+    """DUMP_COMPLETED as QEMU raises it when a dump ends (``error`` only on failure)."""
+    data: dict[str, Any] = {"result": dict(result)}
+    if error is not None:
+        data["error"] = error
+    return qmp_event("DUMP_COMPLETED", data)
+
+
 def throttle_key(event: QmpEvent) -> str | None:
     """The per-device key of a rate-limited event (QEMU compares ``qom-path``)."""
     if event.name == MEMORY_DEVICE_SIZE_CHANGE:

@@ -35,7 +35,7 @@ from ramdiscard.dump import dump_guest_memory
 from ramdiscard.fileio import create_output
 from ramdiscard.migration.transport import IO_TIMEOUT
 from ramdiscard.providers.virtio_mem import VirtioMem
-from ramdiscard.qmp.commands import MemoryDeviceInfo, SizeChangeFn
+from ramdiscard.qmp.commands import MemoryBackendInfo, MemoryDeviceInfo, SizeChangeFn
 from ramdiscard.qmp.protocol import ErrorClass, QmpError
 
 
@@ -70,6 +70,25 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
+_BACKEND_TYPES = {
+    "anonymous": "memory-backend-ram",
+    "memfd": "memory-backend-memfd",
+    "file": "memory-backend-file",
+}
+
+
+def _backend_info(name: str, block: Any, *, prealloc: bool) -> MemoryBackendInfo:
+    backing = str(getattr(block, "backing", "anonymous"))
+    return MemoryBackendInfo(
+        id=name,
+        typename=_BACKEND_TYPES.get(backing, "memory-backend-ram"),
+        size=int(block.size),
+        prealloc=prealloc,
+        share=backing != "anonymous",
+        mem_path=getattr(block, "path", None) if backing == "file" else None,
+    )
+
+
 class MachineBackend:
     """Adapts a running machine to :class:`~ramdiscard.qmp.commands.QmpBackend`."""
 
@@ -95,9 +114,50 @@ class MachineBackend:
                     block_size=d.block_size,
                     memdev=d.region.name,
                     node=d.node,
+                    prealloc=d.prealloc,
+                    dynamic_memslots=d.dynamic_memslots,
+                    unplugged_inaccessible=d.unplugged_inaccessible,
                 )
                 for dev_id, d in self.machine.devices.items()
             ]
+
+    def memory_backends(self) -> list[MemoryBackendInfo]:
+        """Boot RAM (``pc.ram``, as QEMU names it) then each device's memdev; the type
+        follows the backing (anonymous: -ram, memfd: -memfd, file: -file)."""
+        with self.machine.lock:
+            out: list[MemoryBackendInfo] = []
+            boot = getattr(self.machine, "boot", None)
+            if boot is not None and boot.ram is not None:
+                out.append(_backend_info(boot.name, boot.ram, prealloc=False))
+            for d in self.machine.devices.values():
+                block = d.region.ram
+                if block is not None:
+                    out.append(_backend_info(d.region.name, block, prealloc=d.prealloc))
+            return out
+
+    def base_memory(self) -> int:
+        boot = getattr(self.machine, "boot", None)
+        return int(boot.size) if boot is not None else 0
+
+    def system_reset(self) -> None:
+        reset = getattr(self.machine, "system_reset", None)
+        if callable(reset):
+            reset()
+        else:
+            with self.machine.lock:
+                for d in self.machine.devices.values():
+                    d.system_reset()
+
+    def pause(self) -> None:
+        """``stop``: the guest thread stops (its vCPUs, so to say)."""
+        stop = getattr(self.machine, "stop", None)
+        if callable(stop):
+            stop()
+
+    def resume(self) -> None:
+        start = getattr(self.machine, "start", None)
+        if callable(start):
+            start()
 
     def set_requested_size(self, device_id: str, size: int) -> None:
         try:

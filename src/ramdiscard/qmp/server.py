@@ -2,11 +2,13 @@
 
 Rules:
 
-* ``unix:PATH`` sockets are bound, chmod'ed to 0600 and only then put in listen state, so
-  no client can connect while the file is more open. A stale socket file (nobody
-  listening) is replaced; a live one, or a path that is not a socket, is an error. The
-  file is removed at close. ``tcp:HOST:PORT`` binds HOST (QMP has no authentication:
-  use a loopback address); port 0 picks a free port, see :attr:`QmpServer.address`.
+* ``unix:PATH`` sockets are bound under a temporary name beside PATH, chmod'ed to 0600,
+  put in listen state and only then renamed to PATH: no client can connect while the file
+  is more open, and once PATH exists a connect succeeds (no window between bind and
+  listen). A stale socket file (nobody listening) is replaced; a live one, or a path that
+  is not a socket, is an error. The file is removed at close.
+* ``tcp:HOST:PORT`` binds HOST (QMP has no authentication: use a loopback address);
+  port 0 picks a free port, see :attr:`QmpServer.address`.
 * Each client gets the greeting, then its commands run in order, one at a time (QEMU's
   monitor without out-of-band). All commands of all clients run on a single worker
   thread, so the backend sees one command at a time and the event loop never blocks on a
@@ -25,9 +27,13 @@ Rules:
   clients do, and a fresh client is greeted even while others flood the server.
 * Size-change notifications may come from any thread; they are timestamped there and
   handed to the loop, rate limited (events.py), and delivered to negotiated clients.
-* ``quit``: the reply is written and flushed, SHUTDOWN is sent to every negotiated
-  client, every connection is closed, the listener stops, the socket file goes and the
-  backend is closed on the worker thread; then :meth:`QmpServer.wait_closed` returns.
+* Events a command raises (RESET, STOP, RESUME, SHUTDOWN, DUMP_COMPLETED) reach every
+  negotiated client before that command's reply, as with QEMU: they are handed to the
+  loop from the worker thread before the command's result is.
+* ``quit``: SHUTDOWN is sent to every negotiated client (the quitting one included),
+  then the reply is written and flushed, every connection is closed, the listener
+  stops, the socket file goes, a detached dump is waited for and the backend is closed
+  on the worker thread; then :meth:`QmpServer.wait_closed` returns.
   :meth:`QmpServer.close` does the same without the event (it is idempotent).
 """
 
@@ -38,6 +44,7 @@ import contextlib
 import errno
 import logging
 import os
+import secrets
 import socket
 import stat
 import time
@@ -46,14 +53,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
 
-from ramdiscard.qmp.commands import PERIPHERAL, CommandDispatcher, QmpBackend
-from ramdiscard.qmp.events import DEFAULT_RATES, EventThrottle, QmpEvent, shutdown_event, size_change_event
+from ramdiscard.qmp.commands import CommandDispatcher, QmpBackend
+from ramdiscard.qmp.events import DEFAULT_RATES, EventThrottle, QmpEvent, size_change_event
 from ramdiscard.qmp.protocol import DEFAULT_MAX_MESSAGE, Execute, Item, QmpConnection, QmpError, Reply
+from ramdiscard.qmp.qom import PERIPHERAL, QEMU_VERSION
 
 log = logging.getLogger("ramdiscard.qmp")
 
-QEMU_COMPAT: Final = (10, 1, 0)
-"""The QEMU release whose QMP behaviour this server mirrors (reported by query-version)."""
+QEMU_COMPAT: Final = QEMU_VERSION
+"""The QEMU release whose QMP behaviour this server matches (reported by query-version)."""
 READ_CHUNK: Final = 64 * 1024
 FEED_SLICE: Final = 4096
 DEFAULT_MAX_OUTPUT: Final = 1 << 20
@@ -93,6 +101,10 @@ def parse_address(text: str) -> Address:
     raise ValueError(f"invalid QMP address {text!r}: expected unix:PATH or tcp:HOST:PORT")
 
 
+_SUN_PATH_MAX = 108
+"""Bytes of ``sockaddr_un.sun_path`` on Linux, the terminating NUL included."""
+
+
 def bind_unix(path: str, backlog: int = 16) -> socket.socket:
     """A listening unix socket at ``path`` with mode 0600 (see the module rules)."""
     if os.path.lexists(path):
@@ -108,14 +120,19 @@ def bind_unix(path: str, backlog: int = 16) -> socket.socket:
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    staging = os.path.join(os.path.dirname(path) or ".", f".qmp-{os.getpid()}-{secrets.token_hex(4)}")
+    if len(os.fsencode(staging)) >= _SUN_PATH_MAX:
+        staging = path  # no room for a longer name: bind in place (a connect may be refused until listen)
     try:
-        sock.bind(path)
+        sock.bind(staging)
         try:
-            os.chmod(path, 0o600)
+            os.chmod(staging, 0o600)
             sock.listen(backlog)
+            if staging != path:
+                os.rename(staging, path)
         except BaseException:
             with contextlib.suppress(OSError):
-                os.unlink(path)
+                os.unlink(staging)
             raise
     except BaseException:
         sock.close()
@@ -163,7 +180,7 @@ class QmpServer:
         self._backend = backend
         self._address = parse_address(address) if isinstance(address, str) else address
         self._version = version_info()
-        self._dispatcher = CommandDispatcher(backend, self._version)
+        self._dispatcher = CommandDispatcher(backend, self._version, emit=self._emit)
         self._max_message = max_message
         self._max_output = max_output
         self._max_clients = max_clients
@@ -252,6 +269,7 @@ class QmpServer:
         self._remove_socket()
         loop = asyncio.get_running_loop()
         try:
+            await loop.run_in_executor(self._executor, self._dispatcher.wait_dump, 60.0)
             await loop.run_in_executor(self._executor, self._backend.close)
         except Exception:
             log.exception("closing the QMP backend failed")
@@ -326,7 +344,7 @@ class QmpServer:
                 if quit_:
                     with contextlib.suppress(ConnectionError):
                         await client.writer.drain()
-                    self._quit_task = asyncio.ensure_future(self.close(event=shutdown_event()))
+                    self._quit_task = asyncio.ensure_future(self.close())
                     return
             await client.writer.drain()
 
@@ -357,6 +375,14 @@ class QmpServer:
         return conn.return_bytes(req, outcome.value), outcome.quit
 
     # -- events -------------------------------------------------------------------------------
+
+    def _emit(self, event: QmpEvent) -> None:
+        """A command's event, from any thread: delivered on the loop, in call order."""
+        loop = self._loop
+        if loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # loop already closed
+            loop.call_soon_threadsafe(self._deliver, [event])
 
     def _size_changed(self, device_id: str, size: int) -> None:
         """Backend callback, from any thread."""

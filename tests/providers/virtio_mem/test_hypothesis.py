@@ -69,9 +69,7 @@ violations = st.one_of(
     st.builds(_request, st.integers(4, 0xFFFF), addresses, nb_blocks, st.binary(min_size=12, max_size=12)),
     st.binary(max_size=23),
 )
-requests = st.lists(
-    st.integers(0, 9).flatmap(lambda i: violations if i == 0 else well_formed), max_size=30
-)
+requests = st.lists(st.integers(0, 9).flatmap(lambda i: violations if i == 0 else well_formed), max_size=30)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -291,6 +291,11 @@ class VirtioMem(RamDiscardManager):
         return self._metrics
 
     @property
+    def unplugged_inaccessible(self) -> bool:
+        """Whether VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE is offered (and required)."""
+        return self._unplugged_inaccessible
+
+    @property
     def requested_size(self) -> int:
         return self._plug.requested_size
 
