@@ -96,6 +96,9 @@ from ramdiscard.rdm.policy import DiscardPolicy, policy_of
 log = logging.getLogger("ramdiscard.providers.virtio_mem")
 
 
+_STATE, _BUSY = RequestType.STATE, ResponseType.BUSY  # enum lookups are slow on the request path
+
+
 class VirtioMem(RamDiscardManager):
     """A virtio-mem device over the RAM region ``memory``; see the module rules.
 
@@ -451,8 +454,10 @@ class VirtioMem(RamDiscardManager):
         self._check_realized()
         self._check_not_notifying("process a virtio-mem request")
         self._metrics.count_request(req.type)
-        decision = self._plug.decide(req, req.type is not RequestType.STATE and self.is_busy())
-        if decision.response is ResponseType.BUSY:
+        fn = self._busy
+        busy = fn is not None and req.type is not _STATE and bool(fn())
+        decision = self._plug.decide(req, busy)
+        if decision.response is _BUSY:
             self._metrics.busy_count += 1
         rtype = self._effects.carry_out(decision, self._prealloc)
         self._metrics.count_response(rtype)

@@ -67,6 +67,11 @@ SizeChangeFn = Callable[[str, int], None]
 """Called with (device id, new plugged size)."""
 
 
+# Enum member lookups cost a class-attribute walk each; the request path uses these names.
+_PLUG, _UNPLUG, _UNPLUG_ALL = Action.PLUG, Action.UNPLUG, Action.UNPLUG_ALL
+_ACK, _BUSY = ResponseType.ACK, ResponseType.BUSY
+
+
 class Notifiers:
     """The device's config-change and size-change notifiers; exceptions are logged."""
 
@@ -86,6 +91,8 @@ class Notifiers:
                 log.exception("%s: config-change notifier %r failed", self._prefix, fn)
 
     def size_changed(self) -> None:
+        if not self.size:
+            return
         for fn in list(self.size):
             try:
                 fn(self._device.id, self._device.plugged_size)
@@ -115,6 +122,8 @@ class HostMemory:
         return True
 
     def run_hooks(self, offset: int, size: int) -> None:
+        if not self.hooks:
+            return
         for hook in list(self.hooks):
             try:
                 hook(offset, size)
@@ -243,16 +252,16 @@ class Effects:
         """The final answer for ``decision``: its response, or BUSY if an effect failed.
         ``prealloc``: populate host memory before plugging."""
         action = decision.action
-        if action is Action.PLUG:
+        if action is _PLUG:
             if not self._plug(decision.offset, decision.size, prealloc):
-                return ResponseType.BUSY
+                return _BUSY
             self.core.apply(decision)
             self._metrics.plugged_bytes += decision.size
             self._size_changed()
-        elif action is Action.UNPLUG:
+        elif action is _UNPLUG:
             offset, size = decision.offset, decision.size
             if not self.host.discard(offset, size):
-                return ResponseType.BUSY
+                return _BUSY
             try:
                 self._engine.discard(((offset, size),))
             except Exception:
@@ -263,7 +272,7 @@ class Effects:
                 self.memslots.unmap_free(offset, size, self.core.all_unplugged)
             self._metrics.unplugged_bytes += size
             self._size_changed()
-        elif action is Action.UNPLUG_ALL:
+        elif action is _UNPLUG_ALL:
             return self._unplug_all(decision)
         return decision.response
 
@@ -291,9 +300,9 @@ class Effects:
         plugged = decision.size
         if not plugged:
             self.core.apply(decision)
-            return ResponseType.ACK
+            return _ACK
         if not self.host.discard(0, self.host.ram.size):
-            return ResponseType.BUSY
+            return _BUSY
         try:
             self._engine.discard_all(self.core.plugged_runs())
         except Exception:
@@ -304,7 +313,7 @@ class Effects:
         self._size_changed()
         if self.memslots is not None:
             self.memslots.unmap_free(0, self.core.region_size, self.core.all_unplugged)
-        return ResponseType.ACK
+        return _ACK
 
     def restore(self, plan: RestorePlan, prealloc: bool = False) -> None:
         """Apply a checked restore plan (module rules); StateError with nothing changed."""

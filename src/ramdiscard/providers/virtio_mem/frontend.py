@@ -49,14 +49,14 @@ class Frontend:
         self.broken = False
         self.accepted = 0
 
-    def _refuse_if_broken(self) -> None:
-        if self.broken:
-            self._metrics.broken_refusals += 1
-            raise DeviceBroken(f"{self._prefix} is broken after a protocol violation; reset it")
+    def _refuse(self) -> DeviceBroken:
+        self._metrics.broken_refusals += 1
+        return DeviceBroken(f"{self._prefix} is broken after a protocol violation; reset it")
 
     def handle(self, data: bytes | bytearray | memoryview) -> bytes:
         """Parse, execute and pack one request (module rules)."""
-        self._refuse_if_broken()
+        if self.broken:
+            raise self._refuse()
         try:
             req = Request.parse(data)
         except ProtocolError:
@@ -67,7 +67,8 @@ class Frontend:
 
     def process(self, req: Request) -> Response:
         """Execute a parsed request; DeviceBroken while broken."""
-        self._refuse_if_broken()
+        if self.broken:
+            raise self._refuse()
         return self._execute(req)
 
     def violation(self, reason: str) -> ProtocolError:
