@@ -107,7 +107,7 @@ class ViewListener(RamDiscardListener):
         self.discards += 1
 
 
-def populated_pages(manager: BlockStateManager) -> npt.NDArray[np.bool_]:
+def populated_pages(manager: BlockStateManager | VirtioMem) -> npt.NDArray[np.bool_]:
     """Page-granular populated map of the manager's whole region."""
     out = np.zeros(manager.region.size // PAGE, dtype=bool)
     for start, end in manager.populated_runs():
@@ -115,7 +115,7 @@ def populated_pages(manager: BlockStateManager) -> npt.NDArray[np.bool_]:
     return out
 
 
-def check_listeners(manager: BlockStateManager, listeners: Iterable[ViewListener]) -> None:
+def check_listeners(manager: BlockStateManager | VirtioMem, listeners: Iterable[ViewListener]) -> None:
     """Every registered listener's view == populated ∩ its section; an unregistered one
     holds nothing; no listener saw a protocol violation."""
     with manager.lock:
@@ -176,7 +176,7 @@ def _merge(runs: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def check_container(container: object, dev: BlockStateManager) -> None:
+def check_container(container: object, dev: BlockStateManager | VirtioMem) -> None:
     """A vfio container attached over ``dev`` (a device or any block-state manager): the
     IOVA ranges it maps for the manager's region equal populated ∩ each registered RDM
     section, and its backend pins exactly the mapped bytes (take the manager lock first

@@ -221,9 +221,7 @@ class _Incoming:
 
 
 def _limits(regions: list[RamRegion]) -> Limits:
-    from ramdiscard.providers.virtio_mem.persist import save_state
-
-    states = [len(save_state(r.device)) for r in regions if r.device is not None]
+    states = [len(r.device.save()) for r in regions if r.device is not None]
     return Limits(regions=len(regions), device_state=max(states, default=0))
 
 

@@ -4,8 +4,8 @@ Rules (the 2026 "RamDiscardSource" RFC's semantics, on this project's stricter c
 
 * A *source* answers the query half of the contract for one region
   (:class:`RamDiscardSource`: granularity, is_populated, replay_populated,
-  replay_discarded). Providers (``BlockStateManager`` subclasses such as virtio-mem and
-  guest_memfd attributes) are sources; their state changes reach the aggregate through the
+  replay_discarded). Providers (RamDiscardManagers such as virtio-mem and guest_memfd
+  attributes) are sources; their state changes reach the aggregate through the
   ``sink`` hook of :class:`~ramdiscard.rdm.manager.RamDiscardManager`.
 * A byte is populated in aggregate only if *every* source says populated; with no sources
   everything is populated. The granularity is the minimum over the sources (the host page

@@ -15,8 +15,9 @@ Rules:
 * Queries widen a section outward to block boundaries; ``is_populated`` of an empty
   section is False (virtio-mem's answer).
 
-Providers (virtio-mem, guest_memfd attributes) subclass this and add their own policy:
-which ranges are valid, what happens to host memory, and in which order.
+Providers such as guest_memfd attributes subclass this and add their own policy: which
+ranges are valid, what happens to host memory, and in which order. (virtio-mem keeps its
+block state in its own sans-I/O core, :mod:`ramdiscard.providers.virtio_mem.state`.)
 """
 
 from __future__ import annotations
