@@ -40,10 +40,8 @@ members exist (not their signatures).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
-
-if TYPE_CHECKING:
-    from ramdiscard.consumers.dma.backend import PinHandle
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol, runtime_checkable
 
 # -- 1. host memory ------------------------------------------------------------------------
 
@@ -106,6 +104,20 @@ class MappedMemory(Protocol):
 def reserved_size(ram: HostMemory) -> int:
     """Bytes reserved for ``ram``: its ``max_size`` if it is resizable, else its size."""
     return int(ram.max_size) if isinstance(ram, ResizableMemory) else int(ram.size)
+
+
+@dataclass(frozen=True)
+class PinHandle:
+    """One live pin of a :class:`DmaPinner`: the pinned range plus a backend-private token
+    identifying it."""
+
+    host_address: int
+    size: int
+    token: int = field(repr=False)
+
+    @property
+    def end(self) -> int:
+        return self.host_address + self.size
 
 
 # -- 2. DMA backend ------------------------------------------------------------------------

@@ -6,13 +6,9 @@ import pytest
 
 from ramdiscard.fuzz.targets.virtio import FakeRam
 from ramdiscard.memory import MemoryRegion
-from ramdiscard.providers.virtio_mem import (
-    TraceParseError,
-    VirtioMem,
-    parse_trace,
-    replay_trace,
-)
+from ramdiscard.providers.virtio_mem import VirtioMem
 from ramdiscard.rdm import DiscardPolicy
+from ramdiscard.replay.trace import TraceParseError, parse_trace, replay_trace
 from ramdiscard.units import GiB, MiB
 
 

@@ -6,17 +6,17 @@ import pytest
 
 from ramdiscard import faults
 from ramdiscard.memory import MemoryRegionSection
-from ramdiscard.providers.virtio_mem import (
-    ResponseType,
-    StateError,
+from ramdiscard.providers.virtio_mem import ResponseType, StateError, decode_state, encode_state
+from ramdiscard.replay.trace import (
+    DiscardRange,
+    PlugRequest,
+    ResizedUsableRegion,
+    SendResponse,
     TraceParseError,
-    decode_state,
-    encode_state,
     parse_trace,
     parse_trace_file,
     replay_trace,
 )
-from ramdiscard.replay.trace import DiscardRange, PlugRequest, ResizedUsableRegion, SendResponse
 from ramdiscard.units import GiB, MiB
 from tests.conftest import sample_trace
 

@@ -30,10 +30,10 @@ import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from types import TracebackType
 
 from ramdiscard.errors import InvalidArgument
+from ramdiscard.interfaces import PinHandle as PinHandle
 
 PAGE_SIZE = 4096
 """Granularity of pins: addresses and sizes must be multiples of this."""
@@ -58,19 +58,6 @@ def new_handle(host_address: int, size: int) -> PinHandle:
 
 class BackendClosed(InvalidArgument):
     """The backend was closed; it cannot pin, unpin or read any more."""
-
-
-@dataclass(frozen=True)
-class PinHandle:
-    """One live pin: the pinned range plus a backend-private token identifying it."""
-
-    host_address: int
-    size: int
-    token: int = field(repr=False)
-
-    @property
-    def end(self) -> int:
-        return self.host_address + self.size
 
 
 def check_range(host_address: int, size: int) -> None:

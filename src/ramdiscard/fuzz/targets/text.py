@@ -19,8 +19,9 @@ from ramdiscard.fuzz.invariants import check_device
 from ramdiscard.fuzz.mutate import mutate_text
 from ramdiscard.fuzz.targets.virtio import FakeRam
 from ramdiscard.memory import MemoryRegion
-from ramdiscard.providers.virtio_mem import TraceParseError, VirtioMem, parse_trace, replay_trace
+from ramdiscard.providers.virtio_mem import VirtioMem
 from ramdiscard.rdm import DiscardPolicy
+from ramdiscard.replay.trace import TraceParseError, parse_trace, replay_trace
 from ramdiscard.units import GiB, MiB
 
 SAMPLE = "qemu-virtio-mem-trace-sample.log"

@@ -41,14 +41,6 @@ from ramdiscard.providers.virtio_mem.wire import (
     ResponseType,
     VirtioMemError,
 )
-from ramdiscard.replay.trace import (
-    ReplayReport,
-    TraceLog,
-    TraceParseError,
-    parse_trace,
-    parse_trace_file,
-    replay_trace,
-)
 
 __all__ = [
     "Action",
@@ -68,15 +60,12 @@ __all__ = [
     "FeatureError",
     "HostRam",
     "ProtocolError",
-    "ReplayReport",
     "Request",
     "RequestType",
     "Response",
     "ResponseType",
     "StateError",
     "StateImage",
-    "TraceLog",
-    "TraceParseError",
     "VirtioMem",
     "VirtioMemError",
     "VirtioMemMetrics",
@@ -84,7 +73,4 @@ __all__ = [
     "default_block_size",
     "encode_state",
     "memslot_geometry",
-    "parse_trace",
-    "parse_trace_file",
-    "replay_trace",
 ]

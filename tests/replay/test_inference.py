@@ -13,12 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from ramdiscard.providers.virtio_mem import parse_trace, replay_trace
-from ramdiscard.replay.trace import ReplayReport, requested_sizes_for, usable_region_for
+from ramdiscard.replay.trace import (
+    ReplayReport,
+    parse_trace,
+    replay_trace,
+    requested_sizes_for,
+    usable_region_for,
+)
 from ramdiscard.units import GiB, MiB
 from tests.conftest import shared_dir
-
-from .conftest import ADDR, BS, Factory
+from tests.providers.virtio_mem.conftest import ADDR, BS, Factory
 
 HOST = 0x7F0000000000
 EXTENT = 256 * MiB
