@@ -17,6 +17,7 @@ Rules:
 
 from __future__ import annotations
 
+import errno as _errno
 import hashlib
 import json
 import os
@@ -27,11 +28,21 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ramdiscard.errors import HostError
+
 PROGRAMS = ("plugfloor", "bitfloor")
 
 
-class NoFloor(RuntimeError):
-    """The C floor cannot be measured here (no compiler, a failed build or run)."""
+class NoFloor(HostError):
+    """The C floor cannot be measured here (no compiler, a failed build or run);
+    ``str()`` is the one-line reason, ``errno`` ENOENT."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(_errno.ENOENT, reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
 
 
 def cache_dir() -> Path:

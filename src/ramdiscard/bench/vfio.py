@@ -171,7 +171,7 @@ def run(
     best-of-N ns for ours, Python raw and the C floor, the ratio against the row's
     baseline (``vs``: ``C`` or ``raw``) and its target; plus one row naming the reason
     when the C floor could not be measured."""
-    reps = 5 if quick else 15
+    reps = 3 if quick else 11
     rows: list[dict[str, Any]] = []
     missing: str | None = None
     for label in kinds or list(MEMORY_KINDS):

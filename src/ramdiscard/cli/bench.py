@@ -29,6 +29,8 @@ BENCH_MODULES = [
     "ramdiscard.bench.guest",
     "ramdiscard.bench.migration",
 ]
+HELPER_MODULES = ["ramdiscard.bench.cfloor"]
+"""Modules of :mod:`ramdiscard.bench` that are no benchmark (shared machinery)."""
 
 
 def collect(quick: bool = False, only: list[str] | None = None) -> list[dict[str, Any]]:
