@@ -18,7 +18,8 @@ def test_every_bench_module_is_listed() -> None:
         for p in (SRC / "ramdiscard" / "bench").glob("*.py")
         if p.name != "__init__.py"
     }
-    assert found == set(bench.BENCH_MODULES)
+    assert found == set(bench.BENCH_MODULES) | set(bench.HELPER_MODULES)
+    assert not set(bench.BENCH_MODULES) & set(bench.HELPER_MODULES)
 
 
 def test_rows_without_group_get_their_area(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -26,11 +27,15 @@ def test_rows_without_group_get_their_area(monkeypatch: pytest.MonkeyPatch) -> N
         run=lambda quick: [
             {"name": "a", "ratio": 1.0},
             {"group": "own", "name": "b", "ratio": 2.0, "target": 3},
+            {"name": "c", "ours_ns": 500, "c_ns": 100, "vs": "C", "ratio": 5.0, "target": 1.25},
+            {"name": "d", "ours_ns": 100, "ns_per_run": 2000, "target_ns_per_run": 1500},
         ]
     )
     monkeypatch.setattr(bench, "BENCH_MODULES", ["ramdiscard.bench.fake"])
     monkeypatch.setattr(bench.importlib, "import_module", lambda name: fake)
     rows = bench.collect(quick=True)
-    assert [r["group"] for r in rows] == ["fake", "own"]
+    assert [r["group"] for r in rows] == ["fake", "own", "fake", "fake"]
     text = bench.render(rows, as_json=False)
-    assert "<= 3 ok" in text
+    assert "<= 3x raw ok" in text
+    assert "<= 1.25x C MISS" in text
+    assert "<= 1.5 µs/run MISS" in text

@@ -6,11 +6,20 @@ Rules:
   byte serialisation is the kernel's and QEMU's bitmap layout.
 * Range operations (set, clear, count, all-set, all-clear) touch only the words of the
   range: their cost grows with the range, never with the bitmap.
-* Run extraction finds bit transitions with numpy word operations
-  (``x ^ (x << 1 | carry)``), expands only the words that contain transitions, and walks
-  the bitmap in chunks, so it costs a word scan plus O(runs) and bounded memory even on a
-  2^28-bit map with 2^27 runs.
-* A popcount of the whole map is kept incrementally.
+* A summary level keeps the number of set bits of every group of 64 words (4096 bits).
+  Every range operation updates it in O(range): single words by their popcount change,
+  whole groups by assignment, the at most two partly covered groups of a long range by a
+  recount of the covered words. A popcount of the whole map is kept the same way.
+* Queries use the summary: ``count_range`` (hence ``all_set``/``all_clear``) costs the
+  words of the two end groups plus one entry per group in between.
+* Run extraction reads the summary first: a group whose count is 0 or full holds no
+  transition inside it, so only the words of mixed groups and of groups whose state
+  differs from the previous group's are examined. On those words it finds bit
+  transitions with numpy word operations (``x ^ (x << 1 | carry)``, the carry read from
+  the word before), expands only the words that contain transitions, and works in chunks
+  of candidate words, so all-set, all-clear and few-run maps cost a pass over the summary
+  (1/4096 of the map) plus O(runs), dense maps a word scan plus O(runs), with bounded
+  memory even on a 2^28-bit map with 2^27 runs.
 
 Storage: one ``array('Q')`` with a numpy view of the same memory. Single words (the head
 and tail of every range, all of a short range) are read and written through the array as
@@ -27,23 +36,37 @@ import numpy as np
 import numpy.typing as npt
 
 _ALL = (1 << 64) - 1
-_CHUNK_WORDS = 1 << 14
+GROUP_WORDS = 64
+"""Words per summary group."""
+GROUP_BITS = GROUP_WORDS * 64
+_CHUNK_GROUPS = 256
 _ONE = np.uint64(1)
 _SHIFT63 = np.uint64(63)
+_FEW_WORDS = 48
+"""Up to this many words with transitions are expanded in Python, beyond it by numpy."""
+_STATE = np.ones(GROUP_BITS + 1, dtype=np.uint8)
+_STATE[0], _STATE[GROUP_BITS] = 0, 2
+"""Group state by its count: 0 clear, 1 mixed, 2 full."""
 
 
 class Bitmap:
     """``nbits`` bits, all clear at creation."""
 
-    __slots__ = ("_arr", "_count", "_words", "nbits")
+    __slots__ = ("_arr", "_count", "_gc", "_gcount", "_last_cap", "_rows", "_words", "nbits")
 
     def __init__(self, nbits: int) -> None:
         if nbits < 0:
             raise ValueError(f"negative bitmap size {nbits}")
         self.nbits = nbits
-        self._arr = array("Q", bytes(8 * ((nbits + 63) // 64)))
+        ngroups = (nbits + GROUP_BITS - 1) // GROUP_BITS
+        # Words past the last bit (up to the end of the last group) stay zero.
+        self._arr = array("Q", bytes(8 * GROUP_WORDS * ngroups))
         self._words: npt.NDArray[np.uint64] = np.frombuffer(self._arr, dtype=np.uint64)
+        self._rows = self._words.reshape(ngroups, GROUP_WORDS)
         self._count = 0
+        self._gcount = array("H", bytes(2 * ngroups))
+        self._gc: npt.NDArray[np.uint16] = np.frombuffer(self._gcount, dtype=np.uint16)
+        self._last_cap = nbits - (ngroups - 1) * GROUP_BITS if ngroups else 0
 
     # -- serialisation ----------------------------------------------------------------
 
@@ -63,12 +86,18 @@ class Bitmap:
         if nbits % 64 and len(words) and int(words[-1]) >> (nbits % 64):
             raise ValueError("bitmap has bits set beyond its size")
         bm._words[:] = words
-        bm._count = int(np.bitwise_count(bm._words).sum())
+        bm._recount()
         return bm
+
+    def _recount(self) -> None:
+        """Rebuild the summary and the popcount from the words."""
+        self._gc[:] = np.bitwise_count(self._rows).sum(axis=1, dtype=np.uint16)
+        self._count = int(self._gc.sum(dtype=np.int64))
 
     def copy(self) -> Bitmap:
         other = Bitmap(self.nbits)
         other._words[:] = self._words
+        other._gc[:] = self._gc
         other._count = self._count
         return other
 
@@ -78,6 +107,12 @@ class Bitmap:
         return self.nbits == other.nbits and bool(np.array_equal(self._words, other._words))
 
     __hash__ = None  # type: ignore[assignment]
+
+    def group_counts(self) -> list[int]:
+        """The summary level: set bits per group of :data:`GROUP_BITS` bits (the last group
+        may be shorter). Always equal to a recount of the words."""
+        counts: list[int] = self._gc.tolist()
+        return counts
 
     # -- single bits and counts ----------------------------------------------------------
 
@@ -105,7 +140,19 @@ class Bitmap:
         total = (arr[ws] & _mask(start & 63, 64)).bit_count()
         total += (arr[we] & _mask(0, ((end - 1) & 63) + 1)).bit_count()
         if we > ws + 1:
-            total += int(np.bitwise_count(self._words[ws + 1 : we]).sum())
+            total += self._count_words(ws + 1, we)
+        return total
+
+    def _count_words(self, a: int, b: int) -> int:
+        """Set bits in words ``[a, b)``: whole groups from the summary, the rest counted."""
+        ga, gb = -(-a // GROUP_WORDS), b // GROUP_WORDS
+        if ga >= gb:
+            return int(np.bitwise_count(self._words[a:b]).sum())
+        total = int(self._gc[ga:gb].sum(dtype=np.int64))
+        if a < ga * GROUP_WORDS:
+            total += int(np.bitwise_count(self._words[a : ga * GROUP_WORDS]).sum())
+        if gb * GROUP_WORDS < b:
+            total += int(np.bitwise_count(self._words[gb * GROUP_WORDS : b]).sum())
         return total
 
     def all_set(self, start: int, end: int) -> bool:
@@ -117,41 +164,56 @@ class Bitmap:
     # -- range updates -----------------------------------------------------------------
 
     def set_range(self, start: int, end: int) -> None:
-        before = self.count_range(start, end)
-        self._apply(start, end, True)
-        self._count += (end - start) - before
+        self._update(start, end, True)
 
     def clear_range(self, start: int, end: int) -> None:
-        before = self.count_range(start, end)
-        self._apply(start, end, False)
-        self._count -= before
+        self._update(start, end, False)
 
     def clear_all(self) -> None:
         self._words[:] = 0
+        self._gc[:] = 0
         self._count = 0
 
-    def _apply(self, start: int, end: int, value: bool) -> None:
+    def _update(self, start: int, end: int, value: bool) -> None:
+        self._check(start, end)
         if start == end:
             return
-        arr = self._arr
         ws, we = start >> 6, (end - 1) >> 6
         if ws == we:
-            m = _mask(start & 63, ((end - 1) & 63) + 1)
-            w = arr[ws]
-            arr[ws] = (w | m) if value else (w & ~m & _ALL)
+            self._update_word(ws, _mask(start & 63, ((end - 1) & 63) + 1), value)
             return
-        head = _mask(start & 63, 64)
-        tail = _mask(0, ((end - 1) & 63) + 1)
-        if value:
-            arr[ws] |= head
-            arr[we] |= tail
-            if we > ws + 1:
-                self._words[ws + 1 : we] = _ALL
-        else:
-            arr[ws] &= ~head & _ALL
-            arr[we] &= ~tail & _ALL
-            if we > ws + 1:
-                self._words[ws + 1 : we] = 0
+        self._update_word(ws, _mask(start & 63, 64), value)
+        self._update_word(we, _mask(0, ((end - 1) & 63) + 1), value)
+        if we > ws + 1:
+            self._update_words(ws + 1, we, value)
+
+    def _update_word(self, i: int, mask: int, value: bool) -> None:
+        old = self._arr[i]
+        new = (old | mask) if value else (old & ~mask & _ALL)
+        if new != old:
+            delta = new.bit_count() - old.bit_count()
+            self._arr[i] = new
+            self._gcount[i >> 6] += delta
+            self._count += delta
+
+    def _update_words(self, a: int, b: int, value: bool) -> None:
+        """Words ``[a, b)`` to all ones or zeros, summary and popcount kept exact."""
+        words, gc = self._words, self._gc
+        fill = _ALL if value else 0
+        ga, gb = -(-a // GROUP_WORDS), b // GROUP_WORDS
+        pieces = [(a, b)] if ga > gb else [(a, ga * GROUP_WORDS), (gb * GROUP_WORDS, b)]
+        for x, y in pieces:
+            if x < y:
+                before = int(np.bitwise_count(words[x:y]).sum())
+                after = 64 * (y - x) if value else 0
+                self._gcount[x >> 6] += after - before
+                self._count += after - before
+        if ga < gb:
+            before = int(gc[ga:gb].sum(dtype=np.int64))
+            after = GROUP_BITS * (gb - ga) if value else 0
+            gc[ga:gb] = GROUP_BITS if value else 0
+            self._count += after - before
+        words[a:b] = fill
 
     # -- runs ---------------------------------------------------------------------------
 
@@ -159,56 +221,75 @@ class Bitmap:
         """Maximal runs ``(run_start, run_end)`` of bits equal to ``value`` inside
         ``[start, end)``, clipped to it, ascending."""
         self._check(start, end)
-        open_start: int | None = None
-        pos = start
-        while pos < end:
-            chunk_end = min(end, ((pos >> 6) + _CHUNK_WORDS) << 6)
-            starts, ends = self._chunk_runs(pos, chunk_end, value)
-            n = len(starts)
-            if n:
-                starts_l: list[int] = starts.tolist()
-                ends_l: list[int] = ends.tolist()
-                if open_start is not None:
-                    if starts_l[0] != pos:
-                        yield open_start, pos
-                    else:
-                        starts_l[0] = open_start
-                    open_start = None
-                if ends_l[-1] == chunk_end and chunk_end < end:
-                    open_start = starts_l.pop()
-                    ends_l.pop()
-                yield from zip(starts_l, ends_l, strict=True)
-            elif open_start is not None:
-                yield open_start, pos
-                open_start = None
-            pos = chunk_end
-        if open_start is not None:
+        if start == end:
+            return
+        inside = self.get(start) == value
+        open_start = start if inside else -1
+        for pl in self._transitions(start, end):
+            if open_start >= 0:
+                starts = [open_start, *pl[1::2]]
+                ends = pl[0::2]
+            else:
+                starts = pl[0::2]
+                ends = pl[1::2]
+            open_start = starts[-1] if len(starts) > len(ends) else -1
+            yield from zip(starts, ends)  # noqa: B905  (starts may hold one pending run)
+        if open_start >= 0:
             yield open_start, end
 
-    def _chunk_runs(
-        self, start: int, end: int, value: bool
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        w0, w1 = start >> 6, ((end - 1) >> 6) + 1
-        w = self._words[w0:w1]
-        if not value:
-            w = ~w
-        prev = np.empty_like(w)
-        prev[0] = 0
-        prev[1:] = w[:-1] >> _SHIFT63
-        trans = w ^ ((w << _ONE) | prev)
-        nz = np.flatnonzero(trans)
-        first_value = bool((int(w[(start >> 6) - w0]) >> (start & 63)) & 1)
-        if len(nz):
-            bits = np.unpackbits(trans[nz].view(np.uint8), bitorder="little").reshape(-1, 64)
-            rows, cols = np.nonzero(bits)
-            pos = (nz[rows].astype(np.int64) + w0) * 64 + cols
-            pos = pos[(pos > start) & (pos < end)]
-        else:
-            pos = np.empty(0, dtype=np.int64)
-        bounds = np.concatenate(([start], pos, [end])).astype(np.int64)
-        if first_value:
-            return bounds[0:-1:2], bounds[1::2]
-        return bounds[1:-1:2], bounds[2::2]
+    def _transitions(self, start: int, end: int) -> Iterator[list[int]]:
+        """Ascending positions ``p`` in ``(start, end)`` with ``bit[p] != bit[p - 1]``, in
+        non-empty lists of at most ``_CHUNK_GROUPS`` groups' worth of words each."""
+        g0, g1 = start // GROUP_BITS, (end - 1) // GROUP_BITS + 1
+        gc = self._gc[g0:g1]
+        state = _STATE[gc]
+        if g1 == len(self._gc) and self._last_cap != GROUP_BITS:
+            last = int(gc[-1])
+            state[-1] = 0 if last == 0 else (2 if last == self._last_cap else 1)
+        # Transitions lie only inside mixed groups or at the first bit of a group whose
+        # state differs from its predecessor's.
+        candidate = state == 1
+        candidate[1:] |= state[1:] != state[:-1]
+        groups = np.flatnonzero(candidate)
+        if not len(groups):
+            return
+        groups += g0
+        rows_of = self._rows
+        for c in range(0, len(groups), _CHUNK_GROUPS):
+            chunk = groups[c : c + _CHUNK_GROUPS]
+            first = int(chunk[0])
+            if int(chunk[-1]) - first + 1 == len(chunk):
+                rows = rows_of[first : first + len(chunk)]
+            else:
+                rows = rows_of[chunk]
+            # Words outside the range give positions outside (start, end): filtered below.
+            prev = np.empty_like(rows)
+            prev[:, 1:] = rows[:, :-1] >> _SHIFT63
+            prev[:, 0] = rows_of[chunk - 1, GROUP_WORDS - 1] >> _SHIFT63
+            if not first:
+                prev[0, 0] = 0
+            t = (rows ^ ((rows << _ONE) | prev)).ravel()
+            nz = np.flatnonzero(t)
+            if not len(nz):
+                continue
+            bases = (chunk[nz >> 6] << 12) + ((nz & 63) << 6)
+            if len(nz) <= _FEW_WORDS:
+                pl: list[int] = []
+                for x, base in zip(t[nz].tolist(), bases.tolist(), strict=True):
+                    while x:
+                        low = x & -x
+                        pl.append(base + low.bit_length() - 1)
+                        x ^= low
+                if pl[0] <= start or pl[-1] >= end:
+                    pl = [p for p in pl if start < p < end]
+            else:
+                bits = np.flatnonzero(np.unpackbits(t[nz].view(np.uint8), bitorder="little"))
+                pos = bases[bits >> 6] + (bits & 63)
+                if pos[0] <= start or pos[-1] >= end:
+                    pos = pos[(pos > start) & (pos < end)]
+                pl = pos.tolist()
+            if pl:
+                yield pl
 
 
 def _mask(lo: int, hi: int) -> int:
