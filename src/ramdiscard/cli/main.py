@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from ramdiscard import interrupts
+from ramdiscard.cli import extras
 from ramdiscard.errors import RamDiscardError
 from ramdiscard.units import format_size, parse_size
 
@@ -225,12 +226,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def needs(args: argparse.Namespace) -> list[str]:
+    """Import names of the ``cli`` extra the parsed command will use."""
+    cmd = args.command
+    if cmd == "demo":
+        return ["rich"] + ([] if args.no_plot else ["matplotlib"])
+    if cmd == "run":
+        return [] if args.check else ["rich"]
+    if cmd == "migrate":
+        return ["rich"]
+    if cmd == "bench":
+        return [] if args.json else ["rich"]
+    return []
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     restore_signals = interrupts.install()
     try:
+        extras.require(f"ramdiscard {args.command}", needs(args))
         return int(args.func(args))
+    except ModuleNotFoundError as exc:
+        hint = extras.hint_for(exc)
+        if hint is None:
+            raise
+        print(f"ramdiscard: error: {hint}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("ramdiscard: interrupted; everything released", file=sys.stderr)
         return 130
