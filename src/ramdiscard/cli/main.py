@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--dynamic-memslots", action="store_true", help="device with dynamic memslots")
     replay.add_argument("--memslot-limit", type=int, default=0, metavar="N", help="memslot limit (0: none)")
     replay.add_argument("--json", action="store_true", help="print the report as JSON")
+    replay.add_argument("--plot", metavar="FILE.png", help="also draw requested, plugged, usable region, "
+                        "pinned bytes and DMA mappings over the trace (needs the 'cli' extra)")  # fmt: skip
     replay.set_defaults(func=_replay)
 
     from ramdiscard.cli import migrate as migration_cli
@@ -235,6 +237,8 @@ def needs(args: argparse.Namespace) -> list[str]:
         return [] if args.check else ["rich"]
     if cmd == "migrate":
         return ["rich"]
+    if cmd == "replay":
+        return ["matplotlib"] if args.plot else []
     if cmd == "bench":
         return [] if args.json else ["rich"]
     return []

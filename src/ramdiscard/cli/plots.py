@@ -17,11 +17,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ramdiscard.fileio import create_output
+from ramdiscard.fileio import check_output, create_output
 from ramdiscard.units import GiB, format_size
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from ramdiscard.replay.trace import ReplayPoint
 
 # Colours per run, so "coordinated" looks the same in every panel.
 _COORD = "tab:green"
@@ -104,20 +106,22 @@ def replay_figure(points: Sequence[Mapping[str, Any]], *, title: str = "") -> Fi
     axes = fig.subplots(2, 2, sharex="col")
     t0 = points[0]["time"]
     xs = {"index": [p["index"] for p in points], "time": [p["time"] - t0 for p in points]}
+    # (key, label, colour, style, width): pinned often equals plugged, so it is dashed over a wide line
     sizes = (
-        ("requested", "requested", "0.5"),
-        ("plugged", "plugged", _PLUGGED),
-        ("usable_region", "usable region", "tab:purple"),
-        ("pinned", "pinned", "tab:orange"),
+        ("requested", "requested", "0.5", "-", 1.5),
+        ("plugged", "plugged", _PLUGGED, "-", 3.5),
+        ("usable_region", "usable region", "tab:purple", "-", 1.5),
+        ("pinned", "pinned", "tab:orange", "--", 1.5),
     )
     has = {k: any(p.get(k) is not None for p in points) for k in ("pinned", "dma_mappings")}
     for col, key in enumerate(("index", "time")):
         x = xs[key]
         top, bottom = axes[0][col], axes[1][col]
-        for series, label, colour in sizes:
+        for series, label, colour, style, width in sizes:
             if series in has and not has[series]:
                 continue
-            top.step(x, _gib([p.get(series) or 0 for p in points]), where="post", label=label, color=colour)
+            top.step(x, _gib([p.get(series) or 0 for p in points]), where="post", label=label, color=colour,
+                     linestyle=style, linewidth=width, alpha=0.6 if series == "plugged" else 1.0)  # fmt: skip
         if has["dma_mappings"]:
             bottom.step(x, [p.get("dma_mappings") or 0 for p in points], where="post", color="tab:orange",
                         label="DMA mappings")  # fmt: skip
@@ -148,8 +152,31 @@ def save_png(fig: Figure, path: str | Path, what: str) -> Path:
     ValueError if the directory does not exist, FileRefused/OSError from
     :func:`~ramdiscard.fileio.create_output`."""
     target = Path(path)
-    if not target.parent.exists():
-        raise ValueError(f"{what}: directory {str(target.parent)!r} does not exist")
+    check_plot_path(target, what)
     with create_output(target, what, durable=False) as f:
         fig.savefig(f, format="png", dpi=100)
     return target
+
+
+def check_plot_path(path: str | Path, what: str = "--plot") -> None:
+    """Refuse a plot path before any work: ValueError if its directory does not exist,
+    FileRefused if it may not be replaced (:func:`~ramdiscard.fileio.check_output`)."""
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise ValueError(f"{what}: directory {str(target.parent)!r} does not exist")
+    check_output(target, what)
+
+
+def replay_points(timeline: Sequence[ReplayPoint]) -> list[dict[str, Any]]:
+    """:attr:`ReplayReport.timeline <ramdiscard.replay.trace.ReplayReport.timeline>` as
+    the dicts :func:`replay_figure` takes."""
+    return [
+        {"index": p.index, "time": p.timestamp, "kind": p.kind, "requested": p.requested,
+         "plugged": p.plugged, "usable_region": p.usable_region, **p.extra}
+        for p in timeline
+    ]  # fmt: skip
+
+
+def write_replay_plot(timeline: Sequence[ReplayPoint], path: str | Path, *, title: str = "") -> Path:
+    """Draw a replay's timeline (:func:`replay_figure`) into the PNG ``path``."""
+    return save_png(replay_figure(replay_points(timeline), title=title), path, "--plot")
