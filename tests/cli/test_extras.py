@@ -73,6 +73,9 @@ def _blocked_cli(blocked: tuple[str, ...], *args: str) -> subprocess.CompletedPr
         (("rich",), ("demo", "--region-size", "128M", "--backend", "null", "--no-plot"), "rich"),
         (("rich",), ("run", "examples/small-vfio.toml"), "rich"),
         (("rich",), ("bench", "--quick", "--only", "nothing"), "rich"),
+        (("qemu",), ("top", "--qmp", "unix:/nonexistent/q.sock", "--once", "--json"), "qemu.qmp"),
+        (("matplotlib",), ("replay", "examples/traces/qemu-virtio-mem-trace-sample.log", "--plot", "r.png"),
+         "matplotlib"),
     ],
 )
 def test_missing_extra_gives_one_line_hint(

@@ -74,6 +74,12 @@ def _migrate(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _top(args: argparse.Namespace) -> int:
+    from ramdiscard.cli.top import run
+
+    return run(args)
+
+
 def _dump(args: argparse.Namespace) -> int:
     from ramdiscard.cli.run import run_dump
 
@@ -173,6 +179,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "pinned bytes and DMA mappings over the trace (needs the 'cli' extra)")  # fmt: skip
     replay.set_defaults(func=_replay)
 
+    from ramdiscard.cli import top as top_cli
+
+    top = sub.add_parser(
+        "top",
+        help="live view of a VM's virtio-mem devices over QMP (ramdiscard serve or QEMU)",
+        description="Connect to a QMP server (ramdiscard serve, or QEMU's -qmp) and show, refreshed "
+        "live, every virtio-mem device (requested, plugged, usable region, block size) and "
+        "MEMORY_DEVICE_SIZE_CHANGE events as they arrive; where the server offers "
+        "x-ramdiscard-status, also pinned bytes, DMA mappings, memslots and migration progress. "
+        "q or Ctrl-C quits. Needs the 'cli' extra.",
+    )
+    top_cli.build_parser(top)
+    top.set_defaults(func=_top)
+
     from ramdiscard.cli import migrate as migration_cli
     from ramdiscard.cli import serve as serve_cli
 
@@ -239,6 +259,8 @@ def needs(args: argparse.Namespace) -> list[str]:
         return ["rich"]
     if cmd == "replay":
         return ["matplotlib"] if args.plot else []
+    if cmd == "top":
+        return ["qemu.qmp"] + ([] if args.once and args.json else ["rich"])
     if cmd == "bench":
         return [] if args.json else ["rich"]
     return []
