@@ -23,12 +23,12 @@ import pytest
 
 from ramdiscard.units import MiB
 from tests.cli.test_cli import ENV, cli
+from tests.qmp.qemu_binary import find_qemu
 
 pytest.importorskip("qemu.qmp", reason="ramdiscard top needs the 'cli' extra (qemu.qmp)")
 pytest.importorskip("rich", reason="ramdiscard top needs the 'cli' extra (rich)")
 
 ROOT = Path(__file__).resolve().parents[2]
-QEMU_CACHE = "/var/cache/ramdiscard/qemu-10.0.2-vhostdev/bin/qemu-system-x86_64"
 FIRMWARE_DIRS = ("/usr/share/seabios", "/usr/share/qemu")
 SCENARIO = """
 name = "top"
@@ -218,18 +218,21 @@ def test_top_live_screen_follows_resizes_and_quits(
     assert "EXIT=0" in screen and "Traceback" not in screen
 
 
-def find_qemu() -> str | None:
-    for candidate in (os.environ.get("RAMDISCARD_QEMU"), QEMU_CACHE, shutil.which("qemu-system-x86_64")):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    return None
+def find_any_qemu() -> tuple[str | None, str]:
+    """The differential tests' QEMU (tests/qmp/qemu_binary.py), else one on PATH: top
+    needs only QMP, any version does."""
+    binary, why = find_qemu()
+    if binary is not None:
+        return str(binary), ""
+    on_path = shutil.which("qemu-system-x86_64")
+    return (on_path, "") if on_path else (None, f"{why}; no qemu-system-x86_64 on PATH either")
 
 
 @pytest.fixture
 def qemu(short_dir: Path) -> Iterator[str]:
-    binary = find_qemu()
+    binary, why = find_any_qemu()
     if binary is None:
-        pytest.skip(f"no QEMU: $RAMDISCARD_QEMU unset, {QEMU_CACHE} absent, no qemu-system-x86_64 on PATH")
+        pytest.skip(why)
     sock = str(short_dir / "qemu.sock")
     firmware = [arg for d in FIRMWARE_DIRS if os.path.isdir(d) for arg in ("-L", d)]
     proc = subprocess.Popen(
