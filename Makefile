@@ -11,7 +11,7 @@ FUZZ_SECONDS ?= 60
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[cli,test]'
 	touch $(STAMP)
 
 setup: $(STAMP)

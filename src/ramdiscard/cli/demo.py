@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from ramdiscard.consumers.dma import iouring_available
-from ramdiscard.fileio import create_output
 from ramdiscard.guest import Exchange
 from ramdiscard.machine import Machine, Scenario, StepResult, scenario_from_dict
 from ramdiscard.units import GiB, MiB, format_size
@@ -225,7 +224,7 @@ def run_demo(args: argparse.Namespace) -> int:
             )
     plot_path = None
     if not args.no_plot:
-        plot_path = write_plot(runs, args.plot)
+        plot_path = write_plot(runs, args.plot, backend)
     result = {
         "config": {
             "region_size": region,
@@ -326,42 +325,13 @@ def default_plot_path() -> Path:
     return (out if out.is_dir() else Path(".")) / "ramdiscard-demo.png"
 
 
-def write_plot(runs: list[Run], path: str | None) -> Path:
-    import matplotlib
+def write_plot(runs: list[Run], path: str | None, backend: str) -> Path:
+    """The comparison picture (:func:`ramdiscard.cli.plots.demo_figure`) at ``path``."""
+    from ramdiscard.cli.plots import demo_figure, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    target = Path(path) if path else default_plot_path()
-    if target.parent and not target.parent.exists():
-        raise ValueError(f"--plot: directory {str(target.parent)!r} does not exist")
-    fig, axes = plt.subplots(1, len(runs), figsize=(6.5 * len(runs), 4.5), sharey=True, squeeze=False)
-    for ax, run in zip(axes[0], runs, strict=True):
-        t = [p["t"] for p in run.timeline]
-        series = (("plugged", "plugged"), ("held", "held by the VM"), ("rss", "process RSS"),
-                  ("vm_pin", "VmPin"), ("vm_lck", "VmLck"))  # fmt: skip
-        for key, label in series:
-            if key == "held":  # measured at step ends only: markers, not a continuous line
-                pts = [(p["t"], p["held"] / GiB) for p in run.timeline if "held" in p]
-                ax.plot([x for x, _ in pts], [y for _, y in pts], "o", label=label + " (step ends)")
-                continue
-            ys = [p[key] / GiB for p in run.timeline]
-            if key == "vm_lck" and not any(ys):
-                continue
-            ax.step(t, ys, where="post", label=label)
-        ax.set_title(
-            ("coordinated" if run.coordinated else "uncoordinated")
-            + f" ({format_size(run.region_size)} region)"
-        )
-        ax.set_xlabel("time (s)")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper left")
-    axes[0][0].set_ylabel("GiB")
-    fig.suptitle("virtio-mem + DMA pinning: memory over time")
-    fig.tight_layout()
-    try:
-        with create_output(target, "--plot", durable=False) as f:
-            fig.savefig(f, format="png", dpi=100)
-    finally:
-        plt.close(fig)
-    return target
+    fig = demo_figure(
+        [{"name": r.name, "coordinated": r.coordinated, "region_size": r.region_size, "steps": r.steps}
+         for r in runs],
+        pin_key="vm_lck" if backend == "mlock" else "vm_pin",
+    )  # fmt: skip
+    return save_png(fig, path or default_plot_path(), "--plot")

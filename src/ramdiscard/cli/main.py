@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from ramdiscard import interrupts
+from ramdiscard.cli import extras
 from ramdiscard.errors import RamDiscardError
 from ramdiscard.units import format_size, parse_size
 
@@ -69,6 +70,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _migrate(args: argparse.Namespace) -> int:
     from ramdiscard.cli.migrate import run
+
+    return run(args)
+
+
+def _top(args: argparse.Namespace) -> int:
+    from ramdiscard.cli.top import run
 
     return run(args)
 
@@ -168,7 +175,23 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--dynamic-memslots", action="store_true", help="device with dynamic memslots")
     replay.add_argument("--memslot-limit", type=int, default=0, metavar="N", help="memslot limit (0: none)")
     replay.add_argument("--json", action="store_true", help="print the report as JSON")
+    replay.add_argument("--plot", metavar="FILE.png", help="also draw requested, plugged, usable region, "
+                        "pinned bytes and DMA mappings over the trace (needs the 'cli' extra)")  # fmt: skip
     replay.set_defaults(func=_replay)
+
+    from ramdiscard.cli import top as top_cli
+
+    top = sub.add_parser(
+        "top",
+        help="live view of a VM's virtio-mem devices over QMP (ramdiscard serve or QEMU)",
+        description="Connect to a QMP server (ramdiscard serve, or QEMU's -qmp) and show, refreshed "
+        "live, every virtio-mem device (requested, plugged, usable region, block size) and "
+        "MEMORY_DEVICE_SIZE_CHANGE events as they arrive; where the server offers "
+        "x-ramdiscard-status, also pinned bytes, DMA mappings, memslots and migration progress. "
+        "q or Ctrl-C quits. Needs the 'cli' extra.",
+    )
+    top_cli.build_parser(top)
+    top.set_defaults(func=_top)
 
     from ramdiscard.cli import migrate as migration_cli
     from ramdiscard.cli import serve as serve_cli
@@ -225,12 +248,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def needs(args: argparse.Namespace) -> list[str]:
+    """Import names of the ``cli`` extra the parsed command will use."""
+    cmd = args.command
+    if cmd == "demo":
+        return ["rich"] + ([] if args.no_plot else ["matplotlib"])
+    if cmd == "run":
+        return [] if args.check else ["rich"]
+    if cmd == "migrate":
+        return ["rich"]
+    if cmd == "replay":
+        return ["matplotlib"] if args.plot else []
+    if cmd == "top":
+        return ["qemu.qmp"] + ([] if args.once and args.json else ["rich"])
+    if cmd == "bench":
+        return [] if args.json else ["rich"]
+    return []
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     restore_signals = interrupts.install()
     try:
+        extras.require(f"ramdiscard {args.command}", needs(args))
         return int(args.func(args))
+    except ModuleNotFoundError as exc:
+        hint = extras.hint_for(exc)
+        if hint is None:
+            raise
+        print(f"ramdiscard: error: {hint}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("ramdiscard: interrupted; everything released", file=sys.stderr)
         return 130

@@ -13,6 +13,7 @@ import json
 from enum import IntEnum
 from typing import Any
 
+from ramdiscard.cli.plots import check_plot_path, write_replay_plot
 from ramdiscard.consumers.vfio.limits import RdmRange, smallest_granularity, worst_case_mappings
 from ramdiscard.machine import KvmConsumer, Machine, VfioConsumer, scenario_from_dict
 from ramdiscard.machine.scenario import ScenarioError
@@ -104,6 +105,8 @@ def run_replay(args: argparse.Namespace) -> int:
                 "address space); use --region-size"
             ) from None
         raise
+    if args.plot:
+        check_plot_path(args.plot)
     machine = Machine.from_scenario(sc)
     try:
         dev = machine.devices[dev_id]
@@ -113,8 +116,14 @@ def run_replay(args: argparse.Namespace) -> int:
             peak_memslots[0] = max(peak_memslots[0], dev.mapped_memslots)
 
         dev.add_size_change_notifier(on_size)
-        report = replay_trace(log, dev)
         vfio = next((c for c in machine.consumers if isinstance(c, VfioConsumer)), None)
+
+        def probe() -> dict[str, int | None]:
+            if vfio is None:
+                return {"pinned": None, "dma_mappings": None}
+            return {"pinned": vfio.container.mapped_bytes, "dma_mappings": vfio.container.mapping_count}
+
+        report = replay_trace(log, dev, probe=probe)
         kvm = next((c for c in machine.consumers if isinstance(c, KvmConsumer)), None)
         worst = worst_case_mappings([RdmRange(addr, region, block)], args.max_memslots)
         result: dict[str, Any] = {
@@ -155,6 +164,8 @@ def run_replay(args: argparse.Namespace) -> int:
         }
     finally:
         machine.close()
+    if args.plot:
+        result["plot"] = str(write_replay_plot(report.timeline, args.plot, title=f"{args.trace}: {dev_id}"))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -228,3 +239,5 @@ def _print(r: dict[str, Any]) -> None:
         print(f"peak KVM memslots: {ms['peak_kvm_memslots']}")
     for n in r["notes"]:
         print(f"note: {n}")
+    if r.get("plot"):
+        print(f"plot written to {r['plot']}")

@@ -34,9 +34,6 @@ def _row(res: StepResult) -> dict[str, Any]:
 
 
 def run_scenario(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     sc = load_scenario(args.scenario)
     if args.check:
         print(
@@ -44,6 +41,9 @@ def run_scenario(args: argparse.Namespace) -> int:
             f"{len(sc.steps)} step(s)"
         )
         return 0
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
     err = Console(stderr=True)
     rows: list[dict[str, Any]] = []
     machine = None

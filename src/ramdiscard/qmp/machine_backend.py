@@ -101,6 +101,7 @@ class MachineBackend:
         self._sock: socket.socket | None = None
         self._cancelled = False
         self._closed = False
+        self._migration: dict[str, Any] = {"status": "none"}
 
     def memory_devices(self) -> list[MemoryDeviceInfo]:
         with self.machine.lock:
@@ -170,7 +171,13 @@ class MachineBackend:
         devices = raw.pop("devices", {})
         out: dict[str, Any] = jsonable(raw)
         out["devices"] = [{"id": dev_id, **jsonable(info)} for dev_id, info in devices.items()]
+        with self._state:
+            out["migration"] = dict(self._migration)
         return out
+
+    def _on_progress(self, p: migration.Progress) -> None:
+        with self._state:
+            self._migration.update(transferred=p.bytes_done, total=p.bytes_total)
 
     def migrate(self, uri: str) -> dict[str, Any]:
         kind, _sep, rest = uri.partition(":")
@@ -183,6 +190,8 @@ class MachineBackend:
             if self._migrating:
                 raise QmpError("There's a migration process in progress")
             self._migrating, self._cancelled = True, False
+            self._migration = {"status": "active", "uri": uri[:256], "transferred": 0, "total": 0}
+        ok = False
         try:
             with self.machine.lock:
                 devices = list(self.machine.devices.values())
@@ -197,10 +206,12 @@ class MachineBackend:
                     timeout=self.migrate_timeout,
                     io_timeout=self.migrate_timeout,
                     on_socket=self._adopt_socket,
+                    progress=self._on_progress,
                 )
             else:
                 with create_output(rest, "migration file") as f:
-                    stats = migration.save(space, devices, f)
+                    stats = migration.save(space, devices, f, progress=self._on_progress)
+            ok = True
         except (OSError, migration.MigrationError) as exc:
             if self._cancelled:
                 raise QmpError("migration cancelled (migrate_cancel)") from exc
@@ -208,6 +219,7 @@ class MachineBackend:
         finally:
             with self._state:
                 self._migrating, self._sock = False, None
+                self._migration["status"] = "completed" if ok else "failed"
                 self._idle.notify_all()
         result: dict[str, Any] = jsonable(stats)
         return result

@@ -49,7 +49,7 @@ as mismatches.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -249,6 +249,24 @@ class Mismatch:
     replayed: object
 
 
+@dataclass(frozen=True, slots=True)
+class ReplayPoint:
+    """The device (and what ``probe`` measured) right after one replayed event."""
+
+    index: int
+    """Requests replayed so far (this one included for a request)."""
+    line: int
+    timestamp: float
+    """The logged event's timestamp (seconds)."""
+    kind: str
+    """"request", "resize" (a logged usable-region resize) or "reset" (system reset)."""
+    requested: int
+    plugged: int
+    usable_region: int
+    extra: Mapping[str, int | None] = field(default_factory=dict)
+    """What the ``probe`` of :func:`replay_trace` returned at that point."""
+
+
 @dataclass
 class ReplayReport:
     """What :func:`replay_trace` found. ``ok`` means no mismatch of any kind."""
@@ -269,15 +287,25 @@ class ReplayReport:
     """Requested sizes the replay set on the device, in order (see the module docstring)."""
     requested_size_inferred: list[tuple[int, int]] = field(default_factory=list)
     """(line, requested size) of each of those writes: the event that implied it."""
+    timeline: list[ReplayPoint] = field(default_factory=list)
+    """One point per replayed request, logged resize and system reset, in log order."""
 
     @property
     def ok(self) -> bool:
         return not self.mismatches
 
 
-def replay_trace(events: Iterable[TraceEvent] | TraceLog, device: VirtioMem) -> ReplayReport:
+def replay_trace(
+    events: Iterable[TraceEvent] | TraceLog,
+    device: VirtioMem,
+    *,
+    probe: Callable[[], Mapping[str, int | None]] | None = None,
+) -> ReplayReport:
     """Replay logged requests against ``device`` (freshly realized, same geometry as the
-    logged one) and compare the outcome with the log; see the module docstring."""
+    logged one) and compare the outcome with the log; see the module docstring.
+    ``probe`` (if given) is called after each event that adds a point to
+    :attr:`ReplayReport.timeline` (e.g. a consumer's pinned bytes); what it raises
+    propagates."""
     if isinstance(events, TraceLog):
         events = events.events
     evs = list(events)
@@ -291,7 +319,7 @@ def replay_trace(events: Iterable[TraceEvent] | TraceLog, device: VirtioMem) -> 
 
     device.add_host_discard_hook(hook)
     try:
-        _replay(evs, device, report)
+        _replay(evs, device, report, probe)
     finally:
         device.remove_host_discard_hook(hook)
     report.device_discards = recorded
@@ -333,8 +361,15 @@ def requested_sizes_for(device: VirtioMem, usable: int) -> tuple[int, int] | Non
 class _Replayer:
     """One pass over the events; see the module docstring for the inference rules."""
 
-    def __init__(self, evs: list[TraceEvent], device: VirtioMem, report: ReplayReport) -> None:
+    def __init__(
+        self,
+        evs: list[TraceEvent],
+        device: VirtioMem,
+        report: ReplayReport,
+        probe: Callable[[], Mapping[str, int | None]] | None = None,
+    ) -> None:
         self.evs = evs
+        self.probe = probe
         self.device = device
         self.report = report
         self.base: int | None = None
@@ -453,6 +488,7 @@ class _Replayer:
         report.requests += 1
         report.responses[resp.type.name] = report.responses.get(resp.type.name, 0) + 1
         report.plugged_sizes.append(dev.plugged_size)
+        self._point(ev, "request")
         self.pending.append((ev, resp, req.type))
 
     def _response(self, ev: SendResponse) -> None:
@@ -490,6 +526,7 @@ class _Replayer:
                 self._adopt_usable(resize)
             dev.system_reset()
             self.expected_plugged = 0
+            self._point(self.evs[i], "reset")
         self._flush(reason)
 
     def _resized(self, i: int, ev: ResizedUsableRegion) -> None:
@@ -500,17 +537,32 @@ class _Replayer:
             # Realize, or a requested-size write that did not shrink the usable region.
             self._adopt_usable(ev)
         report.usable_region_sizes.append(dev.usable_region_size)
+        self._point(ev, "resize")
         if dev.usable_region_size != ev.new_size:
             report.mismatches.append(
                 Mismatch(ev.line, "usable region size", ev.new_size, dev.usable_region_size)
             )
 
+    def _point(self, ev: TraceEvent, kind: str) -> None:
+        dev = self.device
+        self.report.timeline.append(
+            ReplayPoint(
+                self.report.requests, ev.line, ev.timestamp, kind, dev.requested_size, dev.plugged_size,
+                dev.usable_region_size, dict(self.probe()) if self.probe is not None else {},
+            )
+        )  # fmt: skip
+
     def _flush(self, skip_reason: str | None) -> None:
         _flush_discards(self.discards, self.base, self.report, skip_reason=skip_reason)
 
 
-def _replay(evs: list[TraceEvent], device: VirtioMem, report: ReplayReport) -> None:
-    _Replayer(evs, device, report).run()
+def _replay(
+    evs: list[TraceEvent],
+    device: VirtioMem,
+    report: ReplayReport,
+    probe: Callable[[], Mapping[str, int | None]] | None = None,
+) -> None:
+    _Replayer(evs, device, report, probe).run()
 
 
 def _flush_discards(
