@@ -41,6 +41,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from ramdiscard.errors import RamDiscardError
+
 if TYPE_CHECKING:
     from ramdiscard.consumers.dma.backend import PinHandle
 
@@ -164,13 +166,20 @@ class VirtqElement:
     response_capacity: int
 
 
+class VirtqueueError(RamDiscardError):
+    """Raised by :meth:`Virtqueue.pop` when the driver's ring itself is malformed (a
+    descriptor outside guest memory, a loop, a bad index): the device must treat it as a
+    protocol violation of the driver. Nothing was popped."""
+
+
 @runtime_checkable
 class Virtqueue(Protocol):
     """The device side of one virtqueue. Every element :meth:`pop` returns must be given
     back exactly once, by :meth:`push` or :meth:`detach`."""
 
     def pop(self) -> VirtqElement | None:
-        """The next available element, or None when the driver has made none available."""
+        """The next available element, or None when the driver has made none available.
+        Raises VirtqueueError when the driver's ring is malformed."""
 
     def push(self, element: VirtqElement, response: bytes) -> None:
         """Write ``response`` into the element's writable buffer and mark it used with
