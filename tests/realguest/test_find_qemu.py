@@ -46,3 +46,17 @@ def test_missing_names_the_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     message = str(info.value)
     assert "\n" not in message
     assert "scripts/build-qemu.sh" in message and "vhost-user-device-pci" in message
+
+
+def test_cli_guest_without_qemu_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ramdiscard.cli.main import main
+
+    monkeypatch.delenv("RAMDISCARD_QEMU", raising=False)
+    monkeypatch.setattr(qemu, "QEMU_CACHE_BINARY", tmp_path / "absent")
+    status = main(["guest", "--qmp", f"unix:{tmp_path / 'q.sock'}"])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert err.count("\n") == 1 and "scripts/build-qemu.sh" in err
+    assert not (tmp_path / "q.sock").exists()
