@@ -147,3 +147,12 @@ def test_vring_fd_nofd_bit() -> None:
         wire.decode_vring_fd(_msg(Request.SET_VRING_CALL, struct.pack("<Q", 0x100), (3,)))
     with pytest.raises(WireError, match="unknown bits"):
         wire.decode_vring_fd(_msg(Request.SET_VRING_CALL, struct.pack("<Q", 0x200)))
+
+
+def test_fds_go_to_the_last_message_of_a_coalesced_receive() -> None:
+    # Three messages arrive in one receive; the kernel delivers the descriptors of the
+    # last one (the chunk that carried them ends the receive).
+    stream = wire.encode(Request.SET_OWNER) + wire.encode(Request.SET_FEATURES, bytes(8))
+    stream += wire.encode(Request.SET_BACKEND_REQ_FD)
+    out = MessageDecoder().feed(stream, [9])
+    assert [m.fds for m in out] == [(), (), (9,)]

@@ -7,8 +7,9 @@ Rules:
   1 in bits 0-1 (anything else is refused), REPLY (bit 2), NEED_REPLY (bit 3); other bits
   must be zero.
 * :class:`MessageDecoder` is fed bytes and descriptors as they arrive and yields complete
-  :class:`Message`\\ s. Descriptors received while a message is incomplete belong to that
-  message (the frontend sends a message's descriptors with its first byte). A header with
+  :class:`Message`\\ s. Descriptors belong to the last message that starts (or
+  continues) in the chunk they came with: a frontend sends a message and its descriptors
+  in one sendmsg, and the kernel ends a receive right after a descriptor-carrying chunk. A header with
   a bad version, unknown flag bits or a payload larger than :data:`MAX_PAYLOAD` raises
   :class:`WireError`; the decoder is then unusable (the connection must be dropped) and
   every descriptor it still held is returned by :meth:`MessageDecoder.take_fds` so the
@@ -156,33 +157,56 @@ class MessageDecoder:
 
     def __init__(self) -> None:
         self._buf = bytearray()
-        self._fds: list[int] = []
+        self._base = 0  # stream offset of _buf[0]
+        self._fds: dict[int, list[int]] = {}  # message start offset -> its descriptors
         self._failed: WireError | None = None
+
+    def _last_start(self) -> int:
+        """Offset in the buffer of the last message that starts in it (the one a
+        descriptor-carrying receive ends in: the kernel ends a receive after such a chunk)."""
+        off = 0
+        while len(self._buf) - off >= HEADER_SIZE:
+            _r, _f, size = parse_header(self._buf[off:])
+            if off + HEADER_SIZE + size >= len(self._buf):
+                break
+            off += HEADER_SIZE + size
+        return off
 
     def feed(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> list[Message]:
         """Add received bytes and descriptors; returns the messages now complete.
 
-        Raises WireError for a malformed header (then and on every later call)."""
-        self._fds.extend(fds)
+        Descriptors belong to the last message that starts (or continues) in ``data``.
+        Raises WireError for a malformed header or more than MAX_FDS descriptors on one
+        message (then and on every later call)."""
         if self._failed is not None:
+            self._fds.setdefault(self._base, []).extend(fds)
             raise self._failed
         self._buf += data
         out: list[Message] = []
         try:
+            if fds:
+                try:
+                    key = self._base + self._last_start()
+                except WireError:
+                    self._fds.setdefault(self._base, []).extend(fds)
+                    raise
+                self._fds.setdefault(key, []).extend(fds)
             while len(self._buf) >= HEADER_SIZE:
                 request, flags, size = parse_header(self._buf)
                 if len(self._buf) < HEADER_SIZE + size:
                     break
-                if len(self._fds) > MAX_FDS:
-                    raise WireError(f"{len(self._fds)} descriptors with one message, at most {MAX_FDS}")
+                mine = self._fds.get(self._base, [])
+                if len(mine) > MAX_FDS:
+                    raise WireError(f"{len(mine)} descriptors with one message, at most {MAX_FDS}")
+                self._fds.pop(self._base, None)
                 payload = bytes(self._buf[HEADER_SIZE : HEADER_SIZE + size])
                 del self._buf[: HEADER_SIZE + size]
-                out.append(Message(request, flags, payload, tuple(self._fds)))
-                self._fds.clear()
+                self._base += HEADER_SIZE + size
+                out.append(Message(request, flags, payload, tuple(mine)))
         except WireError as exc:
             self._failed = exc
             for message in out:
-                self._fds[:0] = message.fds
+                self._fds.setdefault(self._base, []).extend(message.fds)
             raise
         return out
 
@@ -192,8 +216,9 @@ class MessageDecoder:
         return len(self._buf)
 
     def take_fds(self) -> list[int]:
-        """Descriptors held for an incomplete (or failed) message; the caller closes them."""
-        fds, self._fds = self._fds, []
+        """Descriptors held for incomplete (or failed) messages; the caller closes them."""
+        fds = [fd for key in sorted(self._fds) for fd in self._fds[key]]
+        self._fds = {}
         return fds
 
 
