@@ -105,6 +105,11 @@ def test_plug_through_the_ring_and_config_change(
     try:
         cfg = fe.call(Request.GET_CONFIG, struct.pack("<III", 0, 56, 0) + bytes(56))
         assert cfg[12:] == device.config_bytes()
+        os.eventfd_write(kick, 1)  # builds the ring with the first call descriptor
+        wait_for(lambda: server.ring_location() is not None, "the ring")
+        os.close(call)
+        call = os.eventfd(0, os.EFD_NONBLOCK)  # QEMU replaces it after enabling the ring
+        fe.send(Request.SET_VRING_CALL, struct.pack("<Q", 0), [call])
         inb = driver.add(0, MemRequest(RequestType.PLUG, ADDR, 4).pack(), 10)
         os.eventfd_write(kick, 1)
         wait_for(lambda: device.plugged_size == 8 * MiB, "the plug")

@@ -189,6 +189,7 @@ class RealGuest:
         self.trace = TraceRecorder()
         self.console: list[str] = []
         self.events: list[str] = []
+        self.vhost_messages: list[str] = []
         self._console_cv = threading.Condition()
         self._closers: list[Callable[[], None]] = []
         self._proc: subprocess.Popen[bytes] | None = None
@@ -232,7 +233,11 @@ class RealGuest:
         self.container.attach(self.space)
 
         self.server = VhostUserServer(
-            str(self.dir / "vhost.sock"), self.device, lock=self.lock, on_disconnect=self._frontend_gone
+            str(self.dir / "vhost.sock"),
+            self.device,
+            lock=self.lock,
+            on_disconnect=self._frontend_gone,
+            on_message=self.vhost_messages.append,
         )
         self._closers.append(self.server.close)
         orig_process = self.device.process_queue
@@ -253,7 +258,7 @@ class RealGuest:
         gib = self.region_size
         append = (
             f"console=ttyS0 memmap={gib // MiB}M${DEVICE_ADDR:#x} memhp_default_state=online_movable "
-            "panic=-1 loglevel=4"
+            "panic=-1 loglevel=7"
         )
         return [
             str(self.qemu),

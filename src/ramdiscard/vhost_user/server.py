@@ -428,7 +428,6 @@ class VhostUserServer:
                 try:
                     mem = s.memory
                     addr = vring.addr
-                    call = vring.call
                     vring.ring = SplitRing(
                         mem,
                         num=vring.num,
@@ -436,7 +435,7 @@ class VhostUserServer:
                         avail=mem.uva_to_gpa(addr.avail, 6 + 2 * vring.num),
                         used=mem.uva_to_gpa(addr.used, 6 + 8 * vring.num),
                         last_avail_idx=vring.base,
-                        signal=(lambda: _signal(call)) if call is not None else (lambda: None),
+                        signal=lambda: _signal(vring.call),
                     )
                 except RamDiscardError as exc:
                     if not self.device.broken:
@@ -450,6 +449,10 @@ class VhostUserServer:
                 log.warning("vhost-user: %s", exc)
 
 
-def _signal(fd: int) -> None:
+def _signal(fd: int | None) -> None:
+    """Signal an eventfd; the ring's call descriptor is looked up at signal time because
+    the frontend may replace it (SET_VRING_CALL) while the ring runs."""
+    if fd is None:
+        return
     with contextlib.suppress(OSError):
         os.write(fd, struct.pack("<Q", 1))
