@@ -198,8 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
         "virtio-mem device is served by this process over vhost-user, and serve ramdiscard's "
         "QMP for it until 'quit'. Needs the QEMU of scripts/build-qemu.sh (or $RAMDISCARD_QEMU).",
     )
-    guest.add_argument("--requested-size", type=size_arg, default=512 * 1024 * 1024, metavar="SIZE")
-    guest.add_argument("--region-size", type=size_arg, default=2 * 1024**3, metavar="SIZE")
+    guest.add_argument(
+        "--requested-size", type=size_arg, default=512 * 1024 * 1024, metavar="SIZE",
+        help="virtio-mem requested-size at boot (default 512M)",
+    )  # fmt: skip
+    guest.add_argument(
+        "--region-size", type=size_arg, default=2 * 1024**3, metavar="SIZE",
+        help="device region at GPA 4G, hidden from the guest's RAM by memmap= (default 2G)",
+    )  # fmt: skip
     guest.add_argument("--qmp", default="unix:ramdiscard-guest.qmp", help="QMP address (unix:PATH)")
     guest.add_argument("--console", action="store_true", help="echo the guest console to stderr")
     guest.add_argument("--trace", metavar="FILE", help="write the device event log (replayable) here")

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import selectors
+import select
 import socket
 import struct
 import threading
@@ -174,50 +174,50 @@ class VhostUserServer:
     # -- event loop ----------------------------------------------------------------------------
 
     def _run(self) -> None:
-        sel = selectors.DefaultSelector()
-        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-        sel.register(self._listener, selectors.EVENT_READ, "listen")
-        try:
-            while not self._stop:
-                for key, _ev in sel.select():
-                    what = key.data
-                    if what == "wake":
-                        return
-                    if what == "listen":
-                        conn, _addr = self._listener.accept()
-                        self._session = _Session(conn)
-                        self.connections += 1
-                        sel.unregister(self._listener)
-                        sel.register(conn, selectors.EVENT_READ, "conn")
-                    elif what == "conn":
-                        reason = self._receive()
-                        if reason is not None:
-                            self._forget_kick(sel)
-                            sel.unregister(key.fileobj)
-                            self._end_session(reason)
-                            sel.register(self._listener, selectors.EVENT_READ, "listen")
-                            break
-                    elif what == "kick":
-                        with contextlib.suppress(BlockingIOError, OSError):
-                            os.read(key.fd, 8)
-                        self._serve_queue()
-                self._sync_kick(sel)
-        finally:
-            sel.close()
+        # poll(2), not select(2): no FD_SETSIZE limit on descriptor numbers.
+        poller = select.poll()
+        watched: dict[int, str] = {}
 
-    def _sync_kick(self, sel: selectors.BaseSelector) -> None:
-        want = self._session.vring.kick if self._session is not None else None
-        current = [k.fd for k in sel.get_map().values() if k.data == "kick"]
-        for fd in current:
-            if fd != want:
-                sel.unregister(fd)
-        if want is not None and want not in current:
-            sel.register(want, selectors.EVENT_READ, "kick")
+        def watch(fd: int, what: str) -> None:
+            poller.register(fd, select.POLLIN)
+            watched[fd] = what
 
-    def _forget_kick(self, sel: selectors.BaseSelector) -> None:
-        for key in list(sel.get_map().values()):
-            if key.data == "kick":
-                sel.unregister(key.fd)
+        def unwatch(fd: int) -> None:
+            poller.unregister(fd)
+            del watched[fd]
+
+        watch(self._wake_r, "wake")
+        watch(self._listener.fileno(), "listen")
+        while not self._stop:
+            for fd, _ev in poller.poll():
+                what = watched.get(fd)
+                if what == "wake":
+                    return
+                if what == "listen":
+                    conn, _addr = self._listener.accept()
+                    self._session = _Session(conn)
+                    self.connections += 1
+                    unwatch(fd)
+                    watch(conn.fileno(), "conn")
+                elif what == "conn":
+                    reason = self._receive()
+                    if reason is not None:
+                        for other, kind in list(watched.items()):
+                            if kind in ("conn", "kick"):
+                                unwatch(other)
+                        self._end_session(reason)
+                        watch(self._listener.fileno(), "listen")
+                        break
+                elif what == "kick":
+                    with contextlib.suppress(BlockingIOError, OSError):
+                        os.read(fd, 8)
+                    self._serve_queue()
+            want = self._session.vring.kick if self._session is not None else None
+            for other, kind in list(watched.items()):
+                if kind == "kick" and other != want:
+                    unwatch(other)
+            if want is not None and want not in watched:
+                watch(want, "kick")
 
     def _receive(self) -> str | None:
         session = self._session
