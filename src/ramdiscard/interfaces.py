@@ -43,6 +43,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol, runtime_checkable
 
+from ramdiscard.errors import ProtocolViolation
+
 # -- 1. host memory ------------------------------------------------------------------------
 
 
@@ -185,13 +187,20 @@ class VirtqElement(NamedTuple):
     response_capacity: int
 
 
+class VirtqueueError(ProtocolViolation):
+    """Raised by :meth:`Virtqueue.pop` when the driver's ring itself is malformed (a
+    descriptor outside guest memory, a loop, a bad index): the device must treat it as a
+    protocol violation of the driver. Nothing was popped."""
+
+
 @runtime_checkable
 class Virtqueue(Protocol):
     """The device side of one virtqueue. Every element :meth:`pop` returns must be given
     back exactly once, by :meth:`push` or :meth:`detach`."""
 
     def pop(self) -> VirtqElement | None:
-        """The next available element, or None when the driver has made none available."""
+        """The next available element, or None when the driver has made none available.
+        Raises VirtqueueError when the driver's ring is malformed."""
 
     def push(self, element: VirtqElement, response: bytes) -> None:
         """Write ``response`` into the element's writable buffer and mark it used with

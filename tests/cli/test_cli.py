@@ -119,7 +119,7 @@ def test_bad_arguments_exit_nonzero_with_one_line(args: tuple[str, ...]) -> None
     assert lines[0].startswith("ramdiscard") and "Traceback" not in r.stderr
 
 
-COMMANDS = ("demo", "run", "replay", "bench", "serve", "top", "migrate", "dump")
+COMMANDS = ("demo", "run", "replay", "bench", "serve", "top", "guest", "migrate", "dump")
 
 
 def test_help_for_every_command() -> None:

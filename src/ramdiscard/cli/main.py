@@ -80,6 +80,12 @@ def _top(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _guest(args: argparse.Namespace) -> int:
+    from ramdiscard.cli.guest import run_guest
+
+    return run_guest(args)
+
+
 def _dump(args: argparse.Namespace) -> int:
     from ramdiscard.cli.run import run_dump
 
@@ -207,6 +213,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_cli.build_parser(serve)
     serve.set_defaults(func=_serve)
+
+    guest = sub.add_parser(
+        "guest",
+        help="boot a real Linux guest (QEMU, TCG) driving ramdiscard's virtio-mem over vhost-user",
+        description="Boot a stock Debian Linux guest under QEMU (software emulation) whose "
+        "virtio-mem device is served by this process over vhost-user, and serve ramdiscard's "
+        "QMP for it until 'quit'. Needs the QEMU of scripts/build-qemu.sh (or $RAMDISCARD_QEMU).",
+    )
+    guest.add_argument(
+        "--requested-size", type=size_arg, default=512 * 1024 * 1024, metavar="SIZE",
+        help="virtio-mem requested-size at boot (default 512M)",
+    )  # fmt: skip
+    guest.add_argument(
+        "--region-size", type=size_arg, default=2 * 1024**3, metavar="SIZE",
+        help="device region at GPA 4G, hidden from the guest's RAM by memmap= (default 2G)",
+    )  # fmt: skip
+    guest.add_argument("--qmp", default="unix:ramdiscard-guest.qmp", help="QMP address (unix:PATH)")
+    guest.add_argument("--console", action="store_true", help="echo the guest console to stderr")
+    guest.add_argument("--trace", metavar="FILE", help="write the device event log (replayable) here")
+    guest.set_defaults(func=_guest)
 
     migrate = sub.add_parser(
         "migrate",

@@ -14,6 +14,10 @@ Rules (virtio-mem.md §3.1; QEMU's ``virtio_mem_handle_request``):
   QEMU's ``virtio_error`` path), nothing else changes (no block state, no listener
   notification, no host memory effect), elements after it stay available, and
   ProtocolError propagates after the notification for the elements already answered.
+* A malformed ring (:class:`~ramdiscard.interfaces.VirtqueueError` from ``pop``) is a
+  violation too: the device becomes broken, nothing was popped, ProtocolError propagates.
+* A ring the transport finds malformed (:class:`~ramdiscard.interfaces.VirtqueueError`
+  from ``pop``) is a violation too: the device is broken, nothing was popped.
 * While the device is broken nothing is popped and DeviceBroken is raised (QEMU's
   ``virtqueue_pop`` returns nothing for a broken device).
 * Bytes of the request past the first 24 are ignored (D-*-1), as are response-buffer
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ramdiscard.interfaces import Virtqueue
+from ramdiscard.interfaces import Virtqueue, VirtqueueError
 from ramdiscard.providers.virtio_mem.wire import REQUEST_SIZE, RESPONSE_SIZE, DeviceBroken
 
 if TYPE_CHECKING:
@@ -42,7 +46,10 @@ def serve(device: VirtioMem, vq: Virtqueue) -> int:
     handle = device.handle_request
     try:
         while not device.broken:
-            element = vq.pop()
+            try:
+                element = vq.pop()
+            except VirtqueueError as exc:
+                raise device.protocol_violation(str(exc)) from exc
             if element is None:
                 return answered
             request = element.request

@@ -1,0 +1,73 @@
+"""``ramdiscard guest``: boot a real Linux guest whose virtio-mem device is ramdiscard's,
+and serve ramdiscard's QMP for it (qom-set requested-size, query-memory-devices,
+x-ramdiscard-status) until ``quit`` or Ctrl-C. The guest's console goes to stderr with
+``--console``; the device event log is written to ``--trace`` at the end (replayable with
+``ramdiscard replay``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from ramdiscard.providers.virtio_mem import VirtioMem
+
+
+class GuestMachine:
+    """A :class:`~ramdiscard.realguest.launcher.RealGuest` as the machine QMP serves."""
+
+    def __init__(self, guest: Any) -> None:
+        self.guest = guest
+        self.lock: threading.RLock = guest.lock
+        self.devices: dict[str, VirtioMem] = {"vmem0": guest.device}
+
+    @property
+    def space(self) -> Any:
+        return self.guest.space
+
+    def set_requested_size(self, dev_id: str, size: int) -> None:
+        if dev_id not in self.devices:
+            raise KeyError(dev_id)
+        self.guest.set_requested_size(size)
+
+    def status(self) -> dict[str, Any]:
+        s = self.guest.sizes() if self.guest.console else None
+        return {
+            "qemu_running": self.guest.qemu_running,
+            "guest_memtotal": s.guest_memtotal if s else None,
+            "vm_pin": s.vm_pin if s else None,
+            "memfd_resident": s.resident if s else None,
+            "devices": {
+                "vmem0": {
+                    "plugged_size": self.guest.device.plugged_size,
+                    "requested_size": self.guest.device.requested_size,
+                    "broken": self.guest.device.broken,
+                    "pinned_bytes": self.guest.dma.pinned_bytes,
+                }
+            },
+        }
+
+    def close(self) -> None:
+        self.guest.close()
+
+
+def run_guest(args: argparse.Namespace) -> int:
+    from ramdiscard.qmp import serve
+    from ramdiscard.realguest.launcher import RealGuest
+
+    def echo(line: str) -> None:
+        print(f"guest: {line}", file=sys.stderr, flush=True)
+
+    guest = RealGuest(
+        region_size=args.region_size,
+        requested_size=args.requested_size,
+        on_console=echo if args.console else None,
+    )
+    try:
+        return serve(GuestMachine(guest), args.qmp)
+    finally:
+        if args.trace:
+            Path(args.trace).write_text(guest.trace.text())
+        guest.close()
