@@ -13,7 +13,14 @@ PREFIX=${RAMDISCARD_QEMU_PREFIX:-/var/cache/ramdiscard/qemu-${QEMU_VERSION}-vhos
 BIN=$PREFIX/bin/qemu-system-x86_64
 JOBS=${JOBS:-$(nproc)}
 
-if [ -x "$BIN" ] && "$BIN" -device help 2>/dev/null | grep -q '"vhost-user-device-pci"'; then
+# What the build is made of; a cached binary built differently is rebuilt. NUMA policy
+# support is on as in Debian's own package (the differential QMP tests compare memory
+# backend properties such as policy and host-nodes with QEMU's answers).
+CONFIG="qemu ${QEMU_VERSION}; patch: vhost-user-device user_creatable; configure: x86_64-softmmu tcg vhost-user pixman fdt numa"
+STAMP=$PREFIX/build-config
+
+if [ -x "$BIN" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$CONFIG" ] &&
+    "$BIN" -device help 2>/dev/null | grep -q '"vhost-user-device-pci"'; then
     echo "build-qemu: $BIN already built"
     exit 0
 fi
@@ -38,7 +45,7 @@ apt-get -o DPkg::Lock::Timeout=900 update -q
 # Build dependencies (Debian packages), then run-time firmware: SeaBIOS and the option
 # ROMs (linuxboot_dma.bin, kvmvapic.bin) of qemu-system-data.
 apt-get -o DPkg::Lock::Timeout=900 install -y -q --no-install-recommends \
-    gcc g++ make pkg-config ninja-build libglib2.0-dev libpixman-1-dev libfdt-dev flex bison \
+    gcc g++ make pkg-config ninja-build libglib2.0-dev libpixman-1-dev libfdt-dev libnuma-dev flex bison \
     python3-venv dpkg-dev xz-utils bzip2 ca-certificates \
     seabios qemu-system-data
 
@@ -84,7 +91,7 @@ mkdir build
 cd build
 ../configure --prefix="$PREFIX" --python="$WORK/venv/bin/python3" \
     --target-list=x86_64-softmmu --without-default-features \
-    --enable-tcg --enable-vhost-user --enable-pixman --enable-fdt=system \
+    --enable-tcg --enable-vhost-user --enable-pixman --enable-fdt=system --enable-numa \
     --disable-docs --disable-install-blobs --disable-werror >configure.log 2>&1 || {
     tail -20 configure.log >&2
     echo "build-qemu: error: configure failed" >&2
@@ -111,4 +118,5 @@ mv -f "$BIN.tmp" "$BIN"
     echo "build-qemu: error: built binary does not offer vhost-user-device-pci" >&2
     exit 1
 }
+printf '%s\n' "$CONFIG" >"$STAMP"
 echo "build-qemu: installed $BIN"
