@@ -20,6 +20,16 @@ Rules (qemu-ram-discard §3.10, live-migration.md; format in ``docs/migration-fo
   says why): nothing can tell which pages changed, so round 1 is followed at once by the
   switchover, which resends every populated run (downtime = a full copy).
   :attr:`PrecopyStats.fallback` carries the reason.
+* Return path: a live destination acknowledges its read position (``AK`` + u64, at
+  most every :data:`ACK_INTERVAL` s while data arrives) ahead of its final status.
+  The source reads these between batches and while it throttles: when stream bytes
+  are outstanding and the acknowledged position has not moved for ``io_timeout``
+  seconds, the destination is stalled (it read nothing) and the migration fails, even
+  while the kernel's socket buffers could still absorb data (a throttled source would
+  otherwise notice only once both buffers are full).
+* Cancel (``cancel`` set, normally together with ``sock.shutdown``) is honoured within
+  one send call or :data:`CANCEL_POLL` s of a throttling pause, and always reported as
+  "migration cancelled".
 * On failure or cancel (``cancel`` set, the socket shut down, the destination refusing or
   stalling past the socket timeout) the guest is resumed, the trackers closed (memory
   unprotected) and the devices unfrozen: the source runs on as before. On success the
@@ -34,8 +44,10 @@ Rules (qemu-ram-discard §3.10, live-migration.md; format in ``docs/migration-fo
 
 from __future__ import annotations
 
+import errno
 import select
 import socket
+import struct
 import threading
 import time
 from bisect import bisect_left, bisect_right
@@ -85,6 +97,108 @@ BATCH_BYTES = 1 << 20
 BATCH_IOV = 512
 DEFAULT_DOWNTIME = 0.3
 DEFAULT_MAX_ROUNDS = 30
+ACK_INTERVAL = 0.05
+"""Seconds between two read-position acknowledgements of a live destination."""
+CANCEL_POLL = 0.05
+"""Longest throttling sleep between two looks at ``cancel`` and the return path."""
+_MSG = struct.Struct("<2sI")
+_POS = struct.Struct("<Q")
+
+
+class _ReturnPath:
+    """The source's reader of the destination's messages (``AK`` position acks, then
+    the ``OK``/``ER`` status), without blocking: :meth:`poll` takes what has arrived."""
+
+    def __init__(self, sock: socket.socket, io_timeout: float | None) -> None:
+        self.sock = sock
+        self.io_timeout = io_timeout
+        self._poll = select.poll()
+        self._poll.register(sock.fileno(), select.POLLIN)
+        self._buf = bytearray()
+        self.acked = 0
+        self.acks = 0
+        self.progress_at = time.monotonic()
+        self.status: bytes | None = None
+        """The raw status message (header and text) once one arrived."""
+        self.eof = False
+
+    def poll(self) -> None:
+        while self.status is None and not self.eof and self._poll.poll(0):
+            try:
+                data = self.sock.recv(65536, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN):
+                    self.eof = True
+                    return
+                raise
+            if not data:
+                self.eof = True
+                return
+            self._buf += data
+            self._parse()
+
+    def _parse(self) -> None:
+        while len(self._buf) >= _MSG.size and self.status is None:
+            code, length = _MSG.unpack_from(self._buf)
+            if code != b"AK":
+                whole = _MSG.size + (length if length <= 4096 else 0)
+                if len(self._buf) >= whole:
+                    self.status = bytes(self._buf[:whole])
+                return
+            if length != _POS.size:
+                raise StreamError(f"the destination sent a malformed acknowledgement (length {length})")
+            if len(self._buf) < _MSG.size + length:
+                return
+            (pos,) = _POS.unpack_from(self._buf, _MSG.size)
+            del self._buf[: _MSG.size + length]
+            self.acks += 1
+            if pos > self.acked:
+                self.acked = pos
+                self.progress_at = time.monotonic()
+
+    def sent(self, before: int) -> None:
+        """Stream bytes were sent; ``before`` is the stream position before them."""
+        if before <= self.acked:
+            self.progress_at = time.monotonic()  # nothing was outstanding: a silence starts now
+
+    def check_stall(self, position: int) -> None:
+        """Raise TimeoutError when bytes up to ``position`` are outstanding and the
+        destination acknowledged nothing for ``io_timeout`` seconds."""
+        if self.io_timeout is None or position <= self.acked:
+            return
+        if time.monotonic() - self.progress_at > self.io_timeout:
+            raise TimeoutError("the destination stopped reading")
+
+    def verdict(self, timeout: float | None) -> str | None:
+        """Wait (``timeout`` s) for the status; None for success, else its message."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.status is None and not self.eof:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if left is not None and left <= 0:
+                raise MigrationError(f"the destination sent no status within {timeout:g} s")
+            if self._poll.poll(None if left is None else int(left * 1000) + 1):
+                self.poll()
+        if self.status is None:
+            raise MigrationError("the destination closed the connection without a status")
+        return recv_status(_Replay(self.status))  # type: ignore[arg-type]
+
+
+class _Replay:
+    """Bytes already received, read back like a socket (for ``recv_status``)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = memoryview(data)
+
+    def gettimeout(self) -> float:
+        return 0.0
+
+    def recv_into(self, view: memoryview, n: int) -> int:
+        k = min(n, self.data.nbytes)
+        view[:k] = self.data[:k]
+        self.data = self.data[k:]
+        return k
 
 
 class GuestControl(Protocol):
@@ -144,16 +258,24 @@ def merge(a: Runs, b: Runs) -> Runs:
 
 class _Batcher:
     """Sends page sections with few ``sendmsg`` calls: headers and guest-memory views
-    go out as one iovec list (no copy in Python)."""
+    go out as one iovec list (no copy in Python). Before every send and while it
+    throttles it reads the return path (module rules: cancel, stall, early status)."""
 
-    def __init__(self, sock: socket.socket, stats: PrecopyStats, params: PrecopyParams) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        stats: PrecopyStats,
+        params: PrecopyParams,
+        cancel: threading.Event,
+        ret: _ReturnPath,
+    ) -> None:
         self.sock = sock
         self.stats = stats
         self.params = params
+        self.cancel = cancel
+        self.ret = ret
         self.bufs: list[bytes | memoryview] = []
         self.bytes = 0
-        self._poll = select.poll()
-        self._poll.register(sock.fileno(), select.POLLIN)
         self._t0 = time.perf_counter()
         self._sent = 0
         self.throttle = True
@@ -180,11 +302,20 @@ class _Batcher:
         if self.bytes >= BATCH_BYTES or len(self.bufs) >= BATCH_IOV:
             self.flush()
 
+    def check(self) -> None:
+        """Raise when cancelled, when the destination answered or hung up, or when it
+        stalled (module rules)."""
+        if self.cancel.is_set():
+            raise MigrationError("migration cancelled")
+        self.ret.poll()
+        if self.ret.status is not None or self.ret.eof:
+            raise PeerAnswered("the destination answered before the end of the stream")
+        self.ret.check_stall(self.stats.stream_bytes)
+
     def flush(self) -> None:
         if not self.bufs:
             return
-        if self._poll.poll(0):
-            raise PeerAnswered("the destination answered before the end of the stream")
+        self.check()
         bufs, total = self.bufs, self.bytes
         self.bufs, self.bytes, self._used = [], 0, 0
         limit = self.sock.gettimeout()
@@ -204,13 +335,15 @@ class _Batcher:
                 else:
                     bufs[0] = memoryview(first)[n:]
                     n = 0
+        before = self.stats.stream_bytes
         self.stats.stream_bytes += total
+        self.ret.sent(before)
         self._sent += total
-        limit = self.params.max_bandwidth
-        if limit and self.throttle:
-            ahead = self._sent / limit - (time.perf_counter() - self._t0)
-            if ahead > 0:
-                time.sleep(ahead)
+        rate = self.params.max_bandwidth
+        if rate and self.throttle:
+            while (ahead := self._sent / rate - (time.perf_counter() - self._t0)) > 0:
+                self.cancel.wait(min(ahead, CANCEL_POLL))
+                self.check()
 
 
 class _Region:
@@ -264,6 +397,7 @@ class PrecopySource:
         *,
         progress: ProgressFn | None = None,
         status_timeout: float | None = STATUS_TIMEOUT,
+        io_timeout: float | None = None,
     ) -> None:
         self.space = address_space
         self.devices = list(devices)
@@ -272,6 +406,8 @@ class PrecopySource:
         self.params = params or PrecopyParams()
         self.progress = progress
         self.status_timeout = status_timeout
+        self.io_timeout = io_timeout if io_timeout is not None else sock.gettimeout()
+        self.ret = _ReturnPath(sock, self.io_timeout)
         self.stats = PrecopyStats()
         self.cancel = threading.Event()
         self.algo = default_checksum()
@@ -326,7 +462,8 @@ class PrecopySource:
             for r in regions:
                 r.start_tracking()
         st.total_bytes = sum(n for r in regions for _s, n in r.runs)
-        out = _Batcher(self.sock, st, p)
+        ret = self.ret
+        out = _Batcher(self.sock, st, p, self.cancel, ret)
         flags = StreamFlags.LIVE
         out.add(encode_stream_header(flags, self.algo))
         for r in regions:
@@ -338,6 +475,7 @@ class PrecopySource:
                 self.counter.meta()
         st.setup_time = time.perf_counter() - t0
         st.status = "active"
+        self._report()
         dirty: list[Runs] = [list(r.runs) for r in regions]
         remaining = st.total_bytes
         best = remaining
@@ -387,7 +525,8 @@ class PrecopySource:
         out.flush()
         self.sock.shutdown(socket.SHUT_WR)
         self.sock.settimeout(self.status_timeout)
-        error = recv_status(self.sock)
+        error = ret.verdict(self.status_timeout)
+        self._check_cancel()
         if error is not None:
             raise MigrationError(f"the destination refused the migration: {error}")
         st.downtime = time.perf_counter() - t_down
@@ -421,27 +560,30 @@ def precopy_to(
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
         src = PrecopySource(
-            address_space, devices, sock, guest, params, progress=progress, status_timeout=timeout
-        )
+            address_space, devices, sock, guest, params, progress=progress, status_timeout=timeout,
+            io_timeout=io_timeout,
+        )  # fmt: skip
         if on_start is not None:
             on_start(src)
         try:
-            return src.run()
-        except PeerAnswered as exc:
-            sock.settimeout(timeout)
             try:
-                error = recv_status(sock)
-            except (MigrationError, OSError):
-                error = None
-            raise MigrationError(f"the destination refused the migration: {error or exc}") from exc
-        except TimeoutError:
-            raise MigrationError(
-                f"the destination read nothing for {io_timeout:g} s; migration abandoned"
-            ) from None
-        except OSError as exc:
+                return src.run()
+            except PeerAnswered as exc:
+                try:
+                    error = src.ret.verdict(timeout)
+                except (MigrationError, OSError):
+                    error = None
+                raise MigrationError(f"the destination refused the migration: {error or exc}") from exc
+            except TimeoutError:
+                raise MigrationError(
+                    f"the destination read nothing for {io_timeout:g} s; migration abandoned"
+                ) from None
+            except OSError as exc:
+                raise MigrationError(f"connection lost: {exc.strerror or exc}") from None
+        except MigrationError:
             if src.cancel.is_set():
                 raise MigrationError("migration cancelled") from None
-            raise MigrationError(f"migration cancelled or connection lost: {exc.strerror or exc}") from None
+            raise
 
 
 # -- destination ------------------------------------------------------------------------------
@@ -616,9 +758,12 @@ def receive_live(
         _tune(conn)
         if on_connection is not None:
             on_connection(conn)
+        reader = _CountingReader(conn)
+        acker = _Acker(conn, reader)
         try:
-            stats = load_live(address_space, devices, SocketReader(conn), on_round=on_round)
+            stats = load_live(address_space, devices, reader, on_round=on_round)
         except Exception as exc:
+            acker.close()
             try:
                 send_status(conn, str(exc) or type(exc).__name__)
                 if not isinstance(exc, ReadTimeout):
@@ -626,5 +771,56 @@ def receive_live(
             except OSError:
                 pass
             raise
+        acker.close()
         send_status(conn, None)
     return stats
+
+
+class _CountingReader(SocketReader):
+    """A SocketReader that counts what it has read (the acknowledged position)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock)
+        self.position = 0
+
+    def read_exact(self, view: memoryview, on_data: Callable[[int, int], None] | None = None) -> None:
+        if on_data is None:
+            super().read_exact(view)
+        else:
+
+            def landed(offset: int, length: int) -> None:
+                self.position += length
+                on_data(offset, length)
+
+            super().read_exact(view, landed)
+            return
+        self.position += view.nbytes
+
+
+class _Acker:
+    """Acknowledges the reader's position every :data:`ACK_INTERVAL` s while it moves
+    (a thread of its own: the acks go out whatever the loader is doing). :meth:`close`
+    stops it before the status is sent, so the two never interleave."""
+
+    def __init__(self, sock: socket.socket, reader: _CountingReader) -> None:
+        self.sock = sock
+        self.reader = reader
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ramdiscard-migrate-ack", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        last = 0
+        while not self._stop.wait(ACK_INTERVAL):
+            pos = self.reader.position
+            if pos == last:
+                continue
+            try:
+                self.sock.sendall(_MSG.pack(b"AK", _POS.size) + _POS.pack(pos))
+            except OSError:
+                return
+            last = pos
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
