@@ -250,3 +250,61 @@ def test_stall_cut_off_after_the_configured_silence(workdir: Path) -> None:
 
     with _deaf_destination() as port, _servers(workdir, ("src", ("--migrate-timeout", "2"))) as (s,):
         asyncio.run(asyncio.wait_for(drive(s, port), 120))
+
+
+async def _resize(qmp: QMPClient, size: int) -> None:
+    await qmp.execute("qom-set", {"path": "vm0", "property": "requested-size", "value": size})
+
+
+@pytest.mark.parametrize("resizable", [True, False], ids=["resize-during-precopy", "qemu-busy"])
+def test_resize_during_precopy(workdir: Path, resizable: bool) -> None:
+    async def drive(src_sock: str, dst_sock: str) -> None:
+        src, dst = await _client(src_sock), await _client(dst_sock)
+        await _until(src, "query-memory-devices", lambda d: _plugged(d) == PLUGGED)
+        await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+        port = int((await dst.execute("query-migrate"))["socket-address"][0]["port"])
+        caps = [{"capability": "x-ramdiscard-resize-during-migration", "state": resizable}]
+        await src.execute("migrate-set-capabilities", {"capabilities": caps})
+        # Throttled so that the precopy is still in its rounds while the guest resizes.
+        await src.execute("migrate-set-parameters", {"downtime-limit": 20, "max-bandwidth": 8 << 20})
+        await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        await _wait_status(src, ("active",), 30)
+        expected = PLUGGED
+        if resizable:
+            await _resize(src, PLUGGED + 64 * MiB)  # plugged blocks join the dirty set
+            await _until(src, "query-memory-devices", lambda d: _plugged(d) == PLUGGED + 64 * MiB, 30)
+            assert (await src.execute("query-migrate"))["status"] == "active"
+            await _resize(src, 32 * MiB)  # unplugged ones leave it, the destination discards them
+            await _until(src, "query-memory-devices", lambda d: _plugged(d) == 32 * MiB, 30)
+            assert (await src.execute("query-migrate"))["status"] == "active"
+            expected = 32 * MiB
+        else:
+            await _resize(src, 32 * MiB)  # refused (BUSY) until the migration ends
+        await src.execute("migrate-set-parameters", {"max-bandwidth": 0})
+        info = await _wait_status(src, ("completed", "failed", "cancelled"), 60)
+        assert info["status"] == "completed", info
+        assert _plugged(await src.execute("query-memory-devices")) == expected
+        await _until(dst, "query-status", lambda s: s["status"] == "paused")
+        if not resizable:
+            # The source refused to move (BUSY) throughout; the request travelled with
+            # the device state and the destination's guest follows it afterwards.
+            await _until(dst, "query-memory-devices", lambda d: _plugged(d) == 32 * MiB, 30)
+            for q in (src, dst):
+                await q.execute("quit")
+                with contextlib.suppress(Exception):
+                    await q.disconnect()
+            return
+        src_digest = await src.execute("x-ramdiscard-memory-digest")
+        dst_digest = await dst.execute("x-ramdiscard-memory-digest")
+        assert src_digest == dst_digest
+        dst_status = await dst.execute("x-ramdiscard-status")
+        assert dst_status["plugged"] == expected
+        assert dst_status["pinned"] == BOOT + expected
+        assert sum(n for _s, n in dst_digest["regions"][-1]["runs"]) == expected
+        for q in (src, dst):
+            await q.execute("quit")
+            with contextlib.suppress(Exception):
+                await q.disconnect()
+
+    with _servers(workdir, ("src", ()), ("dst", ("--incoming", "defer", "-S"))) as (s, d):
+        asyncio.run(asyncio.wait_for(drive(s, d), 150))

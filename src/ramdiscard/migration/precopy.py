@@ -5,6 +5,15 @@ Rules (qemu-ram-discard §3.10, live-migration.md; format in ``docs/migration-fo
 * The devices are frozen (plug/unplug answer BUSY, as QEMU's ``virtio_mem_is_busy``)
   from setup to the end, also on failure. The guest itself keeps writing until the
   switchover.
+* Beyond QEMU, with :attr:`PrecopyParams.allow_resize` and a ``guard`` (the lock every
+  plug and unplug holds, the machine lock): the devices are frozen only from the
+  switchover. A RamDiscardListener on each device keeps the source's populated runs
+  exact: a populated range joins them and is sent whole (and write-protected) in the
+  next round, a discarded one leaves them (never scanned or read again). Every guest
+  memory copy happens under ``guard``, clipped to the runs of that moment, so memory
+  discarded concurrently is never read. A round that follows a change starts with the
+  device's new state (DEVICE section): the destination discards what left the plugged
+  set and accepts pages for what joined it.
 * Dirty tracking per RAM region: a :class:`~ramdiscard.hostmem.uffd.WriteTracker`
   (userfaultfd WP_ASYNC) over the region; only the populated runs (the manager's
   ``replay_populated``, the whole region without a manager) are write-protected and
@@ -44,6 +53,7 @@ Rules (qemu-ram-discard §3.10, live-migration.md; format in ``docs/migration-fo
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import select
 import socket
@@ -52,10 +62,12 @@ import threading
 import time
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from ramdiscard.hostmem import uffd
+from ramdiscard.memory.section import MemoryRegionSection
 from ramdiscard.migration.busy import frozen
 from ramdiscard.migration.checksum import default as default_checksum
 from ramdiscard.migration.layout import RamRegion, collect_regions
@@ -84,6 +96,7 @@ from ramdiscard.migration.transport import (
     recv_status,
     send_status,
 )
+from ramdiscard.rdm.listener import RamDiscardListener
 
 if TYPE_CHECKING:
     from ramdiscard.memory import AddressSpace
@@ -216,6 +229,9 @@ class PrecopyParams:
     max_bandwidth: int = 0
     """Bytes per second on the wire during the live rounds (0: unlimited)."""
     max_rounds: int = DEFAULT_MAX_ROUNDS
+    allow_resize: bool = False
+    """Devices stay resizable during the live rounds (frozen only at the switchover);
+    needs the ``guard`` under which plug and unplug happen (module rules)."""
 
 
 @dataclass
@@ -293,6 +309,11 @@ class _Batcher:
         self._used += n
         return dst
 
+    def make_room(self, n: int) -> None:
+        """Flush now unless ``n`` more bytes fit the bounce buffer."""
+        if self._used + n > len(self._bounce):
+            self.flush()
+
     def add(self, header: bytes, data: memoryview | None = None) -> None:
         self.bufs.append(header)
         self.bytes += len(header)
@@ -346,12 +367,61 @@ class _Batcher:
                 self.check()
 
 
+class _PlugWatcher(RamDiscardListener):
+    """Follows a device's populated set for a resizable precopy (module rules)."""
+
+    double_discard_supported = True
+
+    def __init__(self) -> None:
+        self.plugged = Coverage()
+        self.fresh = Coverage()
+        self.changed = False
+        self.replaying = True
+
+    def notify_populate(self, section: MemoryRegionSection) -> None:
+        s = section.offset_within_region
+        self.plugged.add(s, s + section.size)
+        if not self.replaying:
+            self.fresh.add(s, s + section.size)
+            self.changed = True
+
+    def notify_discard(self, section: MemoryRegionSection) -> None:
+        s = section.offset_within_region
+        self.plugged.remove(s, s + section.size)
+        self.fresh.remove(s, s + section.size)
+        self.changed = True
+
+
 class _Region:
-    def __init__(self, region: RamRegion) -> None:
+    def __init__(self, region: RamRegion, watch: bool = False) -> None:
         self.region = region
         self.view = region.view
-        self.runs: Runs = region.populated_runs()
+        self.watcher: _PlugWatcher | None = None
+        if watch and region.device is not None:
+            self.watcher = _PlugWatcher()
+            region.device.register_listener(self.watcher, MemoryRegionSection(region.mr, 0, region.mr.size))
+            self.watcher.replaying = False
+            self.runs: Runs = self.watcher.plugged.runs()
+        else:
+            self.runs = region.populated_runs()
         self.tracker: uffd.WriteTracker | None = None
+
+    def clip(self, start: int, end: int) -> Runs:
+        """The parts of ``[start, end)`` populated now (call under the guard)."""
+        if self.watcher is None:
+            return [(start, end - start)]
+        return self.watcher.plugged.clip(start, end)
+
+    def take_fresh(self) -> Runs:
+        """Ranges populated since the last call, now write-protected (under the guard)."""
+        assert self.watcher is not None
+        fresh = self.watcher.fresh.runs()
+        self.watcher.fresh = Coverage()
+        self.runs = self.watcher.plugged.runs()
+        if self.tracker is not None:
+            for s, n in fresh:
+                self.tracker.protect(s, n)
+        return fresh
 
     def start_tracking(self) -> None:
         ram = self.region.mr.ram
@@ -371,6 +441,9 @@ class _Region:
         if self.tracker is not None:
             self.tracker.close()
             self.tracker = None
+        if self.watcher is not None and self.region.device is not None:
+            self.region.device.unregister_listener(self.watcher)
+            self.watcher = None
 
 
 def _tracking_problem(regions: list[_Region]) -> str | None:
@@ -398,8 +471,11 @@ class PrecopySource:
         progress: ProgressFn | None = None,
         status_timeout: float | None = STATUS_TIMEOUT,
         io_timeout: float | None = None,
+        guard: AbstractContextManager[object] | None = None,
     ) -> None:
         self.space = address_space
+        self.guard: AbstractContextManager[object] = guard if guard is not None else contextlib.nullcontext()
+        self.resizable = bool(params is not None and params.allow_resize and guard is not None)
         self.devices = list(devices)
         self.sock = sock
         self.guest = guest
@@ -413,6 +489,7 @@ class PrecopySource:
         self.algo = default_checksum()
         self.counter = Counter()
         self._paused = False
+        self._stack: contextlib.ExitStack | None = None
 
     def _check_cancel(self) -> None:
         if self.cancel.is_set():
@@ -425,13 +502,43 @@ class PrecopySource:
             end = s + n
             while s < end:
                 k = min(CHUNK, end - s)
-                data = out.copy(view[s : s + k]) if live else view[s : s + k]
-                out.add(page_header(index, s, data, self.algo), data)
-                self.counter.pages(k)
-                sent += k
+                if not live:
+                    parts = [(s, view[s : s + k])]
+                elif region.watcher is None:
+                    parts = [(s, out.copy(view[s : s + k]))]
+                else:
+                    out.make_room(k)  # no flush (network wait) while holding the guard
+                    with self.guard:  # no plug/unplug while we read (module rules)
+                        parts = [(a, out.copy(view[a : a + b])) for a, b in region.clip(s, s + k)]
+                for a, data in parts:
+                    out.add(page_header(index, a, data, self.algo), data)
+                    self.counter.pages(data.nbytes)
+                    sent += data.nbytes
                 s += k
             self._check_cancel()
         return sent
+
+    def _device_changes(self, out: _Batcher, regions: list[_Region], dirty: list[Runs]) -> list[Runs]:
+        """Under the guard: new DEVICE states for devices whose plugged set changed,
+        the newly plugged ranges added to the dirty runs, the rest clipped to the
+        plugged set."""
+        sections: list[bytes] = []
+        new: list[Runs] = []
+        with self.guard:
+            for r, d in zip(regions, dirty, strict=True):
+                w = r.watcher
+                if w is None or not w.changed:
+                    new.append(d)
+                    continue
+                w.changed = False
+                assert r.region.device is not None
+                sections.append(encode_device(r.region.index, r.region.device.save_state()))
+                kept = [c for a, b in d for c in w.plugged.clip(a, a + b)]
+                new.append(merge(kept, r.take_fresh()))
+        for sec in sections:  # sent outside the guard: a send may wait on the network
+            out.add(sec)
+            self.counter.meta()
+        return new
 
     def _report(self) -> None:
         if self.progress is not None:
@@ -441,13 +548,18 @@ class PrecopySource:
         st = self.stats
         t0 = time.perf_counter()
         try:
-            with frozen(self.devices):
-                regions = [_Region(r) for r in collect_regions(self.space, self.devices)]
+            with contextlib.ExitStack() as stack:
+                self._stack = stack
+                if not self.resizable:
+                    stack.enter_context(frozen(self.devices))
+                with self.guard:
+                    regions = [_Region(r, self.resizable) for r in collect_regions(self.space, self.devices)]
                 try:
                     return self._run(regions, t0)
                 finally:
-                    for r in regions:
-                        r.close()
+                    with self.guard:
+                        for r in regions:
+                            r.close()
         except BaseException:
             st.status = "failed" if not self.cancel.is_set() else "cancelled"
             if self._paused and self.guest is not None:
@@ -469,10 +581,13 @@ class PrecopySource:
         for r in regions:
             out.add(encode_region(r.region.info()))
             self.counter.meta()
-        for r in regions:
-            if r.region.device is not None:
-                out.add(encode_device(r.region.index, r.region.device.save_state()))
-                self.counter.meta()
+        with self.guard:
+            states = [
+                (r.region.index, r.region.device.save_state()) for r in regions if r.region.device is not None
+            ]
+        for index, state in states:
+            out.add(encode_device(index, state))
+            self.counter.meta()
         st.setup_time = time.perf_counter() - t0
         st.status = "active"
         self._report()
@@ -481,6 +596,8 @@ class PrecopySource:
         best = remaining
         while True:
             self._check_cancel()
+            if self.resizable:
+                dirty = self._device_changes(out, regions, dirty)
             st.rounds += 1
             t_round = time.perf_counter()
             sent = sum(self._send_runs(out, r, d, True) for r, d in zip(regions, dirty, strict=True))
@@ -511,6 +628,10 @@ class PrecopySource:
         if self.guest is not None:
             self.guest.pause()
             self._paused = True
+        if self.resizable and self._stack is not None:
+            with self.guard:  # a request in progress ends first
+                self._stack.enter_context(frozen(self.devices))
+            dirty = self._device_changes(out, regions, dirty)
         if st.fallback is None:
             dirty = [merge(d, r.scan()) for r, d in zip(regions, dirty, strict=True)]
         out.throttle = False
@@ -550,10 +671,12 @@ def precopy_to(
     timeout: float | None = STATUS_TIMEOUT,
     io_timeout: float = IO_TIMEOUT,
     on_start: Callable[[PrecopySource], None] | None = None,
+    guard: AbstractContextManager[object] | None = None,
 ) -> PrecopyStats:
     """Precopy to a destination listening on ``host:port`` (:func:`receive_live` there).
     ``on_start`` gets the source before anything is sent (``source.cancel.set()`` and
-    ``source.sock.shutdown`` cancel it). Raises MigrationError (the source runs on,
+    ``source.sock.shutdown`` cancel it). ``guard``: the lock of plug/unplug, for
+    ``params.allow_resize`` (module rules). Raises MigrationError (the source runs on,
     unchanged) or OSError for connection problems."""
     with socket.create_connection((host, port), timeout=timeout) as sock:
         sock.settimeout(io_timeout)
@@ -561,7 +684,7 @@ def precopy_to(
             sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
         src = PrecopySource(
             address_space, devices, sock, guest, params, progress=progress, status_timeout=timeout,
-            io_timeout=io_timeout,
+            io_timeout=io_timeout, guard=guard,
         )  # fmt: skip
         if on_start is not None:
             on_start(src)
@@ -619,6 +742,20 @@ class Coverage:
                 keep_e.append(e)
         self.starts[i:j] = keep_s
         self.ends[i:j] = keep_e
+
+    def runs(self) -> Runs:
+        return [(s, e - s) for s, e in zip(self.starts, self.ends, strict=True)]
+
+    def clip(self, start: int, end: int) -> Runs:
+        """The covered parts of ``[start, end)``, ascending."""
+        out: Runs = []
+        i = bisect_right(self.ends, start)
+        while i < len(self.starts) and self.starts[i] < end:
+            s, e = max(start, self.starts[i]), min(end, self.ends[i])
+            if s < e:
+                out.append((s, e - s))
+            i += 1
+        return out
 
     def covers(self, start: int, end: int) -> bool:
         i = bisect_right(self.starts, start) - 1
