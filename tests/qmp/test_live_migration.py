@@ -7,9 +7,11 @@ import asyncio
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -153,3 +155,156 @@ def test_precopy_between_processes_with_writer(workdir: Path) -> None:
 
     with _servers(workdir, ("src", ()), ("dst", ("--incoming", "defer", "-S"))) as (s, d):
         asyncio.run(asyncio.wait_for(drive(s, d), 120))
+
+
+@contextlib.contextmanager
+def _deaf_destination() -> Iterator[int]:
+    """A TCP peer that accepts connections and never reads from them."""
+    ls = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        ls.settimeout(0.1)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                held.append(ls.accept()[0])
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        yield ls.getsockname()[1]
+    finally:
+        stop.set()
+        t.join(10)
+        for c in held:
+            c.close()
+        ls.close()
+
+
+async def _source_intact(src: QMPClient) -> None:
+    """The source guest runs with its plugged memory and pins, and the device is no
+    longer frozen (a resize goes through)."""
+    assert (await src.execute("query-status"))["status"] == "running"
+    with pytest.raises(Exception, match="guest is running"):
+        await src.execute("x-ramdiscard-memory-digest")  # the writer still runs
+    status = await src.execute("x-ramdiscard-status")
+    assert status["plugged"] == PLUGGED
+    assert status["pinned"] == BOOT + PLUGGED
+    await src.execute("qom-set", {"path": "vm0", "property": "requested-size", "value": PLUGGED + 32 * MiB})
+    await _until(src, "query-memory-devices", lambda d: _plugged(d) == PLUGGED + 32 * MiB, 30)
+    status = await src.execute("x-ramdiscard-status")
+    assert status["pinned"] == BOOT + PLUGGED + 32 * MiB
+
+
+async def _wait_status(qmp: QMPClient, wanted: tuple[str, ...], bound: float) -> dict[str, Any]:
+    info: dict[str, Any] = await _until(qmp, "query-migrate", lambda m: m.get("status") in wanted, bound)
+    return info
+
+
+def test_cancel_against_a_destination_that_never_reads(workdir: Path) -> None:
+    # The source would only give up on its own after 60 s; throttled, the kernel's
+    # buffers take the stream for a long while before any send blocks.
+    async def drive(src_sock: str, port: int) -> None:
+        src = await _client(src_sock)
+        await _until(src, "query-memory-devices", lambda d: _plugged(d) == PLUGGED)
+        await src.execute("migrate-set-parameters", {"max-bandwidth": 1 << 20})
+        with src.listen(events := EventListener(("MIGRATION",))):
+            await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+            await _wait_status(src, ("active",), 30)
+            await asyncio.sleep(0.5)  # in flight: throttled sends into the deaf peer
+            await src.execute("migrate_cancel")
+            info = await _wait_status(src, ("cancelled", "failed", "completed"), 15)
+            statuses = []
+            while not statuses or statuses[-1] != info["status"]:
+                statuses.append((await asyncio.wait_for(events.get(), 10))["data"]["status"])
+        assert info["status"] == "cancelled", info
+        assert info["error-desc"] == "migration cancelled"
+        assert statuses == ["setup", "active", "cancelled"]
+        await _source_intact(src)
+        await src.execute("quit")
+        with contextlib.suppress(Exception):
+            await src.disconnect()
+
+    with _deaf_destination() as port, _servers(workdir, ("src", ("--migrate-timeout", "60"))) as (s,):
+        asyncio.run(asyncio.wait_for(drive(s, port), 120))
+
+
+def test_stall_cut_off_after_the_configured_silence(workdir: Path) -> None:
+    # 256 KiB/s: the socket buffers alone (several MiB) would hide the stall for
+    # tens of seconds; the destination's missing acknowledgements give it away.
+    async def drive(src_sock: str, port: int) -> None:
+        src = await _client(src_sock)
+        await _until(src, "query-memory-devices", lambda d: _plugged(d) == PLUGGED)
+        await src.execute("migrate-set-parameters", {"max-bandwidth": 256 << 10})
+        await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        info = await _wait_status(src, ("cancelled", "failed", "completed"), 15)
+        assert info["status"] == "failed", info
+        assert info["error-desc"] == "the destination read nothing for 2 s; migration abandoned"
+        # It did send: the stall was seen while data was outstanding, not before.
+        assert info["ram"]["transferred"] > 0
+        await _source_intact(src)
+        await src.execute("quit")
+        with contextlib.suppress(Exception):
+            await src.disconnect()
+
+    with _deaf_destination() as port, _servers(workdir, ("src", ("--migrate-timeout", "2"))) as (s,):
+        asyncio.run(asyncio.wait_for(drive(s, port), 120))
+
+
+async def _resize(qmp: QMPClient, size: int) -> None:
+    await qmp.execute("qom-set", {"path": "vm0", "property": "requested-size", "value": size})
+
+
+@pytest.mark.parametrize("resizable", [True, False], ids=["resize-during-precopy", "qemu-busy"])
+def test_resize_during_precopy(workdir: Path, resizable: bool) -> None:
+    async def drive(src_sock: str, dst_sock: str) -> None:
+        src, dst = await _client(src_sock), await _client(dst_sock)
+        await _until(src, "query-memory-devices", lambda d: _plugged(d) == PLUGGED)
+        await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+        port = int((await dst.execute("query-migrate"))["socket-address"][0]["port"])
+        caps = [{"capability": "x-ramdiscard-resize-during-migration", "state": resizable}]
+        await src.execute("migrate-set-capabilities", {"capabilities": caps})
+        # Throttled so that the precopy is still in its rounds while the guest resizes.
+        await src.execute("migrate-set-parameters", {"downtime-limit": 20, "max-bandwidth": 8 << 20})
+        await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        await _wait_status(src, ("active",), 30)
+        expected = PLUGGED
+        if resizable:
+            await _resize(src, PLUGGED + 64 * MiB)  # plugged blocks join the dirty set
+            await _until(src, "query-memory-devices", lambda d: _plugged(d) == PLUGGED + 64 * MiB, 30)
+            assert (await src.execute("query-migrate"))["status"] == "active"
+            await _resize(src, 32 * MiB)  # unplugged ones leave it, the destination discards them
+            await _until(src, "query-memory-devices", lambda d: _plugged(d) == 32 * MiB, 30)
+            assert (await src.execute("query-migrate"))["status"] == "active"
+            expected = 32 * MiB
+        else:
+            await _resize(src, 32 * MiB)  # refused (BUSY) until the migration ends
+        await src.execute("migrate-set-parameters", {"max-bandwidth": 0})
+        info = await _wait_status(src, ("completed", "failed", "cancelled"), 60)
+        assert info["status"] == "completed", info
+        assert _plugged(await src.execute("query-memory-devices")) == expected
+        await _until(dst, "query-status", lambda s: s["status"] == "paused")
+        if not resizable:
+            # The source refused to move (BUSY) throughout; the request travelled with
+            # the device state and the destination's guest follows it afterwards.
+            await _until(dst, "query-memory-devices", lambda d: _plugged(d) == 32 * MiB, 30)
+            for q in (src, dst):
+                await q.execute("quit")
+                with contextlib.suppress(Exception):
+                    await q.disconnect()
+            return
+        src_digest = await src.execute("x-ramdiscard-memory-digest")
+        dst_digest = await dst.execute("x-ramdiscard-memory-digest")
+        assert src_digest == dst_digest
+        dst_status = await dst.execute("x-ramdiscard-status")
+        assert dst_status["plugged"] == expected
+        assert dst_status["pinned"] == BOOT + expected
+        assert sum(n for _s, n in dst_digest["regions"][-1]["runs"]) == expected
+        for q in (src, dst):
+            await q.execute("quit")
+            with contextlib.suppress(Exception):
+                await q.disconnect()
+
+    with _servers(workdir, ("src", ()), ("dst", ("--incoming", "defer", "-S"))) as (s, d):
+        asyncio.run(asyncio.wait_for(drive(s, d), 150))

@@ -5,6 +5,15 @@ Rules (qemu-ram-discard §3.10, live-migration.md; format in ``docs/migration-fo
 * The devices are frozen (plug/unplug answer BUSY, as QEMU's ``virtio_mem_is_busy``)
   from setup to the end, also on failure. The guest itself keeps writing until the
   switchover.
+* Beyond QEMU, with :attr:`PrecopyParams.allow_resize` and a ``guard`` (the lock every
+  plug and unplug holds, the machine lock): the devices are frozen only from the
+  switchover. A RamDiscardListener on each device keeps the source's populated runs
+  exact: a populated range joins them and is sent whole (and write-protected) in the
+  next round, a discarded one leaves them (never scanned or read again). Every guest
+  memory copy happens under ``guard``, clipped to the runs of that moment, so memory
+  discarded concurrently is never read. A round that follows a change starts with the
+  device's new state (DEVICE section): the destination discards what left the plugged
+  set and accepts pages for what joined it.
 * Dirty tracking per RAM region: a :class:`~ramdiscard.hostmem.uffd.WriteTracker`
   (userfaultfd WP_ASYNC) over the region; only the populated runs (the manager's
   ``replay_populated``, the whole region without a manager) are write-protected and
@@ -20,6 +29,16 @@ Rules (qemu-ram-discard §3.10, live-migration.md; format in ``docs/migration-fo
   says why): nothing can tell which pages changed, so round 1 is followed at once by the
   switchover, which resends every populated run (downtime = a full copy).
   :attr:`PrecopyStats.fallback` carries the reason.
+* Return path: a live destination acknowledges its read position (``AK`` + u64, at
+  most every :data:`ACK_INTERVAL` s while data arrives) ahead of its final status.
+  The source reads these between batches and while it throttles: when stream bytes
+  are outstanding and the acknowledged position has not moved for ``io_timeout``
+  seconds, the destination is stalled (it read nothing) and the migration fails, even
+  while the kernel's socket buffers could still absorb data (a throttled source would
+  otherwise notice only once both buffers are full).
+* Cancel (``cancel`` set, normally together with ``sock.shutdown``) is honoured within
+  one send call or :data:`CANCEL_POLL` s of a throttling pause, and always reported as
+  "migration cancelled".
 * On failure or cancel (``cancel`` set, the socket shut down, the destination refusing or
   stalling past the socket timeout) the guest is resumed, the trackers closed (memory
   unprotected) and the devices unfrozen: the source runs on as before. On success the
@@ -34,16 +53,21 @@ Rules (qemu-ram-discard §3.10, live-migration.md; format in ``docs/migration-fo
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import select
 import socket
+import struct
 import threading
 import time
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from ramdiscard.hostmem import uffd
+from ramdiscard.memory.section import MemoryRegionSection
 from ramdiscard.migration.busy import frozen
 from ramdiscard.migration.checksum import default as default_checksum
 from ramdiscard.migration.layout import RamRegion, collect_regions
@@ -72,6 +96,7 @@ from ramdiscard.migration.transport import (
     recv_status,
     send_status,
 )
+from ramdiscard.rdm.listener import RamDiscardListener
 
 if TYPE_CHECKING:
     from ramdiscard.memory import AddressSpace
@@ -85,6 +110,108 @@ BATCH_BYTES = 1 << 20
 BATCH_IOV = 512
 DEFAULT_DOWNTIME = 0.3
 DEFAULT_MAX_ROUNDS = 30
+ACK_INTERVAL = 0.05
+"""Seconds between two read-position acknowledgements of a live destination."""
+CANCEL_POLL = 0.05
+"""Longest throttling sleep between two looks at ``cancel`` and the return path."""
+_MSG = struct.Struct("<2sI")
+_POS = struct.Struct("<Q")
+
+
+class _ReturnPath:
+    """The source's reader of the destination's messages (``AK`` position acks, then
+    the ``OK``/``ER`` status), without blocking: :meth:`poll` takes what has arrived."""
+
+    def __init__(self, sock: socket.socket, io_timeout: float | None) -> None:
+        self.sock = sock
+        self.io_timeout = io_timeout
+        self._poll = select.poll()
+        self._poll.register(sock.fileno(), select.POLLIN)
+        self._buf = bytearray()
+        self.acked = 0
+        self.acks = 0
+        self.progress_at = time.monotonic()
+        self.status: bytes | None = None
+        """The raw status message (header and text) once one arrived."""
+        self.eof = False
+
+    def poll(self) -> None:
+        while self.status is None and not self.eof and self._poll.poll(0):
+            try:
+                data = self.sock.recv(65536, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN):
+                    self.eof = True
+                    return
+                raise
+            if not data:
+                self.eof = True
+                return
+            self._buf += data
+            self._parse()
+
+    def _parse(self) -> None:
+        while len(self._buf) >= _MSG.size and self.status is None:
+            code, length = _MSG.unpack_from(self._buf)
+            if code != b"AK":
+                whole = _MSG.size + (length if length <= 4096 else 0)
+                if len(self._buf) >= whole:
+                    self.status = bytes(self._buf[:whole])
+                return
+            if length != _POS.size:
+                raise StreamError(f"the destination sent a malformed acknowledgement (length {length})")
+            if len(self._buf) < _MSG.size + length:
+                return
+            (pos,) = _POS.unpack_from(self._buf, _MSG.size)
+            del self._buf[: _MSG.size + length]
+            self.acks += 1
+            if pos > self.acked:
+                self.acked = pos
+                self.progress_at = time.monotonic()
+
+    def sent(self, before: int) -> None:
+        """Stream bytes were sent; ``before`` is the stream position before them."""
+        if before <= self.acked:
+            self.progress_at = time.monotonic()  # nothing was outstanding: a silence starts now
+
+    def check_stall(self, position: int) -> None:
+        """Raise TimeoutError when bytes up to ``position`` are outstanding and the
+        destination acknowledged nothing for ``io_timeout`` seconds."""
+        if self.io_timeout is None or position <= self.acked:
+            return
+        if time.monotonic() - self.progress_at > self.io_timeout:
+            raise TimeoutError("the destination stopped reading")
+
+    def verdict(self, timeout: float | None) -> str | None:
+        """Wait (``timeout`` s) for the status; None for success, else its message."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.status is None and not self.eof:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if left is not None and left <= 0:
+                raise MigrationError(f"the destination sent no status within {timeout:g} s")
+            if self._poll.poll(None if left is None else int(left * 1000) + 1):
+                self.poll()
+        if self.status is None:
+            raise MigrationError("the destination closed the connection without a status")
+        return recv_status(_Replay(self.status))  # type: ignore[arg-type]
+
+
+class _Replay:
+    """Bytes already received, read back like a socket (for ``recv_status``)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = memoryview(data)
+
+    def gettimeout(self) -> float:
+        return 0.0
+
+    def recv_into(self, view: memoryview, n: int) -> int:
+        k = min(n, self.data.nbytes)
+        view[:k] = self.data[:k]
+        self.data = self.data[k:]
+        return k
 
 
 class GuestControl(Protocol):
@@ -102,6 +229,9 @@ class PrecopyParams:
     max_bandwidth: int = 0
     """Bytes per second on the wire during the live rounds (0: unlimited)."""
     max_rounds: int = DEFAULT_MAX_ROUNDS
+    allow_resize: bool = False
+    """Devices stay resizable during the live rounds (frozen only at the switchover);
+    needs the ``guard`` under which plug and unplug happen (module rules)."""
 
 
 @dataclass
@@ -144,16 +274,24 @@ def merge(a: Runs, b: Runs) -> Runs:
 
 class _Batcher:
     """Sends page sections with few ``sendmsg`` calls: headers and guest-memory views
-    go out as one iovec list (no copy in Python)."""
+    go out as one iovec list (no copy in Python). Before every send and while it
+    throttles it reads the return path (module rules: cancel, stall, early status)."""
 
-    def __init__(self, sock: socket.socket, stats: PrecopyStats, params: PrecopyParams) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        stats: PrecopyStats,
+        params: PrecopyParams,
+        cancel: threading.Event,
+        ret: _ReturnPath,
+    ) -> None:
         self.sock = sock
         self.stats = stats
         self.params = params
+        self.cancel = cancel
+        self.ret = ret
         self.bufs: list[bytes | memoryview] = []
         self.bytes = 0
-        self._poll = select.poll()
-        self._poll.register(sock.fileno(), select.POLLIN)
         self._t0 = time.perf_counter()
         self._sent = 0
         self.throttle = True
@@ -171,6 +309,11 @@ class _Batcher:
         self._used += n
         return dst
 
+    def make_room(self, n: int) -> None:
+        """Flush now unless ``n`` more bytes fit the bounce buffer."""
+        if self._used + n > len(self._bounce):
+            self.flush()
+
     def add(self, header: bytes, data: memoryview | None = None) -> None:
         self.bufs.append(header)
         self.bytes += len(header)
@@ -180,11 +323,20 @@ class _Batcher:
         if self.bytes >= BATCH_BYTES or len(self.bufs) >= BATCH_IOV:
             self.flush()
 
+    def check(self) -> None:
+        """Raise when cancelled, when the destination answered or hung up, or when it
+        stalled (module rules)."""
+        if self.cancel.is_set():
+            raise MigrationError("migration cancelled")
+        self.ret.poll()
+        if self.ret.status is not None or self.ret.eof:
+            raise PeerAnswered("the destination answered before the end of the stream")
+        self.ret.check_stall(self.stats.stream_bytes)
+
     def flush(self) -> None:
         if not self.bufs:
             return
-        if self._poll.poll(0):
-            raise PeerAnswered("the destination answered before the end of the stream")
+        self.check()
         bufs, total = self.bufs, self.bytes
         self.bufs, self.bytes, self._used = [], 0, 0
         limit = self.sock.gettimeout()
@@ -204,21 +356,72 @@ class _Batcher:
                 else:
                     bufs[0] = memoryview(first)[n:]
                     n = 0
+        before = self.stats.stream_bytes
         self.stats.stream_bytes += total
+        self.ret.sent(before)
         self._sent += total
-        limit = self.params.max_bandwidth
-        if limit and self.throttle:
-            ahead = self._sent / limit - (time.perf_counter() - self._t0)
-            if ahead > 0:
-                time.sleep(ahead)
+        rate = self.params.max_bandwidth
+        if rate and self.throttle:
+            while (ahead := self._sent / rate - (time.perf_counter() - self._t0)) > 0:
+                self.cancel.wait(min(ahead, CANCEL_POLL))
+                self.check()
+
+
+class _PlugWatcher(RamDiscardListener):
+    """Follows a device's populated set for a resizable precopy (module rules)."""
+
+    double_discard_supported = True
+
+    def __init__(self) -> None:
+        self.plugged = Coverage()
+        self.fresh = Coverage()
+        self.changed = False
+        self.replaying = True
+
+    def notify_populate(self, section: MemoryRegionSection) -> None:
+        s = section.offset_within_region
+        self.plugged.add(s, s + section.size)
+        if not self.replaying:
+            self.fresh.add(s, s + section.size)
+            self.changed = True
+
+    def notify_discard(self, section: MemoryRegionSection) -> None:
+        s = section.offset_within_region
+        self.plugged.remove(s, s + section.size)
+        self.fresh.remove(s, s + section.size)
+        self.changed = True
 
 
 class _Region:
-    def __init__(self, region: RamRegion) -> None:
+    def __init__(self, region: RamRegion, watch: bool = False) -> None:
         self.region = region
         self.view = region.view
-        self.runs: Runs = region.populated_runs()
+        self.watcher: _PlugWatcher | None = None
+        if watch and region.device is not None:
+            self.watcher = _PlugWatcher()
+            region.device.register_listener(self.watcher, MemoryRegionSection(region.mr, 0, region.mr.size))
+            self.watcher.replaying = False
+            self.runs: Runs = self.watcher.plugged.runs()
+        else:
+            self.runs = region.populated_runs()
         self.tracker: uffd.WriteTracker | None = None
+
+    def clip(self, start: int, end: int) -> Runs:
+        """The parts of ``[start, end)`` populated now (call under the guard)."""
+        if self.watcher is None:
+            return [(start, end - start)]
+        return self.watcher.plugged.clip(start, end)
+
+    def take_fresh(self) -> Runs:
+        """Ranges populated since the last call, now write-protected (under the guard)."""
+        assert self.watcher is not None
+        fresh = self.watcher.fresh.runs()
+        self.watcher.fresh = Coverage()
+        self.runs = self.watcher.plugged.runs()
+        if self.tracker is not None:
+            for s, n in fresh:
+                self.tracker.protect(s, n)
+        return fresh
 
     def start_tracking(self) -> None:
         ram = self.region.mr.ram
@@ -238,6 +441,9 @@ class _Region:
         if self.tracker is not None:
             self.tracker.close()
             self.tracker = None
+        if self.watcher is not None and self.region.device is not None:
+            self.region.device.unregister_listener(self.watcher)
+            self.watcher = None
 
 
 def _tracking_problem(regions: list[_Region]) -> str | None:
@@ -264,19 +470,26 @@ class PrecopySource:
         *,
         progress: ProgressFn | None = None,
         status_timeout: float | None = STATUS_TIMEOUT,
+        io_timeout: float | None = None,
+        guard: AbstractContextManager[object] | None = None,
     ) -> None:
         self.space = address_space
+        self.guard: AbstractContextManager[object] = guard if guard is not None else contextlib.nullcontext()
+        self.resizable = bool(params is not None and params.allow_resize and guard is not None)
         self.devices = list(devices)
         self.sock = sock
         self.guest = guest
         self.params = params or PrecopyParams()
         self.progress = progress
         self.status_timeout = status_timeout
+        self.io_timeout = io_timeout if io_timeout is not None else sock.gettimeout()
+        self.ret = _ReturnPath(sock, self.io_timeout)
         self.stats = PrecopyStats()
         self.cancel = threading.Event()
         self.algo = default_checksum()
         self.counter = Counter()
         self._paused = False
+        self._stack: contextlib.ExitStack | None = None
 
     def _check_cancel(self) -> None:
         if self.cancel.is_set():
@@ -289,13 +502,43 @@ class PrecopySource:
             end = s + n
             while s < end:
                 k = min(CHUNK, end - s)
-                data = out.copy(view[s : s + k]) if live else view[s : s + k]
-                out.add(page_header(index, s, data, self.algo), data)
-                self.counter.pages(k)
-                sent += k
+                if not live:
+                    parts = [(s, view[s : s + k])]
+                elif region.watcher is None:
+                    parts = [(s, out.copy(view[s : s + k]))]
+                else:
+                    out.make_room(k)  # no flush (network wait) while holding the guard
+                    with self.guard:  # no plug/unplug while we read (module rules)
+                        parts = [(a, out.copy(view[a : a + b])) for a, b in region.clip(s, s + k)]
+                for a, data in parts:
+                    out.add(page_header(index, a, data, self.algo), data)
+                    self.counter.pages(data.nbytes)
+                    sent += data.nbytes
                 s += k
             self._check_cancel()
         return sent
+
+    def _device_changes(self, out: _Batcher, regions: list[_Region], dirty: list[Runs]) -> list[Runs]:
+        """Under the guard: new DEVICE states for devices whose plugged set changed,
+        the newly plugged ranges added to the dirty runs, the rest clipped to the
+        plugged set."""
+        sections: list[bytes] = []
+        new: list[Runs] = []
+        with self.guard:
+            for r, d in zip(regions, dirty, strict=True):
+                w = r.watcher
+                if w is None or not w.changed:
+                    new.append(d)
+                    continue
+                w.changed = False
+                assert r.region.device is not None
+                sections.append(encode_device(r.region.index, r.region.device.save_state()))
+                kept = [c for a, b in d for c in w.plugged.clip(a, a + b)]
+                new.append(merge(kept, r.take_fresh()))
+        for sec in sections:  # sent outside the guard: a send may wait on the network
+            out.add(sec)
+            self.counter.meta()
+        return new
 
     def _report(self) -> None:
         if self.progress is not None:
@@ -305,13 +548,18 @@ class PrecopySource:
         st = self.stats
         t0 = time.perf_counter()
         try:
-            with frozen(self.devices):
-                regions = [_Region(r) for r in collect_regions(self.space, self.devices)]
+            with contextlib.ExitStack() as stack:
+                self._stack = stack
+                if not self.resizable:
+                    stack.enter_context(frozen(self.devices))
+                with self.guard:
+                    regions = [_Region(r, self.resizable) for r in collect_regions(self.space, self.devices)]
                 try:
                     return self._run(regions, t0)
                 finally:
-                    for r in regions:
-                        r.close()
+                    with self.guard:
+                        for r in regions:
+                            r.close()
         except BaseException:
             st.status = "failed" if not self.cancel.is_set() else "cancelled"
             if self._paused and self.guest is not None:
@@ -326,23 +574,30 @@ class PrecopySource:
             for r in regions:
                 r.start_tracking()
         st.total_bytes = sum(n for r in regions for _s, n in r.runs)
-        out = _Batcher(self.sock, st, p)
+        ret = self.ret
+        out = _Batcher(self.sock, st, p, self.cancel, ret)
         flags = StreamFlags.LIVE
         out.add(encode_stream_header(flags, self.algo))
         for r in regions:
             out.add(encode_region(r.region.info()))
             self.counter.meta()
-        for r in regions:
-            if r.region.device is not None:
-                out.add(encode_device(r.region.index, r.region.device.save_state()))
-                self.counter.meta()
+        with self.guard:
+            states = [
+                (r.region.index, r.region.device.save_state()) for r in regions if r.region.device is not None
+            ]
+        for index, state in states:
+            out.add(encode_device(index, state))
+            self.counter.meta()
         st.setup_time = time.perf_counter() - t0
         st.status = "active"
+        self._report()
         dirty: list[Runs] = [list(r.runs) for r in regions]
         remaining = st.total_bytes
         best = remaining
         while True:
             self._check_cancel()
+            if self.resizable:
+                dirty = self._device_changes(out, regions, dirty)
             st.rounds += 1
             t_round = time.perf_counter()
             sent = sum(self._send_runs(out, r, d, True) for r, d in zip(regions, dirty, strict=True))
@@ -373,6 +628,10 @@ class PrecopySource:
         if self.guest is not None:
             self.guest.pause()
             self._paused = True
+        if self.resizable and self._stack is not None:
+            with self.guard:  # a request in progress ends first
+                self._stack.enter_context(frozen(self.devices))
+            dirty = self._device_changes(out, regions, dirty)
         if st.fallback is None:
             dirty = [merge(d, r.scan()) for r, d in zip(regions, dirty, strict=True)]
         out.throttle = False
@@ -387,7 +646,8 @@ class PrecopySource:
         out.flush()
         self.sock.shutdown(socket.SHUT_WR)
         self.sock.settimeout(self.status_timeout)
-        error = recv_status(self.sock)
+        error = ret.verdict(self.status_timeout)
+        self._check_cancel()
         if error is not None:
             raise MigrationError(f"the destination refused the migration: {error}")
         st.downtime = time.perf_counter() - t_down
@@ -411,37 +671,42 @@ def precopy_to(
     timeout: float | None = STATUS_TIMEOUT,
     io_timeout: float = IO_TIMEOUT,
     on_start: Callable[[PrecopySource], None] | None = None,
+    guard: AbstractContextManager[object] | None = None,
 ) -> PrecopyStats:
     """Precopy to a destination listening on ``host:port`` (:func:`receive_live` there).
     ``on_start`` gets the source before anything is sent (``source.cancel.set()`` and
-    ``source.sock.shutdown`` cancel it). Raises MigrationError (the source runs on,
+    ``source.sock.shutdown`` cancel it). ``guard``: the lock of plug/unplug, for
+    ``params.allow_resize`` (module rules). Raises MigrationError (the source runs on,
     unchanged) or OSError for connection problems."""
     with socket.create_connection((host, port), timeout=timeout) as sock:
         sock.settimeout(io_timeout)
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
         src = PrecopySource(
-            address_space, devices, sock, guest, params, progress=progress, status_timeout=timeout
-        )
+            address_space, devices, sock, guest, params, progress=progress, status_timeout=timeout,
+            io_timeout=io_timeout, guard=guard,
+        )  # fmt: skip
         if on_start is not None:
             on_start(src)
         try:
-            return src.run()
-        except PeerAnswered as exc:
-            sock.settimeout(timeout)
             try:
-                error = recv_status(sock)
-            except (MigrationError, OSError):
-                error = None
-            raise MigrationError(f"the destination refused the migration: {error or exc}") from exc
-        except TimeoutError:
-            raise MigrationError(
-                f"the destination read nothing for {io_timeout:g} s; migration abandoned"
-            ) from None
-        except OSError as exc:
+                return src.run()
+            except PeerAnswered as exc:
+                try:
+                    error = src.ret.verdict(timeout)
+                except (MigrationError, OSError):
+                    error = None
+                raise MigrationError(f"the destination refused the migration: {error or exc}") from exc
+            except TimeoutError:
+                raise MigrationError(
+                    f"the destination read nothing for {io_timeout:g} s; migration abandoned"
+                ) from None
+            except OSError as exc:
+                raise MigrationError(f"connection lost: {exc.strerror or exc}") from None
+        except MigrationError:
             if src.cancel.is_set():
                 raise MigrationError("migration cancelled") from None
-            raise MigrationError(f"migration cancelled or connection lost: {exc.strerror or exc}") from None
+            raise
 
 
 # -- destination ------------------------------------------------------------------------------
@@ -477,6 +742,20 @@ class Coverage:
                 keep_e.append(e)
         self.starts[i:j] = keep_s
         self.ends[i:j] = keep_e
+
+    def runs(self) -> Runs:
+        return [(s, e - s) for s, e in zip(self.starts, self.ends, strict=True)]
+
+    def clip(self, start: int, end: int) -> Runs:
+        """The covered parts of ``[start, end)``, ascending."""
+        out: Runs = []
+        i = bisect_right(self.ends, start)
+        while i < len(self.starts) and self.starts[i] < end:
+            s, e = max(start, self.starts[i]), min(end, self.ends[i])
+            if s < e:
+                out.append((s, e - s))
+            i += 1
+        return out
 
     def covers(self, start: int, end: int) -> bool:
         i = bisect_right(self.starts, start) - 1
@@ -616,9 +895,12 @@ def receive_live(
         _tune(conn)
         if on_connection is not None:
             on_connection(conn)
+        reader = _CountingReader(conn)
+        acker = _Acker(conn, reader)
         try:
-            stats = load_live(address_space, devices, SocketReader(conn), on_round=on_round)
+            stats = load_live(address_space, devices, reader, on_round=on_round)
         except Exception as exc:
+            acker.close()
             try:
                 send_status(conn, str(exc) or type(exc).__name__)
                 if not isinstance(exc, ReadTimeout):
@@ -626,5 +908,56 @@ def receive_live(
             except OSError:
                 pass
             raise
+        acker.close()
         send_status(conn, None)
     return stats
+
+
+class _CountingReader(SocketReader):
+    """A SocketReader that counts what it has read (the acknowledged position)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock)
+        self.position = 0
+
+    def read_exact(self, view: memoryview, on_data: Callable[[int, int], None] | None = None) -> None:
+        if on_data is None:
+            super().read_exact(view)
+        else:
+
+            def landed(offset: int, length: int) -> None:
+                self.position += length
+                on_data(offset, length)
+
+            super().read_exact(view, landed)
+            return
+        self.position += view.nbytes
+
+
+class _Acker:
+    """Acknowledges the reader's position every :data:`ACK_INTERVAL` s while it moves
+    (a thread of its own: the acks go out whatever the loader is doing). :meth:`close`
+    stops it before the status is sent, so the two never interleave."""
+
+    def __init__(self, sock: socket.socket, reader: _CountingReader) -> None:
+        self.sock = sock
+        self.reader = reader
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ramdiscard-migrate-ack", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        last = 0
+        while not self._stop.wait(ACK_INTERVAL):
+            pos = self.reader.position
+            if pos == last:
+                continue
+            try:
+                self.sock.sendall(_MSG.pack(b"AK", _POS.size) + _POS.pack(pos))
+            except OSError:
+                return
+            last = pos
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -7,7 +7,8 @@ Rules (QEMU qapi/migration.json shapes):
   sparse snapshot of the machine as it is}, which returns ``{}`` at once while the
   migration runs on a thread of its own; ``migrate-incoming`` {uri} (only when started
   with ``--incoming defer``); ``migrate-set-capabilities``; ``migrate-set-parameters``
-  (``downtime-limit`` ms, ``max-bandwidth`` bytes/s); ``query-migrate``,
+  (``downtime-limit`` ms, ``max-bandwidth`` bytes/s, also applied to a running
+  migration); ``query-migrate``,
   ``query-migrate-capabilities``, ``query-migrate-parameters``; ``migrate_cancel``;
   ``x-ramdiscard-memory-digest``. It keeps the run state (``run_state``, adding
   ``inmigrate`` and ``postmigrate``) that the dispatcher's ``query-status``, ``stop`` and
@@ -18,6 +19,10 @@ Rules (QEMU qapi/migration.json shapes):
   failure or cancel the guest runs on with its memory, pins and plugged state intact.
   Destination: run state ``inmigrate`` until the stream is loaded, then the guest
   starts (``running``), or stays ``paused`` when the server was started paused.
+* Capability ``x-ramdiscard-resize-during-migration`` (on by default, beyond QEMU):
+  during the precopy rounds ``qom-set requested-size`` takes effect on the source (the
+  guest plugs and unplugs; the destination follows); off, the devices answer BUSY from
+  setup to the end as in QEMU.
 * Capabilities ``postcopy-ram``, ``postcopy-preempt`` and ``background-snapshot`` are
   known but not implemented here: ``migrate`` with one of them set is refused with a
   one-line error, changing nothing.
@@ -45,7 +50,8 @@ from ramdiscard.qmp.events import QmpEvent
 from ramdiscard.qmp.machine_backend import MachineBackend, MachineLike
 from ramdiscard.qmp.protocol import QmpError
 
-CAPABILITIES = ("postcopy-ram", "postcopy-preempt", "background-snapshot", "mapped-ram")
+RESIZE_CAP = "x-ramdiscard-resize-during-migration"
+CAPABILITIES = ("postcopy-ram", "postcopy-preempt", "background-snapshot", "mapped-ram", RESIZE_CAP)
 UNSUPPORTED = ("postcopy-ram", "postcopy-preempt", "background-snapshot")
 PAGE = 4096
 
@@ -82,6 +88,7 @@ class LiveMachineBackend(MachineBackend):
     ) -> None:
         super().__init__(machine, migrate_timeout=migrate_timeout)
         self.caps = dict.fromkeys(CAPABILITIES, False)
+        self.caps[RESIZE_CAP] = True
         self.params = {"downtime-limit": 300, "max-bandwidth": 0}
         self.mstatus = "none"
         self.run_state = "inmigrate" if incoming else "running"
@@ -179,7 +186,9 @@ class LiveMachineBackend(MachineBackend):
             devices = list(m.devices.values())
             space = m.space
         params = PrecopyParams(
-            downtime_limit=self.params["downtime-limit"] / 1000.0, max_bandwidth=self.params["max-bandwidth"]
+            downtime_limit=self.params["downtime-limit"] / 1000.0,
+            max_bandwidth=self.params["max-bandwidth"],
+            allow_resize=self.caps[RESIZE_CAP],
         )
         seen = [0]
 
@@ -203,7 +212,7 @@ class LiveMachineBackend(MachineBackend):
             self.stats = precopy_to(
                 host.strip("[]"), int(port), space, devices, _Guest(m), params,
                 progress=progress, timeout=self.migrate_timeout, io_timeout=self.migrate_timeout,
-                on_start=started,
+                on_start=started, guard=m.lock,
             )  # fmt: skip
             ok = True
             self.run_state = "postmigrate"
@@ -266,6 +275,10 @@ class LiveMachineBackend(MachineBackend):
                     raise QmpError(f"Parameter '{key}' expects an integer in the range of 0 to {limit}")
                 new[key] = v
         self.params = new
+        src = self._source
+        if src is not None:  # QEMU applies both to a running migration too
+            src.params.downtime_limit = new["downtime-limit"] / 1000.0
+            src.params.max_bandwidth = new["max-bandwidth"]
         return {}
 
     def query_migrate(self) -> dict[str, Any]:
