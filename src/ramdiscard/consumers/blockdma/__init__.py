@@ -12,7 +12,7 @@ from ramdiscard.consumers.blockdma.consumer import BlockDmaConsumer, make_consum
 from ramdiscard.consumers.blockdma.errors import IovaExhausted
 from ramdiscard.consumers.blockdma.iova import IovaAllocator
 from ramdiscard.consumers.blockdma.mapper import RamBlockDmaMapper
-from ramdiscard.consumers.dma import make_backend  # where it lives now; kept for callers of blockdma
+from ramdiscard.consumers.dma import make_backend  # the consumer's backend factory, by scenario name
 
 __all__ = [
     "BlockDmaConsumer",

@@ -45,7 +45,6 @@ _IORING_FEAT_SINGLE_MMAP = 1 << 0
 _IORING_ENTER_GETEVENTS = 1 << 0
 _IORING_REGISTER_BUFFERS2 = 15
 _IORING_REGISTER_BUFFERS_UPDATE = 16
-_IORING_UNREGISTER_BUFFERS = 1
 _IORING_RSRC_REGISTER_SPARSE = 1 << 0
 _IORING_OP_WRITE_FIXED = 5
 _SQE = struct.Struct("<BBHiQQIIQHHiQQ")  # struct io_uring_sqe, 64 bytes
@@ -252,20 +251,6 @@ class RawRing:
         if ret < 0:
             _check(ret, f"io_uring_register(BUFFERS_UPDATE, slots [{first_slot}, +{count}))")
         return ret
-
-    def unregister_all(self) -> None:
-        """Drop the whole buffer table (every slot unpinned)."""
-        _check(
-            _syscall(
-                ctypes.c_long(_NR_IO_URING_REGISTER),
-                ctypes.c_long(self.fd),
-                ctypes.c_long(_IORING_UNREGISTER_BUFFERS),
-                ctypes.c_void_p(0),
-                ctypes.c_long(0),
-            ),
-            "io_uring_register(UNREGISTER_BUFFERS)",
-        )
-        self.slots = 0
 
     def write_fixed(self, slot: int, address: int, length: int, fd: int, file_offset: int) -> int:
         """Write ``length`` bytes from registered buffer ``slot`` (starting at host
