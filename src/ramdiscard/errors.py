@@ -54,10 +54,12 @@ class ResourceExhausted(RamDiscardError):
 
 
 class HostError(RamDiscardError, OSError):
-    """The host refused an operation; ``errno`` is the kernel's error number."""
+    """The host refused an operation or lacks a facility; ``errno`` is the kernel's error
+    number when one applies (``HostError(errno, message)``), else None
+    (``HostError(message)``)."""
 
-    def __init__(self, errno: int, message: str) -> None:
-        OSError.__init__(self, errno, message)
+    def __init__(self, *args: object) -> None:
+        OSError.__init__(self, *args)
 
 
 class ProtocolViolation(RamDiscardError):
@@ -92,3 +94,6 @@ class HostMemoryError(HostError):
 
     ``errno`` is the kernel's error number; the message names the operation and the range.
     """
+
+    def __init__(self, errno: int, message: str) -> None:
+        OSError.__init__(self, errno, message)

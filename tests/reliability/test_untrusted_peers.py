@@ -149,7 +149,7 @@ def test_receiver_times_out_and_pins_nothing_ahead_of_the_data(tmp_path: Path) -
 
 
 def test_receiver_timeout_leaves_the_destination_fresh(tmp_path: Path) -> None:
-    from ramdiscard.migration.transport import receive_from
+    from ramdiscard.migration.tcp import receive_from
 
     scenario = _scenario(tmp_path)
     prefix = _forged_prefix(scenario)

@@ -81,7 +81,7 @@ class _Guest:
 
 
 def _migrate(src: _Guest, dst: _Guest) -> float:
-    from ramdiscard.migration.transport import migrate_to, receive_from
+    from ramdiscard.migration.tcp import migrate_to, receive_from
 
     errors: list[BaseException] = []
     with socket.create_server(("127.0.0.1", 0)) as ls:

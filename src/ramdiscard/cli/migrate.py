@@ -136,7 +136,7 @@ def _report(args: argparse.Namespace, role: str, stats: MigrationStats, extra: d
 
 
 def _send(args: argparse.Namespace) -> int:
-    from ramdiscard.migration.transport import migrate_to
+    from ramdiscard.migration.tcp import migrate_to
 
     guest = DemoGuest(args.size, args.block_size, args.backing, args.low)
     guest.plug_fragmented(args.plugged)
@@ -166,7 +166,7 @@ def _listen(args: argparse.Namespace) -> socket.socket:
 
 def _receive_scenario(args: argparse.Namespace) -> int:
     from ramdiscard.machine import Machine, load_scenario
-    from ramdiscard.migration.transport import receive_from
+    from ramdiscard.migration.tcp import receive_from
 
     machine = Machine.from_scenario(load_scenario(args.scenario))
     try:
@@ -187,7 +187,7 @@ def _receive_scenario(args: argparse.Namespace) -> int:
 
 
 def _receive(args: argparse.Namespace) -> int:
-    from ramdiscard.migration.transport import receive_from
+    from ramdiscard.migration.tcp import receive_from
 
     if args.scenario is not None:
         return _receive_scenario(args)

@@ -113,6 +113,3 @@ class DeviceModel:
     def system_reset(self, *, busy: bool = False, discard_fails: bool = False) -> None:
         self.expect(Request(RequestType.UNPLUG_ALL), busy=busy, discard_fails=discard_fails)
         self.broken = False
-
-    def bitmap_blocks(self) -> set[int]:
-        return set(self.plugged)

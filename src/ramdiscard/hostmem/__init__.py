@@ -1,12 +1,14 @@
 """Host memory for ramdiscard: real mappings that can be discarded and populated.
 
-* :class:`RamBlock` maps anonymous, memfd (optionally hugetlb) or file-backed memory and
-  frees it with the primitive that really frees memory for that backing.
+* :class:`RamBlock` maps anonymous, memfd (optionally hugetlb) or file-backed memory
+  and frees it with the primitive that really frees memory for that backing;
+  :mod:`ramdiscard.hostmem.backing` acquires and maps that memory for it.
 * :mod:`ramdiscard.hostmem.measure` reads what the host says about this process's memory.
 * :mod:`ramdiscard.hostmem.syscalls` is the thin ctypes/stdlib syscall layer.
 * :mod:`ramdiscard.bench.hostmem` compares the wrappers against raw syscalls.
 """
 
+from ramdiscard.hostmem.backing import Backing
 from ramdiscard.hostmem.measure import (
     HugePagePool,
     ProcStatus,
@@ -18,7 +20,7 @@ from ramdiscard.hostmem.measure import (
     proc_status,
     thp_size,
 )
-from ramdiscard.hostmem.ramblock import Backing, RamBlock, ResizeHook
+from ramdiscard.hostmem.ramblock import RamBlock, ResizeHook
 
 __all__ = [
     "Backing",

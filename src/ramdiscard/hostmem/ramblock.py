@@ -75,13 +75,11 @@ from __future__ import annotations
 
 import contextlib
 import errno as _errno
-import fcntl
 import itertools
 import mmap
 import os
 import weakref
 from collections.abc import Callable
-from enum import StrEnum
 from types import TracebackType
 from typing import Final
 
@@ -89,22 +87,14 @@ from ramdiscard import faults, fileio
 from ramdiscard.errors import HostMemoryError, InvalidArgument
 from ramdiscard.faults import Op
 from ramdiscard.hostmem import measure, syscalls
+from ramdiscard.hostmem.backing import BASE_PAGE, Backing, close_fd, label, map_backing, os_error
 from ramdiscard.hostmem.syscalls import describe_range
 from ramdiscard.units import format_size
-
-
-class Backing(StrEnum):
-    """Where a block's memory comes from."""
-
-    ANONYMOUS = "anonymous"
-    MEMFD = "memfd"
-    FILE = "file"
-
 
 ResizeHook = Callable[["RamBlock", int, int], None]
 """Called as ``hook(block, old_size, new_size)`` after a resize took effect."""
 
-_BASE_PAGE: Final = mmap.PAGESIZE
+_BASE_PAGE: Final = BASE_PAGE
 _MADV_DONTNEED: Final = syscalls.MADV_DONTNEED
 _MADV_POPULATE_READ: Final = syscalls.MADV_POPULATE_READ
 _MADV_POPULATE_WRITE: Final = syscalls.MADV_POPULATE_WRITE
@@ -130,11 +120,6 @@ def _probe_populate() -> bool:
             else:
                 _populate_supported = True
     return _populate_supported
-
-
-def _close_fd(fd: int) -> None:
-    with contextlib.suppress(OSError):  # already gone: nothing to free
-        os.close(fd)
 
 
 class RamBlock:
@@ -175,7 +160,6 @@ class RamBlock:
 
     __slots__ = (
         "__weakref__",
-        "_allow_existing",
         "_backing",
         "_closed",
         "_created",
@@ -240,7 +224,6 @@ class RamBlock:
         self._created = False
         self._registered = False
         self._file_id: fileio.FileId | None = None
-        self._allow_existing = allow_existing_data
         self.resize_hooks: list[ResizeHook] = []
 
         if kind is Backing.FILE:
@@ -263,120 +246,43 @@ class RamBlock:
                 f"max_size={max_size:#x}"
             )
 
-        try:
-            self._setup(size, max_size, hugepages)
-        except BaseException:
-            if self._created and self._file_id is not None and self._path is not None:
-                fileio.unlink_created(self._path, self._file_id)
-            self._release()
-            raise
+        mapped = map_backing(
+            self._name,
+            kind,
+            path=self._path,
+            size=size,
+            max_size=max_size,
+            hugepages=hugepages,
+            thp=self._thp,
+            readonly=readonly,
+            allow_existing=allow_existing_data,
+        )
+        # From here on the block owns what map_backing acquired; nothing below raises.
+        if mapped.fd is not None:
+            self._fd = mapped.fd
+            self._fd_finalizer = weakref.finalize(self, close_fd, mapped.fd)
+        self._created = mapped.created
+        self._file_id = mapped.file_id
+        self._registered = mapped.registered
+        self._hugetlb = mapped.hugetlb
+        self._page_size = mapped.page_size
+        self._page_mask = mapped.page_size - 1
+        self._size = size
+        self._max_size = max_size
+        mm = mapped.mm
+        self._mm = mm
+        self._madvise = mm.madvise
+        self._punch = mapped.fd is not None
+        self._host_address = syscalls.buffer_address(mm)
+        self._view = self._make_view(size)
         self._closed = False
         self._set_limits()
 
     # ---- construction -------------------------------------------------------------------
 
-    def _setup(self, size: int, max_size: int, hugepages: bool) -> None:
-        kind = self._backing
-        page_size = _BASE_PAGE
-        hugetlb = False
-        if kind is Backing.MEMFD:
-            self._adopt_fd(syscalls.memfd_create(self._name, hugetlb=hugepages))
-        elif kind is Backing.FILE:
-            assert self._path is not None
-            self._open_file(self._path)
-        if self._fd is not None:
-            fs_type, bsize = syscalls.fstatfs_type(self._fd)
-            hugetlb = fs_type == syscalls.HUGETLBFS_MAGIC
-            if hugetlb:
-                page_size = bsize
-            elif hugepages:
-                raise InvalidArgument(
-                    f"RamBlock {self._name!r}: hugepages=True but {self._path!r} is not on hugetlbfs"
-                )
-        self._hugetlb = hugetlb
-        self._page_size = page_size
-        self._page_mask = page_size - 1
-        if size % page_size or max_size % page_size:
-            raise InvalidArgument(
-                f"RamBlock {self._name!r}: size {size:#x} and max_size {max_size:#x} must be "
-                f"multiples of the page size {page_size:#x}"
-            )
-        self._size = size
-        self._max_size = max_size
-
-        prot = mmap.PROT_READ if self._readonly else mmap.PROT_READ | mmap.PROT_WRITE
-        if self._fd is None:
-            flags = syscalls.MAP_PRIVATE | syscalls.MAP_NORESERVE
-            faults.checkpoint(Op.MMAP)
-            try:
-                mm = mmap.mmap(-1, max_size, flags=flags, prot=prot)
-            except OSError as exc:
-                raise self._os_error(exc, "mmap", 0, max_size) from None
-        else:
-            file_size = os.fstat(self._fd).st_size
-            if file_size < max_size:
-                if self._readonly:
-                    raise InvalidArgument(
-                        f"RamBlock {self._name!r}: read-only file {self._path!r} holds "
-                        f"{file_size:#x} bytes, less than max_size {max_size:#x}"
-                    )
-                try:
-                    os.ftruncate(self._fd, max_size)
-                except OSError as exc:
-                    raise self._os_error(exc, "ftruncate", 0, max_size) from None
-            flags = syscalls.MAP_SHARED | syscalls.MAP_NORESERVE
-            faults.checkpoint(Op.MMAP)
-            try:
-                mm = mmap.mmap(self._fd, max_size, flags=flags, prot=prot)
-            except OSError as exc:
-                raise self._os_error(exc, "mmap", 0, max_size) from None
-        self._mm = mm
-        self._madvise = mm.madvise
-        self._punch = self._fd is not None
-        if kind is Backing.ANONYMOUS:
-            # "madvise" THP mode needs HUGEPAGE to get huge pages; "always" mode needs
-            # NOHUGEPAGE to keep a 4 KiB block on 4 KiB pages.
-            advice = syscalls.MADV_HUGEPAGE if self._thp else syscalls.MADV_NOHUGEPAGE
-            try:
-                mm.madvise(advice, 0, max_size)
-            except OSError as exc:
-                if exc.errno != _errno.EINVAL:  # EINVAL: kernel without THP; nothing to ask
-                    raise self._os_error(exc, syscalls.advice_name(advice), 0, max_size) from None
-        self._host_address = syscalls.buffer_address(mm)
-        self._view = self._make_view(size)
-
     def _set_limits(self) -> None:
         self._limit = -1 if self._closed else self._size
         self._wlimit = -1 if self._closed or self._readonly else self._size
-
-    def _open_file(self, path: str) -> None:
-        """Open, lock and check the backing file (see ``path`` in the class docstring)."""
-        what = f"RamBlock {self._name!r}: backing file"
-        opened = fileio.open_backing(path, what, readonly=self._readonly)
-        self._adopt_fd(opened.fd)
-        try:
-            fcntl.flock(opened.fd, (fcntl.LOCK_SH if self._readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (_errno.EWOULDBLOCK, _errno.EAGAIN):
-                raise HostMemoryError(
-                    _errno.EBUSY, f"{what} {path!r} is in use by another machine (locked); left untouched"
-                ) from None
-            raise syscalls.error(exc.errno or _errno.EIO, f"flock of {path!r}") from None
-        # Only a file we created and hold the lock on is ours to remove on failure.
-        self._created = opened.created
-        self._file_id = opened.fid
-        size = os.fstat(opened.fd).st_size
-        if not self._allow_existing and not opened.created and size > 0:
-            raise fileio.ExistingData(
-                f"{what} {path!r} exists and holds {size} bytes; refusing to discard its contents; "
-                "left untouched"
-            )
-        fileio.register_guest_memory(opened.fd, self._name)
-        self._registered = True
-
-    def _adopt_fd(self, fd: int) -> None:
-        self._fd = fd
-        self._fd_finalizer = weakref.finalize(self, _close_fd, fd)
 
     def _make_view(self, size: int) -> memoryview:
         assert self._mm is not None
@@ -468,8 +374,7 @@ class RamBlock:
     # ---- errors -------------------------------------------------------------------------
 
     def _label(self) -> str:
-        huge = " hugetlb" if getattr(self, "_hugetlb", False) else ""
-        return f"RamBlock {self._name!r} ({self._backing.value}{huge})"
+        return label(self._name, self._backing, getattr(self, "_hugetlb", False))
 
     def _check_open(self) -> None:
         if self._closed:
@@ -513,8 +418,7 @@ class RamBlock:
         )
 
     def _os_error(self, exc: OSError, op: str, offset: int, length: int) -> HostMemoryError:
-        code = exc.errno if exc.errno is not None else _errno.EIO
-        return syscalls.error(code, f"{self._label()}: {op} of {describe_range(offset, length)}")
+        return os_error(self._label(), exc, op, offset, length)
 
     # ---- discard / populate -------------------------------------------------------------
 

@@ -44,7 +44,6 @@ MAP_SHARED: Final = mmap.MAP_SHARED
 MAP_PRIVATE: Final = mmap.MAP_PRIVATE
 MAP_ANONYMOUS: Final = mmap.MAP_ANONYMOUS
 MAP_NORESERVE: Final = 0x4000
-MAP_HUGETLB: Final = 0x40000
 
 # memfd_create flags.
 MFD_CLOEXEC: Final = os.MFD_CLOEXEC
@@ -52,7 +51,6 @@ MFD_HUGETLB: Final = os.MFD_HUGETLB
 
 # statfs magic numbers.
 HUGETLBFS_MAGIC: Final = 0x958458F6
-TMPFS_MAGIC: Final = 0x01021994
 
 _ADVICE_NAMES: Final = {
     MADV_NORMAL: "MADV_NORMAL",
@@ -151,16 +149,6 @@ def madvise(addr: int, length: int, advice: int) -> None:
     if _madvise(addr, length, advice) != 0:
         code = ctypes.get_errno()
         raise error(code, f"madvise({advice_name(advice)}) of {describe_range(addr, length)}")
-
-
-def mmap_madvise(mm: mmap.mmap, advice: int, offset: int, length: int) -> None:
-    """madvise through the stdlib (cheaper than ctypes); ``offset`` is into the mapping."""
-    try:
-        mm.madvise(advice, offset, length)
-    except OSError as exc:
-        code = exc.errno if exc.errno is not None else _errno.EIO
-        what = f"madvise({advice_name(advice)}) of {describe_range(offset, length)}"
-        raise error(code, what) from None
 
 
 def mlock(addr: int, length: int) -> None:

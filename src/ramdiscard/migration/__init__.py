@@ -10,7 +10,7 @@ from ramdiscard.migration.destination import load
 from ramdiscard.migration.progress import Progress, ProgressFn
 from ramdiscard.migration.source import MigrationStats, save
 from ramdiscard.migration.stream import MigrationError, StreamError
-from ramdiscard.migration.transport import migrate_to, receive_from
+from ramdiscard.migration.tcp import migrate_to, receive_from
 
 __all__ = [
     "MigrationError",

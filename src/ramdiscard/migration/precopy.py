@@ -886,13 +886,13 @@ def receive_live(
     """Accept one source on ``listen_socket`` and load its stream (live or not); the
     source is told the outcome. ``read_timeout`` bounds every silence of the source.
     Raises MigrationError (destination reset), TimeoutError when nobody connected."""
-    from ramdiscard.migration.transport import _drain, _tune
+    from ramdiscard.migration.tcp import drain_peer, tune_socket
 
     listen_socket.settimeout(accept_timeout)
     conn, _peer = listen_socket.accept()
     with conn:
         conn.settimeout(read_timeout)
-        _tune(conn)
+        tune_socket(conn)
         if on_connection is not None:
             on_connection(conn)
         reader = _CountingReader(conn)
@@ -904,7 +904,7 @@ def receive_live(
             try:
                 send_status(conn, str(exc) or type(exc).__name__)
                 if not isinstance(exc, ReadTimeout):
-                    _drain(conn)
+                    drain_peer(conn)
             except OSError:
                 pass
             raise

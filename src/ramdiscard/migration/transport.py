@@ -1,4 +1,5 @@
-"""Byte transports for migration streams: files and TCP sockets.
+"""Byte transports for migration streams: files and TCP sockets (the primitives that move
+bytes; saving and loading over a socket is :mod:`ramdiscard.migration.tcp`).
 
 Rules:
 
@@ -13,42 +14,34 @@ Rules:
   instead of reading guest memory a second time).
 * Every socket send/recv passes ``faults.checkpoint(Op.SOCK_SEND / Op.SOCK_RECV)`` first,
   every file write/read ``Op.FILE_WRITE / Op.FILE_READ``.
-* Over TCP the destination answers the finished stream with a status message: ``OK`` or
-  ``ER`` plus a UTF-8 reason (its MigrationError). :func:`migrate_to` waits for it, so a
-  source only reports success when the destination has loaded everything.
-* Every socket operation has a timeout: a peer silent (receiver) or not reading (sender)
-  for that many seconds fails the migration with a one-line :class:`MigrationError`
-  (:data:`IO_TIMEOUT` unless the caller gives another). A sender's socket can be shut
-  down from another thread (``migrate_cancel``): the migration then fails at once.
+* Over TCP the destination answers the finished stream with a status message
+  (:func:`send_status` / :func:`recv_status`): ``OK``, or ``ER`` plus a UTF-8 reason of
+  at most 4096 bytes (its MigrationError); anything else is a MigrationError.
+* A :class:`SocketReader` whose peer stays silent for the socket's timeout raises
+  :class:`ReadTimeout`; a :class:`SocketSink` whose peer answered before the end of the
+  stream raises :class:`PeerAnswered` before sending more guest memory.
 * Readiness is asked with ``poll`` (never ``select``, which cannot take descriptors
   above 1023).
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import io
 import os
 import select
 import socket
 import struct
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from collections.abc import Callable
+from typing import BinaryIO, Protocol
 
 from ramdiscard import faults
 from ramdiscard.errors import ProtocolViolation
 from ramdiscard.faults import Op
 from ramdiscard.migration.stream import Buffer, MigrationError, StreamError
 
-if TYPE_CHECKING:
-    from ramdiscard.memory import AddressSpace
-    from ramdiscard.migration.progress import ProgressFn
-    from ramdiscard.migration.source import MigrationStats
-    from ramdiscard.providers.virtio_mem import VirtioMem
-
 _STATUS = struct.Struct("<2sI")
 STATUS_TIMEOUT = 60.0
+"""Default seconds for a connect and for the wait for the destination's status."""
 IO_TIMEOUT = 60.0
 """Default seconds of silence (receiver) or of a peer not reading (sender) before failing."""
 READ_PIECE = 512 * 1024
@@ -255,119 +248,3 @@ def recv_status(sock: socket.socket) -> str | None:
     msg = bytearray(length)
     reader.read_exact(memoryview(msg))
     return msg.decode(errors="replace")
-
-
-def migrate_to(
-    host: str,
-    port: int,
-    address_space: AddressSpace,
-    devices: Sequence[VirtioMem],
-    *,
-    chunk_size: int | None = None,
-    progress: ProgressFn | None = None,
-    timeout: float | None = STATUS_TIMEOUT,
-    io_timeout: float = IO_TIMEOUT,
-    on_socket: Callable[[socket.socket], None] | None = None,
-) -> MigrationStats:
-    """Migrate to a destination listening on ``host:port`` (:func:`receive_from` there).
-
-    Devices are busy from the first byte until the destination's answer (or a failure).
-    ``timeout`` bounds the connect and the wait for the final status, ``io_timeout`` each
-    send (a destination that stops reading). ``on_socket`` gets the connected socket
-    before anything is sent (shutting it down from another thread cancels). Returns the
-    statistics; raises MigrationError if the destination refused the stream, stopped
-    reading or the socket was shut down, OSError for connection problems.
-    """
-    from ramdiscard.migration.source import DEFAULT_CHUNK, save_to_sink
-
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.settimeout(io_timeout)
-        _tune(sock)
-        if on_socket is not None:
-            on_socket(sock)
-        try:
-            stats = save_to_sink(
-                address_space, devices, SocketSink(sock), chunk_size or DEFAULT_CHUNK, progress, phase="send"
-            )
-        except (PeerAnswered, BrokenPipeError, ConnectionResetError) as exc:
-            # The destination refused the stream and (probably) said why: report that.
-            sock.settimeout(timeout)
-            try:
-                error = recv_status(sock)
-            except (MigrationError, OSError):
-                error = None
-            if error is not None:
-                raise MigrationError(f"the destination refused the migration: {error}") from exc
-            raise
-        except TimeoutError:
-            raise MigrationError(
-                f"the destination read nothing for {io_timeout:g} s; migration abandoned"
-            ) from None
-        except OSError as exc:
-            if exc.errno in (errno.EPIPE, errno.EBADF, errno.ENOTCONN, errno.ESHUTDOWN):
-                raise MigrationError(f"migration cancelled or connection lost: {exc.strerror}") from None
-            raise
-        sock.shutdown(socket.SHUT_WR)
-        sock.settimeout(timeout)
-        error = recv_status(sock)
-    if error is not None:
-        raise MigrationError(f"the destination refused the migration: {error}")
-    return stats
-
-
-def receive_from(
-    listen_socket: socket.socket,
-    address_space: AddressSpace,
-    devices: Sequence[VirtioMem],
-    *,
-    progress: ProgressFn | None = None,
-    accept_timeout: float | None = None,
-    read_timeout: float = IO_TIMEOUT,
-) -> MigrationStats:
-    """Accept one connection on ``listen_socket`` and load the stream it carries.
-
-    ``accept_timeout`` bounds the wait for the source (None: forever), ``read_timeout``
-    every read after that. The source is told the outcome. Raises MigrationError
-    (destination reset to all discarded, see :func:`ramdiscard.migration.load`) when the
-    stream is refused or the source falls silent; TimeoutError when nobody connected.
-    """
-    from ramdiscard.migration.destination import load_from_reader
-
-    listen_socket.settimeout(accept_timeout)
-    conn, _peer = listen_socket.accept()
-    with conn:
-        conn.settimeout(read_timeout)
-        _tune(conn)
-        try:
-            stats = load_from_reader(address_space, devices, SocketReader(conn), None, progress, "receive")
-        except Exception as exc:
-            try:
-                send_status(conn, str(exc) or type(exc).__name__)
-                if not isinstance(exc, ReadTimeout):  # a silent source has nothing to drain
-                    _drain(conn)
-            except OSError:
-                pass
-            raise
-        send_status(conn, None)
-    return stats
-
-
-def _drain(sock: socket.socket, limit: float = 5.0) -> None:
-    """Read and drop what the source still sends until it closes (or ``limit`` seconds):
-    closing with unread data would reset the connection and lose our status message."""
-    sock.shutdown(socket.SHUT_WR)
-    sock.settimeout(limit)
-    buf = bytearray(1 << 16)
-    try:
-        while True:
-            faults.checkpoint(Op.SOCK_RECV)
-            if not sock.recv_into(buf):
-                break
-    except OSError:
-        pass
-
-
-def _tune(sock: socket.socket) -> None:
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)

@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from ramdiscard.errors import RamDiscardError
+from ramdiscard.errors import HostError
 
 KERNEL_PACKAGE = "linux-image-6.12.95+deb12-cloud-amd64-unsigned"
 KERNEL_SUITE = "bookworm-backports"
@@ -53,7 +53,7 @@ done
 """
 
 
-class GuestImageError(RamDiscardError):
+class GuestImageError(HostError):
     """The guest kernel or initramfs could not be fetched or built."""
 
 

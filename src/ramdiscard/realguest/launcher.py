@@ -38,7 +38,7 @@ from typing import Any
 
 from ramdiscard.consumers.dma import make_backend
 from ramdiscard.consumers.vfio import VfioContainer
-from ramdiscard.errors import RamDiscardError
+from ramdiscard.errors import HostError, RamDiscardError
 from ramdiscard.hostmem import RamBlock
 from ramdiscard.hostmem.measure import proc_status
 from ramdiscard.interfaces import VirtqElement, Virtqueue
@@ -59,7 +59,7 @@ CONFIG_SIZE = 56
 VIRTIO_ID_MEM = 24
 
 
-class RealGuestError(RamDiscardError):
+class RealGuestError(HostError):
     """The real guest could not be started or did not answer in time."""
 
 

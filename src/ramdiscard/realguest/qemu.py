@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ramdiscard.errors import RamDiscardError
+from ramdiscard.errors import HostError
 
 QEMU_VERSION = "10.0.2"
 QEMU_CACHE_DIR = Path(f"/var/cache/ramdiscard/qemu-{QEMU_VERSION}-vhostdev")
@@ -22,7 +22,7 @@ QEMU_ENV = "RAMDISCARD_QEMU"
 BUILD_SCRIPT = "scripts/build-qemu.sh"
 
 
-class QemuNotFound(RamDiscardError):
+class QemuNotFound(HostError):
     """No usable QEMU with a user-creatable vhost-user-device-pci was found."""
 
 

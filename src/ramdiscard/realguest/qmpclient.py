@@ -17,10 +17,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ramdiscard.errors import RamDiscardError
+from ramdiscard.errors import ProtocolViolation
 
 
-class QmpClientError(RamDiscardError):
+class QmpClientError(ProtocolViolation):
     """QEMU's QMP answered with an error, timed out or went away."""
 
 

@@ -25,17 +25,17 @@ import os
 import struct
 from dataclasses import dataclass
 
-from ramdiscard.errors import RamDiscardError
+from ramdiscard.errors import ProtocolViolation
 from ramdiscard.vhost_user.wire import MAX_MEM_REGIONS, MemRegion
 
 U64_LIMIT = 1 << 64
 
 
-class MemTableError(RamDiscardError):
+class MemTableError(ProtocolViolation):
     """The memory table is malformed or cannot be mapped; nothing is mapped."""
 
 
-class AddressError(RamDiscardError):
+class AddressError(ProtocolViolation):
     """A guest address range lies outside the memory table."""
 
 

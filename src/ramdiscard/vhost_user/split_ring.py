@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from ramdiscard.errors import InvalidArgument, RamDiscardError
+from ramdiscard.errors import InvalidArgument, ProtocolViolation, RamDiscardError
 from ramdiscard.interfaces import VirtqElement, VirtqueueError
 
 DESC = struct.Struct("<QIHH")
@@ -65,7 +65,7 @@ class GuestMemory(Protocol):
     def find(self, gpa: int, length: int) -> object: ...
 
 
-class RingSetupError(RamDiscardError):
+class RingSetupError(ProtocolViolation):
     """The ring's size or addresses are unusable; no ring was built."""
 
 

@@ -25,7 +25,7 @@ import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from ramdiscard.errors import RamDiscardError
+from ramdiscard.errors import ProtocolViolation
 
 HEADER = struct.Struct("<III")
 HEADER_SIZE = HEADER.size
@@ -100,7 +100,7 @@ def protocol_features(*bits: ProtocolFeature) -> int:
     return mask
 
 
-class WireError(RamDiscardError):
+class WireError(ProtocolViolation):
     """A malformed vhost-user message; the connection that sent it must be dropped."""
 
 

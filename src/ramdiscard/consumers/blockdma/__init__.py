@@ -7,11 +7,12 @@
 * :class:`BlockDmaConsumer` / :func:`make_consumer`: the machine-scenario wrapper.
 """
 
+from ramdiscard.consumers.blockdma.block import BlockStatus, MappingMode
 from ramdiscard.consumers.blockdma.consumer import BlockDmaConsumer, make_consumer
 from ramdiscard.consumers.blockdma.errors import IovaExhausted
 from ramdiscard.consumers.blockdma.iova import IovaAllocator
-from ramdiscard.consumers.blockdma.mapper import BlockStatus, MappingMode, RamBlockDmaMapper
-from ramdiscard.consumers.dma import make_backend  # where it lives now; kept for callers of blockdma
+from ramdiscard.consumers.blockdma.mapper import RamBlockDmaMapper
+from ramdiscard.consumers.dma import make_backend  # the consumer's backend factory, by scenario name
 
 __all__ = [
     "BlockDmaConsumer",

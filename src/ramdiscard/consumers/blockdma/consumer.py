@@ -2,15 +2,15 @@
 
 The machine's consumers are attached to its address space and report a status dict; this
 one follows RAM blocks instead, so ``attach`` ignores the address space it is given.
-Proposed scenario keys (QEMU-style spelling)::
+Its scenario keys (QEMU-style spelling; parsed by :mod:`ramdiscard.machine.scenario`)::
 
     [[consumers]]
     type = "blockdma"
     id = "nvme0"                    # optional
     backend = "auto"                # auto | io_uring | mlock | null
     coordinate-discards = true      # false: pin every block whole, take disable-all (nvme:// today)
-    iova-base = "0x100000000"       # start of the private IOVA window
-    iova-size = "256T"              # its size
+    iova-base = "0x100000000"       # start of the private IOVA window (default 4 GiB)
+    iova-size = "0xffff00000000"    # its size (default 2**48 - 4 GiB)
     iova-align = "2M"               # alignment (and rounding) of each block's IOVA range
 """
 

@@ -54,18 +54,17 @@ Rules:
 * Everything runs under the topology lock of the registry's memory system (the model's
   BQL); notifications from managers arrive with the manager's lock held too.
 
-The mapper does not own the backend: :meth:`RamBlockDmaMapper.close` unpins what the
-mapper pinned and leaves the backend open.
+Per-block bookkeeping (IOVA range, mode, sorted pins) is
+:mod:`ramdiscard.consumers.blockdma.block`. The mapper does not own the backend:
+:meth:`RamBlockDmaMapper.close` unpins what the mapper pinned and leaves the backend open.
 """
 
 from __future__ import annotations
 
 import logging
-from bisect import bisect_left
-from dataclasses import dataclass, field
-from enum import StrEnum
 from types import TracebackType
 
+from ramdiscard.consumers.blockdma.block import BlockStatus, MappedBlock, MappingMode, Pin
 from ramdiscard.consumers.blockdma.iova import IovaAllocator
 from ramdiscard.consumers.dma import stale_pinned_bytes
 from ramdiscard.consumers.dma.backend import PAGE_SIZE, PinHandle
@@ -90,68 +89,12 @@ DEFAULT_IOVA_SIZE = (1 << 48) - DEFAULT_IOVA_BASE
 DEFAULT_IOVA_ALIGN = 2 * MiB
 
 
-class MappingMode(StrEnum):
-    WHOLE = "whole"
-    LISTENER = "listener"
-    PARKED = "parked"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class BlockStatus:
-    """One block as the mapper sees it (a snapshot)."""
-
-    name: str
-    iova: int
-    iova_size: int
-    mode: MappingMode
-    pinned_bytes: int
-    pins: int
-    error: BaseException | None = None
-
-
-@dataclass
-class _Pin:
-    offset: int
-    size: int
-    handle: PinHandle
-
-
-@dataclass(eq=False)
-class _Block:
-    region: MemoryRegion
-    iova: int
-    iova_size: int
-    mode: MappingMode = MappingMode.PARKED
-    # Sorted by region offset; parallel lists keep bisect cheap.
-    starts: list[int] = field(default_factory=list)
-    pins: list[_Pin] = field(default_factory=list)
-    listener: _BlockListener | None = None
-    error: BaseException | None = None
-
-    @property
-    def host_address(self) -> int:
-        ram = self.region.ram
-        assert ram is not None
-        return int(ram.host_address)
-
-    @property
-    def used_size(self) -> int:
-        ram = self.region.ram
-        assert ram is not None
-        return int(ram.size)
-
-    @property
-    def pinned_bytes(self) -> int:
-        return sum(p.size for p in self.pins)
-
-
 class _BlockListener(RamDiscardListener):
     """Pins populated granules of one block (QEMU's VFIORamDiscardListener, per block)."""
 
     double_discard_supported = True
 
-    def __init__(self, mapper: RamBlockDmaMapper, block: _Block, granularity: int) -> None:
+    def __init__(self, mapper: RamBlockDmaMapper, block: MappedBlock, granularity: int) -> None:
         self.mapper = mapper
         self.block = block
         self.granularity = granularity
@@ -203,7 +146,7 @@ class RamBlockDmaMapper(RamBlockNotifier):
         self._registry = registry
         self._policy = policy if policy is not None else policy_of(registry.system)
         self._system_lock = registry.system.lock
-        self._blocks: dict[int, _Block] = {}
+        self._blocks: dict[int, MappedBlock] = {}
         self._stuck: list[PinHandle] = []
         self._attaching = True
         self._closed = False
@@ -247,7 +190,7 @@ class RamBlockDmaMapper(RamBlockNotifier):
                 stale_pinned_bytes(self.backend, b.region.ram, p.offset, p.size)
                 for b in self._blocks.values()
                 if b.mode is MappingMode.WHOLE
-                for p in b.pins
+                for p in b.pins()
             )
 
     @property
@@ -266,9 +209,7 @@ class RamBlockDmaMapper(RamBlockNotifier):
             b = self._blocks.get(id(mr))
             if b is None or b.region is not mr:
                 raise InvalidArgument(f"{mr!r} is not followed by {self!r}")
-            return BlockStatus(
-                b.region.name, b.iova, b.iova_size, b.mode, b.pinned_bytes, len(b.pins), b.error
-            )
+            return b.status()
 
     def iova_of(self, mr: MemoryRegion, offset: int = 0) -> int:
         """The IOVA of region offset ``offset`` of ``mr``'s block."""
@@ -288,11 +229,9 @@ class RamBlockDmaMapper(RamBlockNotifier):
             for b in self._blocks.values():
                 if b.iova <= iova < b.iova + b.iova_size:
                     offset = iova - b.iova
-                    i = bisect_left(b.starts, offset + 1) - 1
-                    if i >= 0:
-                        pin = b.pins[i]
-                        if offset + length <= pin.offset + pin.size:
-                            return self.backend.dma_read(pin.handle, offset - pin.offset, length)
+                    pin = b.covering(offset, length)
+                    if pin is not None:
+                        return self.backend.dma_read(pin.handle, offset - pin.offset, length)
                     break
             raise InvalidArgument(f"IOMMU fault: [{iova:#x}, +{length:#x}) is not mapped")
 
@@ -333,7 +272,7 @@ class RamBlockDmaMapper(RamBlockNotifier):
     def ram_block_added(self, block: LiveBlock) -> None:
         align = max(self.iova.align, block.page_size)
         iova = self.iova.alloc(block.max_size, align)
-        b = _Block(block.region, iova, align_up(block.max_size, align))
+        b = MappedBlock(block.region, iova, align_up(block.max_size, align))
         self._blocks[id(block.region)] = b
         try:
             self._settle(b)
@@ -378,7 +317,7 @@ class RamBlockDmaMapper(RamBlockNotifier):
 
     # -- mode changes -----------------------------------------------------------------------
 
-    def _desired(self, b: _Block) -> MappingMode:
+    def _desired(self, b: MappedBlock) -> MappingMode:
         mr = b.region
         if not self.coordinate_discards or mr.ram_discard_manager is None:
             return MappingMode.WHOLE
@@ -395,7 +334,7 @@ class RamBlockDmaMapper(RamBlockNotifier):
                 raise
             self._fail(b, exc)
 
-    def _settle(self, b: _Block) -> None:
+    def _settle(self, b: MappedBlock) -> None:
         """Bring ``b`` to its desired mode; on failure nothing of it is pinned and it raises."""
         want = self._desired(b)
         if b.mode is want:
@@ -413,18 +352,18 @@ class RamBlockDmaMapper(RamBlockNotifier):
         b.mode = want
         b.error = None
 
-    def _fail(self, b: _Block, exc: BaseException) -> None:
+    def _fail(self, b: MappedBlock, exc: BaseException) -> None:
         self._teardown(b)
         b.mode = MappingMode.FAILED
         b.error = exc
         log.error("blockdma: mapping of RAM block %r failed, nothing of it is pinned: %s", b.region.name, exc)
 
-    def _register_listener(self, b: _Block) -> None:
+    def _register_listener(self, b: MappedBlock) -> None:
         mr = b.region
         rdm = manager_of(mr)
         assert rdm is not None
         granularity = rdm.get_min_granularity(mr)
-        if not is_power_of_2(granularity) or granularity < PAGE_SIZE or granularity % self._page_size(b):
+        if not is_power_of_2(granularity) or granularity < PAGE_SIZE or granularity % b.page_size:
             raise InvalidArgument(
                 f"RAM block {mr.name!r}: manager granularity {granularity:#x} is not a power of two "
                 f"multiple of the page size"
@@ -438,13 +377,7 @@ class RamBlockDmaMapper(RamBlockNotifier):
             b.listener = None
             raise
 
-    @staticmethod
-    def _page_size(b: _Block) -> int:
-        ram = b.region.ram
-        assert ram is not None
-        return max(PAGE_SIZE, int(ram.page_size))
-
-    def _teardown(self, b: _Block) -> None:
+    def _teardown(self, b: MappedBlock) -> None:
         """Unregister the listener and unpin everything of ``b``; never raises."""
         listener, b.listener = b.listener, None
         if listener is not None and listener.manager is not None:
@@ -452,23 +385,23 @@ class RamBlockDmaMapper(RamBlockNotifier):
                 listener.manager.unregister_listener(listener)
             except Exception:
                 log.exception("blockdma: unregistering the listener of %r failed", b.region.name)
-        for pin in reversed(list(b.pins)):
+        for pin in reversed(b.pins()):
             self._unpin(b, pin)
         self._retry_stuck()
         b.mode = MappingMode.PARKED
 
-    def _drop(self, b: _Block) -> None:
+    def _drop(self, b: MappedBlock) -> None:
         self._teardown(b)
         if self._blocks.get(id(b.region)) is b:
             del self._blocks[id(b.region)]
             self.iova.free(b.iova)
 
-    def _resize_whole(self, b: _Block, new_size: int) -> None:
-        end = max((p.offset + p.size for p in b.pins), default=0)
+    def _resize_whole(self, b: MappedBlock, new_size: int) -> None:
+        end = b.pinned_end
         if new_size > end:
             self._pin(b, end, new_size - end)
             return
-        for pin in reversed(list(b.pins)):
+        for pin in reversed(b.pins()):
             if pin.offset >= new_size:
                 self._unpin(b, pin)
             elif pin.offset + pin.size > new_size:
@@ -477,29 +410,21 @@ class RamBlockDmaMapper(RamBlockNotifier):
 
     # -- pins ------------------------------------------------------------------------------
 
-    def _pin(self, b: _Block, offset: int, size: int) -> _Pin:
+    def _pin(self, b: MappedBlock, offset: int, size: int) -> Pin:
         handle = self.backend.pin(b.host_address + offset, size)
-        pin = _Pin(offset, size, handle)
-        i = bisect_left(b.starts, offset)
-        b.starts.insert(i, offset)
-        b.pins.insert(i, pin)
+        pin = Pin(offset, size, handle)
+        b.add(pin)
         return pin
 
-    def _pin_pieces(self, b: _Block, pieces: list[tuple[int, int]]) -> None:
+    def _pin_pieces(self, b: MappedBlock, pieces: list[tuple[int, int]]) -> None:
         """Pin ``(offset, size)`` pieces of ``b`` all-or-nothing (one backend call)."""
         host = b.host_address
         handles = self.backend.pin_many([(host + offset, size) for offset, size in pieces])
         for (offset, size), handle in zip(pieces, handles, strict=True):
-            i = bisect_left(b.starts, offset)
-            b.starts.insert(i, offset)
-            b.pins.insert(i, _Pin(offset, size, handle))
+            b.add(Pin(offset, size, handle))
 
-    def _unpin(self, b: _Block, pin: _Pin) -> None:
-        i = bisect_left(b.starts, pin.offset)
-        while b.pins[i] is not pin:
-            i += 1
-        del b.starts[i]
-        del b.pins[i]
+    def _unpin(self, b: MappedBlock, pin: Pin) -> None:
+        b.remove(pin)
         try:
             self.backend.unpin(pin.handle)
         except Exception as exc:
@@ -508,18 +433,13 @@ class RamBlockDmaMapper(RamBlockNotifier):
             log.error("blockdma: unpin of %r failed, will retry: %s", pin.handle, exc)
             self._stuck.append(pin.handle)
 
-    def _unpin_range(self, b: _Block, start: int, end: int) -> None:
+    def _unpin_range(self, b: MappedBlock, start: int, end: int) -> None:
         # Granule-aligned notifications never cut a pin; if one would, the pin stays (DMA
         # into still-populated memory must keep working) and the inconsistency is logged.
-        lo = bisect_left(b.starts, start)
-        hi = bisect_left(b.starts, end)
-        cut = "blockdma: discard [%#x, %#x) of %r cuts a pin; it stays"
-        if lo and b.pins[lo - 1].offset + b.pins[lo - 1].size > start:
-            log.error(cut, start, end, b.region.name)
-        for pin in b.pins[lo:hi]:
-            if pin.offset + pin.size > end:
-                log.error(cut, start, end, b.region.name)
-                continue
+        inside, cut = b.in_range(start, end)
+        for _pin in cut:
+            log.error("blockdma: discard [%#x, %#x) of %r cuts a pin; it stays", start, end, b.region.name)
+        for pin in inside:
             self._unpin(b, pin)
 
     def _retry_stuck(self) -> None:

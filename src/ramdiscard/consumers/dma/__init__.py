@@ -19,15 +19,11 @@ resident: memory discarded under a live pin, which the pin keeps from being free
 from __future__ import annotations
 
 from ramdiscard.consumers.dma.backend import PAGE_SIZE, BackendClosed, DmaBackend, PinHandle
-from ramdiscard.consumers.dma.iouring import (
-    MAX_BUFFER_BYTES,
-    MAX_BUFFERS_PER_RING,
-    IoUringDmaBackend,
-    RawRing,
-)
+from ramdiscard.consumers.dma.iouring import MAX_BUFFER_BYTES, MAX_BUFFERS_PER_RING, IoUringDmaBackend
 from ramdiscard.consumers.dma.iouring import available as iouring_available
 from ramdiscard.consumers.dma.mlock import MlockDmaBackend
 from ramdiscard.consumers.dma.null import NullDmaBackend
+from ramdiscard.consumers.dma.rawring import RawRing
 from ramdiscard.errors import InvalidArgument
 from ramdiscard.interfaces import DmaPinner, MeasurableMemory
 

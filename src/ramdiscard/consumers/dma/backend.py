@@ -249,16 +249,6 @@ class DmaBackend(ABC):
             self._pinned_bytes -= self._remaining.pop(handle.token, handle.size)
             del self._handles[handle.token]
 
-    def _forget(self, handle: PinHandle) -> None:
-        """Drop a handle a subclass fast path released completely."""
-        self._pinned_bytes -= self._remaining.pop(handle.token, handle.size)
-        del self._handles[handle.token]
-
-    def _adopt(self, handle: PinHandle) -> None:
-        """Record a handle a subclass pinned itself (fast paths)."""
-        self._handles[handle.token] = handle
-        self._pinned_bytes += handle.size
-
     def _note_released(self, handle: PinHandle, nbytes: int) -> None:
         """Record that ``nbytes`` of ``handle`` were released by a failing ``_unpin_impl``."""
         self._remaining[handle.token] = self._remaining.get(handle.token, handle.size) - nbytes

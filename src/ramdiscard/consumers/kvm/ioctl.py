@@ -57,10 +57,6 @@ def _IOW(type_: int, nr: int, struct: type[ctypes.Structure]) -> int:
     return _ioc(_IOC_WRITE, type_, nr, ctypes.sizeof(struct))
 
 
-def _IOR(type_: int, nr: int, struct: type[ctypes.Structure]) -> int:
-    return _ioc(_IOC_READ, type_, nr, ctypes.sizeof(struct))
-
-
 def _IOWR(type_: int, nr: int, struct: type[ctypes.Structure]) -> int:
     return _ioc(_IOC_READ | _IOC_WRITE, type_, nr, ctypes.sizeof(struct))
 

@@ -2,13 +2,13 @@
 
 Rules:
 
-* Mappings follow the type1 v2 IOMMU (see :mod:`ramdiscard.consumers.vfio.table`): no overlaps
-  (EEXIST), an unmap removes whole mappings and may cover holes but never cuts one
-  (EINVAL), at most ``max_mappings`` mappings (ENOSPC). IOVA, host address and size are
-  multiples of the IOMMU page size (4 KiB); sizes are positive. Every argument error is
-  raised before any effect.
-* Every mapping holds a real pin through the ``ramdiscard.consumers.dma`` backend from map to
-  unmap; a map whose pin fails maps nothing.
+* Mappings follow the type1 v2 IOMMU and each holds a real pin through the
+  ``ramdiscard.consumers.dma`` backend from map to unmap
+  (:mod:`ramdiscard.consumers.vfio.mappings`): no overlaps (EEXIST), an unmap removes
+  whole mappings and may cover holes but never cuts one (EINVAL), at most
+  ``max_mappings`` mappings (ENOSPC), IOVA, host address and size multiples of the IOMMU
+  page size (4 KiB). Every argument error is raised before any effect; a map whose pin
+  fails maps nothing.
 * As a :class:`~ramdiscard.memory.MemoryListener` attached to one address space
   (:meth:`VfioContainer.attach`):
 
@@ -46,26 +46,26 @@ Theory of operation: the mapping table is sorted by IOVA and bisected
 granules of the notified range at once, checks the whole run against the table once,
 pins it with one :meth:`~ramdiscard.consumers.dma.DmaBackend.pin_many` call and inserts it with one
 slice assignment, so the per-granule Python work is a few list operations around the pin
-syscall. Locking: one re-entrant lock per container around the table and the backend
-calls; notifications arrive with the manager's lock held. Lock order is topology lock,
-then manager lock, then container lock: the container never calls into the address space
-or a manager while holding its own lock (attach/detach/region_add/region_del run under
-the topology lock, which serializes them), otherwise a plug notifying the container
-while it registers with the manager deadlocks.
+syscall (:meth:`~ramdiscard.consumers.vfio.mappings.PinnedMappings.map_granules`).
+Locking: one re-entrant lock per container (the mappings' lock) around the table, the
+section records and the backend calls; notifications arrive with the manager's lock
+held. Lock order is topology lock, then manager lock, then container lock: the container
+never calls into the address space or a manager while holding its own lock
+(attach/detach/region_add/region_del run under the topology lock, which serializes
+them), otherwise a plug notifying the container while it registers with the manager
+deadlocks.
 """
 
 from __future__ import annotations
 
 import threading
 import warnings
-from typing import NamedTuple
 
-from ramdiscard.consumers.dma.backend import PAGE_SIZE, PinHandle
-from ramdiscard.consumers.dma.granules import granule_bounds
-from ramdiscard.consumers.vfio.errors import ContainerStateError, IommuMapRefused, MappingLimitError
+from ramdiscard.consumers.dma.backend import PinHandle
+from ramdiscard.consumers.vfio.errors import ContainerStateError, IommuMapRefused
 from ramdiscard.consumers.vfio.limits import RdmRange, check_dma_limit, worst_case_mappings
+from ramdiscard.consumers.vfio.mappings import IOMMU_PAGE_SIZE, DmaMapping, PinnedMappings, check_ints
 from ramdiscard.consumers.vfio.sections import PlainSection, RdmSection
-from ramdiscard.consumers.vfio.table import MappingTable
 from ramdiscard.errors import InvalidArgument, ListenerError
 from ramdiscard.interfaces import DmaPinner
 from ramdiscard.memory.address_space import AddressSpace, MemoryListener
@@ -78,30 +78,13 @@ from ramdiscard.units import is_power_of_2
 
 DEFAULT_MAX_MAPPINGS = 65535
 """The kernel's default ``vfio_iommu_type1.dma_entry_limit``."""
-IOMMU_PAGE_SIZE = PAGE_SIZE
-
-
-class DmaMapping(NamedTuple):
-    """One DMA mapping of the container."""
-
-    iova: int
-    size: int
-    host_address: int
-    readonly: bool
 
 
 class IommuPinWarning(UserWarning):
     """A vIOMMU mapping pinned RDM-managed memory that a guest may keep across unplug."""
 
 
-_Entry = tuple[PinHandle, bool]
 _SectionKey = tuple[int, int]
-
-
-def _check_ints(**values: int) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InvalidArgument(f"{name} must be an int, not {type(value).__name__}")
 
 
 class VfioContainer(MemoryListener):
@@ -126,7 +109,7 @@ class VfioContainer(MemoryListener):
     ) -> None:
         if not isinstance(backend, DmaPinner):
             raise InvalidArgument(f"backend must be a DMA backend (DmaPinner), not {type(backend).__name__}")
-        _check_ints(max_mappings=max_mappings, max_memslots=max_memslots)
+        check_ints(max_mappings=max_mappings, max_memslots=max_memslots)
         if max_mappings <= 0:
             raise InvalidArgument(f"max_mappings must be positive, got {max_mappings}")
         if max_memslots < 0:
@@ -138,11 +121,8 @@ class VfioContainer(MemoryListener):
         self.dma_limit_check = dma_limit_check
         self._policy = policy
         self._held_policy: DiscardPolicy | None = None
-        self.peak_mapping_count = 0
-        self.peak_mapped_bytes = 0
-        self.refused_maps = 0
-        self._lock = threading.RLock()
-        self._table: MappingTable[_Entry] = MappingTable(max_mappings)
+        self._maps = PinnedMappings(backend, max_mappings)
+        self._lock = self._maps.lock
         self._space: AddressSpace | None = None
         self._rdm_sections: dict[_SectionKey, RdmSection] = {}
         self._plain_sections: dict[_SectionKey, PlainSection] = {}
@@ -162,34 +142,41 @@ class VfioContainer(MemoryListener):
 
     def __repr__(self) -> str:
         where = f" attached to {self._space.name!r}" if self._space is not None else ""
-        return f"<VfioContainer {len(self._table)} mappings{where}>"
+        return f"<VfioContainer {self._maps.count} mappings{where}>"
 
     # -- the type1 v2 interface ---------------------------------------------------------
 
     @property
     def mapping_count(self) -> int:
-        return len(self._table)
+        return self._maps.count
 
     @property
     def mapped_bytes(self) -> int:
-        return self._table.mapped_bytes
+        return self._maps.mapped_bytes
+
+    @property
+    def peak_mapping_count(self) -> int:
+        """The highest mapping count since construction."""
+        return self._maps.peak_mapping_count
+
+    @property
+    def peak_mapped_bytes(self) -> int:
+        """The highest mapped byte count since construction."""
+        return self._maps.peak_mapped_bytes
+
+    @property
+    def refused_maps(self) -> int:
+        """Maps refused by the mapping limit since construction."""
+        return self._maps.refused_maps
 
     def mappings(self) -> list[DmaMapping]:
         """Every mapping, in IOVA order."""
-        with self._lock:
-            return [
-                DmaMapping(iova, handle.size, handle.host_address, ro)
-                for iova, (handle, ro) in zip(self._table._starts, self._table._payloads, strict=True)
-            ]
+        return self._maps.mappings()
 
     def pin_of(self, iova: int) -> PinHandle:
         """The backend pin of the mapping containing ``iova`` (e.g. for ``dma_read``);
         InvalidArgument if nothing is mapped there."""
-        with self._lock:
-            index = self._table.find(iova)
-            if index is None:
-                raise InvalidArgument(f"nothing is mapped at IOVA {iova:#x}")
-            return self._table._payloads[index][0]
+        return self._maps.pin_of(iova)
 
     def dma_map(self, iova: int, host_address: int, size: int, readonly: bool = False) -> None:
         """Map and pin ``[host_address, +size)`` at ``iova``.
@@ -198,15 +185,7 @@ class VfioContainer(MemoryListener):
         MappingLimitError (table full) before any effect, or the backend's error when the
         pin fails; nothing is mapped or pinned then.
         """
-        _check_ints(iova=iova, host_address=host_address, size=size)
-        self._check_range("map", iova, size)
-        if host_address <= 0 or host_address % IOMMU_PAGE_SIZE:
-            raise InvalidArgument(f"DMA map host address {host_address:#x} is not page aligned")
-        with self._lock:
-            index = self._check_map(iova, iova + size, 1)
-            handle = self.backend.pin_many(((host_address, size),))[0]
-            self._table.insert_run(index, [iova], [iova + size], [(handle, readonly)])
-            self._note_peaks()
+        self._maps.map(iova, host_address, size, readonly)
 
     def dma_unmap(self, iova: int, size: int) -> int:
         """Unmap (and unpin) every mapping inside ``[iova, +size)``; return the bytes unmapped.
@@ -216,33 +195,11 @@ class VfioContainer(MemoryListener):
         backend fails to unpin, the mappings before the failing one are removed, the rest
         stay mapped and pinned, and the error propagates.
         """
-        _check_ints(iova=iova, size=size)
-        self._check_range("unmap", iova, size)
-        with self._lock:
-            table = self._table
-            lo, hi = table.unmap_span(iova, iova + size)
-            if lo == hi:
-                return 0
-            entries = table.span_payloads(lo, hi)
-            try:
-                self.backend.unpin_many([handle for handle, _ in entries])
-            except BaseException:
-                released = 0
-                for handle, _ in entries:
-                    if self.backend.holds(handle):
-                        break
-                    released += 1
-                table.remove(lo, lo + released)
-                raise
-            return table.remove(lo, hi)
+        return self._maps.unmap(iova, size)
 
     def unmap_all(self) -> int:
         """Unmap every mapping (listener-made ones included); return the bytes unmapped."""
-        with self._lock:
-            if not len(self._table):
-                return 0
-            first = self._table._starts[0]
-            return self.dma_unmap(first, self._table._ends[-1] - first)
+        return self._maps.unmap_all()
 
     # -- vIOMMU -------------------------------------------------------------------------
 
@@ -400,7 +357,7 @@ class VfioContainer(MemoryListener):
                 records = self._rdm_ranges()
                 records.append(RdmRange(section.offset_within_address_space, section.size, granularity))
                 check_dma_limit(records, self.max_memslots, self.max_mappings)
-            record = RdmSection(self, rdm, section, granularity, host)
+            record = RdmSection(self._maps, rdm, section, granularity, host)
         # Not under our lock: the replay notifies us with the manager's lock held.
         rdm.register_listener(record, section)
         with self._lock:
@@ -426,56 +383,6 @@ class VfioContainer(MemoryListener):
             )
             for r in self._rdm_sections.values()
         ]
-
-    def _check_map(self, iova: int, end: int, count: int) -> int:
-        try:
-            return self._table.check_map(iova, end, count)
-        except MappingLimitError:
-            self.refused_maps += 1
-            raise
-
-    def _note_peaks(self) -> None:
-        table = self._table
-        if len(table) > self.peak_mapping_count:
-            self.peak_mapping_count = len(table)
-        if table.mapped_bytes > self.peak_mapped_bytes:
-            self.peak_mapped_bytes = table.mapped_bytes
-
-    def _map_granules(self, section: MemoryRegionSection, granularity: int, host_base: int) -> None:
-        """Map ``section`` cut at multiples of ``granularity`` in region offsets
-        (:func:`~ramdiscard.consumers.dma.granules.granule_bounds`), all or nothing (a refused
-        populate leaves nothing mapped or pinned)."""
-        start = section.offset_within_region
-        end = start + section.size
-        to_iova = section.offset_within_address_space - start
-        offsets, ends = granule_bounds(start, end, granularity)
-        if not offsets:
-            return
-        ro = section.readonly
-        with self._lock:
-            table = self._table
-            index = self._check_map(start + to_iova, end + to_iova, len(offsets))
-            handles = self.backend.pin_many(
-                [(host_base + o, e - o) for o, e in zip(offsets, ends, strict=True)]
-            )
-            table.insert_run(
-                index,
-                [o + to_iova for o in offsets],
-                [e + to_iova for e in ends],
-                [(h, ro) for h in handles],
-            )
-            self._note_peaks()
-
-    def _check_range(self, what: str, iova: int, size: int) -> None:
-        if size <= 0:
-            raise InvalidArgument(f"DMA {what} size must be positive, got {size:#x}")
-        if iova < 0 or iova % IOMMU_PAGE_SIZE or size % IOMMU_PAGE_SIZE:
-            raise InvalidArgument(
-                f"DMA {what} [{iova:#x}, +{size:#x}) is not aligned to the IOMMU page size "
-                f"{IOMMU_PAGE_SIZE:#x}"
-            )
-        if iova + size > 1 << 64:
-            raise InvalidArgument(f"DMA {what} [{iova:#x}, +{size:#x}) overflows 64 bits")
 
     @staticmethod
     def _host_base(mr: MemoryRegion) -> int:

@@ -8,8 +8,10 @@ Rules (qemu-ram-discard §4.1):
 * Populate = map in granules: the notified range is cut at every multiple of the
   granularity *in region offsets* and clipped to the section; each piece is one DMA
   mapping (IOVA = address-space offset, host address = RAM base + region offset,
-  read-only if the section is). The container maps the pieces all-or-nothing, so a refused
-  populate leaves nothing of it mapped or pinned and the manager rolls back the others.
+  read-only if the section is) in the container's
+  :class:`~ramdiscard.consumers.vfio.mappings.PinnedMappings`, which maps the pieces
+  all-or-nothing, so a refused populate leaves nothing of it mapped or pinned and the
+  manager rolls back the others.
 * Discard = one unmap of the notified range; holes are fine, so double discards are
   harmless. A failing unmap is retried once, then logged, never raised (a discard cannot
   be refused).
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING
 from ramdiscard.rdm.listener import RamDiscardListener
 
 if TYPE_CHECKING:
-    from ramdiscard.consumers.vfio.container import VfioContainer
+    from ramdiscard.consumers.vfio.mappings import PinnedMappings
     from ramdiscard.memory.section import MemoryRegionSection
     from ramdiscard.rdm.manager import RamDiscardManager
 
@@ -38,13 +40,13 @@ class RdmSection(RamDiscardListener):
 
     def __init__(
         self,
-        container: VfioContainer,
+        mappings: PinnedMappings,
         rdm: RamDiscardManager,
         section: MemoryRegionSection,
         granularity: int,
         host_base: int,
     ) -> None:
-        self.container = container
+        self.mappings = mappings
         self.rdm = rdm
         self.registered_section = section
         self.granularity = granularity
@@ -54,16 +56,16 @@ class RdmSection(RamDiscardListener):
         return f"<RdmSection {self.registered_section!r} granularity={self.granularity:#x}>"
 
     def notify_populate(self, section: MemoryRegionSection) -> None:
-        self.container._map_granules(section, self.granularity, self.host_base)
+        self.mappings.map_granules(section, self.granularity, self.host_base)
 
     def notify_discard(self, section: MemoryRegionSection) -> None:
-        # A failed unpin leaves the rest of the range mapped (dma_unmap's contract), so a
+        # A failed unpin leaves the rest of the range mapped (PinnedMappings.unmap's contract), so a
         # second attempt finishes the job after a transient failure (EINTR, ENOMEM). If it
         # fails again the stale mapping stays until the next unmap covering it (the next
         # discard of the range, or detach), as in QEMU.
         for attempt in (1, 2):
             try:
-                self.container.dma_unmap(section.offset_within_address_space, section.size)
+                self.mappings.unmap(section.offset_within_address_space, section.size)
                 return
             except Exception:
                 if attempt == 2:

@@ -46,10 +46,6 @@ class MappingTable(Generic[T]):
     def __len__(self) -> int:
         return len(self._starts)
 
-    def payloads(self) -> list[T]:
-        """Every payload in IOVA order."""
-        return list(self._payloads)
-
     def check_map(self, iova: int, end: int, count: int = 1) -> int:
         """The index where ``count`` mappings tiling ``[iova, end)`` go.
 
@@ -115,6 +111,19 @@ class MappingTable(Generic[T]):
 
     def span_payloads(self, lo: int, hi: int) -> list[T]:
         return self._payloads[lo:hi]
+
+    def payload_at(self, index: int) -> T:
+        return self._payloads[index]
+
+    def items(self) -> list[tuple[int, T]]:
+        """Every ``(iova, payload)`` in IOVA order."""
+        return list(zip(self._starts, self._payloads, strict=True))
+
+    def extent(self) -> tuple[int, int] | None:
+        """``(first start, last end)`` of the mappings, or None when there are none."""
+        if not self._starts:
+            return None
+        return self._starts[0], self._ends[-1]
 
     def remove(self, lo: int, hi: int) -> int:
         """Delete the mappings ``[lo, hi)``; return the bytes they covered."""

@@ -1,0 +1,191 @@
+"""A container's DMA mappings: the type1-v2 mapping table with one real pin per mapping.
+
+Rules:
+
+* Mappings follow the type1 v2 IOMMU (see :mod:`ramdiscard.consumers.vfio.table`): no
+  overlaps (MappingConflict), an unmap removes whole mappings and may cover holes but
+  never cuts one (UnmapSplitError), at most ``max_mappings`` mappings (MappingLimitError).
+  IOVA, host address and size are multiples of :data:`IOMMU_PAGE_SIZE`; sizes are
+  positive. Every argument error (InvalidArgument) is raised before any effect.
+* Every mapping holds a pin through the DMA backend from map to unmap. A map whose pin
+  fails maps nothing; :meth:`PinnedMappings.map_granules` maps all of its granules or
+  none of them.
+* An unpin failure during an unmap removes the mappings before the failing one; the rest
+  stay mapped and pinned and the backend's error propagates.
+* Statistics: ``peak_mapping_count`` and ``peak_mapped_bytes`` (highest values since
+  construction) and ``refused_maps`` (maps refused by the mapping limit).
+* Locking: every method runs under :attr:`PinnedMappings.lock` (re-entrant), which the
+  owning container also uses for its own records.
+
+This is the home of what both the container's type1 interface and its RDM section
+listeners (:mod:`ramdiscard.consumers.vfio.sections`) do to the table.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import NamedTuple
+
+from ramdiscard.consumers.dma.backend import PAGE_SIZE, PinHandle
+from ramdiscard.consumers.dma.granules import granule_bounds
+from ramdiscard.consumers.vfio.errors import MappingLimitError
+from ramdiscard.consumers.vfio.table import MappingTable
+from ramdiscard.errors import InvalidArgument
+from ramdiscard.interfaces import DmaPinner
+from ramdiscard.memory.section import MemoryRegionSection
+
+IOMMU_PAGE_SIZE = PAGE_SIZE
+
+
+class DmaMapping(NamedTuple):
+    """One DMA mapping of a container."""
+
+    iova: int
+    size: int
+    host_address: int
+    readonly: bool
+
+
+_Entry = tuple[PinHandle, bool]
+
+
+def check_ints(**values: int) -> None:
+    """InvalidArgument unless every value is an int (bool refused)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidArgument(f"{name} must be an int, not {type(value).__name__}")
+
+
+class PinnedMappings:
+    """Pinned type1-v2 mappings over ``backend``, at most ``max_mappings``; see the module
+    rules. Does not own ``backend``."""
+
+    def __init__(self, backend: DmaPinner, max_mappings: int) -> None:
+        self.backend = backend
+        self.lock = threading.RLock()
+        self.peak_mapping_count = 0
+        self.peak_mapped_bytes = 0
+        self.refused_maps = 0
+        self._table: MappingTable[_Entry] = MappingTable(max_mappings)
+
+    @property
+    def count(self) -> int:
+        return len(self._table)
+
+    @property
+    def mapped_bytes(self) -> int:
+        return self._table.mapped_bytes
+
+    def mappings(self) -> list[DmaMapping]:
+        """Every mapping, in IOVA order."""
+        with self.lock:
+            return [
+                DmaMapping(iova, handle.size, handle.host_address, ro)
+                for iova, (handle, ro) in self._table.items()
+            ]
+
+    def pin_of(self, iova: int) -> PinHandle:
+        """The pin of the mapping containing ``iova``; InvalidArgument if nothing is
+        mapped there."""
+        with self.lock:
+            index = self._table.find(iova)
+            if index is None:
+                raise InvalidArgument(f"nothing is mapped at IOVA {iova:#x}")
+            return self._table.payload_at(index)[0]
+
+    def map(self, iova: int, host_address: int, size: int, readonly: bool) -> None:
+        """Map and pin ``[host_address, +size)`` at ``iova`` (arguments checked first)."""
+        check_ints(iova=iova, host_address=host_address, size=size)
+        check_range("map", iova, size)
+        if host_address <= 0 or host_address % IOMMU_PAGE_SIZE:
+            raise InvalidArgument(f"DMA map host address {host_address:#x} is not page aligned")
+        with self.lock:
+            index = self._check_map(iova, iova + size, 1)
+            handle = self.backend.pin_many(((host_address, size),))[0]
+            self._table.insert_run(index, [iova], [iova + size], [(handle, readonly)])
+            self._note_peaks()
+
+    def map_granules(self, section: MemoryRegionSection, granularity: int, host_base: int) -> None:
+        """Map ``section`` cut at multiples of ``granularity`` in region offsets
+        (:func:`~ramdiscard.consumers.dma.granules.granule_bounds`), host address
+        ``host_base`` + region offset, all or nothing (a refused populate leaves nothing
+        mapped or pinned). The section's geometry was checked when it was registered."""
+        start = section.offset_within_region
+        end = start + section.size
+        to_iova = section.offset_within_address_space - start
+        offsets, ends = granule_bounds(start, end, granularity)
+        if not offsets:
+            return
+        ro = section.readonly
+        with self.lock:
+            table = self._table
+            index = self._check_map(start + to_iova, end + to_iova, len(offsets))
+            handles = self.backend.pin_many(
+                [(host_base + o, e - o) for o, e in zip(offsets, ends, strict=True)]
+            )
+            table.insert_run(
+                index,
+                [o + to_iova for o in offsets],
+                [e + to_iova for e in ends],
+                [(h, ro) for h in handles],
+            )
+            self._note_peaks()
+
+    def unmap(self, iova: int, size: int) -> int:
+        """Unmap and unpin every mapping inside ``[iova, +size)``; the bytes unmapped (see
+        the module rules for a failing unpin)."""
+        check_ints(iova=iova, size=size)
+        check_range("unmap", iova, size)
+        with self.lock:
+            table = self._table
+            lo, hi = table.unmap_span(iova, iova + size)
+            if lo == hi:
+                return 0
+            entries = table.span_payloads(lo, hi)
+            try:
+                self.backend.unpin_many([handle for handle, _ in entries])
+            except BaseException:
+                released = 0
+                for handle, _ in entries:
+                    if self.backend.holds(handle):
+                        break
+                    released += 1
+                table.remove(lo, lo + released)
+                raise
+            return table.remove(lo, hi)
+
+    def unmap_all(self) -> int:
+        """Unmap every mapping; the bytes unmapped."""
+        with self.lock:
+            extent = self._table.extent()
+            if extent is None:
+                return 0
+            first, end = extent
+            return self.unmap(first, end - first)
+
+    def _check_map(self, iova: int, end: int, count: int) -> int:
+        try:
+            return self._table.check_map(iova, end, count)
+        except MappingLimitError:
+            self.refused_maps += 1
+            raise
+
+    def _note_peaks(self) -> None:
+        table = self._table
+        if len(table) > self.peak_mapping_count:
+            self.peak_mapping_count = len(table)
+        if table.mapped_bytes > self.peak_mapped_bytes:
+            self.peak_mapped_bytes = table.mapped_bytes
+
+
+def check_range(what: str, iova: int, size: int) -> None:
+    """InvalidArgument unless ``[iova, +size)`` is a positive, IOMMU-page-aligned range
+    inside the 64-bit IOVA space."""
+    if size <= 0:
+        raise InvalidArgument(f"DMA {what} size must be positive, got {size:#x}")
+    if iova < 0 or iova % IOMMU_PAGE_SIZE or size % IOMMU_PAGE_SIZE:
+        raise InvalidArgument(
+            f"DMA {what} [{iova:#x}, +{size:#x}) is not aligned to the IOMMU page size {IOMMU_PAGE_SIZE:#x}"
+        )
+    if iova + size > 1 << 64:
+        raise InvalidArgument(f"DMA {what} [{iova:#x}, +{size:#x}) overflows 64 bits")
