@@ -4,6 +4,7 @@ queries equal a naive computation on a Python-int model of the same bits."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -150,3 +151,14 @@ def test_runs_of_uniform_and_few_run_maps() -> None:
     assert list(bm.runs(0, nbits)) == [(0, g + 3), (2 * g, 4 * g), (6 * g, nbits)]
     assert list(bm.runs(0, nbits, False)) == [(g + 3, 2 * g), (4 * g, 6 * g)]
     assert bm.group_counts()[-1] == 100
+
+
+@pytest.mark.parametrize("nbits", [1, 60, 63, 65, 4095, 4097, 3 * 4096 + 5])
+def test_from_bytes_refuses_any_bit_beyond_the_size(nbits: int) -> None:
+    data = bytearray(Bitmap(nbits).to_bytes())
+    data[-1] |= 0x80  # the top bit of the last byte lies beyond nbits unless nbits % 8 == 0
+    if nbits % 8 == 0:
+        assert Bitmap.from_bytes(nbits, bytes(data)).count == 1
+    else:
+        with pytest.raises(ValueError, match="beyond its size"):
+            Bitmap.from_bytes(nbits, bytes(data))

@@ -83,7 +83,7 @@ class Bitmap:
         bm = cls(nbits)
         padded = data + bytes(len(bm._words) * 8 - len(data))
         words = np.frombuffer(padded, dtype="<u8").astype(np.uint64)
-        if nbits % 64 and len(words) and int(words[-1]) >> (nbits % 64):
+        if nbits % 64 and int(words[(nbits - 1) // 64]) >> (nbits % 64):
             raise ValueError("bitmap has bits set beyond its size")
         bm._words[:] = words
         bm._recount()
