@@ -2,7 +2,7 @@
 
 The machine's consumers are attached to its address space and report a status dict; this
 one follows RAM blocks instead, so ``attach`` ignores the address space it is given.
-Proposed scenario keys (QEMU-style spelling)::
+Its scenario keys (read by :mod:`ramdiscard.machine.scenario.consumers`)::
 
     [[consumers]]
     type = "blockdma"
