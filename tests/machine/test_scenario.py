@@ -169,3 +169,81 @@ def test_random_mutations_load_or_fail_with_one_line_naming_a_key(data: st.DataO
         assert re.match(r'^m\.toml: [\w.\[\]\\"-]+: \S', text), text
     else:
         assert sc.devices
+
+
+# -- device properties: one source of truth --------------------------------------------
+
+DEVICE_SIZE = 1 * GiB
+
+
+def _device_accepts(**props: Any) -> tuple[bool, int]:
+    """Realize a virtio-mem device on anonymous memory with ``props``: (accepted, block size)."""
+    from ramdiscard.errors import InvalidArgument
+    from ramdiscard.hostmem import RamBlock
+    from ramdiscard.memory.region import MemoryRegion
+    from ramdiscard.memory.system import MemorySystem
+    from ramdiscard.providers.virtio_mem import VirtioMem
+
+    block = RamBlock(DEVICE_SIZE, "anonymous", name="t-mem")
+    try:
+        mr = MemoryRegion.new_ram("t-mem", block, system=MemorySystem("t"))
+        try:
+            dev = VirtioMem(mr, addr=props.pop("addr", 4 * GiB), id="t", **props)
+        except InvalidArgument:
+            return False, 0
+        bs = dev.block_size
+        dev.unrealize()
+        return True, bs
+    finally:
+        block.close()
+
+
+def _one_device(**keys: Any) -> dict[str, Any]:
+    return {"boot-ram": "512M", "devices": [{"id": "vmem0", "size": DEVICE_SIZE, **keys}]}
+
+
+@pytest.mark.parametrize("thp", [None, 8 * MiB], ids=["this-host", "host-with-8M-thp"])
+def test_default_block_size_is_the_devices(thp: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    if thp is not None:  # a host whose THP size differs from 2M
+        monkeypatch.setattr("ramdiscard.providers.virtio_mem.config.thp_size", lambda: thp)
+    sc = scenario_from_dict(_one_device(), source="s.toml")
+    accepted, device_default = _device_accepts()
+    assert accepted
+    assert sc.devices[0].block_size == device_default
+
+
+@pytest.mark.parametrize(
+    "block_size", [0, 4096, 512 * 1024, MiB, 2 * MiB, 3 * MiB, 4 * MiB, 6 * MiB, 64 * MiB, DEVICE_SIZE]
+)
+def test_block_size_gets_the_devices_answer(block_size: int) -> None:
+    accepted, _ = _device_accepts(block_size=block_size)
+    try:
+        sc = scenario_from_dict(_one_device(**{"block-size": block_size}), source="s.toml")
+    except ScenarioError as exc:
+        assert not accepted, f"the device accepts {block_size:#x}, the scenario refuses it: {exc}"
+        assert str(exc).startswith("s.toml: devices[0].block-size: "), str(exc)
+        assert "\n" not in str(exc)
+    else:
+        assert accepted, f"the device refuses {block_size:#x}, the scenario accepts it"
+        assert sc.devices[0].block_size == block_size
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "props"),
+    [
+        ("requested-size", 3 * MiB, {"block_size": 2 * MiB, "requested_size": 3 * MiB}),
+        ("requested-size", 2 * GiB, {"block_size": 2 * MiB, "requested_size": 2 * GiB}),
+        ("addr", 4 * GiB + MiB, {"block_size": 2 * MiB, "addr": 4 * GiB + MiB}),
+        ("requested-size", 4 * MiB, {"block_size": 2 * MiB, "requested_size": 4 * MiB}),
+        ("addr", 4 * GiB + 2 * MiB, {"block_size": 2 * MiB, "addr": 4 * GiB + 2 * MiB}),
+    ],
+)
+def test_device_properties_get_the_devices_answer(key: str, value: int, props: dict[str, Any]) -> None:
+    accepted, _ = _device_accepts(**props)
+    try:
+        scenario_from_dict(_one_device(**{"block-size": "2M", key: value}), source="s.toml")
+    except ScenarioError as exc:
+        assert not accepted, f"the device accepts {key} {value:#x}, the scenario refuses it: {exc}"
+        assert str(exc).startswith(f"s.toml: devices[0].{key}: "), str(exc)
+    else:
+        assert accepted, f"the device refuses {key} {value:#x}, the scenario accepts it"

@@ -2,7 +2,7 @@
 
 The machine's consumers are attached to its address space and report a status dict; this
 one follows RAM blocks instead, so ``attach`` ignores the address space it is given.
-Its scenario keys (QEMU-style spelling; parsed by :mod:`ramdiscard.machine.scenario`)::
+Its scenario keys (QEMU-style spelling; read by :mod:`ramdiscard.machine.scenario.consumers`)::
 
     [[consumers]]
     type = "blockdma"

@@ -7,12 +7,18 @@ Rules (QEMU's realize-time checks, in its order):
 * ``node`` < ``numa_nodes`` (0 without NUMA); ``dynamic-memslots`` needs
   ``unplugged-inaccessible``; the usable extent is not negative.
 * ``block-size``: default :func:`default_block_size`; an explicit one is a power of two,
-  at least 1 MiB and at least the backing page size (below the default only warns).
-* The region size is a multiple of the block size; ``addr`` is block aligned and the
-  region ends inside the 64-bit space; ``requested-size`` is valid
+  at least 1 MiB and at least the backing page size (below the default only warns)
+  (:func:`check_block_size`).
+* The region size is a multiple of the block size (:func:`check_region_size`); ``addr``
+  is block aligned and the region ends inside the 64-bit space (:func:`check_addr`);
+  ``requested-size`` is valid
   (:func:`~ramdiscard.providers.virtio_mem.state.check_requested`).
 
-Every failed check raises InvalidArgument with a one-line message naming the device.
+Every failed check raises InvalidArgument with a one-line message naming the device; the
+property checks raise its subclass
+:class:`~ramdiscard.providers.virtio_mem.state.PropertyError`, which also names the
+property and the rule, so that others describing the same properties (a scenario file)
+ask these functions instead of checking again.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from collections.abc import Callable
 from ramdiscard.errors import InvalidArgument, ProtocolViolation
 from ramdiscard.interfaces import DiscardableMemory as HostRam
 from ramdiscard.memory.region import MemoryRegion
-from ramdiscard.providers.virtio_mem.state import check_requested
+from ramdiscard.providers.virtio_mem.state import PropertyError, Rule, check_requested
 from ramdiscard.providers.virtio_mem.wire import (
     U64_MAX,
     VIRTIO_MEM_F_ACPI_PXM,
@@ -116,6 +122,55 @@ def check_memdev(prefix: str, memory: object, is_device: Callable[[object], bool
     return ram
 
 
+def check_block_size(prefix: str, block_size: int | None, page_size: int) -> int:
+    """The block size to use for a memory backend of ``page_size`` pages: ``block_size``
+    if valid, :func:`default_block_size` if None. PropertyError if it is below 1 MiB, not
+    a power of two or below the page size."""
+    if block_size is None:
+        return default_block_size(page_size)
+    if block_size < MIN_BLOCK_SIZE:
+        raise PropertyError(
+            f"{prefix}: block-size must be at least 1 MiB, got {block_size:#x}",
+            prop="block-size", rule=Rule.BELOW_MINIMUM, limit=MIN_BLOCK_SIZE,
+        )  # fmt: skip
+    if not is_power_of_2(block_size):
+        raise PropertyError(
+            f"{prefix}: block-size must be a power of two, got {block_size:#x}",
+            prop="block-size", rule=Rule.NOT_POWER_OF_TWO,
+        )  # fmt: skip
+    if block_size < page_size:
+        raise PropertyError(
+            f"{prefix}: block-size has to be at least the page size of memdev ({page_size:#x})",
+            prop="block-size", rule=Rule.BELOW_PAGE_SIZE, limit=page_size,
+        )  # fmt: skip
+    return block_size
+
+
+def check_region_size(prefix: str, region_size: int, block_size: int) -> None:
+    """PropertyError (``prop`` "size") unless the memory backend size is a multiple of
+    ``block_size``."""
+    if region_size % block_size:
+        raise PropertyError(
+            f"{prefix}: memory backend size must be a multiple of block-size ({block_size:#x})",
+            prop="size", rule=Rule.NOT_BLOCK_MULTIPLE, limit=block_size,
+        )  # fmt: skip
+
+
+def check_addr(prefix: str, addr: int, region_size: int, block_size: int) -> None:
+    """PropertyError (``prop`` "addr") unless ``addr`` is a non-negative multiple of
+    ``block_size`` and the region ends inside the 64-bit address space."""
+    if addr < 0 or addr % block_size:
+        raise PropertyError(
+            f"{prefix}: addr must be a multiple of block-size ({block_size:#x})",
+            prop="addr", rule=Rule.NOT_BLOCK_MULTIPLE, limit=block_size,
+        )  # fmt: skip
+    if addr + region_size > U64_MAX + 1:
+        raise PropertyError(
+            f"{prefix}: addr {addr:#x} + size {region_size:#x} ends beyond the 64-bit address space",
+            prop="addr", rule=Rule.BEYOND_ADDRESS_SPACE, limit=U64_MAX + 1,
+        )  # fmt: skip
+
+
 def check_properties(
     prefix: str,
     *,
@@ -137,26 +192,12 @@ def check_properties(
         raise InvalidArgument(f"{prefix}: dynamic-memslots requires unplugged-inaccessible=on")
     if usable_extent < 0:
         raise InvalidArgument(f"{prefix}: negative usable extent")
+    block_size = check_block_size(prefix, block_size, page_size)
     default_bs = default_block_size(page_size)
-    if block_size is None:
-        block_size = default_bs
-    else:
-        if block_size < MIN_BLOCK_SIZE:
-            raise InvalidArgument(f"{prefix}: block-size must be at least 1 MiB, got {block_size:#x}")
-        if not is_power_of_2(block_size):
-            raise InvalidArgument(f"{prefix}: block-size must be a power of two, got {block_size:#x}")
-        if block_size < page_size:
-            raise InvalidArgument(
-                f"{prefix}: block-size has to be at least the page size of memdev ({page_size:#x})"
-            )
-        if block_size < default_bs:
-            log.warning("%s: block-size %#x is below the default %#x", prefix, block_size, default_bs)
-    if region_size % block_size:
-        raise InvalidArgument(
-            f"{prefix}: memory backend size must be a multiple of block-size ({block_size:#x})"
-        )
-    if addr < 0 or addr % block_size or addr + region_size > U64_MAX + 1:
-        raise InvalidArgument(f"{prefix}: addr must be a multiple of block-size ({block_size:#x})")
+    if block_size < default_bs:
+        log.warning("%s: block-size %#x is below the default %#x", prefix, block_size, default_bs)
+    check_region_size(prefix, region_size, block_size)
+    check_addr(prefix, addr, region_size, block_size)
     check_requested(prefix, requested_size, block_size, region_size)
     return block_size
 

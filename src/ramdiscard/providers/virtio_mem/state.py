@@ -42,7 +42,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import NamedTuple
 
 from ramdiscard.errors import InvalidArgument
@@ -116,14 +116,55 @@ class RestorePlan:
         return not self.bitmap.all_clear(offset >> self.shift, (offset + size) >> self.shift)
 
 
+class Rule(StrEnum):
+    """Which property rule a value breaks (:class:`PropertyError`)."""
+
+    NOT_AN_INTEGER = "not-an-integer"
+    """Not a non-negative integer."""
+    BELOW_MINIMUM = "below-minimum"
+    """Below the smallest allowed value (the error's ``limit``)."""
+    NOT_POWER_OF_TWO = "not-power-of-two"
+    BELOW_PAGE_SIZE = "below-page-size"
+    """Below the page size of the memory backend (the error's ``limit``)."""
+    NOT_BLOCK_MULTIPLE = "not-block-multiple"
+    """Not a multiple of the block size (the error's ``limit``)."""
+    BEYOND_SIZE = "beyond-size"
+    """Larger than the memory backend size (the error's ``limit``)."""
+    BEYOND_ADDRESS_SPACE = "beyond-address-space"
+    """The region would end beyond the 64-bit address space."""
+
+
+class PropertyError(InvalidArgument):
+    """A device property value is refused: ``prop`` (QEMU's property name, e.g.
+    ``"block-size"``), the ``rule`` it breaks and the ``limit`` involved (0 if none), so
+    a caller describing the value in its own terms (a scenario file) can word it."""
+
+    def __init__(self, message: str, *, prop: str, rule: Rule, limit: int = 0) -> None:
+        super().__init__(message)
+        self.prop = prop
+        self.rule = rule
+        self.limit = limit
+
+
 def check_requested(name: str, value: int, block_size: int, region_size: int) -> None:
-    """Raise InvalidArgument unless ``value`` is a valid requested size."""
+    """Raise PropertyError (``prop`` "requested-size") unless ``value`` is a valid
+    requested size: a non-negative integer, a multiple of ``block_size``, at most
+    ``region_size``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidArgument(f"{name}: requested-size must be a non-negative integer, got {value!r}")
+        raise PropertyError(
+            f"{name}: requested-size must be a non-negative integer, got {value!r}",
+            prop="requested-size", rule=Rule.NOT_AN_INTEGER,
+        )  # fmt: skip
     if value % block_size:
-        raise InvalidArgument(f"{name}: requested-size must be a multiple of block-size ({block_size:#x})")
+        raise PropertyError(
+            f"{name}: requested-size must be a multiple of block-size ({block_size:#x})",
+            prop="requested-size", rule=Rule.NOT_BLOCK_MULTIPLE, limit=block_size,
+        )  # fmt: skip
     if value > region_size:
-        raise InvalidArgument(f"{name}: requested-size cannot exceed the memory backend size")
+        raise PropertyError(
+            f"{name}: requested-size cannot exceed the memory backend size",
+            prop="requested-size", rule=Rule.BEYOND_SIZE, limit=region_size,
+        )  # fmt: skip
 
 
 class PlugState:

@@ -1,0 +1,177 @@
+"""Running one scenario step on a machine: the host's action, then the guest's reaction.
+
+Rules:
+
+* :func:`run_step` applies the step's action through the machine's public methods (its
+  handler in :data:`HANDLERS`), then lets the guest react: synchronously
+  (:meth:`Machine.run_guest`) unless the guest thread runs, in which case it waits until
+  the drivers converge. It reports the requests, their responses by name, notes on
+  drivers that did not reach the requested size, the machine's status and the action's
+  figures (:class:`StepResult`).
+* An action may replace the machine (``migrate``): the handler returns the machine to
+  continue with, the step reports it in :attr:`StepResult.machine`, and the guest's
+  reaction and the figures are the new machine's.
+* A new step kind is an :class:`~ramdiscard.machine.scenario.Action` member with a
+  :data:`Handler` in :data:`HANDLERS` (and its reader in the scenario's steps table).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ramdiscard.guest import DriverState, Exchange
+from ramdiscard.machine.scenario import Action, StepSpec
+from ramdiscard.units import format_size
+
+if TYPE_CHECKING:
+    from ramdiscard.machine.machine import Machine, OnRequest
+
+
+@dataclass
+class StepResult:
+    """What one step did: its requests, the final status, the wall time.
+
+    ``machine`` is set when the step replaced the machine (``migrate``): the returned
+    machine is the one to continue with, and the old one is closed. ``details`` holds the
+    figures of snapshot/restore/migrate/dump steps."""
+
+    index: int
+    label: str
+    seconds: float
+    requests: int
+    responses: dict[str, int]
+    converged: bool
+    status: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    machine: Machine | None = None
+
+
+@dataclass
+class Outcome:
+    """What a handler did: the machine to continue with, figures and notes."""
+
+    machine: Machine
+    details: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+Handler = Callable[["Machine", StepSpec, int], Outcome]
+"""``fn(machine, step, index)``: carry out the step's action (not the guest's reaction)."""
+
+_KEPT = "; removed at exit (set path to keep it)"
+
+
+def _resize(m: Machine, step: StepSpec, index: int) -> Outcome:
+    for dev_id, size in step.requested:
+        m.set_requested_size(dev_id, size)
+    return Outcome(m)
+
+
+def _unplug_all(m: Machine, step: StepSpec, index: int) -> Outcome:
+    m.unplug_all(step.device)
+    return Outcome(m)
+
+
+def _system_reset(m: Machine, step: StepSpec, index: int) -> Outcome:
+    m.system_reset()
+    return Outcome(m)
+
+
+def _pause(m: Machine, step: StepSpec, index: int) -> Outcome:
+    time.sleep(step.seconds)
+    return Outcome(m)
+
+
+def _snapshot(m: Machine, step: StepSpec, index: int) -> Outcome:
+    d = m.snapshot(step.path)
+    note = (
+        f"snapshot {d['path']}: {format_size(d['page_bytes'])} of populated memory "
+        f"in {d['seconds']:.2f} s, file holds {format_size(d['file_allocated'])}"
+        + ("" if step.path else _KEPT)
+    )
+    return Outcome(m, d, [note])
+
+
+def _restore(m: Machine, step: StepSpec, index: int) -> Outcome:
+    d = m.restore(step.path)
+    note = (
+        f"restored {d['path']}: {format_size(d['page_bytes'])} loaded in "
+        f"{d['seconds']:.2f} s; every populated byte and the guest's patterns check out"
+    )
+    return Outcome(m, d, [note])
+
+
+def _migrate(m: Machine, step: StepSpec, index: int) -> Outcome:
+    dest, d = m.migrate(step.transport, step.path)
+    note = (
+        f"migrated over {d['transport']}: {format_size(d['page_bytes'])} of populated "
+        f"memory ({format_size(d['stream_bytes'])} streamed) in {d['seconds']:.2f} s "
+        "to a fresh machine; every populated byte and the guest's patterns check out"
+    )
+    return Outcome(dest, d, [note])
+
+
+def _dump(m: Machine, step: StepSpec, index: int) -> Outcome:
+    path = step.path or str(m.files.files_dir() / f"{m.scenario.name}-step{index}.elf")
+    d = m.dump(path, durable=bool(step.path))
+    note = (
+        f"dump {d['path']}: {d['segments']} PT_LOAD segments, "
+        f"{format_size(d['bytes'])} (boot RAM + plugged memory only)" + ("" if step.path else _KEPT)
+    )
+    return Outcome(m, d, [note])
+
+
+HANDLERS: dict[Action, Handler] = {
+    Action.RESIZE: _resize,
+    Action.UNPLUG_ALL: _unplug_all,
+    Action.SYSTEM_RESET: _system_reset,
+    Action.PAUSE: _pause,
+    Action.SNAPSHOT: _snapshot,
+    Action.RESTORE: _restore,
+    Action.MIGRATE: _migrate,
+    Action.DUMP: _dump,
+}
+"""The handler of each action."""
+
+
+def run_step(m: Machine, step: StepSpec, index: int = 0, on_request: OnRequest | None = None) -> StepResult:
+    """Apply ``step`` to ``m`` and let the guest react; see the module rules."""
+    t0 = time.monotonic()
+    out = HANDLERS[step.action](m, step, index)
+    target = out.machine
+    notes = list(out.notes)
+    exchanges: list[Exchange] = []
+    if not target.running:
+        exchanges = target.run_guest(on_request=on_request)
+    else:
+        target.wait_converged()
+    responses: dict[str, int] = {}
+    for ex in exchanges:
+        name = getattr(ex.response, "name", str(ex.response)).lower()
+        responses[name] = responses.get(name, 0) + 1
+    with target.lock:
+        for dev_id, drv in target.drivers.items():
+            requested = target.devices[dev_id].requested_size
+            if drv.state is DriverState.WAITING:
+                notes.append(f"{dev_id}: guest driver waits for its retry timer (device answered BUSY)")
+            elif drv.state is DriverState.BROKEN:
+                notes.append(f"{dev_id}: guest driver broken: {drv.broken_reason}")
+            elif drv.plugged_size != requested:
+                notes.append(f"{dev_id}: guest stopped at {drv.plugged_size:#x} of {requested:#x}")
+    status = target.status()
+    return StepResult(
+        index=index,
+        label=step.describe(),
+        seconds=time.monotonic() - t0,
+        requests=len(exchanges),
+        responses=responses,
+        converged=target.converged(),
+        status=status,
+        notes=notes,
+        details=out.details,
+        machine=target if target is not m else None,
+    )
