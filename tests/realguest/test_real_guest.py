@@ -6,10 +6,13 @@ apt access for the cached Debian kernel/busybox on first use. Every wait is boun
 
 from __future__ import annotations
 
+import json
 import struct
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -69,7 +72,7 @@ def unplugged_resident(g: RealGuest) -> int:
     return total
 
 
-def test_plug_resize_reset_and_replay(guest: RealGuest) -> None:
+def test_plug_resize_reset_and_replay(guest: RealGuest, tmp_path: Path) -> None:
     g = guest
     steps: list[tuple[int, Sizes]] = [(512 * MiB, settle(g, 512 * MiB))]
     g.send("touch 300")
@@ -113,6 +116,21 @@ def test_plug_resize_reset_and_replay(guest: RealGuest) -> None:
     assert report.requests > 0
     assert report.ok, report.mismatches[:3]
     assert report.plugged_sizes[-1] == 768 * MiB
+
+    # The log alone (as `ramdiscard guest --trace` writes it) is self-describing: the
+    # command line replays it with the geometry and requested sizes it records.
+    trace = tmp_path / "guest-trace.log"
+    trace.write_text(g.trace.text())
+    r = subprocess.run(
+        [sys.executable, "-m", "ramdiscard.cli.main", "replay", str(trace), "--json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert out["mismatches"] == []
+    assert out["requests"] == report.requests
+    assert out["geometry"]["addr"] == DEVICE_ADDR and out["geometry"]["region_size"] == 2 * GiB
+    assert out["peak_plugged"] == max(report.plugged_sizes)
 
 
 def test_garbage_in_the_queue_breaks_the_device_not_the_process(guest: RealGuest) -> None:

@@ -18,7 +18,11 @@ Rules:
 * :meth:`RealGuest.close` stops QEMU (quit, then kill after a bound) and releases the
   device, pins, sockets and memory; it is idempotent.
 * Every device event is recorded (:attr:`RealGuest.trace`) in QEMU's trace-log format,
-  which ``ramdiscard replay`` reads.
+  which ``ramdiscard replay`` reads, with what QEMU itself logs around it: the
+  ``memory_device_(pre_)plug`` and realize-time discard and usable-region size,
+  ``unplugged_all`` plus the usable region after a system reset, and a usable-region
+  line for every requested-size write that does not shrink it, so the log alone gives
+  replay the geometry and the requested sizes.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from ramdiscard.rdm import DiscardPolicy
 from ramdiscard.realguest.guestimage import guest_image
 from ramdiscard.realguest.qemu import find_qemu
 from ramdiscard.realguest.qmpclient import QmpClient
-from ramdiscard.units import GiB, MiB
+from ramdiscard.units import GiB, MiB, align_up
 from ramdiscard.vhost_user.server import VhostUserServer
 
 LOW_RAM = 2 * GiB
@@ -213,6 +217,7 @@ class RealGuest:
         self.window = MemfdWindow(self.ram, LOW_RAM, self.region_size)
         self.policy = DiscardPolicy()
         self.region = MemoryRegion.new_ram("vmem0-mem", self.window)
+        self.trace.add("memory_device_pre_plug", f"id=vmem0 addr=0x{DEVICE_ADDR:x}")
         self.device = VirtioMem(
             self.region,
             addr=DEVICE_ADDR,
@@ -222,6 +227,10 @@ class RealGuest:
             on_host_discard=self._traced_discard,
         )
         self._closers.append(self.device.unrealize)
+        self.trace.add(
+            "virtio_mem_resized_usable_region", f"old_size=0x0 new_size=0x{self.device.usable_region_size:x}"
+        )
+        self.trace.add("memory_device_plug", f"id=vmem0 addr=0x{DEVICE_ADDR:x}")
         self.device.add_config_change_notifier(lambda _dev: self._config_changed())
         root = MemoryRegion.new_container("system", 1 << 40)
         root.add_subregion(DEVICE_ADDR, self.device.device_region)
@@ -317,14 +326,22 @@ class RealGuest:
         self.events.append(name)
         if name == "RESET":
             with self.lock:
-                if self.device.plugged_size:
-                    self.trace.add("virtio_mem_unplugged_all")
-                self.device.system_reset()
+                self._system_reset()
 
     def _frontend_gone(self) -> None:
         if self.device.realized and self.device.plugged_size:
-            self.trace.add("virtio_mem_unplugged_all")
-            self.device.system_reset()
+            self._system_reset()
+
+    def _system_reset(self) -> None:
+        """Unplug everything, logged as QEMU logs its reset: the discard (if anything was
+        plugged), ``unplugged_all``, then the usable region sized from requested-size."""
+        old = self.device.usable_region_size
+        self.device.system_reset()
+        self.trace.add("virtio_mem_unplugged_all")
+        self.trace.add(
+            "virtio_mem_resized_usable_region",
+            f"old_size=0x{old:x} new_size=0x{self.device.usable_region_size:x}",
+        )
 
     def _read_console(self) -> None:
         assert self._serial is not None
@@ -378,12 +395,20 @@ class RealGuest:
         raise RealGuestError("the guest has not reported MemTotal yet")
 
     def set_requested_size(self, size: int) -> None:
+        """Set the device's requested size; logged as QEMU logs a ``requested-size``
+        write: a usable-region resize unless the sizing rule would shrink the region
+        (which a write never does), equal sizes included."""
         with self.lock:
-            old = self.device.usable_region_size
-            self.device.requested_size = size
-            new = self.device.usable_region_size
-            if new != old:
-                self.trace.add("virtio_mem_resized_usable_region", f"old_size=0x{old:x} new_size=0x{new:x}")
+            dev = self.device
+            old = dev.usable_region_size
+            dev.requested_size = size
+            grown = align_up(size + dev.usable_extent, dev.block_size)
+            wanted = 0 if size == 0 else min(dev.region_size, grown)
+            if wanted >= old:
+                self.trace.add(
+                    "virtio_mem_resized_usable_region",
+                    f"old_size=0x{old:x} new_size=0x{dev.usable_region_size:x}",
+                )
 
     def sizes(self) -> Sizes:
         with self.lock:
