@@ -220,6 +220,8 @@ def double_reset(r: Run) -> None:
     r.qmp.execute("system_reset")
     r.wait(lambda: r.ready_count() > boots, "the guest to boot again")
     r.settle(1024 * MiB)
+    r.set_requested(512 * MiB)
+    r.settle(512 * MiB)
 
 
 SCENARIOS = [
@@ -244,10 +246,10 @@ SCENARIOS = [
              "region), system_reset after 256 MiB are plugged, re-plug, lower to 1 GiB"),
     Scenario("memfd-2m-racing-down-up", "memfd", 2048 * MiB, 2 * MiB, 1536 * MiB, racing_down_up,
              "memory-backend-memfd 2 GiB, block 2 MiB, boot at 1.5 GiB: 0, 1 GiB, 256 MiB in quick "
-             "succession, then 1.25 GiB, 512 MiB while the guest unplugs, system_reset"),
+             "succession, then 1.25 GiB, 512 MiB once the guest unplugs, system_reset"),
     Scenario("ram-2m-double-reset", "ram", 1024 * MiB, 2 * MiB, 256 * MiB, double_reset,
              "memory-backend-ram 1 GiB, block 2 MiB, boot at 256 MiB: requested 1 GiB, two "
-             "system_reset back to back while the guest plugs"),
+             "system_reset back to back while the guest plugs, re-plug, lower to 512 MiB"),
 ]  # fmt: skip
 
 
