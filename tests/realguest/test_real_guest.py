@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from ramdiscard.cli.guest import GuestMachine
 from ramdiscard.memory import MemoryRegion
 from ramdiscard.providers.virtio_mem import VirtioMem
 from ramdiscard.rdm import DiscardPolicy
@@ -92,9 +93,10 @@ def test_plug_resize_reset_and_replay(guest: RealGuest, tmp_path: Path) -> None:
     settle(g, 768 * MiB)
     reset_line = len(g.trace.lines)
     g.events.clear()
-    assert g.qmp is not None
-    g.qmp.execute("system_reset")
-    g.wait_for(lambda: "RESET" in g.events, STEP_TIMEOUT, "QEMU's RESET event")
+    # Through `ramdiscard guest`'s machine, as its QMP system_reset does: QEMU resets, and
+    # its RESET event has unplugged the device before the command returns.
+    GuestMachine(g).system_reset()
+    assert "RESET" in g.events
     after = g.trace.lines[reset_line:]
     unplug_all = next(i for i, line in enumerate(after) if ":virtio_mem_unplugged_all" in line)
     assert not any(":virtio_mem_plug_request" in line for line in after[:unplug_all])

@@ -32,6 +32,27 @@ class GuestMachine:
             raise KeyError(dev_id)
         self.guest.set_requested_size(size)
 
+    def _qemu(self, command: str) -> None:
+        from ramdiscard.realguest.qmpclient import QmpClientError
+
+        qmp = self.guest.qmp
+        if qmp is None:
+            raise QmpClientError(f"{command}: QEMU's QMP connection is closed")
+        qmp.execute(command)
+
+    def system_reset(self) -> None:
+        """QEMU resets the machine; its RESET event (read before QEMU's answer) has
+        unplugged the device by the time this returns, and the guest reboots."""
+        self._qemu("system_reset")
+
+    def stop(self) -> None:
+        """QEMU stops the vCPUs (``stop``)."""
+        self._qemu("stop")
+
+    def start(self) -> None:
+        """QEMU runs the vCPUs (``cont``; a no-op when they already run)."""
+        self._qemu("cont")
+
     def status(self) -> dict[str, Any]:
         s = self.guest.sizes() if self.guest.console else None
         return {
