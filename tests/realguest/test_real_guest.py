@@ -103,7 +103,12 @@ def test_plug_resize_reset_and_replay(guest: RealGuest, tmp_path: Path) -> None:
     first_boot, _ = g.wait_console("RAMDISCARD-READY", 1)
     g.wait_console("RAMDISCARD-READY", STEP_TIMEOUT, after=first_boot + 1)
     final = settle(g, 768 * MiB)
-    assert final.guest_memtotal - base == 768 * MiB and final.vm_pin == 768 * MiB
+    assert final.vm_pin == 768 * MiB
+    # The rebooted kernel reserves its own memory (it can differ from the first boot's
+    # by a page), so its plugged memory is measured against its own empty MemTotal.
+    g.set_requested_size(0)
+    rebooted_base = settle(g, 0).guest_memtotal
+    assert final.guest_memtotal - rebooted_base == 768 * MiB
 
     # The recorded log replays against a fresh device with the model's semantics.
     log = parse_trace(g.trace.text().splitlines())
@@ -117,7 +122,7 @@ def test_plug_resize_reset_and_replay(guest: RealGuest, tmp_path: Path) -> None:
         dev.unrealize()
     assert report.requests > 0
     assert report.ok, report.mismatches[:3]
-    assert report.plugged_sizes[-1] == 768 * MiB
+    assert max(report.plugged_sizes) == 1 * GiB and report.plugged_sizes[-1] == 0
 
     # The log alone (as `ramdiscard guest --trace` writes it) is self-describing: the
     # command line replays it with the geometry and requested sizes it records.
