@@ -224,6 +224,16 @@ def double_reset(r: Run) -> None:
     r.settle(512 * MiB)
 
 
+def flapping(r: Run) -> None:
+    r.settle(0)
+    for i in range(300):
+        r.set_requested(1536 * MiB)
+        time.sleep(0.002 * (i % 7))
+        r.set_requested(128 * MiB)
+        time.sleep(0.002 * (i % 5))
+    r.settle(128 * MiB)
+
+
 SCENARIOS = [
     Scenario("ram-2m-reset-while-plugging", "ram", 2048 * MiB, 2 * MiB, 0, reset_while_plugging,
              "memory-backend-ram 2 GiB, block 2 MiB, boot at 0: requested 1.5 GiB, system_reset "
@@ -250,6 +260,9 @@ SCENARIOS = [
     Scenario("ram-2m-double-reset", "ram", 1024 * MiB, 2 * MiB, 256 * MiB, double_reset,
              "memory-backend-ram 1 GiB, block 2 MiB, boot at 256 MiB: requested 1 GiB, two "
              "system_reset back to back while the guest plugs, re-plug, lower to 512 MiB"),
+    Scenario("ram-2m-flapping", "ram", 2048 * MiB, 2 * MiB, 0, flapping,
+             "memory-backend-ram 2 GiB, block 2 MiB, boot at 0: requested-size flaps between "
+             "1.5 GiB and 128 MiB 300 times (0-12 ms apart) while the guest plugs, then settles at 128 MiB"),
 ]  # fmt: skip
 
 
