@@ -22,7 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ramdiscard.migration.transport import IO_TIMEOUT
-from ramdiscard.qmp.commands import CommandDispatcher, MemoryDeviceInfo, QmpBackend
+from ramdiscard.qmp.backend import MemoryDeviceInfo, QmpBackend
+from ramdiscard.qmp.commands import CommandDispatcher
 from ramdiscard.qmp.events import EventThrottle, QmpEvent, size_change_event
 from ramdiscard.qmp.machine_backend import MachineBackend
 from ramdiscard.qmp.protocol import ErrorClass, JsonFramer, QmpConnection, QmpError

@@ -35,7 +35,7 @@ from ramdiscard.dump import dump_guest_memory
 from ramdiscard.fileio import create_output
 from ramdiscard.migration.transport import IO_TIMEOUT
 from ramdiscard.providers.virtio_mem import VirtioMem
-from ramdiscard.qmp.commands import MemoryBackendInfo, MemoryDeviceInfo, SizeChangeFn
+from ramdiscard.qmp.backend import MemoryBackendInfo, MemoryDeviceInfo, SizeChangeFn
 from ramdiscard.qmp.protocol import ErrorClass, QmpError
 
 

@@ -45,7 +45,7 @@ from ramdiscard.fileio import create_output
 from ramdiscard.migration.layout import collect_regions
 from ramdiscard.migration.precopy import PrecopyParams, PrecopySource, PrecopyStats, precopy_to, receive_live
 from ramdiscard.migration.transport import IO_TIMEOUT
-from ramdiscard.qmp.commands import Outcome, Param, check_arguments
+from ramdiscard.qmp.backend import Outcome, Param, check_arguments
 from ramdiscard.qmp.events import QmpEvent
 from ramdiscard.qmp.machine_backend import MachineBackend, MachineLike
 from ramdiscard.qmp.protocol import QmpError

@@ -239,3 +239,39 @@ def memory_region_child(container: str, size: int) -> Callable[[QomNode, str, st
         )
 
     return build
+
+
+# -- path resolution ---------------------------------------------------------------------
+
+
+def _resolve_from(node: QomNode, parts: list[str]) -> QomNode | None:
+    for part in parts:
+        if part == "":
+            continue
+        if part == "..":
+            if node.parent is None:
+                return None
+            node = node.parent
+            continue
+        child = node.children.get(part)
+        if child is None:
+            return None
+        node = child
+    return node
+
+
+def resolve_path(root: QomNode, path: str) -> tuple[QomNode | None, bool]:
+    """(object, ambiguous) for ``path``, as QEMU's object_resolve_path."""
+    parts = path.split("/")
+    if path.startswith("/"):
+        return _resolve_from(root, parts[1:]), False
+    matches: list[QomNode] = []
+    for node in root.walk():
+        if node is root:
+            continue
+        found = _resolve_from(node, parts)
+        if found is not None and all(found is not m for m in matches):
+            matches.append(found)
+    if len(matches) == 1:
+        return matches[0], False
+    return None, len(matches) > 1

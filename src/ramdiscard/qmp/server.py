@@ -53,7 +53,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
 
-from ramdiscard.qmp.commands import CommandDispatcher, QmpBackend
+from ramdiscard.qmp.backend import QmpBackend
+from ramdiscard.qmp.commands import CommandDispatcher
 from ramdiscard.qmp.events import DEFAULT_RATES, EventThrottle, QmpEvent, size_change_event
 from ramdiscard.qmp.protocol import DEFAULT_MAX_MESSAGE, Execute, Item, QmpConnection, QmpError, Reply
 from ramdiscard.qmp.qom import PERIPHERAL, QEMU_VERSION
