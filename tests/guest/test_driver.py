@@ -79,7 +79,7 @@ def test_matches_the_qemu_sample_trace_with_the_real_device() -> None:
     from ramdiscard.memory.region import MemoryRegion
     from ramdiscard.providers import virtio_mem
     from ramdiscard.rdm.policy import DiscardPolicy
-    from ramdiscard.replay.trace import PlugRequest, UnplugRequest, parse_trace_file
+    from ramdiscard.replay.events import PlugRequest, UnplugRequest, parse_trace_file
 
     log = parse_trace_file(sample_trace())
     expected = [

@@ -22,7 +22,8 @@ from ramdiscard.providers.virtio_mem import VirtioMem
 from ramdiscard.rdm import DiscardPolicy
 from ramdiscard.realguest.launcher import BLOCK_SIZE, DEVICE_ADDR, LOW_RAM, RealGuest, Sizes
 from ramdiscard.realguest.qemu import QemuNotFound, find_qemu
-from ramdiscard.replay.trace import parse_trace, replay_trace
+from ramdiscard.replay.events import parse_trace
+from ramdiscard.replay.trace import replay_trace
 from ramdiscard.units import GiB, MiB
 
 STEP_TIMEOUT = 180.0

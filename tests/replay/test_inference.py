@@ -13,13 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from ramdiscard.replay.trace import (
-    ReplayReport,
-    parse_trace,
-    replay_trace,
-    requested_sizes_for,
-    usable_region_for,
-)
+from ramdiscard.replay.events import parse_trace
+from ramdiscard.replay.trace import ReplayReport, replay_trace, requested_sizes_for, usable_region_for
 from ramdiscard.units import GiB, MiB
 from tests.conftest import shared_dir
 from tests.providers.virtio_mem.conftest import ADDR, BS, Factory

@@ -17,7 +17,7 @@ from ramdiscard.cli.plots import check_plot_path, write_replay_plot
 from ramdiscard.consumers.vfio.limits import RdmRange, smallest_granularity, worst_case_mappings
 from ramdiscard.machine import KvmConsumer, Machine, VfioConsumer, scenario_from_dict
 from ramdiscard.machine.scenario import ScenarioError
-from ramdiscard.replay.trace import (
+from ramdiscard.replay.events import (
     DiscardRange,
     MemoryDevicePlug,
     MemoryDevicePrePlug,
@@ -25,8 +25,8 @@ from ramdiscard.replay.trace import (
     TraceLog,
     UnplugRequest,
     parse_trace_file,
-    replay_trace,
 )
+from ramdiscard.replay.trace import replay_trace
 from ramdiscard.units import MiB, format_size, is_power_of_2
 
 

@@ -7,7 +7,7 @@ import pytest
 from ramdiscard import faults
 from ramdiscard.memory import MemoryRegionSection
 from ramdiscard.providers.virtio_mem import ResponseType, StateError, decode_state, encode_state
-from ramdiscard.replay.trace import (
+from ramdiscard.replay.events import (
     DiscardRange,
     PlugRequest,
     ResizedUsableRegion,
@@ -15,8 +15,8 @@ from ramdiscard.replay.trace import (
     TraceParseError,
     parse_trace,
     parse_trace_file,
-    replay_trace,
 )
+from ramdiscard.replay.trace import replay_trace
 from ramdiscard.units import GiB, MiB
 from tests.conftest import sample_trace
 

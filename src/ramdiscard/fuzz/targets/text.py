@@ -21,7 +21,8 @@ from ramdiscard.fuzz.targets.virtio import FakeRam
 from ramdiscard.memory import MemoryRegion
 from ramdiscard.providers.virtio_mem import VirtioMem
 from ramdiscard.rdm import DiscardPolicy
-from ramdiscard.replay.trace import TraceParseError, parse_trace, replay_trace
+from ramdiscard.replay.events import TraceParseError, parse_trace
+from ramdiscard.replay.trace import replay_trace
 from ramdiscard.units import GiB, MiB
 
 SAMPLE = "qemu-virtio-mem-trace-sample.log"
