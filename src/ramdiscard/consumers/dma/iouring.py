@@ -53,6 +53,7 @@ import os
 import platform
 from collections.abc import Sequence
 from functools import lru_cache
+from itertools import repeat
 from operator import itemgetter
 from typing import NamedTuple
 
@@ -291,20 +292,20 @@ class IoUringDmaBackend(DmaBackend):
         append = handles.append
         owned = self._buffers
         live = self._handles
-        total = 0
-        it = iter(ranges)
         new = _new
-        for index, first, count in runs:
-            for slot in range(first, first + count):
-                address, size = next(it)
-                token = next_token()
-                handle = new(PinHandle)
-                handle.__dict__.update(host_address=address, size=size, token=token)
-                owned[token] = [_tuple_new(Buffer, (index, slot, address, size))]
-                live[token] = handle
-                total += size
-                append(handle)
-        self._pinned_bytes += total
+        slots = (
+            zip(repeat(runs[0][0]), range(runs[0][1], runs[0][1] + runs[0][2]))
+            if len(runs) == 1
+            else [(index, slot) for index, first, count in runs for slot in range(first, first + count)]
+        )
+        for (address, size), (index, slot) in zip(ranges, slots, strict=True):
+            token = next_token()
+            handle = new(PinHandle)
+            handle.__dict__.update(host_address=address, size=size, token=token)
+            owned[token] = [_tuple_new(Buffer, (index, slot, address, size))]
+            live[token] = handle
+            append(handle)
+        self._pinned_bytes += sum(map(_size_of, ranges))
         return handles
 
     def _unpin_many_impl(self, handles: Sequence[PinHandle]) -> None:
