@@ -6,8 +6,9 @@ are plain ints, so the 128-bit arithmetic QEMU needs does not arise.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ramdiscard.errors import InvalidArgument
 
@@ -16,7 +17,6 @@ if TYPE_CHECKING:
 
 
 _new = object.__new__
-_set = object.__setattr__
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,18 +59,14 @@ class MemoryRegionSection:
             return None
         if start == self.offset_within_region and end == self.end:
             return self
-        # Built without __init__: the fields are derived from a valid section, and
-        # replays create one section per run, so this is a hot path.
+        # Built without __init__ through the slot descriptors: the fields are derived from
+        # a valid section, and replays create one section per run, so this is a hot path.
         part = _new(MemoryRegionSection)
-        _set(part, "mr", self.mr)
-        _set(part, "offset_within_region", start)
-        _set(part, "size", end - start)
-        _set(
-            part,
-            "offset_within_address_space",
-            self.offset_within_address_space + (start - self.offset_within_region),
-        )
-        _set(part, "readonly", self.readonly)
+        _set_mr(part, self.mr)
+        _set_offset(part, start)
+        _set_size(part, end - start)
+        _set_address(part, self.offset_within_address_space + (start - self.offset_within_region))
+        _set_readonly(part, self.readonly)
         return part
 
     def __repr__(self) -> str:
@@ -79,3 +75,12 @@ class MemoryRegionSection:
             f"MemoryRegionSection({self.mr.name!r}, "
             f"[{self.offset_within_region:#x}+{self.size:#x}] @ {self.offset_within_address_space:#x}{ro})"
         )
+
+
+_SetField = Callable[[MemoryRegionSection, Any], None]
+_slots = MemoryRegionSection.__dict__
+_set_mr: _SetField = _slots["mr"].__set__
+_set_offset: _SetField = _slots["offset_within_region"].__set__
+_set_size: _SetField = _slots["size"].__set__
+_set_address: _SetField = _slots["offset_within_address_space"].__set__
+_set_readonly: _SetField = _slots["readonly"].__set__

@@ -46,6 +46,8 @@ _new = object.__new__
 # Tokens are unique in the process, so a handle from another backend is never mistaken
 # for one of ours.
 _tokens = itertools.count(1)
+next_token = _tokens.__next__
+"""A fresh process-unique token (for subclasses' fast paths that build handles inline)."""
 
 
 def new_handle(host_address: int, size: int) -> PinHandle:

@@ -53,11 +53,12 @@ import os
 import platform
 from collections.abc import Sequence
 from functools import lru_cache
+from itertools import repeat
 from operator import itemgetter
 from typing import NamedTuple
 
 from ramdiscard import faults
-from ramdiscard.consumers.dma.backend import PAGE_SIZE, DmaBackend, PinHandle, new_handle
+from ramdiscard.consumers.dma.backend import PAGE_SIZE, DmaBackend, PinHandle, next_token
 from ramdiscard.consumers.dma.rawring import MAX_IO, RawRing
 from ramdiscard.errors import HostMemoryError, InvalidArgument
 
@@ -142,6 +143,7 @@ class Buffer(NamedTuple):
 
 # Buffer(...) without the Python-level namedtuple __new__ (a hot path).
 _tuple_new = tuple.__new__
+_new = object.__new__
 _size_of = itemgetter(1)
 _PIN = faults.Op.PIN
 _UNPIN = faults.Op.UNPIN
@@ -290,18 +292,20 @@ class IoUringDmaBackend(DmaBackend):
         append = handles.append
         owned = self._buffers
         live = self._handles
-        total = 0
-        it = iter(ranges)
-        for index, first, count in runs:
-            for slot in range(first, first + count):
-                address, size = next(it)
-                handle = new_handle(address, size)
-                token = handle.token
-                owned[token] = [_tuple_new(Buffer, (index, slot, address, size))]
-                live[token] = handle
-                total += size
-                append(handle)
-        self._pinned_bytes += total
+        new = _new
+        slots = (
+            zip(repeat(runs[0][0]), range(runs[0][1], runs[0][1] + runs[0][2]))
+            if len(runs) == 1
+            else [(index, slot) for index, first, count in runs for slot in range(first, first + count)]
+        )
+        for (address, size), (index, slot) in zip(ranges, slots, strict=True):
+            token = next_token()
+            handle = new(PinHandle)
+            handle.__dict__.update(host_address=address, size=size, token=token)
+            owned[token] = [_tuple_new(Buffer, (index, slot, address, size))]
+            live[token] = handle
+            append(handle)
+        self._pinned_bytes += sum(map(_size_of, ranges))
         return handles
 
     def _unpin_many_impl(self, handles: Sequence[PinHandle]) -> None:
@@ -309,19 +313,24 @@ class IoUringDmaBackend(DmaBackend):
         # consecutive slots; a handle with several buffers (or a partly released one)
         # takes the general path in its place in the order.
         owned = self._buffers
+        bufs = [owned[handle.token] for handle in handles]
+        if max(map(len, bufs)) == 1:
+            self._unpin_batch(list(handles), [b[0] for b in bufs])
+            return
         batch: list[PinHandle] = []
-        for handle in handles:
-            if len(owned[handle.token]) == 1:
+        for handle, held in zip(handles, bufs, strict=True):
+            if len(held) == 1:
                 batch.append(handle)
                 continue
-            self._unpin_batch(batch)
+            self._unpin_batch(batch, [owned[h.token][0] for h in batch])
             batch = []
             super()._unpin_many_impl((handle,))
-        self._unpin_batch(batch)
+        self._unpin_batch(batch, [owned[h.token][0] for h in batch])
 
-    def _unpin_batch(self, handles: list[PinHandle]) -> None:
-        """Release single-buffer ``handles`` in order: one ``Op.UNPIN`` checkpoint each,
-        all before the syscalls; a fault at the i-th releases the ones before it."""
+    def _unpin_batch(self, handles: list[PinHandle], slots: list[Buffer]) -> None:
+        """Release single-buffer ``handles`` (``slots``: their buffers) in order: one
+        ``Op.UNPIN`` checkpoint each, all before the syscalls; a fault at the i-th releases
+        the ones before it."""
         if not handles:
             return
         if faults.active():
@@ -330,38 +339,57 @@ class IoUringDmaBackend(DmaBackend):
                 try:
                     checkpoint(_UNPIN)
                 except BaseException:
-                    self._release_singles(handles[:i])
+                    self._release_singles(handles[:i], slots[:i])
                     raise
-        self._release_singles(handles)
+        self._release_singles(handles, slots)
 
-    def _release_singles(self, handles: list[PinHandle]) -> None:
-        """Unregister single-buffer ``handles`` (checkpoints passed), one ``release_many``
-        per run of consecutive slots, and forget them. On a failure the handles before
-        the failing slot are released and forgotten, the rest stay live, and the error
-        propagates."""
-        owned = self._buffers
-        live = self._handles
-        remaining = self._remaining
-        rings = self._rings
-        slots = [owned[handle.token][0] for handle in handles]
+    def _release_singles(self, handles: list[PinHandle], slots: list[Buffer]) -> None:
+        """Unregister single-buffer ``handles`` (checkpoints passed; ``slots``: their
+        buffers), one ``release_many`` per run of consecutive slots, and forget them. On a
+        failure the handles before the failing slot are released and forgotten, the rest
+        stay live, and the error propagates."""
         n = len(slots)
+        if not n:
+            return
         i = 0
+        index, first = slots[0][0], slots[0][1]
+        # The common case (a populate pinned in one run, discarded whole) is recognised
+        # with two comprehensions instead of the per-slot loop below.
+        if (
+            slots[-1][1] - first == n - 1
+            and [b[1] for b in slots] == list(range(first, first + n))
+            and [b[0] for b in slots].count(index) == n
+        ):
+            i = self._release_run(handles, index, first, n)
         while i < n:
             index, first = slots[i][0], slots[i][1]
             j = i + 1
             while j < n and slots[j][0] == index and slots[j][1] == first + j - i:
                 j += 1
-            ring = rings[index]
-            got = ring.raw.release_many(first, j - i)
-            ring.give_back(first, got)
-            released = 0
-            for handle in handles[i : i + got]:
-                token = handle.token
-                del owned[token]
-                del live[token]
-                released += remaining.pop(token, handle.size)
-            self._pinned_bytes -= released
-            i += got
+            i += self._release_run(handles[i:j] if i or j < n else handles, index, first, j - i)
+
+    def _release_run(self, handles: list[PinHandle], index: int, first: int, count: int) -> int:
+        """Empty ``count`` consecutive slots of ring ``index`` from ``first`` (the buffers of
+        ``handles``, in order) with one ``release_many`` and forget the handles released;
+        returns how many were."""
+        ring = self._rings[index]
+        got = ring.raw.release_many(first, count)
+        ring.give_back(first, got)
+        done = handles if got == len(handles) else handles[:got]
+        owned = self._buffers
+        live = self._handles
+        remaining = self._remaining
+        released = 0
+        if remaining:
+            for handle in done:
+                released += remaining.pop(handle.token, handle.size)
+        else:
+            released = sum([handle.size for handle in done])
+        for token in [handle.token for handle in done]:
+            del owned[token]
+            del live[token]
+        self._pinned_bytes -= released
+        return got
 
     def _release(self, buf: Buffer) -> None:
         ring = self._rings[buf.ring]

@@ -75,11 +75,7 @@ class MappingTable(Generic[T]):
         self._starts[index:index] = starts
         self._ends[index:index] = ends
         self._payloads[index:index] = payloads
-        self.mapped_bytes += (
-            ends[-1] - starts[0]
-            if len(starts) == 1
-            else sum(e - s for s, e in zip(starts, ends, strict=True))
-        )
+        self.mapped_bytes += ends[-1] - starts[0]  # they tile the range
 
     def unmap_span(self, iova: int, end: int) -> tuple[int, int]:
         """Index span ``[lo, hi)`` of the mappings inside ``[iova, end)``.
