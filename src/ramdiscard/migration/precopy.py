@@ -823,8 +823,9 @@ def load_live(
             cover = [Coverage() for _r in regions]
             while not isinstance(event, End):
                 if isinstance(event, PageData):
-                    inc.receive_page(event)
-                    cover[event.region].add(event.offset, event.offset + event.length)
+                    end = event.offset + event.length
+                    inc.receive_page(event, populated=cover[event.region].covers(event.offset, end))
+                    cover[event.region].add(event.offset, end)
                     stats.page_bytes += event.length
                 elif isinstance(event, Round):
                     stats.rounds = event.number
