@@ -60,6 +60,8 @@ class SnapshotStats:
     faults: int = 0
     """Pages saved ahead of a guest write."""
     file_size: int = 0
+    metadata_bytes: int = 0
+    """Length of the metadata at the start of the file."""
     pause_time: float = 0.0
     """Seconds the guest was paused at the start (protection of the populated runs)."""
     total_time: float = 0.0
@@ -193,7 +195,7 @@ def background_snapshot(
             blob = b"".join(meta)
             assert len(blob) == meta_len
             os.pwrite(fd, blob, 0)
-            stats.file_size = file_size
+            stats.file_size, stats.metadata_bytes = file_size, meta_len
         except BaseException as exc:
             if saver is not None:
                 saver.kill()
