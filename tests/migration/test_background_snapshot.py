@@ -45,7 +45,8 @@ def test_background_snapshot_holds_memory_of_the_start(
     machines: Machines, backing: str, tmp_path: Path
 ) -> None:
     src, writer = _source(machines, backing)
-    last_page = src.ram.host_address + (BLOCKS[-1] + 1) * src.block - 4096
+    assert src.low is not None  # plain RAM, also protected, never written by the writer
+    last_page = src.low.host_address + src.low.size - 4096
     start: dict[str, object] = {}
     poked = threading.Event()
 
@@ -66,7 +67,7 @@ def test_background_snapshot_holds_memory_of_the_start(
         assert not writer.paused
         _wait_more_writes(writer, int(start["written"]))  # type: ignore[call-overload]
         assert poked.wait(10)
-        assert src.ram.view[(BLOCKS[-1] + 1) * src.block - 1] == 0xEE
+        assert src.low.view[src.low.size - 1] == 0xEE
         assert src.resident_outside_plugged() == outside == 0
         assert not src.dev.is_busy()
     finally:
