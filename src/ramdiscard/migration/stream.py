@@ -46,10 +46,10 @@ after it landed (still in the CPU cache), to :meth:`Decoder.page_update`, then c
 from __future__ import annotations
 
 import struct
-from itertools import pairwise
 import zlib
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
+from itertools import pairwise
 
 from ramdiscard.errors import ProtocolViolation, RamDiscardError
 from ramdiscard.migration.checksum import Checksum, Hasher, available, digest
