@@ -77,10 +77,12 @@ class _Saver:
     def line(self, deadline: float, cancel: threading.Event) -> str:
         assert self.proc.stdout is not None
         out = self.proc.stdout
+        poller = select.poll()
+        poller.register(out.fileno(), select.POLLIN | select.POLLHUP)
         while True:
             if cancel.is_set():
                 raise MigrationError("snapshot cancelled")
-            if select.select([out], [], [], 0.05)[0]:
+            if poller.poll(50):
                 break
             if time.monotonic() > deadline:
                 raise MigrationError("the snapshot saver process did not answer in time")
