@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -148,3 +149,50 @@ def test_coverage_sets() -> None:
     c.remove(10, 12)
     assert (c.starts, c.ends) == ([0, 12], [10, 30])
     assert c.covers(0, 10) and not c.covers(0, 11) and c.covers(12, 30)
+
+
+def test_page_list_outside_plugged_memory_is_refused(machines: Machines) -> None:
+    from ramdiscard.migration.checksum import Checksum
+    from ramdiscard.migration.layout import collect_regions
+    from ramdiscard.migration.stream import (
+        StreamFlags,
+        encode_device,
+        encode_region,
+        encode_stream_header,
+        page_list_header,
+    )
+
+    src = machines(128 * MiB)
+    dst = machines(128 * MiB)
+    src.plug_blocks([0, 1])
+    regions = collect_regions(src.space, src.devices)
+    managed = next(r for r in regions if r.device is not None)
+    head = [encode_stream_header(StreamFlags.LIVE, Checksum.CRC32)]
+    head += [encode_region(r.info()) for r in regions]
+    head.append(encode_device(managed.index, src.dev.save_state()))
+    inside, outside = src.block, 40 * src.block  # block 40 is not plugged
+    data = b"\x5a" * 8192
+    pages = page_list_header(managed.index, [inside, outside], data, Checksum.CRC32) + data
+    out: dict[str, Any] = {}
+    with socket.create_server(("127.0.0.1", 0)) as ls:
+
+        def receive() -> None:
+            try:
+                receive_live(ls, dst.space, dst.devices, accept_timeout=30, read_timeout=30)
+            except BaseException as exc:
+                out["error"] = exc
+
+        t = threading.Thread(target=receive, daemon=True)
+        t.start()
+        with socket.create_connection(ls.getsockname()[:2], timeout=30) as c:
+            c.sendall(b"".join(head) + pages)
+            c.shutdown(socket.SHUT_WR)
+            c.settimeout(30)
+            with contextlib.suppress(OSError):
+                while c.recv(4096):
+                    pass
+        t.join(30)
+    assert isinstance(out.get("error"), MigrationError), out
+    assert "not inside a plugged range" in str(out["error"])
+    assert_fresh(dst)
+    assert dst.ram.resident_bytes(0, dst.ram.size) == 0

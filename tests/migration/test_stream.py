@@ -253,3 +253,51 @@ def test_live_stream_interleaves_and_is_refused_by_old_readers() -> None:
     plain.feed(encode_stream_header())
     with pytest.raises(StreamError, match="ROUND section out of order"):
         plain.feed(encode_round(1, 0)[:28])
+
+
+def _live_events(blob: bytes) -> list[object]:
+    dec, pos, events = Decoder(live_ok=True), 0, []
+    while not dec.done:
+        need = dec.need()
+        ev = dec.feed(blob[pos : pos + need])
+        pos += need
+        if ev is not None:
+            events.append(ev)
+    return events
+
+
+def _page_list_stream(offsets: list[int], data: bytes, tamper: int | None = None) -> bytes:
+    from ramdiscard.migration.stream import page_list_header
+
+    info = RegionInfo(0, RegionKind.WHOLE, 1 << 20, 0, 4096, "pc.ram", "")
+    header = page_list_header(0, offsets, data, Checksum.CRC32)
+    body = bytearray(header + data)
+    if tamper is not None:
+        body[tamper] ^= 1
+    n = len(offsets) * 4096
+    return b"".join(
+        [encode_stream_header(StreamFlags.LIVE), encode_region(info), bytes(body), encode_end(End(2, 1, n))]
+    )
+
+
+def test_page_list_round_trip_and_refusals() -> None:
+    from ramdiscard.migration.stream import PageList, page_list_header
+
+    data = bytes(range(256)) * 16 + b"\x07" * 4096 + b"\x09" * 4096
+    events = _live_events(_page_list_stream([0, 8192, 65536], data))
+    lists = [e for e in events if isinstance(e, PageList)]
+    assert lists == [PageList(0, (0, 8192, 65536), data)]
+    assert events[-1] == End(2, 1, 3 * 4096)
+    with pytest.raises(StreamError, match="checksum mismatch"):
+        _live_events(_page_list_stream([0, 8192, 65536], data, tamper=-5))
+    for bad, why in (
+        ([8192, 0, 65536], "not ascending"),
+        ([0, 8192, 8192], "not ascending"),
+        ([0, 100, 65536], "aligned"),
+    ):
+        with pytest.raises(StreamError, match=why):
+            _live_events(_page_list_stream(bad, data))
+    plain = Decoder()
+    plain.feed(encode_stream_header())
+    with pytest.raises(StreamError, match="PAGE_LIST section out of order"):
+        plain.feed(page_list_header(0, [0], data[:4096], Checksum.CRC32)[:28])

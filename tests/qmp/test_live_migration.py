@@ -308,3 +308,38 @@ def test_resize_during_precopy(workdir: Path, resizable: bool) -> None:
 
     with _servers(workdir, ("src", ()), ("dst", ("--incoming", "defer", "-S"))) as (s, d):
         asyncio.run(asyncio.wait_for(drive(s, d), 150))
+
+
+def test_background_snapshot_to_file_while_the_guest_writes(workdir: Path) -> None:
+    from qemu.qmp import ExecuteError
+
+    path = workdir / "snap.ram"
+
+    async def drive(src_sock: str) -> None:
+        src = await _client(src_sock)
+        await _until(src, "query-memory-devices", lambda d: _plugged(d) == PLUGGED)
+        caps = [{"capability": "background-snapshot", "state": True}]
+        await src.execute("migrate-set-capabilities", {"capabilities": caps})
+        with pytest.raises(ExecuteError, match="needs a file: URI"):
+            await src.execute("migrate", {"uri": "tcp:127.0.0.1:1"})
+        assert (await src.execute("query-migrate")) == {}
+        with src.listen(events := EventListener(("MIGRATION",))):
+            assert await src.execute("migrate", {"uri": f"file:{path}"}) == {}
+            statuses: list[str] = []
+            while not statuses or statuses[-1] not in ("completed", "failed"):
+                ev = await asyncio.wait_for(events.get(), 60)
+                statuses.append(ev["data"]["status"])
+        info = await src.execute("query-migrate")
+        assert statuses == ["setup", "active", "completed"], info
+        assert info["ram"]["total"] == BOOT + PLUGGED
+        assert (await src.execute("query-status"))["status"] == "running"
+        with pytest.raises(ExecuteError, match="the guest is running"):
+            await src.execute("x-ramdiscard-memory-digest")  # the writer was never left paused
+        st = os.stat(path)
+        assert BOOT + PLUGGED < st.st_blocks * 512 <= BOOT + PLUGGED + 1 * MiB
+        await src.execute("quit")
+        with contextlib.suppress(Exception):
+            await src.disconnect()
+
+    with _servers(workdir, ("src", ())) as (s,):
+        asyncio.run(asyncio.wait_for(drive(s), 120))

@@ -20,7 +20,7 @@ Rules:
   a fault on that page.
 * :meth:`stop` ends the thread (idempotent). ``pages_written`` counts writes;
   :meth:`latencies` returns per-batch write latencies (seconds per page) measured inside
-  the thread, for benchmarks.
+  the thread, :meth:`page_latencies` each page write's own, for benchmarks.
 """
 
 from __future__ import annotations
@@ -110,6 +110,7 @@ class GuestWriter:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lat: list[float] = []
+        self._page_lat: list[float] = []
 
     # -- control ----------------------------------------------------------------------------
 
@@ -154,6 +155,15 @@ class GuestWriter:
         with self._cond:
             return list(self._lat)
 
+    def page_latencies(self, reset: bool = False) -> list[float]:
+        """Seconds each single page write took (the first :data:`_LAT_KEEP` since the
+        last reset); ``reset`` starts a new series."""
+        with self._cond:
+            out = list(self._page_lat)
+            if reset:
+                self._page_lat = []
+            return out
+
     # -- the thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -197,11 +207,16 @@ class GuestWriter:
             t0 = time.perf_counter()
             buf = self._page
             addr_of = ctypes.addressof(buf)
+            clock = time.perf_counter
+            each = self._page_lat
             for page, i in zip(pages.tolist(), which.tolist(), strict=True):
                 addr, _length, first = runs[i]
                 self._seq += 1
                 struct.pack_into("<QQ", buf, 0, self._seq, page)
+                t_page = clock()
                 ctypes.memmove(addr + (page - first) * PAGE, addr_of, PAGE)
+                if len(each) < _LAT_KEEP:
+                    each.append(clock() - t_page)
             per_page = (time.perf_counter() - t0) / n
             self.pages_written += n
         with self._cond:

@@ -110,8 +110,9 @@ def _ioctl(fd: int, request: int, arg: ctypes.Structure, what: str) -> int:
     return rc
 
 
-def _open_uffd(features: int) -> int:
-    fd = int(_libc.syscall(_SYS_USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK | UFFD_USER_MODE_ONLY))
+def _open_uffd(features: int, user_mode_only: bool = True) -> int:
+    flags = os.O_CLOEXEC | os.O_NONBLOCK | (UFFD_USER_MODE_ONLY if user_mode_only else 0)
+    fd = int(_libc.syscall(_SYS_USERFAULTFD, flags))
     if fd < 0:
         raise _fail("userfaultfd()")
     try:
@@ -241,4 +242,68 @@ class WriteTracker:
         self.close()
 
 
-__all__ = ["WriteTracker", "available"]
+UFFD_EVENT_PAGEFAULT: Final = 0x12
+PAGEFAULT_FLAG_WP: Final = 2
+MSG_SIZE: Final = 32
+"""``struct uffd_msg``: u8 event, 7 reserved bytes, then for a page fault u64 flags,
+u64 address, u32 thread id."""
+
+
+def writeprotect(fd: int, addr: int, length: int, protect: bool) -> None:
+    """UFFDIO_WRITEPROTECT on ``[addr, addr + length)`` of the fd's process (usable from
+    any process holding the fd); unprotecting wakes the threads waiting on the range.
+    Raises HostMemoryError."""
+    arg = _WriteProtect(_Range(addr, length), WRITEPROTECT_MODE_WP if protect else 0)
+    _ioctl(fd, UFFDIO_WRITEPROTECT, arg, f"UFFDIO_WRITEPROTECT [{addr:#x}, +{length:#x})")
+
+
+class SyncWriteProtect:
+    """A userfaultfd in synchronous write-protect mode: a write to a protected page stops
+    the writing thread and queues a page-fault message on :attr:`fd`; the thread goes on
+    once someone unprotects the page (:func:`writeprotect`). ``WP_UNPOPULATED`` makes a
+    never-touched page protectable too. Not user-mode-only where allowed (root), so a
+    kernel write into a protected page (a ``recv`` into guest memory) waits like a guest
+    write instead of failing with EFAULT. The handler must run where the writer cannot
+    block it (live-migration.md pitfall 1: another process). Raises HostMemoryError."""
+
+    def __init__(self, *, shmem: bool) -> None:
+        features = FEATURE_WP_UNPOPULATED | (FEATURE_WP_HUGETLBFS_SHMEM if shmem else 0)
+        try:
+            self.fd: int | None = _open_uffd(features, user_mode_only=False)
+        except HostMemoryError as exc:
+            if exc.errno != _errno.EPERM:
+                raise
+            self.fd = _open_uffd(features)
+        self._registered: list[tuple[int, int]] = []
+
+    def _live_fd(self) -> int:
+        if self.fd is None:
+            raise HostMemoryError(_errno.EBADF, "write protection is closed")
+        return self.fd
+
+    def register(self, addr: int, length: int) -> None:
+        reg = _Register(_Range(addr, length), REGISTER_MODE_WP, 0)
+        _ioctl(self._live_fd(), UFFDIO_REGISTER, reg, f"UFFDIO_REGISTER [{addr:#x}, +{length:#x})")
+        self._registered.append((addr, length))
+
+    def protect(self, addr: int, length: int) -> None:
+        writeprotect(self._live_fd(), addr, length, True)
+
+    def unprotect(self, addr: int, length: int) -> None:
+        writeprotect(self._live_fd(), addr, length, False)
+
+    def close(self) -> None:
+        """Unprotect and unregister every registered range (waking any waiting writer),
+        then close. Idempotent."""
+        fd, self.fd = self.fd, None
+        if fd is None:
+            return
+        try:
+            for addr, length in self._registered:
+                _libc.ioctl(fd, UFFDIO_WRITEPROTECT, ctypes.byref(_WriteProtect(_Range(addr, length), 0)))
+                _libc.ioctl(fd, UFFDIO_UNREGISTER, ctypes.byref(_Range(addr, length)))
+        finally:
+            os.close(fd)
+
+
+__all__ = ["SyncWriteProtect", "WriteTracker", "available", "writeprotect"]

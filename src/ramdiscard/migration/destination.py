@@ -91,6 +91,14 @@ class _Incoming:
         self.runs: list[list[tuple[int, int]]] = []
         self.starts: list[list[int]] = []
         self.received = [0] * len(regions)
+        self._views: list[memoryview | None] = [None] * len(regions)
+
+    def view(self, index: int) -> memoryview:
+        """Region ``index``'s host memory (looked up once: this runs for every page)."""
+        v = self._views[index]
+        if v is None:
+            v = self._views[index] = self.regions[index].view
+        return v
 
     def next_event(self) -> object:
         """Read until the decoder produces an event (section headers produce none)."""
@@ -188,11 +196,14 @@ class _Incoming:
             )
         return region
 
-    def receive_page(self, page: PageData) -> None:
+    def receive_page(self, page: PageData, *, populated: bool = False) -> None:
+        """Check ``page`` against the plugged runs and read its data into guest memory.
+        ``populated``: the range is known populated already (a live stream's repeat), so
+        it is not populated again first."""
         region = self.check_page(page)
-        if region.device is not None:
+        if region.device is not None and not populated:
             region.mr.ram.populate(page.offset, page.length)  # type: ignore[union-attr]
-        target = region.view[page.offset : page.offset + page.length]
+        target = self.view(page.region)[page.offset : page.offset + page.length]
         if page.file_offset is None:
             base, update = address(target), self.decoder.page_update_at
             self.reader.read_exact(target, lambda pos, got: update(base + pos, got))

@@ -66,17 +66,21 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
+
 from ramdiscard.hostmem import uffd
 from ramdiscard.memory.section import MemoryRegionSection
 from ramdiscard.migration.busy import frozen
 from ramdiscard.migration.checksum import default as default_checksum
 from ramdiscard.migration.layout import RamRegion, collect_regions
 from ramdiscard.migration.stream import (
+    MAX_LIST_PAGES,
     Counter,
     DeviceState,
     End,
     MigrationError,
     PageData,
+    PageList,
     Round,
     StreamError,
     StreamFlags,
@@ -86,6 +90,7 @@ from ramdiscard.migration.stream import (
     encode_round,
     encode_stream_header,
     page_header,
+    page_list_header,
 )
 from ramdiscard.migration.transport import (
     IO_TIMEOUT,
@@ -106,6 +111,8 @@ Runs = list[tuple[int, int]]
 PAGE = 4096
 CHUNK = 1 << 20
 """Largest page section of a contiguous dirty run."""
+LIST_RUN = 16 * PAGE
+"""Dirty runs up to this long go out page by page in PAGE_LIST sections."""
 BATCH_BYTES = 1 << 20
 BATCH_IOV = 512
 DEFAULT_DOWNTIME = 0.3
@@ -309,6 +316,16 @@ class _Batcher:
         self._used += n
         return dst
 
+    def gather(self, pages: np.ndarray, offsets: list[int]) -> memoryview:
+        """Copies of the 4 KiB pages at ``offsets`` of ``pages`` (a region as rows of one
+        page), in order, in this batch's bounce buffer: call :meth:`make_room` first."""
+        n = len(offsets)
+        dst = memoryview(self._bounce)[self._used : self._used + n * PAGE]
+        idx = np.fromiter(offsets, dtype=np.int64, count=n) // PAGE
+        np.take(pages, idx, axis=0, out=np.frombuffer(dst, dtype=np.uint8).reshape(n, PAGE), mode="clip")
+        self._used += n * PAGE
+        return dst
+
     def make_room(self, n: int) -> None:
         """Flush now unless ``n`` more bytes fit the bounce buffer."""
         if self._used + n > len(self._bounce):
@@ -405,6 +422,14 @@ class _Region:
         else:
             self.runs = region.populated_runs()
         self.tracker: uffd.WriteTracker | None = None
+        self._pages: np.ndarray | None = None
+
+    @property
+    def pages(self) -> np.ndarray:
+        """The region's memory as rows of one 4 KiB page (no copy)."""
+        if self._pages is None:
+            self._pages = np.frombuffer(self.view, dtype=np.uint8).reshape(-1, PAGE)
+        return self._pages
 
     def clip(self, start: int, end: int) -> Runs:
         """The parts of ``[start, end)`` populated now (call under the guard)."""
@@ -495,10 +520,36 @@ class PrecopySource:
         if self.cancel.is_set():
             raise MigrationError("migration cancelled")
 
+    def _send_list(self, out: _Batcher, region: _Region, offsets: list[int]) -> int:
+        """Single dirty pages as PAGE_LIST sections (one header, one checksum and one
+        copy call for up to MAX_LIST_PAGES pages)."""
+        out.make_room(len(offsets) * PAGE)  # no flush (network wait) while holding the guard
+        if region.watcher is None:
+            data = out.gather(region.pages, offsets)
+        else:
+            with self.guard:  # no plug/unplug while we read (module rules)
+                plugged = region.watcher.plugged
+                offsets = [o for o in offsets if plugged.covers(o, o + PAGE)]
+                if not offsets:
+                    return 0
+                data = out.gather(region.pages, offsets)
+        out.add(page_list_header(region.region.index, offsets, data, self.algo), data)
+        self.counter.pages(data.nbytes)
+        self._check_cancel()
+        return data.nbytes
+
     def _send_runs(self, out: _Batcher, region: _Region, runs: Runs, live: bool) -> int:
         sent = 0
         view, index = region.view, region.region.index
+        singles: list[int] = []
         for s, n in runs:
+            if n <= LIST_RUN and region.region.page_size == PAGE:
+                for p in range(s, s + n, PAGE):
+                    singles.append(p)
+                    if len(singles) == MAX_LIST_PAGES:
+                        sent += self._send_list(out, region, singles)
+                        singles = []
+                continue
             end = s + n
             while s < end:
                 k = min(CHUNK, end - s)
@@ -516,6 +567,8 @@ class PrecopySource:
                     sent += data.nbytes
                 s += k
             self._check_cancel()
+        if singles:
+            sent += self._send_list(out, region, singles)
         return sent
 
     def _device_changes(self, out: _Batcher, regions: list[_Region], dirty: list[Runs]) -> list[Runs]:
@@ -823,9 +876,13 @@ def load_live(
             cover = [Coverage() for _r in regions]
             while not isinstance(event, End):
                 if isinstance(event, PageData):
-                    inc.receive_page(event)
-                    cover[event.region].add(event.offset, event.offset + event.length)
+                    end = event.offset + event.length
+                    inc.receive_page(event, populated=cover[event.region].covers(event.offset, end))
+                    cover[event.region].add(event.offset, end)
                     stats.page_bytes += event.length
+                elif isinstance(event, PageList):
+                    _receive_list(inc, regions, cover[event.region], event)
+                    stats.page_bytes += len(event.data)
                 elif isinstance(event, Round):
                     stats.rounds = event.number
                     if on_round is not None:
@@ -871,6 +928,37 @@ def load_live(
     stats.stream_bytes = inc.position
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def _receive_list(inc: _IncomingLike, regions: list[RamRegion], cover: Coverage, event: PageList) -> None:
+    """Check every page of ``event`` against the plugged runs, populate the ones not
+    received before, then copy the data to guest memory (checksum already verified)."""
+    region = regions[event.region]
+    runs, starts = inc.runs[event.region], inc.starts[event.region]
+    for off in event.offsets:
+        i = bisect_right(starts, off) - 1
+        if i < 0 or off + PAGE > runs[i][0] + runs[i][1]:
+            raise StreamError(
+                f"page list entry {off:#x} of region {region.mr.name!r} is not inside a plugged range"
+            )
+    fresh = [off for off in event.offsets if not cover.covers(off, off + PAGE)]
+    if region.device is not None:
+        for off in fresh:
+            region.mr.ram.populate(off, PAGE)  # type: ignore[union-attr]
+    pages = np.frombuffer(inc.view(event.region), dtype=np.uint8).reshape(-1, PAGE)
+    idx = np.fromiter(event.offsets, dtype=np.int64, count=len(event.offsets)) // PAGE
+    pages[idx] = np.frombuffer(event.data, dtype=np.uint8).reshape(-1, PAGE)
+    for off in fresh:
+        cover.add(off, off + PAGE)
+    inc.received[event.region] += len(event.data)
+
+
+class _IncomingLike(Protocol):
+    runs: list[list[tuple[int, int]]]
+    starts: list[list[int]]
+    received: list[int]
+
+    def view(self, index: int) -> memoryview: ...
 
 
 def receive_live(

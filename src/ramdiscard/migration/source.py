@@ -143,6 +143,26 @@ def save_to_sink(
     )
 
 
+def sparse_layout(
+    regions: list[RamRegion],
+    runs: list[list[tuple[int, int]]],
+    counter: Counter,
+    algo: Checksum,
+    chunk_size: int,
+) -> tuple[list[bytes], list[int], int, int]:
+    """The layout of a sparse snapshot (``docs/migration-format.md``): the metadata
+    sections before the PAGES_AT references, each region's file offset, the file size
+    and the metadata's final length (with one PAGES_AT per chunk of ``runs`` and END)."""
+    meta = _metadata(regions, counter, StreamFlags.SPARSE, algo)
+    nchunks = sum(1 for r in runs for _c in _chunks(r, chunk_size))
+    meta_len = sum(len(p) for p in meta) + nchunks * PAGES_AT_SECTION_SIZE + END_SECTION_SIZE
+    bases, pos = [], align_up(meta_len, SPARSE_ALIGN)
+    for region in regions:
+        bases.append(pos)
+        pos += align_up(region.size, SPARSE_ALIGN)
+    return meta, bases, pos, meta_len
+
+
 def save_sparse(
     address_space: AddressSpace,
     devices: Sequence[VirtioMem],
@@ -161,15 +181,7 @@ def save_sparse(
         regions = collect_regions(address_space, devices)
         runs = [region.populated_runs() for region in regions]
         counter = Counter()
-        meta = _metadata(regions, counter, StreamFlags.SPARSE, algo)
-        nchunks = sum(1 for r in runs for _c in _chunks(r, chunk_size))
-        meta_len = sum(len(p) for p in meta) + nchunks * PAGES_AT_SECTION_SIZE + END_SECTION_SIZE
-        data_base = align_up(meta_len, SPARSE_ALIGN)
-        bases, pos = [], data_base
-        for region in regions:
-            bases.append(pos)
-            pos += align_up(region.size, SPARSE_ALIGN)
-        file_size = pos
+        meta, bases, file_size, meta_len = sparse_layout(regions, runs, counter, algo, chunk_size)
         tracker = ProgressTracker("snapshot", sum(n for r in runs for _o, n in r), progress)
         pfile.truncate(0)
         refs: list[bytes] = []

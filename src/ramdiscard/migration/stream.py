@@ -49,6 +49,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
+from itertools import pairwise
 
 from ramdiscard.errors import ProtocolViolation, RamDiscardError
 from ramdiscard.migration.checksum import Checksum, Hasher, available, digest
@@ -103,6 +104,7 @@ class SectionType(IntEnum):
     PAGES_AT = 4
     END = 5
     ROUND = 6
+    PAGE_LIST = 7
 
 
 class RegionKind(IntEnum):
@@ -166,7 +168,17 @@ class End:
     page_bytes: int
 
 
-Event = StreamHeader | RegionInfo | DeviceState | PageData | Round | End
+@dataclass(frozen=True, slots=True)
+class PageList:
+    """Scattered 4 KiB pages of region ``region`` (live streams): ``offsets`` ascending,
+    ``data`` their contents in that order, checksum already verified."""
+
+    region: int
+    offsets: tuple[int, ...]
+    data: bytes
+
+
+Event = StreamHeader | RegionInfo | DeviceState | PageData | Round | End | PageList
 
 QUOTE_LIMIT = 64
 
@@ -240,6 +252,23 @@ def page_header(region: int, offset: int, data: Buffer, checksum: Checksum = Che
 
 
 PAGES_AT_SECTION_SIZE = SECTION_HEADER.size + _PAGES_AT.size
+_LIST_SUB = struct.Struct("<II")
+LIST_PAGE = 4096
+MAX_LIST_PAGES = 256
+"""Most pages in one PAGE_LIST section."""
+MAX_LIST_BYTES = MAX_LIST_PAGES * (8 + LIST_PAGE)
+
+
+def page_list_header(region: int, offsets: list[int], data: Buffer, checksum: Checksum) -> bytes:
+    """Section header, sub-header and offsets that precede ``data`` (the pages at
+    ``offsets``, in order) in a PAGE_LIST section; the checksum is ``checksum`` of the
+    data seeded with the CRC-32 of what precedes it in the payload."""
+    n = len(offsets)
+    if not 0 < n <= MAX_LIST_PAGES:
+        raise MigrationError(f"PAGE_LIST of {n} pages (limit {MAX_LIST_PAGES})")
+    head = _LIST_SUB.pack(region, n) + struct.pack(f"<{n}Q", *offsets)
+    crc = digest(checksum, data, zlib.crc32(head))
+    return _section_header(SectionType.PAGE_LIST, len(head) + n * LIST_PAGE, crc) + head
 
 
 def encode_pages_at(region: int, offset: int, length: int, file_offset: int, data_crc: int) -> bytes:
@@ -295,6 +324,7 @@ _ORDER = {
     SectionType.PAGES_AT: 2,
     SectionType.END: 3,
     SectionType.ROUND: 2,
+    SectionType.PAGE_LIST: 2,
 }
 
 
@@ -406,7 +436,7 @@ class Decoder:
         live = bool(self._flags & StreamFlags.LIVE)
         if live and st is SectionType.DEVICE:
             order = 2
-        if (st is SectionType.ROUND and not live) or order < self._order:
+        if (st in (SectionType.ROUND, SectionType.PAGE_LIST) and not live) or order < self._order:
             raise self._fail(f"{st.name} section out of order")
         sparse = bool(self._flags & StreamFlags.SPARSE)
         if (st is SectionType.PAGES and sparse) or (st is SectionType.PAGES_AT and not sparse):
@@ -421,6 +451,11 @@ class Decoder:
             fixed = sizes.get(st)
             if fixed is not None and length != fixed:
                 raise self._fail(f"{st.name} section with payload length {length} (expected {fixed})")
+            if st is SectionType.PAGE_LIST and (
+                (length - _LIST_SUB.size) % (8 + LIST_PAGE)
+                or not 0 < length - _LIST_SUB.size <= MAX_LIST_BYTES
+            ):
+                raise self._fail(f"PAGE_LIST section with payload length {length}")
             if length > MAX_META_PAYLOAD or length < 4:
                 raise self._fail(f"{st.name} section with payload length {length}")
             if st is SectionType.REGION:
@@ -456,6 +491,8 @@ class Decoder:
             self._hasher.reset(zlib.crc32(raw))
             self._phase = _Phase.PAGE_DATA
             return self._pending
+        if st is SectionType.PAGE_LIST:
+            return self._page_list(raw)
         if zlib.crc32(raw) != self._crc:
             raise self._fail(f"{st.name} section checksum mismatch (section #{self._sections + 1})")
         event: Event
@@ -493,6 +530,26 @@ class Decoder:
         self._phase = _Phase.SECTION_HEADER
         self._need = SECTION_HEADER.size
         return event
+
+    def _page_list(self, raw: bytes) -> PageList:
+        region, count = _LIST_SUB.unpack_from(raw)
+        if count * (8 + LIST_PAGE) != len(raw) - _LIST_SUB.size:
+            raise self._fail(f"PAGE_LIST section: {count} pages in a payload of {len(raw)} bytes")
+        head = _LIST_SUB.size + 8 * count
+        if digest(self._checksum, memoryview(raw)[head:], zlib.crc32(raw[:head])) != self._crc:
+            raise self._fail(f"PAGE_LIST section checksum mismatch (region {region})")
+        offsets = struct.unpack_from(f"<{count}Q", raw, _LIST_SUB.size)
+        for a, b in pairwise(offsets):
+            if b <= a:
+                raise self._fail(f"PAGE_LIST section: offsets not ascending ({a:#x}, {b:#x})")
+        if any(o % LIST_PAGE for o in offsets):
+            raise self._fail("PAGE_LIST section: an offset is not 4 KiB aligned")
+        self._check_page(region, offsets[0], LIST_PAGE)
+        self._count_page(count * LIST_PAGE)
+        self._sections += 1
+        self._phase = _Phase.SECTION_HEADER
+        self._need = SECTION_HEADER.size
+        return PageList(region, offsets, raw[head:])
 
     def _region(self, raw: bytes) -> RegionInfo:
         if len(raw) < _REGION.size:

@@ -23,9 +23,14 @@ Rules (QEMU qapi/migration.json shapes):
   during the precopy rounds ``qom-set requested-size`` takes effect on the source (the
   guest plugs and unplugs; the destination follows); off, the devices answer BUSY from
   setup to the end as in QEMU.
-* Capabilities ``postcopy-ram``, ``postcopy-preempt`` and ``background-snapshot`` are
-  known but not implemented here: ``migrate`` with one of them set is refused with a
-  one-line error, changing nothing.
+* Capability ``background-snapshot`` with ``migrate`` {uri: ``file:PATH``}: a sparse
+  snapshot of memory as of the start while the guest keeps running
+  (:func:`ramdiscard.migration.snapshot.background_snapshot`: only populated ranges
+  are write-protected; the guest is paused only while they are); the run state stays
+  ``running``; ``migrate_cancel`` stops it (file left empty). With ``tcp:`` it is refused.
+* Capabilities ``postcopy-ram`` and ``postcopy-preempt`` are known but not implemented
+  here: ``migrate`` with one of them set is refused with a one-line error, changing
+  nothing.
 * ``x-ramdiscard-memory-digest``: per RAM region, its populated runs and a SHA-256 over
   their content (and the runs); refused while the guest runs (the content moves).
 """
@@ -52,7 +57,7 @@ from ramdiscard.qmp.protocol import QmpError
 
 RESIZE_CAP = "x-ramdiscard-resize-during-migration"
 CAPABILITIES = ("postcopy-ram", "postcopy-preempt", "background-snapshot", "mapped-ram", RESIZE_CAP)
-UNSUPPORTED = ("postcopy-ram", "postcopy-preempt", "background-snapshot")
+UNSUPPORTED = ("postcopy-ram", "postcopy-preempt")
 PAGE = 4096
 
 Handler = Callable[[dict[str, Any]], Outcome]
@@ -102,6 +107,7 @@ class LiveMachineBackend(MachineBackend):
         self._incoming_sock: socket.socket | None = None
         self._t0 = 0.0
         self._stopped_by_user = False
+        self._snap_cancel = threading.Event()
         if incoming and incoming != "defer":
             self._listen(incoming)
 
@@ -153,6 +159,8 @@ class LiveMachineBackend(MachineBackend):
         wanted = [c for c in UNSUPPORTED if self.caps[c]]
         if wanted:
             raise QmpError(f"capability {wanted[0]} is not supported by this build; migration not started")
+        if tcp and self.caps["background-snapshot"]:
+            raise QmpError("capability background-snapshot needs a file: URI; migration not started")
         if self.run_state in ("inmigrate", "postmigrate"):
             raise QmpError(f"cannot migrate in run state {self.run_state}")
         with self._state:
@@ -161,6 +169,7 @@ class LiveMachineBackend(MachineBackend):
             if self._migrating or self._busy():
                 raise QmpError("There's a migration process in progress")
             self._migrating, self._cancelled = True, False
+            self._snap_cancel = threading.Event()
         self.stats, self.error, self._t0 = None, None, time.perf_counter()
         self._set_status("setup")
         target = self._run_tcp if tcp else self._run_file
@@ -221,8 +230,35 @@ class LiveMachineBackend(MachineBackend):
         finally:
             self._finish(ok)
 
+    def _run_background(self, path: str) -> None:
+        from ramdiscard.migration.snapshot import background_snapshot
+
+        m = self.machine
+        with m.lock:
+            devices = list(m.devices.values())
+            space = m.space
+        st = PrecopyStats(status="active")
+        self.stats = st
+        self._set_status("active")
+        with create_output(path, "migration file") as f:
+            snap = background_snapshot(
+                space, devices, f, _Guest(m), cancel=self._snap_cancel, timeout=self.migrate_timeout
+            )
+        st.total_bytes = st.page_bytes = snap.page_bytes
+        st.stream_bytes, st.pages_sent = snap.file_size, snap.page_bytes // PAGE
+        st.downtime, st.total_time = snap.pause_time, snap.total_time
+
     def _run_file(self, path: str) -> None:
         ok = False
+        if self.caps["background-snapshot"]:
+            try:
+                self._run_background(path)
+                ok = True
+            except (OSError, migration.MigrationError) as exc:
+                self.error = str(exc)
+            finally:
+                self._finish(ok)
+            return
         try:
             with self.machine.lock:
                 devices = list(self.machine.devices.values())
@@ -240,6 +276,7 @@ class LiveMachineBackend(MachineBackend):
             if not self._migrating:
                 return
             self._cancelled = True
+            self._snap_cancel.set()
             if self._source is not None:
                 self._source.cancel.set()
             if self._sock is not None:

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ramdiscard.ramblocks")
 
+
 class BlockRegistered(InvalidArgument):
     """The region is already in this registry."""
 
