@@ -13,7 +13,9 @@ import pytest
 from ramdiscard.guest.writer import DeviceTarget, GuestWriter
 from ramdiscard.hostmem import uffd
 from ramdiscard.migration import MigrationError
-from ramdiscard.migration.precopy import Coverage, PrecopyParams, PrecopySource, precopy_to, receive_live
+from ramdiscard.migration.live_load import receive_live
+from ramdiscard.migration.precopy import PrecopyParams, PrecopySource, precopy_to
+from ramdiscard.migration.runs import Coverage
 from ramdiscard.units import MiB
 from tests.migration.conftest import Machines, assert_fresh
 from tests.migration.machine import Machine

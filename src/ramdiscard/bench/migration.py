@@ -244,7 +244,7 @@ def _dest_main(conn: Any, region: int) -> None:
     """The destination process: one request per message over ``conn`` (a Pipe end):
     ``"precopy"`` receives one live migration, ``"raw"`` one raw byte copy; each answers
     the listening port first, then its result."""
-    from ramdiscard.migration.precopy import receive_live
+    from ramdiscard.migration.live_load import receive_live
 
     dst = _Guest(region, 2 * MiB)
     sink = bytearray(4 * MiB)

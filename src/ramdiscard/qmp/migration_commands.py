@@ -48,7 +48,8 @@ from typing import Any
 from ramdiscard import migration
 from ramdiscard.fileio import create_output
 from ramdiscard.migration.layout import collect_regions
-from ramdiscard.migration.precopy import PrecopyParams, PrecopySource, PrecopyStats, precopy_to, receive_live
+from ramdiscard.migration.live_load import receive_live
+from ramdiscard.migration.precopy import PrecopyParams, PrecopySource, PrecopyStats, precopy_to
 from ramdiscard.migration.transport import IO_TIMEOUT
 from ramdiscard.qmp.backend import Outcome, Param, check_arguments
 from ramdiscard.qmp.events import QmpEvent

@@ -1,0 +1,271 @@
+"""Live migration, the destination side: loading a precopy stream while it arrives.
+
+Rules (format in ``docs/migration-format.md``):
+
+* Receiving (:func:`load_live`): the stream is checked as a stop-and-copy one is, with
+  these differences: page sections may repeat; a later DEVICE state replaces the
+  earlier one (its plugged runs bound what may arrive next; ranges that left it are
+  discarded here at once); at END every plugged run of the final state must have been
+  received. Nothing outside plugged runs is ever populated; a failure resets the
+  destination to all discarded, as :func:`ramdiscard.migration.load` does.
+* The destination acknowledges its read position to the source (``AK`` + u64, at most
+  every :data:`~ramdiscard.migration.precopy.ACK_INTERVAL` s while data arrives) ahead of
+  its final status, so the source can tell a stalled destination from full socket buffers.
+"""
+
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from ramdiscard.migration.busy import frozen
+from ramdiscard.migration.layout import RamRegion, collect_regions
+from ramdiscard.migration.stream import (
+    DeviceState,
+    End,
+    MigrationError,
+    PageData,
+    PageList,
+    Round,
+    StreamError,
+)
+from ramdiscard.migration.transport import (
+    IO_TIMEOUT,
+    ReadTimeout,
+    SocketReader,
+    send_status,
+)
+
+if TYPE_CHECKING:
+    from ramdiscard.memory import AddressSpace
+    from ramdiscard.providers.virtio_mem import VirtioMem
+
+from ramdiscard.migration.precopy import ACK_INTERVAL, PAGE, RETURN_MSG, RETURN_POS
+from ramdiscard.migration.runs import Coverage, subtract
+
+
+@dataclass
+class LiveLoadStats:
+    rounds: int = 0
+    page_bytes: int = 0
+    stream_bytes: int = 0
+    seconds: float = 0.0
+
+
+def load_live(
+    address_space: AddressSpace,
+    devices: Sequence[VirtioMem],
+    reader: SocketReader,
+    *,
+    on_round: Callable[[int], None] | None = None,
+) -> LiveLoadStats:
+    """Load a live (or stop-and-copy) stream from ``reader`` (module rules). Raises
+    MigrationError with the destination reset to all discarded."""
+    from ramdiscard.migration.destination import _check_state, _Incoming, _limits, _plugged_runs, _reset
+    from ramdiscard.migration.progress import ProgressTracker
+    from ramdiscard.migration.stream import Decoder
+    from ramdiscard.providers.virtio_mem.persist import decode_state
+
+    t0 = time.perf_counter()
+    with frozen(devices) as freeze:
+        regions = collect_regions(address_space, devices)
+        for dev in devices:
+            if dev.plugged_size:
+                raise MigrationError(f"device {dev.id!r} has memory plugged; a destination must start empty")
+        requested = {dev.id: dev.requested_size for dev in devices}
+        tracker = ProgressTracker("receive", 0, None)
+        inc = _Incoming(regions, reader, None, tracker)
+        inc.decoder = Decoder(limits=_limits(regions), live_ok=True)
+        stats = LiveLoadStats()
+        try:
+            images, event = inc.read_metadata()
+        except OSError as exc:
+            raise MigrationError(f"reading the stream failed (nothing changed): {exc}") from exc
+        try:
+            managed = [r for r in regions if r.device is not None]
+            final = {r.index: img for r, img in zip(managed, images, strict=True)}
+            inc.prepare_pages(images)
+            cover = [Coverage() for _r in regions]
+            while not isinstance(event, End):
+                if isinstance(event, PageData):
+                    end = event.offset + event.length
+                    inc.receive_page(event, populated=cover[event.region].covers(event.offset, end))
+                    cover[event.region].add(event.offset, end)
+                    stats.page_bytes += event.length
+                elif isinstance(event, PageList):
+                    _receive_list(inc, regions, cover[event.region], event)
+                    stats.page_bytes += len(event.data)
+                elif isinstance(event, Round):
+                    stats.rounds = event.number
+                    if on_round is not None:
+                        on_round(event.number)
+                elif isinstance(event, DeviceState):
+                    region = regions[event.region]
+                    if region.device is None:
+                        raise StreamError(f"DEVICE section for unmanaged region {region.mr.name!r}")
+                    _check_state(region.device, event.state)
+                    image = decode_state(event.state)
+                    runs = _plugged_runs(image.bitmap, image.nb_blocks, image.block_size)
+                    for s, n in subtract(inc.runs[event.region], runs):
+                        region.mr.ram.discard_range(s, n)  # type: ignore[union-attr]
+                        cover[event.region].remove(s, s + n)
+                    inc.runs[event.region] = runs
+                    inc.starts[event.region] = [s for s, _n in runs]
+                    final[event.region] = event.state
+                else:
+                    raise StreamError(f"unexpected {type(event).__name__} in a live stream")
+                event = inc.next_event()
+            for region, runs, cov in zip(regions, inc.runs, cover, strict=True):
+                for s, n in runs:
+                    if not cov.covers(s, s + n):
+                        raise StreamError(
+                            f"region {region.mr.name!r}: plugged range [{s:#x}, +{n:#x}) was not received"
+                        )
+            for region in managed:
+                assert region.device is not None
+                try:
+                    region.device.load_state(final[region.index])
+                except Exception as exc:
+                    raise MigrationError(f"device {region.device.id!r}: {exc}") from exc
+            for region in managed:
+                for offset, length in region.discarded_runs():
+                    region.mr.ram.discard_range(offset, length)  # type: ignore[union-attr]
+        except BaseException as exc:
+            _reset(regions, requested, freeze)
+            if isinstance(exc, MigrationError):
+                raise
+            if isinstance(exc, Exception):
+                raise MigrationError(f"restore failed, destination reset to all discarded: {exc!r}") from exc
+            raise
+    stats.stream_bytes = inc.position
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def _receive_list(inc: _IncomingLike, regions: list[RamRegion], cover: Coverage, event: PageList) -> None:
+    """Check every page of ``event`` against the plugged runs, populate the ones not
+    received before, then copy the data to guest memory (checksum already verified)."""
+    region = regions[event.region]
+    runs, starts = inc.runs[event.region], inc.starts[event.region]
+    for off in event.offsets:
+        i = bisect_right(starts, off) - 1
+        if i < 0 or off + PAGE > runs[i][0] + runs[i][1]:
+            raise StreamError(
+                f"page list entry {off:#x} of region {region.mr.name!r} is not inside a plugged range"
+            )
+    fresh = [off for off in event.offsets if not cover.covers(off, off + PAGE)]
+    if region.device is not None:
+        for off in fresh:
+            region.mr.ram.populate(off, PAGE)  # type: ignore[union-attr]
+    pages = np.frombuffer(inc.view(event.region), dtype=np.uint8).reshape(-1, PAGE)
+    idx = np.fromiter(event.offsets, dtype=np.int64, count=len(event.offsets)) // PAGE
+    pages[idx] = np.frombuffer(event.data, dtype=np.uint8).reshape(-1, PAGE)
+    for off in fresh:
+        cover.add(off, off + PAGE)
+    inc.received[event.region] += len(event.data)
+
+
+class _IncomingLike(Protocol):
+    runs: list[list[tuple[int, int]]]
+    starts: list[list[int]]
+    received: list[int]
+
+    def view(self, index: int) -> memoryview: ...
+
+
+def receive_live(
+    listen_socket: socket.socket,
+    address_space: AddressSpace,
+    devices: Sequence[VirtioMem],
+    *,
+    accept_timeout: float | None = None,
+    read_timeout: float = IO_TIMEOUT,
+    on_round: Callable[[int], None] | None = None,
+    on_connection: Callable[[socket.socket], None] | None = None,
+) -> LiveLoadStats:
+    """Accept one source on ``listen_socket`` and load its stream (live or not); the
+    source is told the outcome. ``read_timeout`` bounds every silence of the source.
+    Raises MigrationError (destination reset), TimeoutError when nobody connected."""
+    from ramdiscard.migration.tcp import drain_peer, tune_socket
+
+    listen_socket.settimeout(accept_timeout)
+    conn, _peer = listen_socket.accept()
+    with conn:
+        conn.settimeout(read_timeout)
+        tune_socket(conn)
+        if on_connection is not None:
+            on_connection(conn)
+        reader = _CountingReader(conn)
+        acker = _Acker(conn, reader)
+        try:
+            stats = load_live(address_space, devices, reader, on_round=on_round)
+        except Exception as exc:
+            acker.close()
+            try:
+                send_status(conn, str(exc) or type(exc).__name__)
+                if not isinstance(exc, ReadTimeout):
+                    drain_peer(conn)
+            except OSError:
+                pass
+            raise
+        acker.close()
+        send_status(conn, None)
+    return stats
+
+
+class _CountingReader(SocketReader):
+    """A SocketReader that counts what it has read (the acknowledged position)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock)
+        self.position = 0
+
+    def read_exact(self, view: memoryview, on_data: Callable[[int, int], None] | None = None) -> None:
+        if on_data is None:
+            super().read_exact(view)
+        else:
+
+            def landed(offset: int, length: int) -> None:
+                self.position += length
+                on_data(offset, length)
+
+            super().read_exact(view, landed)
+            return
+        self.position += view.nbytes
+
+
+class _Acker:
+    """Acknowledges the reader's position every :data:`ACK_INTERVAL` s while it moves
+    (a thread of its own: the acks go out whatever the loader is doing). :meth:`close`
+    stops it before the status is sent, so the two never interleave."""
+
+    def __init__(self, sock: socket.socket, reader: _CountingReader) -> None:
+        self.sock = sock
+        self.reader = reader
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ramdiscard-migrate-ack", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        last = 0
+        while not self._stop.wait(ACK_INTERVAL):
+            pos = self.reader.position
+            if pos == last:
+                continue
+            try:
+                self.sock.sendall(RETURN_MSG.pack(b"AK", RETURN_POS.size) + RETURN_POS.pack(pos))
+            except OSError:
+                return
+            last = pos
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
