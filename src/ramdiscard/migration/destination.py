@@ -72,7 +72,7 @@ _READ_PIECE = 1 << 20
 """Metadata payloads are read in pieces of this size: memory grows with what arrived."""
 
 
-class _Incoming:
+class Incoming:
     """One load in progress: the local regions, the decoder, what was received."""
 
     def __init__(
@@ -86,7 +86,7 @@ class _Incoming:
         self.reader = reader
         self.pfile = pfile
         self.tracker = tracker
-        self.decoder = Decoder(sparse_ok=pfile is not None, limits=_limits(regions))
+        self.decoder = Decoder(sparse_ok=pfile is not None, limits=stream_limits(regions))
         self.position = 0
         self.runs: list[list[tuple[int, int]]] = []
         self.starts: list[list[int]] = []
@@ -143,7 +143,7 @@ class _Incoming:
         images = []
         for region in managed:
             assert region.device is not None
-            _check_state(region.device, states[region.index])
+            check_state(region.device, states[region.index])
             images.append(states[region.index])
         return images, event
 
@@ -175,7 +175,7 @@ class _Incoming:
                 runs = [(0, region.size)]
             else:
                 image = decode_state(next(states))
-                runs = _plugged_runs(image.bitmap, image.nb_blocks, image.block_size)
+                runs = plugged_runs(image.bitmap, image.nb_blocks, image.block_size)
             self.runs.append(runs)
             self.starts.append([s for s, _n in runs])
 
@@ -231,12 +231,12 @@ class _Incoming:
                 )
 
 
-def _limits(regions: list[RamRegion]) -> Limits:
+def stream_limits(regions: list[RamRegion]) -> Limits:
     states = [len(r.device.save()) for r in regions if r.device is not None]
     return Limits(regions=len(regions), device_state=max(states, default=0))
 
 
-def _plugged_runs(bitmap: bytes, nbits: int, block_size: int) -> list[tuple[int, int]]:
+def plugged_runs(bitmap: bytes, nbits: int, block_size: int) -> list[tuple[int, int]]:
     """(offset, length) of the plugged runs of a state image's bitmap, ascending."""
     from ramdiscard.rdm.bitmap import Bitmap
 
@@ -247,7 +247,7 @@ def _plugged_runs(bitmap: bytes, nbits: int, block_size: int) -> list[tuple[int,
     return [(s * block_size, (e - s) * block_size) for s, e in bits.runs(0, nbits, True)]
 
 
-def _check_state(device: VirtioMem, state: bytes) -> None:
+def check_state(device: VirtioMem, state: bytes) -> None:
     from ramdiscard.providers.virtio_mem.persist import StateError, decode_state
 
     try:
@@ -265,7 +265,22 @@ def _check_state(device: VirtioMem, state: bytes) -> None:
         raise MigrationError(f"device {device.id!r} has memory plugged; a destination must start empty")
 
 
-def _reset(regions: list[RamRegion], requested: dict[str, int], freeze: Freeze) -> None:
+def commit_states(managed: list[RamRegion], images: list[bytes]) -> None:
+    """Load each managed region's device state (``images`` in the same order), then discard
+    what the loaded states leave unplugged. Raises MigrationError naming the device whose
+    state was refused; the caller resets the destination."""
+    for region, image in zip(managed, images, strict=True):
+        assert region.device is not None
+        try:
+            region.device.load_state(image)
+        except Exception as exc:
+            raise MigrationError(f"device {region.device.id!r}: {exc}") from exc
+    for region in managed:
+        for offset, length in region.discarded_runs():
+            region.mr.ram.discard_range(offset, length)  # type: ignore[union-attr]
+
+
+def reset_to_discarded(regions: list[RamRegion], requested: dict[str, int], freeze: Freeze) -> None:
     """Back to all discarded (module rules); best effort, every step logged on failure."""
     freeze.active = False
     for region in regions:
@@ -299,7 +314,7 @@ def load_from_reader(
                 raise MigrationError(f"device {dev.id!r} has memory plugged; a destination must start empty")
         requested = {dev.id: dev.requested_size for dev in devices}
         tracker = ProgressTracker(phase, 0, progress)
-        inc = _Incoming(regions, reader, pfile, tracker)
+        inc = Incoming(regions, reader, pfile, tracker)
         try:
             images, event = inc.read_metadata()
         except OSError as exc:
@@ -314,17 +329,9 @@ def load_from_reader(
             if not isinstance(event, End):
                 raise StreamError(f"unexpected {type(event).__name__} after the page sections")
             inc.check_complete(event)
-            for region, image in zip(managed, images, strict=True):
-                assert region.device is not None
-                try:
-                    region.device.load_state(image)
-                except Exception as exc:
-                    raise MigrationError(f"device {region.device.id!r}: {exc}") from exc
-            for region in managed:
-                for offset, length in region.discarded_runs():
-                    region.mr.ram.discard_range(offset, length)  # type: ignore[union-attr]
+            commit_states(managed, images)
         except BaseException as exc:
-            _reset(regions, requested, freeze)
+            reset_to_discarded(regions, requested, freeze)
             if isinstance(exc, MigrationError):
                 raise
             if isinstance(exc, Exception):

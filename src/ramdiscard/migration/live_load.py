@@ -69,7 +69,14 @@ def load_live(
 ) -> LiveLoadStats:
     """Load a live (or stop-and-copy) stream from ``reader`` (module rules). Raises
     MigrationError with the destination reset to all discarded."""
-    from ramdiscard.migration.destination import _check_state, _Incoming, _limits, _plugged_runs, _reset
+    from ramdiscard.migration.destination import (
+        Incoming,
+        check_state,
+        commit_states,
+        plugged_runs,
+        reset_to_discarded,
+        stream_limits,
+    )
     from ramdiscard.migration.progress import ProgressTracker
     from ramdiscard.migration.stream import Decoder
     from ramdiscard.providers.virtio_mem.persist import decode_state
@@ -82,8 +89,8 @@ def load_live(
                 raise MigrationError(f"device {dev.id!r} has memory plugged; a destination must start empty")
         requested = {dev.id: dev.requested_size for dev in devices}
         tracker = ProgressTracker("receive", 0, None)
-        inc = _Incoming(regions, reader, None, tracker)
-        inc.decoder = Decoder(limits=_limits(regions), live_ok=True)
+        inc = Incoming(regions, reader, None, tracker)
+        inc.decoder = Decoder(limits=stream_limits(regions), live_ok=True)
         stats = LiveLoadStats()
         try:
             images, event = inc.read_metadata()
@@ -111,9 +118,9 @@ def load_live(
                     region = regions[event.region]
                     if region.device is None:
                         raise StreamError(f"DEVICE section for unmanaged region {region.mr.name!r}")
-                    _check_state(region.device, event.state)
+                    check_state(region.device, event.state)
                     image = decode_state(event.state)
-                    runs = _plugged_runs(image.bitmap, image.nb_blocks, image.block_size)
+                    runs = plugged_runs(image.bitmap, image.nb_blocks, image.block_size)
                     for s, n in subtract(inc.runs[event.region], runs):
                         region.mr.ram.discard_range(s, n)  # type: ignore[union-attr]
                         cover[event.region].remove(s, s + n)
@@ -129,17 +136,9 @@ def load_live(
                         raise StreamError(
                             f"region {region.mr.name!r}: plugged range [{s:#x}, +{n:#x}) was not received"
                         )
-            for region in managed:
-                assert region.device is not None
-                try:
-                    region.device.load_state(final[region.index])
-                except Exception as exc:
-                    raise MigrationError(f"device {region.device.id!r}: {exc}") from exc
-            for region in managed:
-                for offset, length in region.discarded_runs():
-                    region.mr.ram.discard_range(offset, length)  # type: ignore[union-attr]
+            commit_states(managed, [final[region.index] for region in managed])
         except BaseException as exc:
-            _reset(regions, requested, freeze)
+            reset_to_discarded(regions, requested, freeze)
             if isinstance(exc, MigrationError):
                 raise
             if isinstance(exc, Exception):
