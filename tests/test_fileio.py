@@ -157,3 +157,26 @@ def test_deferred_in_a_child_with_python_default_sigint(tmp_path: Path) -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert r.stdout.split("\n")[:2] == ["section done", "interrupt after"], r.stderr
+
+
+def test_a_second_signal_between_two_sections_does_not_skip_the_second() -> None:
+    restore = interrupts.install()
+    released: list[str] = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline:  # the handler raises here
+                    time.sleep(0.001)
+            finally:
+                with interrupts.deferred():
+                    released.append("first")
+                os.kill(os.getpid(), signal.SIGTERM)  # lands between the two sections
+                time.sleep(0.01)
+                with interrupts.deferred():
+                    released.append("second")
+        assert released == ["first", "second"]
+    finally:
+        restore()
+    assert interrupts.pending() is None
