@@ -10,9 +10,9 @@
   same, so a signal arriving while another thread releases is held until it is done.
 * One interrupt per run (with :func:`install`): once a signal has raised
   KeyboardInterrupt (from the handler or at the end of a section), later signals are only
-  recorded until :func:`install`'s restore. The interrupt is already unwinding through every ``finally``; a second one
-  landing between two sections (the 10 ms between two SIGTERMs) would otherwise skip
-  the cleanup still to come.
+  recorded until :func:`install`'s restore. The interrupt is already unwinding through
+  every ``finally``; a second one landing between two sections (the 10 ms between two
+  SIGTERMs) would otherwise skip the cleanup still to come.
 * Without :func:`install` (library use), :func:`deferred` still holds off Python's default
   SIGINT handler: it installs the deferring handler for the section when it can (main
   thread) and restores the previous one afterwards.
