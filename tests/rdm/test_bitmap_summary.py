@@ -153,7 +153,7 @@ def test_runs_of_uniform_and_few_run_maps() -> None:
     assert bm.group_counts()[-1] == 100
 
 
-@pytest.mark.parametrize("nbits", [1, 60, 63, 65, 4095, 4097, 3 * 4096 + 5])
+@pytest.mark.parametrize("nbits", [1, 60, 63, 64, 65, 4095, 4096, 4097, 3 * 4096 + 5])
 def test_from_bytes_refuses_any_bit_beyond_the_size(nbits: int) -> None:
     data = bytearray(Bitmap(nbits).to_bytes())
     data[-1] |= 0x80  # the top bit of the last byte lies beyond nbits unless nbits % 8 == 0
