@@ -386,3 +386,17 @@ path = "{outs["core"]}"
         assert stat.S_IMODE(p.stat().st_mode) == 0o600, name
         assert p.stat().st_size > 16 * MiB, name
     assert leftovers(tmp_path) == []
+
+
+def test_guest_trace_path_that_is_a_fifo_is_refused_before_a_guest_boots(tmp_path: Path) -> None:
+    fifo = tmp_path / "trace.log"
+    os.mkfifo(fifo)
+    r = subprocess.run(
+        [sys.executable, "-m", "ramdiscard.cli.main", "guest", "--qmp", f"unix:{tmp_path / 'q.sock'}",
+         "--trace", str(fifo)],
+        capture_output=True, text=True, env=ENV, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 1
+    assert "is a FIFO, not a regular file" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace.log"]  # no socket, no guest

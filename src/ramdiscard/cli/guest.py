@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
-from pathlib import Path
 from typing import Any
 
+from ramdiscard.fileio import check_output, create_output
 from ramdiscard.providers.virtio_mem import VirtioMem
 
 
@@ -81,6 +81,8 @@ def run_guest(args: argparse.Namespace) -> int:
     def echo(line: str) -> None:
         print(f"guest: {line}", file=sys.stderr, flush=True)
 
+    if args.trace:
+        check_output(args.trace, "trace")  # refused before a guest is booted
     guest = RealGuest(
         region_size=args.region_size,
         requested_size=args.requested_size,
@@ -89,6 +91,9 @@ def run_guest(args: argparse.Namespace) -> int:
     try:
         return serve(GuestMachine(guest), args.qmp)
     finally:
-        if args.trace:
-            Path(args.trace).write_text(guest.trace.text())
-        guest.close()
+        try:
+            if args.trace:
+                with create_output(args.trace, "trace", durable=False) as f:
+                    f.write(guest.trace.text().encode())
+        finally:
+            guest.close()
