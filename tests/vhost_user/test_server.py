@@ -109,7 +109,10 @@ def test_plug_through_the_ring_and_config_change(
         wait_for(lambda: server.ring_location() is not None, "the ring")
         os.close(call)
         call = os.eventfd(0, os.EFD_NONBLOCK)  # QEMU replaces it after enabling the ring
-        fe.send(Request.SET_VRING_CALL, struct.pack("<Q", 0), [call])
+        # Acked before the next kick: otherwise the server may serve that kick before it
+        # reads this message and signal the descriptor being replaced.
+        fe.send(Request.SET_VRING_CALL, struct.pack("<Q", 0), [call], flags=1 | wire.FLAG_NEED_REPLY)
+        assert struct.unpack("<Q", fe.reply())[0] == 0
         inb = driver.add(0, MemRequest(RequestType.PLUG, ADDR, 4).pack(), 10)
         os.eventfd_write(kick, 1)
         wait_for(lambda: device.plugged_size == 8 * MiB, "the plug")
