@@ -6,21 +6,29 @@ apt access for the cached Debian kernel/busybox on first use. Every wait is boun
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from qemu.qmp import QMPClient
 
 from ramdiscard.cli.guest import GuestMachine
 from ramdiscard.memory import MemoryRegion
 from ramdiscard.providers.virtio_mem import VirtioMem
+from ramdiscard.qmp import serve_async
 from ramdiscard.rdm import DiscardPolicy
 from ramdiscard.realguest.launcher import BLOCK_SIZE, DEVICE_ADDR, LOW_RAM, RealGuest, Sizes
+from ramdiscard.realguest.memfd import mapped_identities
 from ramdiscard.realguest.qemu import QemuNotFound, find_qemu
 from ramdiscard.replay.events import parse_trace
 from ramdiscard.replay.trace import replay_trace
@@ -39,7 +47,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), pytest.mark.skipif(boo
 
 @pytest.fixture
 def guest(tmp_path: object) -> Iterator[RealGuest]:
+    started = time.monotonic()
     g = RealGuest(region_size=2 * GiB, requested_size=512 * MiB, on_console=None)
+    print(f"boot to the guest's init: {time.monotonic() - started:.1f} s", file=sys.stderr)
     try:
         yield g
     finally:
@@ -49,7 +59,7 @@ def guest(tmp_path: object) -> Iterator[RealGuest]:
 def settle(g: RealGuest, size: int) -> Sizes:
     """Wait until the device plugged ``size`` and the guest reports a stable MemTotal."""
     g.wait_for(lambda: g.device.plugged_size == size, STEP_TIMEOUT, f"plugged size {size:#x}")
-    g.wait_for(lambda: g.dma.pinned_bytes == size, STEP_TIMEOUT, "pins to follow")
+    g.wait_for(lambda: g.pinned_bytes == size, STEP_TIMEOUT, "pins to follow")
     readings: list[int] = []
 
     def stable() -> bool:
@@ -141,9 +151,34 @@ def test_plug_resize_reset_and_replay(guest: RealGuest, tmp_path: Path) -> None:
     assert out["peak_plugged"] == max(report.plugged_sizes)
 
 
-def test_garbage_in_the_queue_breaks_the_device_not_the_process(guest: RealGuest) -> None:
+def qemu_fd_identities(pid: int) -> set[tuple[int, int]]:
+    """(st_dev, st_ino) of every file QEMU holds open (its /proc/<pid>/fd links)."""
+    found: set[tuple[int, int]] = set()
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            st = os.stat(f"/proc/{pid}/fd/{name}")
+            found.add((st.st_dev, st.st_ino))
+    return found
+
+
+def test_garbage_breaks_the_device_then_a_killed_qemu_is_replaced(guest: RealGuest, tmp_path: Path) -> None:
+    """One backend, two QEMUs: the first one's guest breaks the device with garbage and
+    is SIGKILLed; the backend releases everything, keeps its QMP, and the second QEMU's
+    guest plugs again on the same socket and memfd."""
     g = guest
-    settle(g, 512 * MiB)
+    first = settle(g, 512 * MiB)
+    assert first.plugged == first.pinned == first.vm_pin == 512 * MiB
+
+    # QEMU's guest memory is ramdiscard's memfd: the same file object, mapped over the
+    # device region's file range and held open.
+    pid = g.qemu_pid
+    assert pid is not None
+    identity = g.memfd_identity()
+    mapped = mapped_identities(pid, g.ram_size, g.region_size)
+    assert identity in {(dev, ino) for dev, ino, _off, _len in mapped}, mapped
+    assert identity in qemu_fd_identities(pid)
+    assert g.qemu_maps_memfd()
+
     location = g.server.ring_location()
     assert location is not None
     num, _desc, avail, _used = location
@@ -156,3 +191,76 @@ def test_garbage_in_the_queue_breaks_the_device_not_the_process(guest: RealGuest
     assert g.qemu_running and g.qmp is not None
     assert g.qmp.execute("query-status")["status"] == "running"
     assert g.device.metrics.protocol_errors == 1
+
+    # ramdiscard's own QMP, served while QEMU dies and is replaced.
+    sock = str(tmp_path / "rd.qmp")
+    loop = asyncio.new_event_loop()
+    serving = serve_async(GuestMachine(g), f"unix:{sock}")
+    served = threading.Thread(target=lambda: loop.run_until_complete(serving), daemon=True)
+    served.start()
+    g.wait_for(lambda: os.path.exists(sock), 30, "ramdiscard's QMP socket")
+
+    def status() -> dict[str, Any]:
+        async def ask() -> dict[str, Any]:
+            client = QMPClient("restart-test")
+            await asyncio.wait_for(client.connect(sock), 30)
+            try:
+                answer = await asyncio.wait_for(client.execute("x-ramdiscard-status"), 30)
+            finally:
+                await client.disconnect()
+            assert isinstance(answer, dict)
+            return answer
+
+        return asyncio.run(ask())
+
+    before = status()
+    assert before["qemu-running"] and before["memfd-shared-with-qemu"] is True
+    assert before["devices"][0]["broken"] is True
+
+    started = time.monotonic()
+    g.kill_qemu()
+    released = lambda: not g.server.connected and g.device.plugged_size == 0  # noqa: E731
+    g.wait_for(released, STEP_TIMEOUT, "the backend to notice")
+    noticed = time.monotonic() - started
+    gone = g.sizes(memtotal=0)
+    print(f"QEMU killed: backend released in {noticed:.2f} s: {gone}", file=sys.stderr)
+    assert gone.plugged == gone.pinned == gone.vm_pin == gone.resident == 0
+    assert not g.device.broken  # a vanished frontend is a powered-off machine
+    after_kill = status()
+    assert after_kill["qemu-running"] is False and after_kill["guest-memtotal"] is None
+    assert after_kill["vm-pin"] == after_kill["memfd-resident"] == 0
+    assert after_kill["devices"][0]["plugged-size"] == 0
+    assert after_kill["devices"][0]["pinned-bytes"] == 0
+
+    started = time.monotonic()
+    g.restart_qemu()
+    print(f"second boot to the guest's init: {time.monotonic() - started:.1f} s", file=sys.stderr)
+    second = settle(g, 512 * MiB)
+    assert g.server.connections == 2 and g.boots == 2
+    assert second.plugged == second.pinned == second.vm_pin == 512 * MiB
+    assert second.resident <= 512 * MiB
+    new_pid = g.qemu_pid
+    assert new_pid is not None and new_pid != pid
+    assert g.qemu_maps_memfd() and identity in qemu_fd_identities(new_pid)
+    running = status()
+    assert running["qemu-running"] and running["memfd-shared-with-qemu"] is True
+    assert running["guest-memtotal"] == second.guest_memtotal
+    assert running["devices"][0]["plugged-size"] == 512 * MiB
+    # The plugged memory is all of the MemTotal the new guest gained from the device.
+    g.set_requested_size(0)
+    empty = settle(g, 0)
+    assert second.guest_memtotal - empty.guest_memtotal == 512 * MiB
+    assert empty.vm_pin == 0 and unplugged_resident(g) == 0
+
+    async def quit_qmp() -> None:
+        client = QMPClient("restart-test-quit")
+        await asyncio.wait_for(client.connect(sock), 30)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.execute("quit"), 30)
+        with contextlib.suppress(Exception):
+            await client.disconnect()
+
+    asyncio.run(quit_qmp())
+    served.join(timeout=60)
+    assert not served.is_alive()
+    loop.close()

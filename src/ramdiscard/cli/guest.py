@@ -7,6 +7,7 @@ x-ramdiscard-status) until ``quit`` or Ctrl-C. The guest's console goes to stder
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import threading
 from typing import Any
@@ -54,18 +55,32 @@ class GuestMachine:
         self._qemu("cont")
 
     def status(self) -> dict[str, Any]:
-        s = self.guest.sizes() if self.guest.console else None
+        """The guest's latest MemTotal (None before it reported one or while no QEMU
+        runs), this process's VmPin above its start, the device region's resident bytes
+        in the memfd, whether the running QEMU maps that very memfd (same st_dev and
+        st_ino over the device region), and the device."""
+        from ramdiscard.realguest.launcher import RealGuestError
+
+        g = self.guest
+        running = g.qemu_running
+        memtotal: int | None = None
+        if running:
+            with contextlib.suppress(RealGuestError):
+                memtotal = g.guest_memtotal()
+        s = g.sizes(memtotal=memtotal or 0)
         return {
-            "qemu_running": self.guest.qemu_running,
-            "guest_memtotal": s.guest_memtotal if s else None,
-            "vm_pin": s.vm_pin if s else None,
-            "memfd_resident": s.resident if s else None,
+            "qemu_running": running,
+            "qemu_boots": g.boots,
+            "guest_memtotal": memtotal,
+            "vm_pin": s.vm_pin,
+            "memfd_resident": s.resident,
+            "memfd_shared_with_qemu": g.qemu_maps_memfd() if running else None,
             "devices": {
                 "vmem0": {
-                    "plugged_size": self.guest.device.plugged_size,
-                    "requested_size": self.guest.device.requested_size,
-                    "broken": self.guest.device.broken,
-                    "pinned_bytes": self.guest.dma.pinned_bytes,
+                    "plugged_size": g.device.plugged_size,
+                    "requested_size": g.device.requested_size,
+                    "broken": g.device.broken,
+                    "pinned_bytes": g.pinned_bytes,
                 }
             },
         }

@@ -3,17 +3,22 @@
 Rules:
 
 * ramdiscard owns the guest RAM: one memfd :class:`~ramdiscard.hostmem.RamBlock` of
-  ``low + region`` bytes, handed to QEMU as ``memory-backend-file`` on ``/dev/fd/N``
-  (shared). q35 maps the first ``low`` (2 GiB) at GPA 0 and the rest at 4 GiB; the device
-  region is that upper part, hidden from the guest's normal RAM by ``memmap=``. The
-  device's RAM block is a :class:`MemfdWindow` over it: discard = hole punch in the memfd
-  at ``low + offset``.
-* The VirtioMem (block size 2 MiB), a VFIO-style container pinning with io_uring (VmPin)
-  and the vhost-user server live in this process. ramdiscard listens on three UNIX sockets
-  in a private temporary directory (vhost-user, serial console, QEMU's QMP); QEMU
-  connects to each as a client, so nothing is lost before ramdiscard reads it.
+  ``ram + region`` bytes, handed to QEMU as ``memory-backend-file`` on ``/dev/fd/N``
+  (shared). q35 (``max-ram-below-4g`` = ``ram``) maps the first ``ram`` bytes (256 MiB to
+  2 GiB) at GPA 0 and the rest at 4 GiB; the device region is that upper part, hidden
+  from the guest's normal RAM by ``memmap=``. The device's RAM block is a
+  :class:`MemfdWindow` over it: discard = hole punch in the memfd at ``ram + offset``.
+* The VirtioMem (block size 2 MiB by default), the consumers (``"vfio"``: a VFIO-style
+  container pinning with io_uring, VmPin) and the vhost-user server live in this
+  process. ramdiscard listens on three UNIX sockets in a private temporary directory
+  (vhost-user, serial console, QEMU's QMP); QEMU connects to each as a client, so nothing
+  is lost before ramdiscard reads it.
 * QEMU's QMP ``RESET`` event unplugs everything (``system_reset``) before the guest runs
-  its driver again; a vanished QEMU does the same.
+  its driver again; a vanished QEMU (or vhost-user connection) does the same: every
+  block unplugged and discarded, every pin released, the broken flag cleared.
+* :meth:`RealGuest.kill_qemu` (SIGKILL) and :meth:`RealGuest.restart_qemu` replace QEMU
+  while the backend runs: the new QEMU connects to the same sockets and maps the same
+  memfd; the guest's normal RAM is discarded first (the old machine is gone).
 * ``set_requested_size`` changes the device and sends the config-change message.
 * :meth:`RealGuest.close` stops QEMU (quit, then kill after a bound) and releases the
   device, pins, sockets and memory; it is idempotent.
@@ -29,30 +34,30 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
-import struct
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ramdiscard.consumers.dma import make_backend
+from ramdiscard.consumers.dma import DmaBackend, make_backend
 from ramdiscard.consumers.vfio import VfioContainer
 from ramdiscard.errors import HostError, RamDiscardError
 from ramdiscard.hostmem import RamBlock
 from ramdiscard.hostmem.measure import proc_status
-from ramdiscard.interfaces import VirtqElement, Virtqueue
 from ramdiscard.memory import AddressSpace, MemoryRegion
 from ramdiscard.providers.virtio_mem import VirtioMem
-from ramdiscard.providers.virtio_mem.wire import Request, RequestType, ResponseType
 from ramdiscard.rdm import DiscardPolicy
 from ramdiscard.realguest.guestimage import guest_image
+from ramdiscard.realguest.memfd import MemfdWindow, WindowError, file_identity, mapped_identities
 from ramdiscard.realguest.qemu import find_qemu
 from ramdiscard.realguest.qmpclient import QmpClient
+from ramdiscard.realguest.tracing import TraceRecorder, TracingQueue
 from ramdiscard.units import GiB, MiB, align_up
 from ramdiscard.vhost_user.server import VhostUserServer
 
@@ -61,102 +66,17 @@ DEVICE_ADDR = 4 * GiB
 BLOCK_SIZE = 2 * MiB
 CONFIG_SIZE = 56
 VIRTIO_ID_MEM = 24
+MIN_RAM = 256 * MiB
+CONSUMERS = ("vfio",)
+
+__all__ = [
+    "BLOCK_SIZE", "CONSUMERS", "DEVICE_ADDR", "LOW_RAM", "MemfdWindow", "RealGuest", "RealGuestError",
+    "Sizes", "TraceRecorder", "TracingQueue",
+]  # fmt: skip
 
 
 class RealGuestError(HostError):
     """The real guest could not be started or did not answer in time."""
-
-
-class MemfdWindow:
-    """``size`` bytes at ``offset`` of a RAM block, as a RAM block of its own (host memory,
-    discard, populate, resident bytes); ranges are checked by the underlying block."""
-
-    def __init__(self, block: RamBlock, offset: int, size: int) -> None:
-        self.block, self.offset, self._size = block, offset, size
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def host_address(self) -> int:
-        return self.block.host_address + self.offset
-
-    @property
-    def page_size(self) -> int:
-        return self.block.page_size
-
-    def _check(self, offset: int, length: int) -> None:
-        if offset < 0 or length < 0 or offset + length > self._size:
-            raise RealGuestError(f"range {offset:#x}+{length:#x} outside the {self._size:#x}-byte window")
-
-    def discard_range(self, offset: int, length: int) -> None:
-        self._check(offset, length)
-        self.block.discard_range(self.offset + offset, length)
-
-    def populate(self, offset: int, length: int, *, write: bool = True) -> None:
-        self._check(offset, length)
-        self.block.populate(self.offset + offset, length, write=write)
-
-    def resident_bytes(self, offset: int = 0, length: int | None = None) -> int:
-        length = self._size - offset if length is None else length
-        self._check(offset, length)
-        return self.block.resident_bytes(self.offset + offset, length)
-
-
-class TraceRecorder:
-    """Device events in QEMU's trace-log format (``PID@SECONDS:event args``)."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self._lock = threading.Lock()
-
-    def add(self, event: str, args: str = "") -> None:
-        with self._lock:
-            self.lines.append(f"{os.getpid()}@{time.time():.6f}:{event} {args}".rstrip())
-
-    def text(self) -> str:
-        with self._lock:
-            return "".join(line + "\n" for line in self.lines)
-
-
-class TracingQueue:
-    """Passes a Virtqueue through, recording each request and response."""
-
-    def __init__(self, inner: Virtqueue, trace: TraceRecorder) -> None:
-        self.inner, self.trace = inner, trace
-
-    def pop(self) -> VirtqElement | None:
-        element = self.inner.pop()
-        if element is not None and len(element.request) >= 24:
-            with contextlib.suppress(RamDiscardError, ValueError):
-                req = Request.parse(element.request)
-                names = {
-                    RequestType.PLUG: "virtio_mem_plug_request",
-                    RequestType.UNPLUG: "virtio_mem_unplug_request",
-                    RequestType.STATE: "virtio_mem_state_request",
-                }
-                if req.type is RequestType.UNPLUG_ALL:
-                    self.trace.add("virtio_mem_unplug_all_request")
-                elif req.type in names:
-                    self.trace.add(names[req.type], f"addr=0x{req.addr:x} nb_blocks={req.nb_blocks}")
-        return element
-
-    def push(self, element: VirtqElement, response: bytes) -> None:
-        self.inner.push(element, response)
-        if len(response) >= 2:
-            (rtype,) = struct.unpack_from("<H", response)
-            self.trace.add("virtio_mem_send_response", f"type={rtype}")
-            state_request = struct.unpack_from("<H", element.request)[0] == RequestType.STATE
-            if rtype == ResponseType.ACK and state_request and len(response) >= 10:
-                state = struct.unpack_from("<H", response, 8)[0]
-                self.trace.add("virtio_mem_state_response", f"state={state}")
-
-    def detach(self, element: VirtqElement) -> None:
-        self.inner.detach(element)
-
-    def notify(self) -> None:
-        self.inner.notify()
 
 
 @dataclass(frozen=True)
@@ -183,9 +103,31 @@ class RealGuest:
         qemu: Path | None = None,
         boot_timeout: float = 240.0,
         on_console: Callable[[str], None] | None = None,
+        ram_size: int = LOW_RAM,
+        block_size: int = BLOCK_SIZE,
+        kernel: Path | None = None,
+        initramfs: Path | None = None,
+        consumers: Sequence[str] = CONSUMERS,
     ) -> None:
+        """Boot the guest (bounded by ``boot_timeout`` s). Raises RealGuestError for a
+        ``ram_size`` that is not a multiple of 128 MiB in [256 MiB, 2 GiB] or an unknown
+        consumer, QemuNotFound / GuestImageError without QEMU or image, and the device's
+        own errors for a bad geometry; nothing stays running or held when it raises."""
+        if ram_size % (128 * MiB) or not MIN_RAM <= ram_size <= LOW_RAM:
+            raise RealGuestError(f"guest RAM must be a multiple of 128M from 256M to 2G, got {ram_size:#x}")
+        unknown = sorted(set(consumers) - set(CONSUMERS))
+        if unknown:
+            known = ", ".join(CONSUMERS)
+            raise RealGuestError(f"unknown real-guest consumer {unknown[0]!r} (known: {known})")
         self.qemu = qemu if qemu is not None else find_qemu()
-        self.kernel, self.initramfs = guest_image()
+        if kernel is None or initramfs is None:
+            cached_kernel, cached_initramfs = guest_image()
+            kernel = kernel or cached_kernel
+            initramfs = initramfs or cached_initramfs
+        self.kernel, self.initramfs = kernel, initramfs
+        self.ram_size = ram_size
+        self.block_size = block_size
+        self.consumers = tuple(consumers)
         self.region_size = region_size
         self.boot_timeout = boot_timeout
         self.on_console = on_console
@@ -199,6 +141,9 @@ class RealGuest:
         self._proc: subprocess.Popen[bytes] | None = None
         self.qmp: QmpClient | None = None
         self._serial: socket.socket | None = None
+        self._listeners: dict[str, socket.socket] = {}
+        self.dma: DmaBackend | None = None
+        self.boots = 0
         self._vm_pin_base = proc_status().vm_pin
         try:
             self._build(requested_size, workdir)
@@ -212,16 +157,16 @@ class RealGuest:
         tmp = tempfile.TemporaryDirectory(prefix="ramdiscard-guest-", dir=workdir)
         self._closers.append(tmp.cleanup)
         self.dir = Path(tmp.name)
-        self.ram = RamBlock(LOW_RAM + self.region_size, "memfd", name="guest-ram")
+        self.ram = RamBlock(self.ram_size + self.region_size, "memfd", name="guest-ram")
         self._closers.append(self.ram.close)
-        self.window = MemfdWindow(self.ram, LOW_RAM, self.region_size)
+        self.window = MemfdWindow(self.ram, self.ram_size, self.region_size)
         self.policy = DiscardPolicy()
         self.region = MemoryRegion.new_ram("vmem0-mem", self.window)
         self.trace.add("memory_device_pre_plug", f"id=vmem0 addr=0x{DEVICE_ADDR:x}")
         self.device = VirtioMem(
             self.region,
             addr=DEVICE_ADDR,
-            block_size=BLOCK_SIZE,
+            block_size=self.block_size,
             requested_size=requested_size,
             policy=self.policy,
             on_host_discard=self._traced_discard,
@@ -235,11 +180,12 @@ class RealGuest:
         root = MemoryRegion.new_container("system", 1 << 40)
         root.add_subregion(DEVICE_ADDR, self.device.device_region)
         self.space = AddressSpace("system memory", root)
-        self.dma = make_backend("io_uring")
-        self._closers.append(self.dma.close)
-        self.container = VfioContainer(self.dma, policy=self.policy)
-        self._closers.append(self.container.close)
-        self.container.attach(self.space)
+        if "vfio" in self.consumers:
+            self.dma = make_backend("io_uring")
+            self._closers.append(self.dma.close)
+            self.container = VfioContainer(self.dma, policy=self.policy)
+            self._closers.append(self.container.close)
+            self.container.attach(self.space)
 
         self.server = VhostUserServer(
             str(self.dir / "vhost.sock"),
@@ -252,6 +198,7 @@ class RealGuest:
         orig_process = self.device.process_queue
         self.device.process_queue = lambda vq: orig_process(TracingQueue(vq, self.trace))  # type: ignore[method-assign]
         self.server.start()
+        self._listeners = {name: self._listen(name) for name in ("serial.sock", "qmp.sock")}
         self._launch()
 
     def _listen(self, name: str) -> socket.socket:
@@ -263,7 +210,7 @@ class RealGuest:
         return sock
 
     def qemu_args(self) -> list[str]:
-        total = LOW_RAM + self.region_size
+        total = self.ram_size + self.region_size
         gib = self.region_size
         append = (
             f"console=ttyS0 memmap={gib // MiB}M${DEVICE_ADDR:#x} memhp_default_state=online_movable "
@@ -272,7 +219,8 @@ class RealGuest:
         return [
             str(self.qemu),
             "-nodefaults", "-display", "none", "-vga", "none", "-no-user-config",
-            "-machine", "q35,memory-backend=mem", "-accel", "tcg", "-smp", "1", "-m", f"{total // MiB}M",
+            "-machine", f"q35,memory-backend=mem,max-ram-below-4g={self.ram_size // MiB}M",
+            "-accel", "tcg", "-smp", "1", "-m", f"{total // MiB}M",
             "-object",
             f"memory-backend-file,id=mem,size={total // MiB}M,mem-path=/dev/fd/{self.ram.fd},share=on",
             "-kernel", str(self.kernel), "-initrd", str(self.initramfs), "-append", append,
@@ -284,24 +232,81 @@ class RealGuest:
         ]  # fmt: skip
 
     def _launch(self) -> None:
-        serial_listener = self._listen("serial.sock")
-        qmp_listener = self._listen("qmp.sock")
         assert self.ram.fd is not None
+        with self._console_cv:
+            self.console = []
         log = open(self.dir / "qemu.log", "wb")  # noqa: SIM115 (closed with the guest)
         self._closers.append(log.close)
         self._proc = subprocess.Popen(
             self.qemu_args(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             pass_fds=(self.ram.fd,),
         )  # fmt: skip
+        self.boots += 1
         try:
-            self._serial, _ = serial_listener.accept()
-            qmp_conn, _ = qmp_listener.accept()
+            self._serial, _ = self._listeners["serial.sock"].accept()
+            qmp_conn, _ = self._listeners["qmp.sock"].accept()
         except OSError as exc:
             raise RealGuestError(f"QEMU did not connect: {exc}; {self._qemu_output()}") from None
         self.qmp = QmpClient(qmp_conn, self._qemu_event)
         self.qmp.start(timeout=self.boot_timeout)
-        threading.Thread(target=self._read_console, name="guest-console", daemon=True).start()
+        reader = threading.Thread(
+            target=self._read_console, args=(self._serial, self.console), name="guest-console", daemon=True
+        )
+        reader.start()
         self.wait_console("RAMDISCARD-READY", self.boot_timeout)
+
+    def kill_qemu(self, timeout: float = 30.0) -> None:
+        """SIGKILL QEMU and reap it (bounded). The backend learns of it as of any vanished
+        frontend (module rules); this returns before that cleanup has necessarily run."""
+        if self._proc is None:
+            raise RealGuestError("QEMU was never started")
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGKILL)
+        try:
+            self._proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RealGuestError(f"QEMU did not die within {timeout} s of SIGKILL") from None
+
+    def restart_qemu(self) -> None:
+        """Start a new QEMU on the same sockets and memfd and wait for its guest (bounded
+        by ``boot_timeout``). Precondition: the previous QEMU has exited; raises
+        RealGuestError otherwise or when the backend has not released the old connection
+        within ``boot_timeout``. The guest's normal RAM is discarded before the boot."""
+        if self.qemu_running:
+            raise RealGuestError("QEMU is still running; stop or kill it before restarting")
+        gone = "the backend to drop the old QEMU"
+        self.wait_for(lambda: not self.server.connected, self.boot_timeout, gone)
+        for old in (self.qmp, self._serial):
+            if old is not None:
+                old.close()
+        self.qmp, self._serial = None, None
+        self.ram.discard_range(0, self.ram_size)
+        self._launch()
+
+    def memfd_identity(self) -> tuple[int, int]:
+        """(st_dev, st_ino) of ramdiscard's guest-RAM memfd."""
+        assert self.ram.fd is not None
+        return file_identity(self.ram.fd)
+
+    def qemu_maps_memfd(self) -> bool:
+        """Whether the running QEMU maps ramdiscard's memfd over the whole device region
+        (``/proc/<pid>/maps``: same st_dev and st_ino, covering its file range)."""
+        if self._proc is None or not self.qemu_running:
+            return False
+        try:
+            maps = mapped_identities(self._proc.pid, self.ram_size, self.region_size)
+        except WindowError:
+            return False
+        return any((dev, ino) == self.memfd_identity() for dev, ino, _off, _len in maps)
+
+    @property
+    def qemu_pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Bytes the consumers pin (0 without a vfio consumer)."""
+        return self.dma.pinned_bytes if self.dma is not None else 0
 
     def _qemu_output(self) -> str:
         with contextlib.suppress(OSError):
@@ -329,7 +334,7 @@ class RealGuest:
                 self._system_reset()
 
     def _frontend_gone(self) -> None:
-        if self.device.realized and self.device.plugged_size:
+        if self.device.realized:
             self._system_reset()
 
     def _system_reset(self) -> None:
@@ -343,12 +348,13 @@ class RealGuest:
             f"old_size=0x{old:x} new_size=0x{self.device.usable_region_size:x}",
         )
 
-    def _read_console(self) -> None:
-        assert self._serial is not None
+    def _read_console(self, serial: socket.socket, console: list[str]) -> None:
+        """Append ``serial``'s lines to ``console`` (this boot's list, so a previous
+        QEMU's reader never writes into the next boot's console)."""
         buf = b""
         while True:
             try:
-                data = self._serial.recv(65536)
+                data = serial.recv(65536)
             except OSError:
                 data = b""
             if not data:
@@ -358,12 +364,12 @@ class RealGuest:
             with self._console_cv:
                 for raw in lines:
                     line = raw.decode(errors="replace").rstrip("\r")
-                    self.console.append(line)
+                    console.append(line)
                     if self.on_console is not None:
                         self.on_console(line)
                 self._console_cv.notify_all()
         with self._console_cv:
-            self.console.append("<console closed>")
+            console.append("<console closed>")
             self._console_cv.notify_all()
 
     # -- control -----------------------------------------------------------------------------
@@ -410,12 +416,14 @@ class RealGuest:
                     f"old_size=0x{old:x} new_size=0x{dev.usable_region_size:x}",
                 )
 
-    def sizes(self) -> Sizes:
+    def sizes(self, *, memtotal: int | None = None) -> Sizes:
+        """Measure now; ``memtotal`` (bytes) replaces the guest's report when given.
+        Raises RealGuestError when it is not given and the guest has not reported one."""
         with self.lock:
             return Sizes(
-                guest_memtotal=self.guest_memtotal(),
+                guest_memtotal=self.guest_memtotal() if memtotal is None else memtotal,
                 plugged=self.device.plugged_size,
-                pinned=self.dma.pinned_bytes,
+                pinned=self.pinned_bytes,
                 vm_pin=proc_status().vm_pin - self._vm_pin_base,
                 resident=self.window.resident_bytes(),
             )
