@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ramdiscard.machine import Action, ScenarioError, load_scenario, parse_scenario, scenario_from_dict
+from ramdiscard.machine.scenario import GuestScenario, load_any_scenario
 from ramdiscard.units import GiB, MiB
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.toml"))
@@ -47,8 +48,11 @@ seconds = 0
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_examples_load(path: Path) -> None:
-    sc = load_scenario(path)
-    assert sc.devices and sc.steps
+    sc = load_any_scenario(path)
+    if isinstance(sc, GuestScenario):
+        assert sc.steps and sc.guest.requested_size
+    else:
+        assert sc.devices and sc.steps
 
 
 def test_valid_scenario() -> None:

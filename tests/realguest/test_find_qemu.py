@@ -9,6 +9,8 @@ import pytest
 from ramdiscard.realguest import qemu
 from ramdiscard.realguest.qemu import QemuNotFound, find_qemu
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def _exe(path: Path) -> Path:
     path.write_text("#!/bin/sh\nexit 0\n")
@@ -60,3 +62,17 @@ def test_cli_guest_without_qemu_is_one_line(
     assert status == 1
     assert err.count("\n") == 1 and "scripts/build-qemu.sh" in err
     assert not (tmp_path / "q.sock").exists()
+
+
+def test_readme_quotes_the_error_a_user_without_the_build_gets(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ramdiscard.cli.main import main
+
+    monkeypatch.delenv("RAMDISCARD_QEMU", raising=False)
+    monkeypatch.setattr(qemu, "_usable", lambda _path: False)  # as on a machine without the build
+    assert main(["run", str(ROOT / "examples" / "real-guest.toml"), "--quiet"]) == 1
+    line = capsys.readouterr().err.strip()
+    assert str(qemu.QEMU_CACHE_BINARY) in line
+    readme = (ROOT / "README.md").read_text()
+    assert line in readme.splitlines(), line

@@ -143,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
         "containers, KVM memslots, block DMA mappers), run its steps (resize, unplug-all, "
         "system-reset, pause, snapshot, restore, migrate, dump) with the guest driver model and "
         "print plugged, guest-touched, resident, VmPin, DMA mappings, memslots and requests per "
-        "step. See docs/cli.md for the format and examples/*.toml.",
+        "step. A file with a [guest] table boots a real Linux guest under QEMU instead (resize, "
+        "system-reset, run, wait; guest MemTotal, plugged, VmPin and memfd resident per step; "
+        "needs scripts/build-qemu.sh once). See docs/cli.md for the format and examples/*.toml.",
     )
     run.add_argument("scenario", metavar="SCENARIO.toml", help="the scenario file (see docs/cli.md)")
     run.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
@@ -151,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workdir", metavar="DIR", help="where file-backed memory is created (default: a "
                      "temporary directory in /dev/shm, removed at exit)")  # fmt: skip
     run.add_argument("--quiet", action="store_true", help="no progress display")
+    run.add_argument("--console", action="store_true", help="real guest: copy its serial console to stderr")
     run.set_defaults(func=_run)
 
     replay = sub.add_parser(

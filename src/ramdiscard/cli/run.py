@@ -1,4 +1,5 @@
-"""``ramdiscard run SCENARIO.toml``: build the machine a scenario describes and run its steps.
+"""``ramdiscard run SCENARIO.toml``: build the machine a scenario describes and run its steps
+(a real-guest scenario, with ``[guest]``, is played by :mod:`.run_guest`).
 
 Validation errors name the file and the key; the machine is always closed (pins, mappings,
 memslots, files released), also on Ctrl-C / SIGTERM.
@@ -13,6 +14,7 @@ from typing import Any
 
 from ramdiscard.guest import Exchange
 from ramdiscard.machine import Machine, StepResult, load_scenario
+from ramdiscard.machine.scenario import GuestScenario, load_any_scenario
 from ramdiscard.units import format_size
 
 _COLUMNS = (
@@ -34,7 +36,15 @@ def _row(res: StepResult) -> dict[str, Any]:
 
 
 def run_scenario(args: argparse.Namespace) -> int:
-    sc = load_scenario(args.scenario)
+    any_sc = load_any_scenario(args.scenario)
+    if isinstance(any_sc, GuestScenario):
+        if args.check:
+            print(f"{any_sc.source}: ok: real guest, {len(any_sc.steps)} step(s)")
+            return 0
+        from ramdiscard.cli.run_guest import run_guest_scenario_cli
+
+        return run_guest_scenario_cli(any_sc, args)
+    sc = any_sc
     if args.check:
         print(
             f"{sc.source}: ok: {len(sc.devices)} device(s), {len(sc.consumers)} consumer(s), "

@@ -18,7 +18,9 @@ Rules:
 
 Modules: :mod:`.model` (the frozen specs), :mod:`.fields` (one value, one-line errors),
 :mod:`.devices`, :mod:`.consumers`, :mod:`.workload`, :mod:`.steps` (one table each),
-:mod:`.load` (the file and the top level).
+:mod:`.load` (the file and the top level), :mod:`.realguest` (a file with a ``[guest]``
+table: a real Linux guest under QEMU, :func:`load_any_scenario`; :func:`load_scenario`
+refuses it with a one-line error).
 
 Schema (keys use QEMU's hyphenated spelling)::
 
@@ -75,7 +77,13 @@ at ``path``) are run by :class:`~ramdiscard.machine.Machine`; every one checks t
 memory's integrity afterwards.
 """
 
-from ramdiscard.machine.scenario.load import load_scenario, parse_scenario, scenario_from_dict
+from ramdiscard.machine.scenario.load import (
+    load_any_scenario,
+    load_scenario,
+    parse_any_scenario,
+    parse_scenario,
+    scenario_from_dict,
+)
 from ramdiscard.machine.scenario.model import (
     ADDRESS_LIMIT,
     Action,
@@ -91,6 +99,7 @@ from ramdiscard.machine.scenario.model import (
     Transport,
     WorkloadSpec,
 )
+from ramdiscard.machine.scenario.realguest import GuestAction, GuestScenario, GuestSpec, GuestStepSpec
 
 __all__ = [
     "ADDRESS_LIMIT",
@@ -100,13 +109,19 @@ __all__ = [
     "ConsumerType",
     "DeviceSpec",
     "DmaBackendKind",
+    "GuestAction",
+    "GuestScenario",
+    "GuestSpec",
+    "GuestStepSpec",
     "KvmMode",
     "Scenario",
     "ScenarioError",
     "StepSpec",
     "Transport",
     "WorkloadSpec",
+    "load_any_scenario",
     "load_scenario",
+    "parse_any_scenario",
     "parse_scenario",
     "scenario_from_dict",
 ]
