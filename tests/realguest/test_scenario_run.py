@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ramdiscard.machine.scenario import GuestScenario, load_any_scenario
 from ramdiscard.realguest.qemu import QemuNotFound, find_qemu
 from ramdiscard.units import MiB
 
@@ -57,3 +58,8 @@ def test_the_example_boots_and_plays_its_steps() -> None:
         for a, b in itertools.pairwise(run):
             assert a["guest_memtotal"] - b["guest_memtotal"] == a["plugged"] - b["plugged"], (a, b)
     assert any("plugged 0 bytes when system_reset returned" in n for n in steps[4]["notes"]), steps[4]
+    # With nothing plugged the guest sees its normal RAM only (the device region is not
+    # System RAM until plugged), less what the kernel keeps for itself.
+    sc = load_any_scenario(EXAMPLE)
+    assert isinstance(sc, GuestScenario)
+    assert sc.guest.ram // 2 < steps[-1]["guest_memtotal"] <= sc.guest.ram
