@@ -79,6 +79,8 @@ def test_defaults_and_own_files(tmp_path: Path) -> None:
         ('[guest]\nconsumers = ["vfio", "vfio"]', "guest.consumers[1]", "duplicate"),
         ('[guest]\nconsumers = "vfio"', "guest.consumers", "array"),
         ('[guest]\nkernel = "/nonexistent/vmlinuz"', "guest.kernel", "existing file"),
+        (f'[guest]\ninitramfs = "{"x" * 5000}"', "guest.initramfs", "existing file"),  # ENAMETOOLONG
+        ('[guest]\ninitramfs = "a\\u0000b"', "guest.initramfs", "existing file"),
         ("[guest]\nboot-timeout = 0", "guest.boot-timeout", "seconds"),
         ('[guest]\nmemory = "2G"', "guest.memory", "unknown key"),
         ("guest = 3", "guest", "must be a table"),

@@ -1,9 +1,10 @@
-"""Scenario-file fuzzing: target ``scenario`` (:func:`ramdiscard.machine.scenario.parse_scenario`).
+"""Scenario-file fuzzing: target ``scenario`` (:func:`ramdiscard.machine.scenario.parse_any_scenario`).
 
-Documented outcome: a :class:`Scenario` or :class:`ScenarioError` with a one-line
-message; nothing else for any text. An accepted scenario must satisfy its own
-cross-checks (unique ids, non-overlapping device ranges, requested sizes multiples of the
-block size and at most the device size), re-checked here independently.
+Documented outcome: a :class:`Scenario`, a :class:`GuestScenario` or :class:`ScenarioError`
+with a one-line message; nothing else for any text. An accepted scenario must satisfy its
+own cross-checks (unique ids, non-overlapping device ranges, requested sizes multiples of
+the block size and at most the device size; for a real guest also its RAM bounds and
+each step's requested size), re-checked here independently.
 """
 
 from __future__ import annotations
@@ -31,15 +32,23 @@ class ScenarioHarness:
         pass
 
     def run(self, data: bytes) -> Hashable:
-        from ramdiscard.machine.scenario import ScenarioError, parse_scenario
+        from ramdiscard.machine.scenario import GuestScenario, ScenarioError, parse_any_scenario
 
         text = data.decode("utf-8", errors="replace")
         try:
-            sc = parse_scenario(text, source="fuzz.toml")
+            sc = parse_any_scenario(text, source="fuzz.toml")
         except ScenarioError as exc:
             msg = str(exc)
             assert "\n" not in msg.strip(), f"multi-line ScenarioError: {msg[:200]!r}"
             return ("error", msg.split(":")[1][:30] if ":" in msg else msg[:30])
+        if isinstance(sc, GuestScenario):
+            g = sc.guest
+            assert g.region_size % g.block_size == 0 and 0 <= g.requested_size <= g.region_size, g
+            assert g.requested_size % g.block_size == 0 and 256 << 20 <= g.ram <= 2 << 30, g
+            for step in sc.steps:
+                req = step.requested_size
+                assert req is None or (req % g.block_size == 0 and req <= g.region_size), step
+            return ("guest", len(sc.steps))
         ids = [d.id for d in sc.devices]
         assert len(ids) == len(set(ids)), ids
         spans = sorted((d.addr, d.addr + d.size) for d in sc.devices if d.addr is not None)

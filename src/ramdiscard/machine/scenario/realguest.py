@@ -131,7 +131,11 @@ def _image(r: Reader, value: object, key: str) -> Path | None:
     text = r.path(value, key)
     if text == "cache":
         return None
-    if not Path(text).is_file():
+    try:
+        exists = Path(text).is_file()
+    except (OSError, ValueError):  # a name too long for the filesystem, a NUL byte
+        exists = False
+    if not exists:
         raise r.fail(key, f'must be "cache" or an existing file, got {show(text)}')
     return Path(text)
 
