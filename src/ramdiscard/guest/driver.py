@@ -376,10 +376,6 @@ class GuestDriver:
             return 0
         return min(self.nb_groups, (end - self.base) // self.group_size)
 
-    def _group_bits(self, group: int) -> int:
-        upg = self.units_per_group
-        return (self._plugged_units >> (group * upg)) & ((1 << upg) - 1)
-
     def _next_request(self) -> tuple[ReqType, int, int] | None:
         """(type, first unit, unit count) of the next PLUG/UNPLUG, or None."""
         diff = self._cfg.requested_size - self._plugged_size
@@ -390,40 +386,54 @@ class GuestDriver:
         return None
 
     def _next_plug(self, nb: int) -> tuple[ReqType, int, int] | None:
+        # One ascending pass: the lowest partially plugged block wins; failing that, the
+        # lowest empty one. Once nothing is plugged above, the rest are empty.
         if nb <= 0:
             return None
         upg = self.units_per_group
         full = (1 << upg) - 1
-        usable = self._usable_groups()
-        # partially plugged blocks first, then empty ones; both ascending
-        for want_partial in (True, False):
-            for g in range(usable):
-                bits = self._group_bits(g)
-                if (0 != bits != full) if want_partial else bits == 0:
-                    return (
-                        ReqType.PLUG,
-                        g * upg + first_clear(bits),
-                        _run_length(bits, first_clear(bits), nb, upg),
-                    )
-        return None
+        rest = self._plugged_units
+        empty = -1
+        for g in range(self._usable_groups()):
+            if not rest:
+                if empty < 0:
+                    empty = g
+                break
+            bits = rest & full
+            rest >>= upg
+            if bits == full:
+                continue
+            if bits:
+                first = first_clear(bits)
+                return ReqType.PLUG, g * upg + first, _run_length(bits, first, nb, upg)
+            if empty < 0:
+                empty = g
+        if empty < 0:
+            return None
+        return ReqType.PLUG, empty * upg, min(nb, upg)
 
     def _next_unplug(self, nb: int) -> tuple[ReqType, int, int] | None:
+        # One descending pass: the highest partially plugged block wins (its top unit);
+        # failing that, the highest fully plugged one (whole, or its top unit).
         if nb <= 0:
             return None
         upg = self.units_per_group
         full = (1 << upg) - 1
-        groups = range(self.nb_groups - 1, -1, -1)
-        partial = [g for g in groups if 0 != self._group_bits(g) != full]
-        whole = [g for g in groups if self._group_bits(g) == full]
-        for g in partial + whole:
-            bits = self._group_bits(g)
-            if bits == full and nb >= upg:
-                return ReqType.UNPLUG, g * upg, upg
-            top = upg - 1
-            while not (bits >> top) & 1:
-                top -= 1
-            return ReqType.UNPLUG, g * upg + top, 1
-        return None
+        units = self._plugged_units
+        top_full = -1
+        for g in range(min(self.nb_groups, -(-units.bit_length() // upg)) - 1, -1, -1):
+            bits = (units >> (g * upg)) & full
+            if not bits:
+                continue
+            if bits != full:
+                return ReqType.UNPLUG, g * upg + bits.bit_length() - 1, 1
+            if top_full < 0:
+                top_full = g
+        if top_full < 0:
+            return None
+        if nb >= upg:
+            return ReqType.UNPLUG, top_full * upg, upg
+        return ReqType.UNPLUG, top_full * upg + upg - 1, 1
 
     def _send(
         self, rtype: ReqType, gpa: int, nb_blocks: int, *, first_unit: int = 0, count: int = 0
@@ -502,8 +512,8 @@ def first_clear(bits: int) -> int:
 
 
 def _run_length(bits: int, first: int, nb: int, limit: int) -> int:
-    """Clear bits from ``first`` upward, at most ``nb`` and not beyond ``limit``."""
-    count = 1
-    while count < nb and first + count < limit and not (bits >> (first + count)) & 1:
-        count += 1
-    return count
+    """Clear bits from ``first`` (clear) upward, at least 1, at most ``nb`` and not beyond
+    ``limit``."""
+    above = bits >> first
+    run = (above & -above).bit_length() - 1 if above else limit - first
+    return max(1, min(nb, limit - first, run))
