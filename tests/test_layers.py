@@ -101,3 +101,97 @@ def test_no_cycle_between_packages() -> None:
 
     cycles = sorted(f"{a} <-> {b}" for a in edges for b in edges[a] if a < b and a in reaches(b))
     assert not cycles, cycles
+
+
+def _module_name(path: Path) -> tuple[str, bool]:
+    """(dotted name, is a package ``__init__``) of a source file."""
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        return ".".join(parts[:-1]), True
+    return ".".join(parts), False
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """Every module's imports of other ramdiscard modules, read with ``ast`` from every
+    import statement in the file: top level, under ``if TYPE_CHECKING:`` and inside
+    functions alike. ``from pkg import name`` counts as importing ``pkg.name`` when that
+    is a module, else ``pkg``; relative imports are resolved."""
+    files = {_module_name(p): p for p in sorted(SRC.rglob("*.py"))}
+    modules = {name for name, _pkg in files}
+    graph: dict[str, set[str]] = {}
+    for (name, is_pkg), path in files.items():
+        package = name if is_pkg else name.rpartition(".")[0]
+        found = graph.setdefault(name, set())
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    source = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    source = node.module or ""
+                for alias in node.names:
+                    sub = f"{source}.{alias.name}"
+                    found.add(sub if sub in modules else source)
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+        found &= modules
+        found.discard(name)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of ``graph`` with more than one node (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component: list[str] = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(out)
+
+
+def test_cycle_finder_finds_a_planted_cycle() -> None:
+    graph = {"p.a": {"p.b"}, "p.b": {"p.c"}, "p.c": {"p.a"}, "p.d": {"p.a"}}
+    assert _cycles(graph) == [["p.a", "p.b", "p.c"]]
+    assert _cycles({"p.a": {"p.b"}, "p.b": set()}) == []
+
+
+def test_the_module_scan_sees_type_checking_and_local_imports() -> None:
+    graph = _module_imports()
+    # rdm/manager.py imports memory.region only under TYPE_CHECKING; the scan must see it.
+    assert "ramdiscard.memory.region" in graph["ramdiscard.rdm.manager"]
+    assert "ramdiscard.rdm.notify" in graph["ramdiscard.rdm.manager"]
+    # fuzz/targets/migration.py imports the vfio package inside a function.
+    assert "ramdiscard.consumers.vfio" in graph["ramdiscard.fuzz.targets.migration"]
+
+
+def test_no_cycle_between_modules_of_a_package() -> None:
+    """No import circle between the modules of one package (subpackages and ``__init__``
+    included): a package's modules form layers of their own."""
+    graph = _module_imports()
+    inside = {me: {other for other in targets if _unit(other) == _unit(me)} for me, targets in graph.items()}
+    assert not _cycles(inside), _cycles(inside)

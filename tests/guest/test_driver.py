@@ -242,3 +242,67 @@ def test_converges_to_every_request(sizes: list[int]) -> None:
         unplugs = [a for t, a, _ in reqs if t == "UNPLUG"]
         assert plugs == sorted(plugs) and unplugs == sorted(unplugs, reverse=True)
         assert sum(s for _, s in drv.plugged_ranges()) == size
+
+
+def _expected_next(plugged: set[int], requested: int, usable: int) -> tuple[str, int, int] | None:
+    """The module rules for SBM with 2 MiB sub-blocks and 128 MiB memory blocks, written
+    over a set of plugged sub-block indices: what the next request must be."""
+    per, sub = 64, 2 * MiB
+    groups = [set(range(g * per, (g + 1) * per)) & plugged for g in range(16)]
+    diff = requested - len(plugged) * sub
+    if diff > 0:
+        nb = diff // sub
+        if nb == 0:
+            return None
+        fits = min(16, usable // (128 * MiB))
+        partial = [g for g in range(fits) if 0 < len(groups[g]) < per]
+        empty = [g for g in range(fits) if not groups[g]]
+        if partial:
+            g = partial[0]
+            first = min(set(range(g * per, (g + 1) * per)) - plugged)
+            run = 1
+            while run < nb and first + run < (g + 1) * per and first + run not in plugged:
+                run += 1
+            return "PLUG", ADDR + first * sub, run
+        if empty:
+            return "PLUG", ADDR + empty[0] * per * sub, min(nb, per)
+        return None
+    nb = -diff // sub
+    if nb == 0:
+        return None
+    partial = [g for g in reversed(range(16)) if 0 < len(groups[g]) < per]
+    full = [g for g in reversed(range(16)) if len(groups[g]) == per]
+    if partial:
+        return "UNPLUG", ADDR + max(groups[partial[0]]) * sub, 1
+    if full:
+        g = full[0]
+        if nb >= per:
+            return "UNPLUG", ADDR + g * per * sub, per
+        return "UNPLUG", ADDR + ((g + 1) * per - 1) * sub, 1
+    return None
+
+
+@given(
+    st.lists(st.sampled_from(["empty", "full", "some"]), min_size=16, max_size=16),
+    st.lists(st.integers(0, 63), max_size=64),
+    st.integers(0, 1024),
+)
+def test_next_request_follows_the_order_rules(
+    kinds: list[str], some: list[int], requested_blocks: int
+) -> None:
+    plugged: set[int] = set()
+    for g, kind in enumerate(kinds):
+        if kind == "full":
+            plugged |= set(range(g * 64, (g + 1) * 64))
+        elif kind == "some":
+            plugged |= {g * 64 + i for i in some}
+    dev = FakeDevice(region_size=2 * GiB, plugged=set(plugged))
+    drv = GuestDriver(dev)
+    runs = sorted(plugged)
+    drv.assume_plugged([(ADDR + b * 2 * MiB, 2 * MiB) for b in runs])
+    dev.requested = requested_blocks * 2 * MiB
+    usable = min(dev.region_size, dev.requested + 256 * MiB)
+    drv.config_changed()
+    ex = drv.step()
+    got = None if ex is None else (ex.type.name, ex.addr, ex.nb_blocks)
+    assert got == _expected_next(plugged, dev.requested, usable)

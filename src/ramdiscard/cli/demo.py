@@ -118,7 +118,7 @@ def run_one(sc: Scenario, run: Run, progress: Any) -> None:
         progress.advance(task)
         for i, step in enumerate(sc.steps):
             progress.update(task, description=f"{run.name}: {step.describe()}")
-            res: StepResult = machine.run_step(step, i, on_request=on_request)
+            res: StepResult[Machine] = machine.run_step(step, i, on_request=on_request)
             sample(True)
             run.steps.append(
                 _row(step.describe().replace("vmem0 -> ", "-> "), res.seconds, res.requests, res.status)

@@ -24,7 +24,7 @@ _COLUMNS = (
 )  # fmt: skip
 
 
-def _row(res: StepResult) -> dict[str, Any]:
+def _row(res: StepResult[Machine]) -> dict[str, Any]:
     st = res.status
     row: dict[str, Any] = {"step": res.label, "seconds": round(res.seconds, 3), "requests": res.requests}
     row["responses"] = res.responses

@@ -1,16 +1,7 @@
 """Guest side: a model of the Linux virtio-mem driver and a workload using plugged memory."""
 
-from ramdiscard.guest.driver import (
-    MEMORY_BLOCK_SIZE,
-    Config,
-    Device,
-    DriverState,
-    Exchange,
-    GuestDriver,
-    ReqType,
-    RespType,
-    Workload,
-)
+from ramdiscard.guest.codec import Config, Exchange, ReqType, RespType
+from ramdiscard.guest.driver import MEMORY_BLOCK_SIZE, Device, DriverState, GuestDriver, Workload
 from ramdiscard.guest.workload import GuestMemory, TouchWorkload
 
 __all__ = [

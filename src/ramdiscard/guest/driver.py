@@ -9,7 +9,7 @@ Rules (virtio-mem.md §2; R-* ids of §1):
   device-readable bytes and a 10-byte device-writable response buffer, as Linux adds them.
   It never writes the config (R-CFG-1) and ignores padding and, for
   PLUG/UNPLUG/UNPLUG_ALL, everything but the response type (R-PLUG-1, R-UNPLUG-1,
-  R-UA-1). Its wire codec is its own, independent of the device's.
+  R-UA-1). Its wire codec is its own, independent of the device's (:mod:`.codec`).
 * One request in flight: :meth:`GuestDriver.step` sends at most one request and handles
   its response before returning.
 * Mode: the sub-block size is ``max(block_size, pageblock)`` (2 MiB). Below the Linux
@@ -49,13 +49,22 @@ device's answers and the clock.
 from __future__ import annotations
 
 import copy
-import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from enum import IntEnum, StrEnum
+from enum import StrEnum
 from typing import Protocol
 
+from ramdiscard.guest.codec import (
+    MAX_NB_BLOCKS,
+    RESPONSE_SIZE,
+    Config,
+    Exchange,
+    ReqType,
+    RespType,
+    decode_response,
+    encode_request,
+)
+from ramdiscard.guest.order import Next, next_plug, next_unplug
 from ramdiscard.interfaces import Virtqueue
 from ramdiscard.units import MiB
 from ramdiscard.virtqueue import LocalVirtqueue
@@ -66,26 +75,6 @@ PAGEBLOCK_SIZE = 2 * MiB
 """Linux pageblock size on x86-64: the smallest sub-block current kernels use."""
 RETRY_TIMER_MIN = 50.0
 RETRY_TIMER_MAX = 300.0
-
-_CONFIG = struct.Struct("<QH6xQQQQQ")
-_REQUEST = struct.Struct("<H6xQH6x")
-_RESPONSE_TYPE = struct.Struct("<H")
-_RESPONSE_SIZE = 10
-_MAX_NB_BLOCKS = 0xFFFF
-
-
-class ReqType(IntEnum):
-    PLUG = 0
-    UNPLUG = 1
-    UNPLUG_ALL = 2
-    STATE = 3
-
-
-class RespType(IntEnum):
-    ACK = 0
-    NACK = 1
-    BUSY = 2
-    ERROR = 3
 
 
 class DriverState(StrEnum):
@@ -119,45 +108,6 @@ class Workload(Protocol):
 
     def unplugged_all(self) -> None:
         """Everything was unplugged (UNPLUG_ALL)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    """The device config as the driver read it."""
-
-    block_size: int
-    node_id: int
-    addr: int
-    region_size: int
-    usable_region_size: int
-    plugged_size: int
-    requested_size: int
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Config:
-        if len(data) < _CONFIG.size:
-            raise ValueError(f"virtio-mem config is {_CONFIG.size} bytes, got {len(data)}")
-        return cls(*_CONFIG.unpack_from(data))
-
-
-@dataclass(frozen=True, slots=True)
-class Exchange:
-    """One request and the device's answer. ``response`` is None when the device raised."""
-
-    type: ReqType
-    addr: int
-    nb_blocks: int
-    response: RespType | int | None
-    time: float
-
-    def pack(self) -> bytes:
-        return _REQUEST.pack(int(self.type), self.addr, self.nb_blocks)
-
-    def __str__(self) -> str:
-        resp = self.response.name if isinstance(self.response, RespType) else str(self.response)
-        if self.type is ReqType.UNPLUG_ALL:
-            return f"UNPLUG_ALL -> {resp}"
-        return f"{self.type.name} addr={self.addr:#x} nb_blocks={self.nb_blocks} -> {resp}"
 
 
 class GuestDriver:
@@ -376,62 +326,25 @@ class GuestDriver:
             return 0
         return min(self.nb_groups, (end - self.base) // self.group_size)
 
-    def _group_bits(self, group: int) -> int:
-        upg = self.units_per_group
-        return (self._plugged_units >> (group * upg)) & ((1 << upg) - 1)
-
-    def _next_request(self) -> tuple[ReqType, int, int] | None:
-        """(type, first unit, unit count) of the next PLUG/UNPLUG, or None."""
+    def _next_request(self) -> Next | None:
+        """(type, first unit, unit count) of the next PLUG/UNPLUG (:mod:`.order`), or None."""
         diff = self._cfg.requested_size - self._plugged_size
         if diff > 0:
-            return self._next_plug(diff // self.unit_size)
+            return next_plug(
+                self._plugged_units, self.units_per_group, self._usable_groups(), diff // self.unit_size
+            )
         if diff < 0:
-            return self._next_unplug(-diff // self.unit_size)
-        return None
-
-    def _next_plug(self, nb: int) -> tuple[ReqType, int, int] | None:
-        if nb <= 0:
-            return None
-        upg = self.units_per_group
-        full = (1 << upg) - 1
-        usable = self._usable_groups()
-        # partially plugged blocks first, then empty ones; both ascending
-        for want_partial in (True, False):
-            for g in range(usable):
-                bits = self._group_bits(g)
-                if (0 != bits != full) if want_partial else bits == 0:
-                    return (
-                        ReqType.PLUG,
-                        g * upg + first_clear(bits),
-                        _run_length(bits, first_clear(bits), nb, upg),
-                    )
-        return None
-
-    def _next_unplug(self, nb: int) -> tuple[ReqType, int, int] | None:
-        if nb <= 0:
-            return None
-        upg = self.units_per_group
-        full = (1 << upg) - 1
-        groups = range(self.nb_groups - 1, -1, -1)
-        partial = [g for g in groups if 0 != self._group_bits(g) != full]
-        whole = [g for g in groups if self._group_bits(g) == full]
-        for g in partial + whole:
-            bits = self._group_bits(g)
-            if bits == full and nb >= upg:
-                return ReqType.UNPLUG, g * upg, upg
-            top = upg - 1
-            while not (bits >> top) & 1:
-                top -= 1
-            return ReqType.UNPLUG, g * upg + top, 1
+            return next_unplug(
+                self._plugged_units, self.units_per_group, self.nb_groups, -diff // self.unit_size
+            )
         return None
 
     def _send(
         self, rtype: ReqType, gpa: int, nb_blocks: int, *, first_unit: int = 0, count: int = 0
     ) -> Exchange:
-        assert nb_blocks <= _MAX_NB_BLOCKS
-        raw_req = _REQUEST.pack(int(rtype), gpa, nb_blocks)
+        assert nb_blocks <= MAX_NB_BLOCKS
         now = self.clock()
-        head = self.queue.add(raw_req, _RESPONSE_SIZE)
+        head = self.queue.add(encode_request(rtype, gpa, nb_blocks), RESPONSE_SIZE)
         try:
             self.queue.kick()
         except Exception as exc:  # the device failed as a transport would: no answer
@@ -443,13 +356,7 @@ class GuestDriver:
             ex = Exchange(rtype, gpa, nb_blocks, None, now)
             self.log.append(ex)
             return ex
-        raw_resp = used.data
-        code: RespType | int
-        if len(raw_resp) < _RESPONSE_TYPE.size:
-            code = -1
-        else:
-            raw_code = _RESPONSE_TYPE.unpack_from(raw_resp)[0]
-            code = RespType(raw_code) if raw_code in RespType._value2member_map_ else raw_code
+        code = decode_response(used.data)
         ex = Exchange(rtype, gpa, nb_blocks, code, now)
         self.log.append(ex)
         self._handle_response(rtype, code, gpa, first_unit, count)
@@ -494,16 +401,3 @@ class GuestDriver:
     def _arm_retry(self) -> None:
         self._retry_at = self.clock() + self._retry_interval
         self._retry_interval = min(self._retry_interval * 2, RETRY_TIMER_MAX)
-
-
-def first_clear(bits: int) -> int:
-    """Index of the lowest clear bit."""
-    return (~bits & (bits + 1)).bit_length() - 1
-
-
-def _run_length(bits: int, first: int, nb: int, limit: int) -> int:
-    """Clear bits from ``first`` upward, at most ``nb`` and not beyond ``limit``."""
-    count = 1
-    while count < nb and first + count < limit and not (bits >> (first + count)) & 1:
-        count += 1
-    return count

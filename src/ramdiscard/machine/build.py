@@ -23,7 +23,6 @@ Rules:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ramdiscard import interrupts
 from ramdiscard.consumers import blockdma
@@ -36,6 +35,7 @@ from ramdiscard.guest import TouchWorkload
 from ramdiscard.guest.writer import DeviceTarget, GuestWriter
 from ramdiscard.hostmem import RamBlock
 from ramdiscard.machine.consumers import Consumer, KvmConsumer, VfioConsumer
+from ramdiscard.machine.parts import MachineParts
 from ramdiscard.machine.scenario import (
     Backing,
     ConsumerSpec,
@@ -48,11 +48,8 @@ from ramdiscard.memory.address_space import AddressSpace
 from ramdiscard.memory.region import MemoryRegion
 from ramdiscard.providers.virtio_mem import VirtioMem
 
-if TYPE_CHECKING:
-    from ramdiscard.machine.machine import Machine
 
-
-def build(m: Machine) -> None:
+def build(m: MachineParts) -> None:
     """Build ``m`` from ``m.scenario``; see the module rules."""
     sc = m.scenario
     if sc.boot_ram:
@@ -94,7 +91,7 @@ def build(m: Machine) -> None:
         )  # fmt: skip
 
 
-def _device_ram(m: Machine, d: DeviceSpec) -> RamBlock:
+def _device_ram(m: MachineParts, d: DeviceSpec) -> RamBlock:
     """The RAM block of device ``d``, recorded on ``m`` (and its file, if created)."""
     path: Path | None = None
     if d.backing is Backing.FILE:
@@ -115,7 +112,7 @@ def _device_ram(m: Machine, d: DeviceSpec) -> RamBlock:
     return block
 
 
-def make_consumer(m: Machine, c: ConsumerSpec, kvm_used: bool) -> Consumer:
+def make_consumer(m: MachineParts, c: ConsumerSpec, kvm_used: bool) -> Consumer:
     """The consumer ``c`` (not attached); ``kvm_used`` says whether the machine has KVM
     memslots (it raises a vfio container's memslot budget)."""
     policy = m.policy
@@ -164,7 +161,7 @@ def make_consumer(m: Machine, c: ConsumerSpec, kvm_used: bool) -> Consumer:
     return KvmConsumer(c.id, memslots, real_kvm=real)
 
 
-def backend_kind(m: Machine, c: ConsumerSpec) -> str:
+def backend_kind(m: MachineParts, c: ConsumerSpec) -> str:
     """The DMA backend name for ``c``: auto becomes io_uring, or mlock with a note on ``m``."""
     kind = c.backend
     if kind in (DmaBackendKind.AUTO, DmaBackendKind.IO_URING):

@@ -20,45 +20,22 @@ import contextlib
 import os
 import socket
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ramdiscard.dump import DumpInfo, dump_guest_memory
 from ramdiscard.errors import InvalidArgument
 from ramdiscard.fileio import create_output, open_input
 from ramdiscard.guest import GuestDriver, TouchWorkload
 from ramdiscard.hostmem import RamBlock
+from ramdiscard.machine.parts import Fingerprint, GuestState, MachineParts
 from ramdiscard.machine.scenario import Transport
 from ramdiscard.migration import MigrationError, MigrationStats, load, migrate_to, receive_from, save
 from ramdiscard.migration.checksum import default as default_checksum
 from ramdiscard.migration.checksum import digest
 
-if TYPE_CHECKING:
-    from ramdiscard.machine.machine import Machine
 
-Fingerprint = dict[str, list[tuple[int, int, int]]]
-"""Per RAM block: (region offset, length, checksum) of every populated run."""
-
-
-@dataclass
-class GuestState:
-    """The guest model's state at a snapshot, and what the memory held then."""
-
-    drivers: dict[str, GuestDriver]
-    workload: TouchWorkload | None
-    fingerprint: Fingerprint = field(default_factory=dict)
-
-
-@dataclass
-class Snapshots:
-    """The guest state of each snapshot a machine took, by path, and the latest path."""
-
-    by_path: dict[str, GuestState] = field(default_factory=dict)
-    latest: str | None = None
-
-
-def fingerprint(m: Machine) -> Fingerprint:
+def fingerprint(m: MachineParts) -> Fingerprint:
     """Checksums of every populated run of every RAM block (boot RAM whole, device RAM
     per plugged run). Reads memory in place; never touches discarded memory."""
     algo = default_checksum()
@@ -73,7 +50,9 @@ def fingerprint(m: Machine) -> Fingerprint:
     return out
 
 
-def _clone_guest(m: Machine, drivers: dict[str, GuestDriver], workload: TouchWorkload | None) -> GuestState:
+def _clone_guest(
+    m: MachineParts, drivers: dict[str, GuestDriver], workload: TouchWorkload | None
+) -> GuestState:
     """A copy of ``drivers`` and ``workload`` bound to ``m``'s devices and memory."""
     clones = {i: d.clone(m.devices[i], workload=None) for i, d in drivers.items()}
     wl = workload.clone(m.memory) if workload is not None else None
@@ -82,21 +61,21 @@ def _clone_guest(m: Machine, drivers: dict[str, GuestDriver], workload: TouchWor
     return GuestState(clones, wl)
 
 
-def capture_guest(m: Machine) -> GuestState:
+def capture_guest(m: MachineParts) -> GuestState:
     """A copy of ``m``'s guest model with the fingerprint of its memory now."""
     state = _clone_guest(m, m.drivers, m.workload)
     state.fingerprint = fingerprint(m)
     return state
 
 
-def adopt_guest(m: Machine, state: GuestState) -> None:
+def adopt_guest(m: MachineParts, state: GuestState) -> None:
     """Continue with a copy of ``state``'s guest (drivers and workload) on ``m``."""
     adopted = _clone_guest(m, state.drivers, state.workload)
     m.drivers = adopted.drivers
     m.workload = adopted.workload
 
 
-def check_integrity(m: Machine, want: Fingerprint, what: str) -> None:
+def check_integrity(m: MachineParts, want: Fingerprint, what: str) -> None:
     """MigrationError naming ``what`` unless ``m``'s memory and patterns are as captured."""
     got = fingerprint(m)
     if got != want:
@@ -117,7 +96,7 @@ def stats_figures(stats: MigrationStats) -> dict[str, Any]:
     }
 
 
-def snapshot(m: Machine, path: str | None) -> dict[str, Any]:
+def snapshot(m: MachineParts, path: str | None) -> dict[str, Any]:
     """Save ``m`` to ``path`` (default: in ``m.files.files_dir()``); remember its guest."""
     target = Path(path) if path else m.files.files_dir() / f"{m.scenario.name}.snap"
     state = capture_guest(m)
@@ -130,7 +109,7 @@ def snapshot(m: Machine, path: str | None) -> dict[str, Any]:
             "file_allocated": st.st_blocks * 512}  # fmt: skip
 
 
-def restore(m: Machine, path: str | None) -> dict[str, Any]:
+def restore(m: MachineParts, path: str | None) -> dict[str, Any]:
     """Reset every device, load ``path`` (default the latest snapshot) into ``m`` and
     continue the guest from it (module rules). MigrationError / InvalidArgument."""
     key = path if path is not None else m.snapshots.latest
@@ -152,7 +131,7 @@ def restore(m: Machine, path: str | None) -> dict[str, Any]:
     return {"path": key, **stats_figures(stats)}
 
 
-def transfer(m: Machine, dest: Machine, transport: Transport, path: str | None) -> dict[str, Any]:
+def transfer(m: MachineParts, dest: MachineParts, transport: Transport, path: str | None) -> dict[str, Any]:
     """Move ``m``'s memory, device states and guest to the fresh ``dest`` through a file
     (``path``, default a temporary one, removed after) or a loopback TCP connection;
     check integrity on ``dest``. ``m`` is unchanged; ``dest`` is the caller's to close on
@@ -174,7 +153,7 @@ def transfer(m: Machine, dest: Machine, transport: Transport, path: str | None) 
     return {"transport": transport.value, **stats_figures(stats)}
 
 
-def _transfer_tcp(m: Machine, dest: Machine) -> MigrationStats:
+def _transfer_tcp(m: MachineParts, dest: MachineParts) -> MigrationStats:
     result: dict[str, Any] = {}
     with socket.create_server(("127.0.0.1", 0)) as ls:
         port = ls.getsockname()[1]
@@ -199,7 +178,7 @@ def _transfer_tcp(m: Machine, dest: Machine) -> MigrationStats:
     return stats
 
 
-def dump(m: Machine, path: str, *, durable: bool) -> dict[str, Any]:
+def dump(m: MachineParts, path: str, *, durable: bool) -> dict[str, Any]:
     """Write an ELF core of ``m``'s populated memory to ``path``; check its size."""
     info: DumpInfo = dump_guest_memory(m.space_or_fail(), path, durable=durable)
     want = m.scenario.boot_ram + sum(d.plugged_size for d in m.devices.values())

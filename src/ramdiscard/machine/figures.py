@@ -13,16 +13,14 @@ Rules (every function: the caller holds ``m.lock``; figures are bytes or counts)
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ramdiscard.hostmem import ProcStatus
 from ramdiscard.machine.consumers import KvmConsumer, VfioConsumer
-
-if TYPE_CHECKING:
-    from ramdiscard.machine.machine import Machine
+from ramdiscard.machine.parts import MachineParts
 
 
-def sizes(m: Machine, dev_id: str) -> dict[str, int]:
+def sizes(m: MachineParts, dev_id: str) -> dict[str, int]:
     """block-size, addr, region size, usable, plugged ("size") and requested sizes."""
     d = m.device(dev_id)
     return {
@@ -35,7 +33,7 @@ def sizes(m: Machine, dev_id: str) -> dict[str, int]:
     }
 
 
-def sample(m: Machine, ps: ProcStatus) -> dict[str, int]:
+def sample(m: MachineParts, ps: ProcStatus) -> dict[str, int]:
     """Cheap figures for time series: plugged, rss, vm_pin, vm_lck, dma mappings."""
     return {
         "plugged": sum(d.plugged_size for d in m.devices.values()),
@@ -46,7 +44,7 @@ def sample(m: Machine, ps: ProcStatus) -> dict[str, int]:
     }
 
 
-def status(m: Machine, ps: ProcStatus) -> dict[str, Any]:
+def status(m: MachineParts, ps: ProcStatus) -> dict[str, Any]:
     """All figures (module rules), per device and per consumer too."""
     resident = sum(b.resident_bytes() for b in m.blocks if not b.closed)
     vfio = [c for c in m.consumers if isinstance(c, VfioConsumer)]

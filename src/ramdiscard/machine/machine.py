@@ -40,67 +40,30 @@ from typing import Any
 
 from ramdiscard import interrupts
 from ramdiscard.errors import InvalidArgument
-from ramdiscard.guest import DriverState, Exchange, GuestDriver, TouchWorkload
-from ramdiscard.guest.writer import GuestWriter
-from ramdiscard.hostmem import RamBlock, proc_status
+from ramdiscard.guest import DriverState, Exchange
+from ramdiscard.hostmem import proc_status
 from ramdiscard.machine import checkpoint, figures
 from ramdiscard.machine.build import build
-from ramdiscard.machine.checkpoint import Fingerprint, Snapshots
-from ramdiscard.machine.consumers import Consumer
-from ramdiscard.machine.files import MachineFiles
-from ramdiscard.machine.guest_memory import GuestMemory
-from ramdiscard.machine.scenario import ADDRESS_LIMIT, Scenario, StepSpec, Transport
+from ramdiscard.machine.parts import Fingerprint, MachineParts, OnRequest
+from ramdiscard.machine.scenario import Scenario, StepSpec, Transport
 from ramdiscard.machine.steps import StepResult, run_step
-from ramdiscard.memory.address_space import AddressSpace
-from ramdiscard.memory.region import MemoryRegion
-from ramdiscard.memory.system import MemorySystem
-from ramdiscard.providers.virtio_mem import VirtioMem
-from ramdiscard.ramblocks import registry_of
-from ramdiscard.rdm.policy import DiscardPolicy, policy_of
 
 log = logging.getLogger("ramdiscard.machine")
 
-OnRequest = Callable[[str, Exchange], None]
-"""Called as ``fn(device_id, exchange)`` after every guest request."""
 
-
-class Machine:
-    """A machine built from a :class:`Scenario`; see the module rules. Use
-    :meth:`from_scenario`, then :meth:`close` (or a ``with`` block)."""
+class Machine(MachineParts):
+    """A machine built from a :class:`Scenario`: its parts (:class:`MachineParts`), a guest
+    thread and the control methods; see the module rules. Use :meth:`from_scenario`, then
+    :meth:`close` (or a ``with`` block)."""
 
     def __init__(self, scenario: Scenario, *, workdir: str | Path | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
-        self.scenario = scenario
-        self.clock = clock
-        self.lock = threading.RLock()
-        self.notes: list[str] = []
-        self.system = MemorySystem(scenario.name)
-        self.policy = policy_of(self.system)
-        self.uncoordinated_policy = DiscardPolicy()
-        self.registry = registry_of(self.system)
-        self.devices: dict[str, VirtioMem] = {}
-        self.drivers: dict[str, GuestDriver] = {}
-        self.consumers: list[Consumer] = []
-        self.blocks: list[RamBlock] = []
-        """Every RAM block, boot RAM first; closed at close."""
-        self.workload: TouchWorkload | None = None
-        self.writer: GuestWriter | None = None
-        self.memory = GuestMemory()
-        self.files = MachineFiles(workdir)
-        self.root = MemoryRegion.new_container("system", ADDRESS_LIMIT, system=self.system)
-        """The guest-physical address space's root container."""
-        self.mapped: list[MemoryRegion] = []
-        """Regions mapped into :attr:`root` by the build; unmapped at close, last first."""
-        self.space: AddressSpace | None = None
-        self.boot: MemoryRegion | None = None
-        self.snapshots = Snapshots()
+        super().__init__(scenario, workdir=workdir, clock=clock)
         self.on_request: OnRequest | None = None
         self._closed = False
         self._thread: threading.Thread | None = None
-        self._wake = threading.Event()
         self._stop = threading.Event()
         self._idle = threading.Condition(self.lock)
-        self._requests = 0
 
     @classmethod
     def from_scenario(
@@ -121,37 +84,11 @@ class Machine:
         return m
 
     @property
-    def requests(self) -> int:
-        """Guest requests sent so far (carried over by a migration)."""
-        return self._requests
-
-    @property
     def running(self) -> bool:
         """Whether the background guest thread runs."""
         return self._thread is not None
 
-    def new_driver(self, dev_id: str) -> GuestDriver:
-        """A fresh guest driver for ``dev_id`` (the guest's driver (re)loads), replacing
-        the current one."""
-        drv = GuestDriver(self.devices[dev_id], clock=self.clock, workload=self.workload)
-        self.drivers[dev_id] = drv
-        return drv
-
-    def config_changed(self, dev: VirtioMem) -> None:
-        """Device config-change notifier: the device's driver reacts; the thread wakes."""
-        drv = self.drivers.get(dev.id)
-        if drv is not None:
-            drv.config_changed()
-        self._wake.set()
-
     # -- host-side control ----------------------------------------------------------------
-
-    def device(self, dev_id: str) -> VirtioMem:
-        """The device ``dev_id``; KeyError naming the known ids otherwise."""
-        try:
-            return self.devices[dev_id]
-        except KeyError:
-            raise KeyError(f"no virtio-mem device {dev_id!r} (devices: {', '.join(self.devices)})") from None
 
     def get_requested_size(self, dev_id: str) -> int:
         with self.lock:
@@ -220,7 +157,9 @@ class Machine:
         with self.lock:
             return all(d.state is not DriverState.WORKING for d in self.drivers.values())
 
-    def run_step(self, step: StepSpec, index: int = 0, on_request: OnRequest | None = None) -> StepResult:
+    def run_step(
+        self, step: StepSpec, index: int = 0, on_request: OnRequest | None = None
+    ) -> StepResult[Machine]:
         """Apply one scenario step and let the guest react (:mod:`ramdiscard.machine.steps`).
 
         A ``migrate`` step returns the destination in :attr:`StepResult.machine` and closes
@@ -291,14 +230,6 @@ class Machine:
         with self.lock:
             self._check_open()
             return checkpoint.dump(self, path, durable=durable)
-
-    def space_or_fail(self) -> AddressSpace:
-        """The address space; InvalidArgument if the machine is closed or not built."""
-        if self.space is None:
-            raise InvalidArgument("machine has no address space (closed or not built)")
-        return self.space
-
-    # -- background mode ------------------------------------------------------------------
 
     def start(self) -> None:
         """Run the guest drivers in a daemon thread that reacts to requested-size changes

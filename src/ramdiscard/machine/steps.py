@@ -18,20 +18,73 @@ Rules:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, Protocol, Self, TypeVar
 
-from ramdiscard.guest import DriverState, Exchange
-from ramdiscard.machine.scenario import Action, StepSpec
+from ramdiscard.guest import DriverState, Exchange, GuestDriver
+from ramdiscard.machine.files import MachineFiles
+from ramdiscard.machine.parts import OnRequest
+from ramdiscard.machine.scenario import Action, Scenario, StepSpec, Transport
+from ramdiscard.providers.virtio_mem import VirtioMem
 from ramdiscard.units import format_size
 
-if TYPE_CHECKING:
-    from ramdiscard.machine.machine import Machine, OnRequest
+
+class StepMachine(Protocol):
+    """The machine a step runs on: the parts and control methods the handlers use
+    (:class:`ramdiscard.machine.Machine` is one; see its methods for the contracts)."""
+
+    @property
+    def scenario(self) -> Scenario: ...
+
+    @property
+    def files(self) -> MachineFiles: ...
+
+    @property
+    def lock(self) -> AbstractContextManager[bool]: ...
+
+    @property
+    def devices(self) -> Mapping[str, VirtioMem]: ...
+
+    @property
+    def drivers(self) -> Mapping[str, GuestDriver]: ...
+
+    @property
+    def running(self) -> bool: ...
+
+    def set_requested_size(self, dev_id: str, size: int) -> None: ...
+
+    def unplug_all(self, dev_id: str | None = None) -> None: ...
+
+    def system_reset(self) -> None: ...
+
+    def snapshot(self, path: str | None = None) -> dict[str, Any]: ...
+
+    def restore(self, path: str | None = None) -> dict[str, Any]: ...
+
+    def migrate(
+        self, transport: Transport | str = Transport.FILE, path: str | None = None
+    ) -> tuple[Self, dict[str, Any]]: ...
+
+    def dump(self, path: str, *, durable: bool = True) -> dict[str, Any]: ...
+
+    def run_guest(
+        self, max_requests: int = 1_000_000, on_request: OnRequest | None = None
+    ) -> list[Exchange]: ...
+
+    def wait_converged(self, timeout: float | None = None) -> bool: ...
+
+    def converged(self) -> bool: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
+M = TypeVar("M", bound=StepMachine)
 
 
 @dataclass
-class StepResult:
+class StepResult(Generic[M]):
     """What one step did: its requests, the final status, the wall time.
 
     ``machine`` is set when the step replaced the machine (``migrate``): the returned
@@ -47,46 +100,49 @@ class StepResult:
     status: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
-    machine: Machine | None = None
+    machine: M | None = None
 
 
 @dataclass
-class Outcome:
+class Outcome(Generic[M]):
     """What a handler did: the machine to continue with, figures and notes."""
 
-    machine: Machine
+    machine: M
     details: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
-Handler = Callable[["Machine", StepSpec, int], Outcome]
-"""``fn(machine, step, index)``: carry out the step's action (not the guest's reaction)."""
+class Handler(Protocol):
+    """``fn(machine, step, index)``: carry out the step's action (not the guest's reaction)."""
+
+    def __call__(self, m: M, step: StepSpec, index: int) -> Outcome[M]: ...
+
 
 _KEPT = "; removed at exit (set path to keep it)"
 
 
-def _resize(m: Machine, step: StepSpec, index: int) -> Outcome:
+def _resize(m: M, step: StepSpec, index: int) -> Outcome[M]:
     for dev_id, size in step.requested:
         m.set_requested_size(dev_id, size)
     return Outcome(m)
 
 
-def _unplug_all(m: Machine, step: StepSpec, index: int) -> Outcome:
+def _unplug_all(m: M, step: StepSpec, index: int) -> Outcome[M]:
     m.unplug_all(step.device)
     return Outcome(m)
 
 
-def _system_reset(m: Machine, step: StepSpec, index: int) -> Outcome:
+def _system_reset(m: M, step: StepSpec, index: int) -> Outcome[M]:
     m.system_reset()
     return Outcome(m)
 
 
-def _pause(m: Machine, step: StepSpec, index: int) -> Outcome:
+def _pause(m: M, step: StepSpec, index: int) -> Outcome[M]:
     time.sleep(step.seconds)
     return Outcome(m)
 
 
-def _snapshot(m: Machine, step: StepSpec, index: int) -> Outcome:
+def _snapshot(m: M, step: StepSpec, index: int) -> Outcome[M]:
     d = m.snapshot(step.path)
     note = (
         f"snapshot {d['path']}: {format_size(d['page_bytes'])} of populated memory "
@@ -96,7 +152,7 @@ def _snapshot(m: Machine, step: StepSpec, index: int) -> Outcome:
     return Outcome(m, d, [note])
 
 
-def _restore(m: Machine, step: StepSpec, index: int) -> Outcome:
+def _restore(m: M, step: StepSpec, index: int) -> Outcome[M]:
     d = m.restore(step.path)
     note = (
         f"restored {d['path']}: {format_size(d['page_bytes'])} loaded in "
@@ -105,7 +161,7 @@ def _restore(m: Machine, step: StepSpec, index: int) -> Outcome:
     return Outcome(m, d, [note])
 
 
-def _migrate(m: Machine, step: StepSpec, index: int) -> Outcome:
+def _migrate(m: M, step: StepSpec, index: int) -> Outcome[M]:
     dest, d = m.migrate(step.transport, step.path)
     note = (
         f"migrated over {d['transport']}: {format_size(d['page_bytes'])} of populated "
@@ -115,7 +171,7 @@ def _migrate(m: Machine, step: StepSpec, index: int) -> Outcome:
     return Outcome(dest, d, [note])
 
 
-def _dump(m: Machine, step: StepSpec, index: int) -> Outcome:
+def _dump(m: M, step: StepSpec, index: int) -> Outcome[M]:
     path = step.path or str(m.files.files_dir() / f"{m.scenario.name}-step{index}.elf")
     d = m.dump(path, durable=bool(step.path))
     note = (
@@ -138,7 +194,7 @@ HANDLERS: dict[Action, Handler] = {
 """The handler of each action."""
 
 
-def run_step(m: Machine, step: StepSpec, index: int = 0, on_request: OnRequest | None = None) -> StepResult:
+def run_step(m: M, step: StepSpec, index: int = 0, on_request: OnRequest | None = None) -> StepResult[M]:
     """Apply ``step`` to ``m`` and let the guest react; see the module rules."""
     t0 = time.monotonic()
     out = HANDLERS[step.action](m, step, index)

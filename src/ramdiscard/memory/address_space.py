@@ -30,9 +30,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from ramdiscard.errors import ListenerError
-from ramdiscard.memory.region import MemoryRegion, RegionKind
-from ramdiscard.memory.section import MemoryRegionSection
-from ramdiscard.memory.system import MemorySystem
+from ramdiscard.memory.region import MemoryRegion, MemoryRegionSection, RegionKind
+from ramdiscard.memory.system import MemorySystem, RegionHandle
 
 _serials = itertools.count()
 
@@ -159,7 +158,7 @@ class AddressSpace:
         with self.system.lock:
             return list(self._view)
 
-    def maps(self, mr: MemoryRegion) -> bool:
+    def maps(self, mr: RegionHandle) -> bool:
         """True if ``mr`` appears in the current flat view."""
         return id(mr) in self._mapped
 

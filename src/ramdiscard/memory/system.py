@@ -42,17 +42,52 @@ from __future__ import annotations
 import itertools
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from ramdiscard.errors import ListenerFailure
 
-if TYPE_CHECKING:
-    from ramdiscard.memory.address_space import AddressSpace
-    from ramdiscard.memory.region import MemoryRegion
 
-MappingObserver = Callable[[list["MemoryRegion"], list["MemoryRegion"]], None]
+class RegionHandle(Protocol):
+    """A region as its system sees it: something to record and hand to observers
+    (:class:`~ramdiscard.memory.region.MemoryRegion` is the one kind there is)."""
+
+    @property
+    def name(self) -> str: ...
+
+
+class SectionHandle(Protocol):
+    """A flat-view section as the system sees it: the region it shows."""
+
+    @property
+    def mr(self) -> RegionHandle: ...
+
+
+class LiveSpace(Protocol):
+    """An address space as its system sees it
+    (:class:`~ramdiscard.memory.address_space.AddressSpace` is the one kind there is)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def serial(self) -> int: ...
+
+    def flatview(self) -> Sequence[SectionHandle]:
+        """The current flat view, in address order."""
+        ...
+
+    def maps(self, mr: RegionHandle) -> bool:
+        """True if ``mr`` appears in the current flat view."""
+        ...
+
+    def _update_topology(self) -> list[Exception]:
+        """Re-render and notify the space's listeners; returns their failures."""
+        ...
+
+
+MappingObserver = Callable[[list[RegionHandle], list[RegionHandle]], None]
 """Called as ``observer(appeared, vanished)`` with the topology lock held; must not raise."""
 
 T = TypeVar("T")
@@ -63,10 +98,10 @@ _serials = itertools.count()
 class RamRegionObserver(Protocol):
     """Told about the RAM regions of one system; see the module rules."""
 
-    def ram_region_created(self, mr: MemoryRegion) -> None:
+    def ram_region_created(self, mr: RegionHandle) -> None:
         """``mr`` was just created in the system (it is not mapped yet)."""
 
-    def ram_manager_changed(self, mr: MemoryRegion) -> None:
+    def ram_manager_changed(self, mr: RegionHandle) -> None:
         """``mr``'s discard manager was set or cleared (the region is unmapped)."""
 
 
@@ -87,9 +122,9 @@ class MemorySystem:
         self.lock = threading.RLock()
         self._depth = 0
         self._pending = False
-        self._spaces: weakref.WeakSet[AddressSpace] = weakref.WeakSet()
+        self._spaces: weakref.WeakSet[LiveSpace] = weakref.WeakSet()
         self._mapping_observers: list[MappingObserver] = []
-        self._ram_regions: dict[int, weakref.ref[MemoryRegion]] = {}
+        self._ram_regions: dict[int, weakref.ref[RegionHandle]] = {}
         self._ram_observers: list[weakref.ref[RamRegionObserver]] = []
         self._components: dict[type, object] = {}
 
@@ -151,15 +186,15 @@ class MemorySystem:
 
     # -- address spaces ---------------------------------------------------------------
 
-    def register_space(self, space: AddressSpace) -> None:
+    def register_space(self, space: LiveSpace) -> None:
         with self.lock:
             self._spaces.add(space)
 
-    def unregister_space(self, space: AddressSpace) -> None:
+    def unregister_space(self, space: LiveSpace) -> None:
         with self.lock:
             self._spaces.discard(space)
 
-    def live_spaces(self) -> list[AddressSpace]:
+    def live_spaces(self) -> list[LiveSpace]:
         """The system's live address spaces, oldest first."""
         with self.lock:
             return sorted(self._spaces, key=lambda s: s.serial)
@@ -178,7 +213,7 @@ class MemorySystem:
             if observer in self._mapping_observers:
                 self._mapping_observers.remove(observer)
 
-    def mapped_regions(self) -> dict[int, MemoryRegion]:
+    def mapped_regions(self) -> dict[int, RegionHandle]:
         """Every region in some live flat view of this system, keyed by ``id``."""
         with self.lock:
             return {id(s.mr): s.mr for space in self.live_spaces() for s in space.flatview()}
@@ -204,7 +239,7 @@ class MemorySystem:
 
     # -- RAM regions and their observers ------------------------------------------------
 
-    def ram_regions(self) -> list[MemoryRegion]:
+    def ram_regions(self) -> list[RegionHandle]:
         """The live RAM regions created in this system, oldest first."""
         with self.lock:
             alive = (ref() for ref in list(self._ram_regions.values()))
@@ -221,7 +256,7 @@ class MemorySystem:
         with self.lock:
             self._ram_observers = [r for r in self._ram_observers if r() not in (None, observer)]
 
-    def ram_region_created(self, mr: MemoryRegion) -> None:
+    def ram_region_created(self, mr: RegionHandle) -> None:
         """Hook for ``MemoryRegion.new_ram``: record ``mr`` and tell the observers."""
         with self.lock:
             key = id(mr)
@@ -229,7 +264,7 @@ class MemorySystem:
             for observer in self._observers():
                 observer.ram_region_created(mr)
 
-    def ram_manager_changed(self, mr: MemoryRegion) -> None:
+    def ram_manager_changed(self, mr: RegionHandle) -> None:
         """Hook for ``MemoryRegion.set_ram_discard_manager``, after the change."""
         with self.lock:
             for observer in self._observers():
@@ -240,7 +275,7 @@ class MemorySystem:
         self._ram_observers = [ref for ref, obs in alive if obs is not None]
         return [obs for _, obs in alive if obs is not None]
 
-    def _forget(self, key: int, ref: weakref.ref[MemoryRegion]) -> None:
+    def _forget(self, key: int, ref: weakref.ref[RegionHandle]) -> None:
         # Runs inside the garbage collector: no lock.
         if self._ram_regions.get(key) is ref:
             del self._ram_regions[key]

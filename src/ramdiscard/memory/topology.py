@@ -12,13 +12,8 @@ Rules:
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING
 
-from ramdiscard.memory.system import MappingObserver, TopologyError, default_system
-
-if TYPE_CHECKING:
-    from ramdiscard.memory.address_space import AddressSpace
-    from ramdiscard.memory.region import MemoryRegion
+from ramdiscard.memory.system import LiveSpace, MappingObserver, RegionHandle, TopologyError, default_system
 
 __all__ = [
     "MappingObserver",
@@ -54,7 +49,7 @@ def remove_mapping_observer(observer: MappingObserver) -> None:
     default_system().remove_mapping_observer(observer)
 
 
-def mapped_regions() -> dict[int, MemoryRegion]:
+def mapped_regions() -> dict[int, RegionHandle]:
     return default_system().mapped_regions()
 
 
@@ -62,5 +57,5 @@ def watch_mapping() -> AbstractContextManager[None]:
     return default_system().watch_mapping()
 
 
-def live_spaces() -> list[AddressSpace]:
+def live_spaces() -> list[LiveSpace]:
     return default_system().live_spaces()

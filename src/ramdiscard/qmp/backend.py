@@ -165,7 +165,6 @@ def check_arguments(arguments: dict[str, Any], params: tuple[Param, ...]) -> Non
             raise QmpError(f"Parameter '{key}' is unexpected")
 
 
-
 @dataclass(frozen=True)
 class Outcome:
     """A command's result; ``quit`` asks the server to shut down after replying."""

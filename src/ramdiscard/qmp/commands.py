@@ -471,4 +471,3 @@ class CommandDispatcher:
 
     def _x_dump(self, args: dict[str, Any]) -> Outcome:
         return Outcome(self._backend.dump(args["path"]))
-

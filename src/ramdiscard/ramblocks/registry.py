@@ -33,15 +33,12 @@ from __future__ import annotations
 import functools
 import logging
 import weakref
-from typing import TYPE_CHECKING
 
 from ramdiscard.errors import InvalidArgument, ListenerError, RegionMapped
-from ramdiscard.memory.system import MemorySystem, default_system
+from ramdiscard.memory.region import MemoryRegion
+from ramdiscard.memory.system import MemorySystem, RegionHandle, default_system
 from ramdiscard.ramblocks.block import LiveBlock
 from ramdiscard.ramblocks.notifier import RamBlockNotifier
-
-if TYPE_CHECKING:
-    from ramdiscard.memory.region import MemoryRegion
 
 log = logging.getLogger("ramdiscard.ramblocks")
 
@@ -190,22 +187,25 @@ class RamBlockRegistry:
         for notifier in notifiers:
             _call_quietly(notifier, event, block, *args)
 
-    def _mapping_changed(self, appeared: list[MemoryRegion], vanished: list[MemoryRegion]) -> None:
+    # The memory system hands regions over as RegionHandles; every one of them is a
+    # MemoryRegion, and the isinstance checks are what let them in.
+
+    def _mapping_changed(self, appeared: list[RegionHandle], vanished: list[RegionHandle]) -> None:
         for mr in vanished:
-            if mr in self:
+            if isinstance(mr, MemoryRegion) and mr in self:
                 self._dispatch("ram_block_unmapped", LiveBlock(mr), reverse=True)
         for mr in appeared:
-            if mr in self:
+            if isinstance(mr, MemoryRegion) and mr in self:
                 self._dispatch("ram_block_mapped", LiveBlock(mr))
 
     # RamRegionObserver (called by the memory system with its lock held)
 
-    def ram_region_created(self, mr: MemoryRegion) -> None:
-        if self._joins_new:
+    def ram_region_created(self, mr: RegionHandle) -> None:
+        if self._joins_new and isinstance(mr, MemoryRegion):
             self.add(mr)
 
-    def ram_manager_changed(self, mr: MemoryRegion) -> None:
-        if mr in self:
+    def ram_manager_changed(self, mr: RegionHandle) -> None:
+        if isinstance(mr, MemoryRegion) and mr in self:
             self._dispatch("ram_block_manager_changed", LiveBlock(mr))
 
     def _resized(self, mr: MemoryRegion, old_size: int, new_size: int) -> None:
@@ -246,7 +246,8 @@ def registry_of(system: MemorySystem) -> RamBlockRegistry:
     def make() -> RamBlockRegistry:
         registry = RamBlockRegistry(system.name, system=system)
         for mr in system.ram_regions():
-            registry.add(mr)
+            if isinstance(mr, MemoryRegion):
+                registry.add(mr)
         registry._joins_new = True
         return registry
 

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from ramdiscard.memory.section import MemoryRegionSection
-    from ramdiscard.rdm.manager import RamDiscardManager
+
+
+class ListenerHome(Protocol):
+    """The side of a manager a registered listener sees through :attr:`~RamDiscardListener.manager`
+    (:class:`~ramdiscard.rdm.manager.RamDiscardManager` is one)."""
+
+    def unregister_listener(self, listener: RamDiscardListener) -> None:
+        """Tell ``listener`` a discard for everything populated in its section, unlink it."""
+        ...
 
 
 class RamDiscardListener:
@@ -33,7 +41,7 @@ class RamDiscardListener:
 
     double_discard_supported: bool = False
     section: MemoryRegionSection | None = None
-    _rdm: RamDiscardManager | None = None
+    _rdm: ListenerHome | None = None
 
     def notify_populate(self, section: MemoryRegionSection) -> None:
         """Memory in ``section`` is about to become usable. Raise to refuse."""
@@ -42,6 +50,6 @@ class RamDiscardListener:
         """Memory in ``section`` was discarded."""
 
     @property
-    def manager(self) -> RamDiscardManager | None:
+    def manager(self) -> ListenerHome | None:
         """The manager this listener is registered with, or None."""
         return self._rdm

@@ -225,3 +225,14 @@ def check_driver_features(prefix: str, offered: int, features: int) -> None:
             f"{prefix}: the driver does not accept VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE, "
             "which this device requires"
         )
+
+
+def check_unplug(prefix: str, unplugged_inaccessible: bool, plugged_size: int, requested_size: int) -> None:
+    """QEMU's device hot-unplug preconditions; InvalidArgument when refused."""
+    if not unplugged_inaccessible:
+        raise InvalidArgument(f"{prefix}: unplug requires unplugged-inaccessible=on")
+    if plugged_size or requested_size:
+        raise InvalidArgument(
+            f"{prefix}: unplug requires 'size' and 'requested-size' to be 0 "
+            f"(size {plugged_size:#x}, requested-size {requested_size:#x})"
+        )

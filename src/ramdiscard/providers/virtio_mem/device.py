@@ -6,10 +6,8 @@ Rules (qemu-ram-discard §3, virtio-mem.md D-* ids):
   ``replay_populated``, ``is_populated`` ... on the device). Block state, sizes and the
   answer to every request belong to a :class:`~.state.PlugState` core: plugged = populated,
   ``plugged_size`` is derived from its bitmap. The device only applies effects.
-* Realize (the constructor) follows QEMU's order: property checks (:mod:`.config`),
-  ``coordinated_require`` ("Discarding RAM is disabled"), become the region's manager (or a
-  source of its aggregate), discard the whole RAM block (not on incoming migration), create
-  the memslots. Any failure releases what was taken and raises; nothing stays held.
+* Realize (the constructor) follows QEMU's order (:mod:`.realize`); any failure releases
+  what was taken and raises, nothing stays held.
 * Guest requests go through :meth:`VirtioMem.process_queue` (a virtqueue, see
   :mod:`.virtqueue`), :meth:`VirtioMem.handle_request` (bytes) or
   :meth:`VirtioMem.process` (typed); the guest-facing part is :mod:`.frontend`. The
@@ -20,12 +18,7 @@ Rules (qemu-ram-discard §3, virtio-mem.md D-* ids):
   through :meth:`VirtioMem.protocol_violation`) raises :class:`ProtocolError` and
   marks the device broken: every later request raises :class:`DeviceBroken` until
   :meth:`device_reset` or :meth:`system_reset`. No other exception escapes for guest input.
-* Effect order. PLUG: decide, prealloc (``ram.populate``), map memslots (one topology
-  transaction), populate notification (all-or-nothing), apply to the core, size-change
-  notifiers. UNPLUG: decide, host discard, discard notification (reaches every listener;
-  failures logged), apply, unmap emptied memslots, size-change notifiers. UNPLUG_ALL: the
-  same with one whole-block discard and a discard-all notification; applying it shrinks
-  the usable region.
+* Effect order of PLUG, UNPLUG, UNPLUG_ALL and restore: :mod:`.effects`.
 * Config-change notifiers fire on every ``requested_size`` write, changed or not (the only
   way the usable region grows); never for ``plugged_size`` changes, an UNPLUG_ALL shrink or
   a system reset (D-CFG-9/10/11). Size-change notifiers (QEMU's MEMORY_DEVICE_SIZE_CHANGE
@@ -37,47 +30,26 @@ Rules (qemu-ram-discard §3, virtio-mem.md D-* ids):
   codec); :meth:`restore` loads one into a device with nothing plugged, all-or-nothing.
 
 Lock order: the topology lock (only with dynamic memslots), then the manager lock (the
-region's discard lock). Memslots are mapped *before* the populate notification, while
-the core does not yet hold the new blocks: an RDM listener that registers during the
-mapping replays the old state and then receives the regular notification, so every block
-is announced exactly once (also on restore).
+region's discard lock); why memslots are mapped before the populate notification:
+:mod:`.effects`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
-from ramdiscard.errors import InvalidArgument, ListenerError, RegionMapped
+from ramdiscard.errors import ListenerError, RegionMapped
 from ramdiscard.interfaces import DiscardableMemory as HostRam
 from ramdiscard.interfaces import Virtqueue
 from ramdiscard.memory.region import MemoryRegion
-from ramdiscard.memory.section import MemoryRegionSection
 from ramdiscard.providers.virtio_mem import persist
-from ramdiscard.providers.virtio_mem.config import (
-    USABLE_EXTENT_X86,
-    check_memdev,
-    check_properties,
-    host_features,
-    memslot_geometry,
-)
-from ramdiscard.providers.virtio_mem.effects import (
-    ConfigChangeFn,
-    Effects,
-    Engine,
-    HostDiscardFn,
-    HostMemory,
-    Memslots,
-    Notifiers,
-    SizeChangeFn,
-    claim_region,
-    release_region,
-)
-from ramdiscard.providers.virtio_mem.frontend import Frontend
+from ramdiscard.providers.virtio_mem.config import USABLE_EXTENT_X86, check_unplug
+from ramdiscard.providers.virtio_mem.effects import ConfigChangeFn, Engine, HostDiscardFn, SizeChangeFn
 from ramdiscard.providers.virtio_mem.metrics import VirtioMemMetrics
-from ramdiscard.providers.virtio_mem.persist import StateImage
-from ramdiscard.providers.virtio_mem.state import PlugState
+from ramdiscard.providers.virtio_mem.plug_manager import PlugStateManager
+from ramdiscard.providers.virtio_mem.realize import Props, prepare, realize
 from ramdiscard.providers.virtio_mem.virtqueue import serve as serve_queue
 from ramdiscard.providers.virtio_mem.wire import (
     BlockState,
@@ -89,17 +61,16 @@ from ramdiscard.providers.virtio_mem.wire import (
     ResponseType,
     VirtioMemError,
 )
-from ramdiscard.rdm.block_state import BlockStateManager
-from ramdiscard.rdm.manager import RamDiscardManager, ReplayFn
-from ramdiscard.rdm.policy import DiscardPolicy, policy_of
+from ramdiscard.rdm.policy import DiscardPolicy
 
 log = logging.getLogger("ramdiscard.providers.virtio_mem")
 
-
+_NO_LOCK = nullcontext()
+"""Stands for the topology lock without dynamic memslots (stateless, so shared)."""
 _STATE, _BUSY = RequestType.STATE, ResponseType.BUSY  # enum lookups are slow on the request path
 
 
-class VirtioMem(RamDiscardManager):
+class VirtioMem(PlugStateManager):
     """A virtio-mem device over the RAM region ``memory``; see the module rules.
 
     Arguments (QEMU property names in brackets):
@@ -153,72 +124,31 @@ class VirtioMem(RamDiscardManager):
         on_host_discard: HostDiscardFn | None = None,
     ) -> None:
         prefix = f"virtio-mem {id!r}"
-        ram = check_memdev(prefix, memory, lambda user: isinstance(user, VirtioMem))
-        block_size = check_properties(
-            prefix,
-            page_size=ram.page_size,
-            region_size=memory.size,
-            addr=addr,
-            block_size=block_size,
-            requested_size=requested_size,
-            node=node,
-            numa_nodes=numa_nodes,
-            unplugged_inaccessible=unplugged_inaccessible,
-            dynamic_memslots=dynamic_memslots,
-            usable_extent=usable_extent,
-        )
-        super().__init__(memory)
+        ram, plug = prepare(
+            prefix, memory, lambda user: isinstance(user, VirtioMem), addr=addr, block_size=block_size,
+            requested_size=requested_size, node=node, numa_nodes=numa_nodes, usable_extent=usable_extent,
+            unplugged_inaccessible=unplugged_inaccessible, dynamic_memslots=dynamic_memslots,
+        )  # fmt: skip
+        super().__init__(memory, plug)
         self._id = id
         self._prefix = prefix
-        self._plug = PlugState(
-            addr=addr,
-            region_size=memory.size,
-            block_size=block_size,
-            usable_extent=usable_extent,
-            requested_size=requested_size,
-            name=prefix,
-        )
         self._node = node
-        # On hugetlb memory an unpopulated page faults in from the pool on first touch, and
-        # an empty pool kills the process with SIGBUS; populating at plug time turns that
-        # into a BUSY answer, so hugetlb memory always preallocates.
-        self._prealloc = prealloc or bool(getattr(ram, "hugetlb", False))
-        features = host_features(
-            numa=numa_nodes > 0,
-            unplugged_inaccessible=unplugged_inaccessible,
-            persistent_suspend=persistent_suspend,
-        )
         self._unplugged_inaccessible = unplugged_inaccessible
         self._busy: Callable[[], bool] | None = busy
         self._realized = False
-        self._realize_discarded = False
-        self._metrics = VirtioMemMetrics()
-        self._frontend = Frontend(prefix, features, self._metrics, self._execute)
-        self._host = HostMemory(ram, prefix, self._metrics)
-        self._notifiers = Notifiers(self, prefix, on_config_change, on_size_change)
-        if on_host_discard:
-            self._host.hooks.append(on_host_discard)
-
-        self._policy = policy if policy is not None else policy_of(memory.system)
-        self._realize_discarded = claim_region(
-            self, self._policy, self._host, discard=not incoming, prefix=prefix
-        )
-        self._memslot_size, self._nb_memslots = (
-            memslot_geometry(memory.size, block_size, memslot_limit) if dynamic_memslots else (memory.size, 1)
-        )
-        self._memslots = (
-            Memslots(id, memory, self._memslot_size, self._nb_memslots, prefix) if dynamic_memslots else None
-        )
+        props = Props(
+            id, numa_nodes > 0, prealloc, unplugged_inaccessible, persistent_suspend, dynamic_memslots,
+            memslot_limit,
+        )  # fmt: skip
         engine = Engine(self._notify_populate_runs, self._notify_discard_runs, self._notify_discard_all)
-        self._effects = Effects(
-            self._plug,
-            self._host,
-            self._memslots,
-            engine,
-            self._metrics,
-            self._notifiers.size_changed,
-            prefix,
-        )
+        self._parts = parts = realize(
+            self, plug, memory, ram, props, prefix=prefix, policy=policy, incoming=incoming,
+            execute=self._execute, engine=engine, on_config_change=on_config_change,
+            on_size_change=on_size_change, on_host_discard=on_host_discard,
+        )  # fmt: skip
+        self._frontend, self._effects = parts.frontend, parts.effects
+        self._host, self._notifiers, self._memslots = parts.host, parts.notifiers, parts.memslots
+        self._metrics, self._prealloc = parts.metrics, parts.prealloc
         self._realized = True
 
     def __repr__(self) -> str:
@@ -229,34 +159,6 @@ class VirtioMem(RamDiscardManager):
     @property
     def id(self) -> str:
         return self._id
-
-    @property
-    def block_size(self) -> int:
-        return self._plug.block_size
-
-    @property
-    def addr(self) -> int:
-        return self._plug.addr
-
-    @property
-    def region_size(self) -> int:
-        return self._plug.region_size
-
-    @property
-    def usable_region_size(self) -> int:
-        return self._plug.usable_region_size
-
-    @property
-    def usable_extent(self) -> int:
-        """Added to ``requested_size`` (rounded up to blocks) when sizing the usable region."""
-        return self._plug.usable_extent
-
-    @property
-    def plugged_size(self) -> int:
-        """Bytes plugged: popcount(bitmap) * block_size."""
-        return self._plug.plugged_size
-
-    populated_size = plugged_size
 
     @property
     def node(self) -> int:
@@ -281,7 +183,7 @@ class VirtioMem(RamDiscardManager):
     @property
     def realize_discarded(self) -> bool:
         """Whether realize discarded the whole RAM block (not on incoming migration)."""
-        return self._realize_discarded
+        return self._parts.realize_discarded
 
     @property
     def broken(self) -> bool:
@@ -340,11 +242,11 @@ class VirtioMem(RamDiscardManager):
 
     @property
     def memslot_size(self) -> int:
-        return self._memslot_size
+        return self._parts.memslot_size
 
     @property
     def nb_memslots(self) -> int:
-        return self._nb_memslots
+        return self._parts.nb_memslots
 
     @property
     def mapped_memslots(self) -> int:
@@ -352,10 +254,8 @@ class VirtioMem(RamDiscardManager):
         return self._memslots.mapped if self._memslots is not None else 0
 
     def config(self) -> ConfigSpace:
-        p = self._plug
         with self.lock:
-            sizes = (p.region_size, p.usable_region_size, p.plugged_size, p.requested_size)
-            return ConfigSpace(p.block_size, self._node, p.addr, *sizes)
+            return self._plug.config(self._node)
 
     def config_bytes(self) -> bytes:
         """The 56-byte config space as the driver reads it."""
@@ -408,7 +308,7 @@ class VirtioMem(RamDiscardManager):
         device lock first and then the topology lock could deadlock (QEMU holds the BQL
         for both). Without dynamic memslots requests never touch the topology.
         """
-        return self.region.system.lock if self._memslots is not None else nullcontext()
+        return self.region.system.lock if self._memslots is not None else _NO_LOCK
 
     # -- the request path -----------------------------------------------------------------
 
@@ -463,69 +363,6 @@ class VirtioMem(RamDiscardManager):
         self._metrics.count_response(rtype)
         return Response(rtype, decision.state)
 
-    # -- the RamDiscardManager interface (virtio-mem semantics) ------------------------------
-
-    def get_min_granularity(self, mr: MemoryRegion) -> int:
-        self.check_region(mr)
-        return self._plug.block_size
-
-    def is_populated(self, section: MemoryRegionSection) -> bool:
-        """True only if every block touched by ``section`` (widened to block boundaries) is
-        plugged and inside the usable region; False for empty sections."""
-        with self.lock:
-            self.check_section(section)
-            return self._plug.all_plugged(section.offset_within_region, section.size)
-
-    def replay_populated(self, section: MemoryRegionSection, fn: ReplayFn) -> None:
-        self._replay(section, fn, True)
-
-    def replay_discarded(self, section: MemoryRegionSection, fn: ReplayFn) -> None:
-        self._replay(section, fn, False)
-
-    def _replay(self, section: MemoryRegionSection, fn: ReplayFn, plugged: bool) -> None:
-        with self.lock:
-            self.check_section(section)
-            intersect = section.intersect
-            for start, end in self._plug.runs(section.offset_within_region, section.size, plugged):
-                fn(intersect(start, end - start))  # type: ignore[arg-type]  # runs lie inside the section
-
-    # -- block-state queries ---------------------------------------------------------------
-
-    @property
-    def granularity(self) -> int:
-        return self._plug.block_size
-
-    @property
-    def nb_blocks(self) -> int:
-        return self._plug.nb_blocks
-
-    def populated_runs(self, offset: int = 0, size: int | None = None) -> Iterator[tuple[int, int]]:
-        """Maximal plugged runs ``(start, end)`` in region offsets, clipped to the range
-        (default: the whole region). Raises InvalidArgument for a range outside it."""
-        return self._plug.runs(offset, self.region_size - offset if size is None else size, True)
-
-    def discarded_runs(self, offset: int = 0, size: int | None = None) -> Iterator[tuple[int, int]]:
-        """Maximal unplugged runs, as :meth:`populated_runs`."""
-        return self._plug.runs(offset, self.region_size - offset if size is None else size, False)
-
-    def plugged_ranges(self) -> Iterator[tuple[int, int]]:
-        """Maximal plugged runs as (region offset, size), ascending."""
-        for start, end in self.populated_runs():
-            yield start, end - start
-
-    def is_range_populated(self, offset: int, size: int) -> bool:
-        """Every block of the block-aligned, non-empty range is plugged."""
-        return self.count_populated(offset, size) == size
-
-    def count_populated(self, offset: int, size: int) -> int:
-        """Plugged bytes in the block-aligned, non-empty range (InvalidArgument otherwise)."""
-        return self._plug.count_plugged(offset, size)
-
-    def bitmap_bytes(self) -> bytes:
-        """The plug state as a little-endian bitmap, one bit per block."""
-        with self.lock:
-            return self._plug.bitmap_bytes()
-
     # -- resets, lifetime --------------------------------------------------------------------
 
     def device_reset(self) -> None:
@@ -551,13 +388,7 @@ class VirtioMem(RamDiscardManager):
 
     def unplug_check(self) -> None:
         """QEMU's device hot-unplug preconditions; raises InvalidArgument when refused."""
-        if not self._unplugged_inaccessible:
-            raise InvalidArgument(f"{self._prefix}: unplug requires unplugged-inaccessible=on")
-        if self.plugged_size or self.requested_size:
-            raise InvalidArgument(
-                f"{self._prefix}: unplug requires 'size' and 'requested-size' to be 0 "
-                f"(size {self.plugged_size:#x}, requested-size {self.requested_size:#x})"
-            )
+        check_unplug(self._prefix, self._unplugged_inaccessible, self.plugged_size, self.requested_size)
 
     def unrealize(self) -> None:
         """Release everything: memslots, the region's manager, the policy count.
@@ -574,7 +405,7 @@ class VirtioMem(RamDiscardManager):
                 raise RegionMapped(f"{self._prefix}: unmap the device region before unrealizing")
             if self.listeners:
                 raise ListenerError(f"{self._prefix}: RamDiscardListeners are still registered")
-            release_region(self, self._policy, self._memslots)
+            self._parts.release(self)
             self._realized = False
 
     close = unrealize
@@ -593,13 +424,8 @@ class VirtioMem(RamDiscardManager):
 
     def save(self) -> bytes:
         """The device state as a self-checking image (:mod:`.persist` format)."""
-        p = self._plug
         with self.lock:
-            sizes = (p.usable_region_size, p.requested_size, p.plugged_size)
-            return persist.encode_state(StateImage(*self._sanity(), *sizes, p.bitmap_bytes()))
-
-    def _sanity(self) -> tuple[int, int, int, int]:
-        return self._plug.addr, self._plug.region_size, self._plug.block_size, self._node
+            return persist.encode_state(self._plug.image(self._node))
 
     def restore(self, image: bytes | bytearray | memoryview) -> None:
         """Load an image into this device, which must have nothing plugged.
@@ -614,20 +440,9 @@ class VirtioMem(RamDiscardManager):
         with self._topology_lock(), self.lock:
             self._check_realized()
             self._check_not_notifying("load device state")
-            persist.check_sanity(state, self._sanity(), f"device {self._id!r}")
+            persist.check_sanity(state, self._plug.sanity(self._node), f"device {self._id!r}")
             plan = self._plug.plan_restore(state)
             self._effects.restore(plan, self._prealloc)
 
-    def save_state(self) -> bytes:
-        """Same as :meth:`save`."""
-        return self.save()
-
-    def load_state(self, data: bytes | bytearray | memoryview) -> None:
-        """Same as :meth:`restore`."""
-        self.restore(data)
-
-
-# The device answers BlockStateManager's block-state queries (granularity, runs, counts,
-# bitmap) from its core, but changes state only through guest requests, not
-# set_populated/set_discarded: a virtual subclass, not an inherited implementation.
-BlockStateManager.register(VirtioMem)
+    save_state = save
+    load_state = restore

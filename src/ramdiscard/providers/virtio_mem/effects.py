@@ -36,6 +36,10 @@ ranges and the predicate "this byte range holds no plugged block" come from the 
 core, which only :class:`Effects` updates. Listeners are reached only through the
 manager's notification engine (:class:`Engine`). The caller holds the topology lock
 (taken before the device lock) around everything that may map or unmap memslots.
+Memslots are mapped *before* the populate notification, while the core does not yet hold
+the new blocks: an RDM listener that registers during the mapping replays the old state
+and then receives the regular notification, so every block is announced exactly once
+(also on restore).
 """
 
 from __future__ import annotations

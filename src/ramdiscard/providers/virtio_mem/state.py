@@ -47,7 +47,14 @@ from typing import NamedTuple
 
 from ramdiscard.errors import InvalidArgument
 from ramdiscard.providers.virtio_mem.persist import StateError, StateImage
-from ramdiscard.providers.virtio_mem.wire import U64_MAX, BlockState, Request, RequestType, ResponseType
+from ramdiscard.providers.virtio_mem.wire import (
+    U64_MAX,
+    BlockState,
+    ConfigSpace,
+    Request,
+    RequestType,
+    ResponseType,
+)
 from ramdiscard.rdm.bitmap import Bitmap
 from ramdiscard.units import align_up, is_power_of_2
 
@@ -242,6 +249,20 @@ class PlugState:
         if requested == 0:
             return 0
         return min(self._region_size, align_up(requested + self._extent, self._bs))
+
+    def config(self, node: int) -> ConfigSpace:
+        """The config space of a device over this core on NUMA node ``node``."""
+        sizes = (self.region_size, self.usable_region_size, self.plugged_size, self.requested_size)
+        return ConfigSpace(self.block_size, node, self.addr, *sizes)
+
+    def sanity(self, node: int) -> tuple[int, int, int, int]:
+        """The sanity block of a device image (addr, region size, block size, ``node``)."""
+        return self.addr, self.region_size, self.block_size, node
+
+    def image(self, node: int) -> StateImage:
+        """The state image of a device over this core on NUMA node ``node``."""
+        sizes = (self.usable_region_size, self.requested_size, self.plugged_size)
+        return StateImage(*self.sanity(node), *sizes, self.bitmap_bytes())
 
     def set_requested(self, value: int) -> bool:
         """Host control: ask for ``value`` bytes. Grows the usable region to fit, never

@@ -26,16 +26,31 @@ Rules (virtio-mem.md §3.1; QEMU's ``virtio_mem_handle_request``):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ramdiscard.interfaces import Virtqueue, VirtqueueError
-from ramdiscard.providers.virtio_mem.wire import REQUEST_SIZE, RESPONSE_SIZE, DeviceBroken
-
-if TYPE_CHECKING:
-    from ramdiscard.providers.virtio_mem.device import VirtioMem
+from ramdiscard.providers.virtio_mem.wire import REQUEST_SIZE, RESPONSE_SIZE, DeviceBroken, ProtocolError
 
 
-def serve(device: VirtioMem, vq: Virtqueue) -> int:
+class RequestHandler(Protocol):
+    """What serving a queue needs of the device (:class:`~.device.VirtioMem` is one)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def broken(self) -> bool: ...
+
+    def handle_request(self, request: bytes | bytearray | memoryview) -> bytes:
+        """The 10-byte response to one 24-byte request (the device's own checks)."""
+        ...
+
+    def protocol_violation(self, reason: str) -> ProtocolError:
+        """Break the device for ``reason``; returns the error to raise."""
+        ...
+
+
+def serve(device: RequestHandler, vq: Virtqueue) -> int:
     """Serve every available element of ``vq`` with ``device``; returns how many were
     answered (see the module rules).
 
@@ -81,7 +96,7 @@ class VirtioMemQueue:
     """The request-queue side of ``device`` as an object (e.g. for a vhost-user backend
     that keeps one per queue); :meth:`process` is :func:`serve`."""
 
-    def __init__(self, device: VirtioMem) -> None:
+    def __init__(self, device: RequestHandler) -> None:
         self.device = device
 
     def process(self, vq: Virtqueue) -> int:

@@ -116,14 +116,24 @@ class Request:
         if rtype is None:
             raise ProtocolError(f"virtio-mem: unknown request type {raw_type}")
         if rtype is RequestType.UNPLUG_ALL:
-            return cls(rtype)
-        return cls(rtype, addr, nb_blocks)
+            addr = nb_blocks = 0
+        # The struct's u64 and u16 fields are the ranges __post_init__ checks, so the
+        # request is built without running that check a second time (one per request).
+        req = _new_request(cls)
+        _set_type(req, rtype)
+        _set_addr(req, addr)
+        _set_nb_blocks(req, nb_blocks)
+        return req
 
     def pack(self) -> bytes:
         return _REQUEST.pack(int(self.type), self.addr, self.nb_blocks)
 
 
 _REQUEST_TYPES = {int(t): t for t in RequestType}
+_new_request = object.__new__
+_set_type = Request.__dict__["type"].__set__
+_set_addr = Request.__dict__["addr"].__set__
+_set_nb_blocks = Request.__dict__["nb_blocks"].__set__
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +144,9 @@ class Response:
     state: BlockState | None = None
 
     def pack(self) -> bytes:
-        return _RESPONSE.pack(int(self.type), int(self.state) if self.state is not None else 0)
+        if self.state is None:
+            return _PACKED_RESPONSES[self.type]
+        return _RESPONSE.pack(int(self.type), int(self.state))
 
     @classmethod
     def parse(cls, data: bytes | bytearray | memoryview, *, request: RequestType | None = None) -> Response:
@@ -153,6 +165,9 @@ class Response:
             except ValueError:
                 raise ProtocolError(f"virtio-mem: unknown block state {raw_state}") from None
         return cls(rtype)
+
+
+_PACKED_RESPONSES = {t: _RESPONSE.pack(int(t), 0) for t in ResponseType}
 
 
 @dataclass(frozen=True, slots=True)
