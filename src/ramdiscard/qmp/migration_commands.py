@@ -45,7 +45,6 @@ Rules (QEMU qapi/migration.json shapes):
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import socket
 import threading
 import time
@@ -54,7 +53,7 @@ from typing import Any
 
 from ramdiscard import migration
 from ramdiscard.fileio import create_output
-from ramdiscard.migration.layout import collect_regions
+from ramdiscard.migration.digest import memory_digest
 from ramdiscard.migration.live_load import receive_live
 from ramdiscard.migration.precopy import PrecopyParams, PrecopySource, PrecopyStats, precopy_to
 from ramdiscard.migration.transport import IO_TIMEOUT
@@ -442,20 +441,7 @@ class LiveMachineBackend(MachineBackend):
         if self.run_state == "running" and writer is not None and writer.running and not writer.paused:
             raise QmpError("the guest is running; stop it first (its memory changes meanwhile)")
         with self.machine.lock:
-            regions = collect_regions(self.machine.space, list(self.machine.devices.values()))
-            out = []
-            total = hashlib.sha256()
-            for r in regions:
-                h = hashlib.sha256()
-                runs = r.populated_runs()
-                view = r.view
-                for s, n in runs:
-                    h.update(s.to_bytes(8, "little") + n.to_bytes(8, "little"))
-                    h.update(view[s : s + n])
-                digest = h.hexdigest()
-                total.update(digest.encode())
-                out.append({"name": r.mr.name, "runs": [[s, n] for s, n in runs], "sha256": digest})
-        return {"regions": out, "sha256": total.hexdigest()}
+            return memory_digest(self.machine.space, list(self.machine.devices.values()))
 
     def close(self, wait: float = 30.0) -> None:
         if self._incoming_sock is not None:
