@@ -30,6 +30,7 @@ def _row(res: StepResult) -> dict[str, Any]:
         row[key] = st[key]
     row["mapped_memslots"] = sum(d["mapped-memslots"] for d in st["devices"].values())
     row["notes"] = res.notes
+    row["details"] = res.details
     return row
 
 
