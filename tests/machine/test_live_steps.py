@@ -60,9 +60,13 @@ def test_live_migrate_steps_with_the_writer_and_a_resize_meanwhile() -> None:
     ]  # fmt: skip
     m = Machine.from_scenario(sc)
     machines = [m]
+    seen: list[tuple[str, int]] = []
+    m.on_migration = lambda st: seen.append((st.status, st.rounds))
     try:
         m.run_step(sc.steps[0], 0)
         first = m.run_step(sc.steps[1], 1)
+        assert seen[0] == ("active", 0) and seen[-1] == ("completed", first.details["rounds"])
+        assert [r for _s, r in seen[1:-1]] == list(range(1, first.details["rounds"] + 1))
         assert first.machine is not None and first.machine is not m
         m = first.machine
         machines.append(m)
@@ -74,7 +78,9 @@ def test_live_migrate_steps_with_the_writer_and_a_resize_meanwhile() -> None:
         assert d["transferred"] >= d["page_bytes"] >= d["populated"]
         assert any("digests equal on both ends" in n for n in first.notes)
         assert not machines[0].running  # the source was closed
+        seen.clear()
         second = m.run_step(sc.steps[2], 2)
+        assert seen and seen[-1][0] == "completed"  # the hook went over to the destination
         assert second.machine is not None
         m = second.machine
         machines.append(m)

@@ -21,6 +21,7 @@ Rules:
   same); otherwise MigrationError. Chunks the writer overwrote leave the destination's
   touch workload (their content is the writer's), so later integrity checks hold. The
   caller closes the source and continues with the destination.
+* ``m.on_migration`` (when set) gets the precopy's figures at every progress report.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def transfer_live(
     before = sum(d.plugged_size for d in m.devices.values())
 
     def progress(st: PrecopyStats) -> None:
+        if m.on_migration is not None:
+            m.on_migration(st)
         if requested and not resized and st.status == "active":
             resized.append(st.rounds)
             for dev_id, size in requested:

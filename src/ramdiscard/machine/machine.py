@@ -95,6 +95,8 @@ class Machine:
         self.boot: MemoryRegion | None = None
         self.snapshots = Snapshots()
         self.on_request: OnRequest | None = None
+        self.on_migration: Callable[[Any], None] | None = None
+        """Called with the precopy's figures (PrecopyStats) while a live migration runs."""
         self._closed = False
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
@@ -308,6 +310,7 @@ class Machine:
             dest.close()
             raise
         dest.on_request = self.on_request
+        dest.on_migration = self.on_migration
         dest._requests = self._requests
         self.close()
         if was_running:
