@@ -136,7 +136,6 @@ class Side:
     lock: Any
     writer: GuestWriter | None = None
     consumers: list[Any] = field(default_factory=list)
-    close: Callable[[], None] = lambda: None
 
     def state(self) -> dict[str, int]:
         """Plugged and pinned bytes (under the lock), and this process's VmPin."""
