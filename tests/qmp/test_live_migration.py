@@ -53,8 +53,10 @@ def workdir() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-def _serve(workdir: Path, name: str, *extra: str) -> tuple[subprocess.Popen[str], str]:
-    (workdir / "s.toml").write_text(SCENARIO)
+def _serve(
+    workdir: Path, name: str, *extra: str, scenario: str = SCENARIO
+) -> tuple[subprocess.Popen[str], str]:
+    (workdir / "s.toml").write_text(scenario)
     sock = str(workdir / f"{name}.qmp")
     code = "import sys; from ramdiscard.cli.serve import cli_main; sys.exit(cli_main(sys.argv[1:]))"
     env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")}
@@ -311,6 +313,7 @@ def test_resize_during_precopy(workdir: Path, resizable: bool) -> None:
 
 
 def test_background_snapshot_to_file_while_the_guest_writes(workdir: Path) -> None:
+    """(Without the vfio consumer: with DMA pins the snapshot is refused.)"""
     from qemu.qmp import ExecuteError
 
     path = workdir / "snap.ram"
@@ -341,5 +344,94 @@ def test_background_snapshot_to_file_while_the_guest_writes(workdir: Path) -> No
         with contextlib.suppress(Exception):
             await src.disconnect()
 
-    with _servers(workdir, ("src", ())) as (s,):
-        asyncio.run(asyncio.wait_for(drive(s), 120))
+    no_pins = SCENARIO.replace('type = "vfio"\nbackend = "auto"', 'type = "kvm"')
+    proc, sock = _serve(workdir, "src", scenario=no_pins)
+    try:
+        asyncio.run(asyncio.wait_for(drive(sock), 120))
+    finally:
+        _end(proc)
+
+
+def _end(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(30)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
+def _uffd_fds(pid: int) -> int:
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            n += "userfaultfd" in os.readlink(f"/proc/{pid}/fd/{fd}")
+    return n
+
+
+PINNING = """
+name = "pinned"
+boot-ram = "0"
+[[devices]]
+id = "vm0"
+size = "256M"
+backing = "memfd"
+[[consumers]]
+type = "vfio"
+backend = "auto"
+[workload]
+write-rate = "20M"
+"""
+
+
+def test_background_snapshot_refused_while_dma_pins_exist(workdir: Path) -> None:
+    """Write protection cannot see a device's DMA writes: with pins, setting the
+    capability is refused, and so is a migrate when the pins appeared after it was set;
+    nothing is protected or written and the guest runs on with its pins."""
+    from qemu.qmp import ExecuteError
+
+    path = workdir / "snap.ram"
+    caps = [{"capability": "background-snapshot", "state": True}]
+    proc, sock = _serve(workdir, "src", scenario=PINNING)
+
+    async def resize(q: QMPClient, size: int) -> None:
+        await q.execute("qom-set", {"path": "vm0", "property": "requested-size", "value": size})
+        await _until(q, "query-memory-devices", lambda d: _plugged(d) == size)
+
+    async def drive() -> None:
+        src = await _client(sock)
+        await resize(src, PLUGGED)
+        before = await src.execute("x-ramdiscard-status")
+        if before["pinned"] == 0:
+            pytest.skip("the vfio consumer's backend pins nothing on this host")
+        assert before["pinned"] == PLUGGED
+        with pytest.raises(ExecuteError, match="not compatible with guest memory configuration: vfio0 holds"):
+            await src.execute("migrate-set-capabilities", {"capabilities": caps})
+        states = await src.execute("query-migrate-capabilities")
+        assert {"capability": "background-snapshot", "state": False} in states
+        await resize(src, 0)
+        await _until(src, "x-ramdiscard-status", lambda s: s["pinned"] == 0)
+        await src.execute("migrate-set-capabilities", {"capabilities": caps})
+        await resize(src, PLUGGED)
+        await _until(src, "x-ramdiscard-status", lambda s: s["pinned"] == PLUGGED)
+        with pytest.raises(ExecuteError, match="cannot see device DMA writes, migration not started"):
+            await src.execute("migrate", {"uri": f"file:{path}"})
+        assert (await src.execute("query-migrate")) == {}
+        assert not path.exists()
+        assert _uffd_fds(proc.pid) == 0
+        assert (await src.execute("query-status"))["status"] == "running"
+        with pytest.raises(ExecuteError, match="the guest is running"):
+            await src.execute("x-ramdiscard-memory-digest")  # the writer runs on
+        after = await src.execute("x-ramdiscard-status")
+        assert (after["plugged"], after["pinned"]) == (PLUGGED, PLUGGED)
+        assert after["vm-pin"] == before["vm-pin"] > 0
+        await resize(src, PLUGGED + 32 * MiB)  # the device is not frozen
+        await src.execute("quit")
+        with contextlib.suppress(Exception):
+            await src.disconnect()
+
+    try:
+        asyncio.run(asyncio.wait_for(drive(), 120))
+    finally:
+        _end(proc)

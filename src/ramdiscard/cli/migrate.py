@@ -19,11 +19,13 @@ import argparse
 import json
 import socket
 import sys
+import threading
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 
+from ramdiscard.cli.migrate_live import add_live_options
 from ramdiscard.migration.progress import Progress, ProgressFn
 from ramdiscard.migration.source import MigrationStats
 from ramdiscard.migration.transport import IO_TIMEOUT
@@ -136,8 +138,17 @@ def _report(args: argparse.Namespace, role: str, stats: MigrationStats, extra: d
 
 
 def _send(args: argparse.Namespace) -> int:
+    from ramdiscard.cli.migrate_live import check_live_args
     from ramdiscard.migration.tcp import migrate_to
 
+    problem = check_live_args(args)
+    if problem is None and args.scenario is not None and not args.live:
+        problem = "send --scenario needs --live"
+    if problem is not None:
+        print(f"ramdiscard migrate send: error: {problem}", file=sys.stderr)
+        return 2
+    if args.live:
+        return _send_live(args)
     guest = DemoGuest(args.size, args.block_size, args.backing, args.low)
     guest.plug_fragmented(args.plugged)
     guest.fill(args.seed)
@@ -155,6 +166,62 @@ def _send(args: argparse.Namespace) -> int:
     after = guest.dev.plug(guest.dev.addr + free[0], 1).name if free is not None else "n/a"
     _report(args, "source", stats, {"plug_after_migration": after})
     return 0
+
+
+def _send_live(args: argparse.Namespace) -> int:
+    from ramdiscard.cli.migrate_live import Side, send_live
+    from ramdiscard.guest.writer import DeviceTarget, GuestWriter
+
+    timeout = args.timeout or IO_TIMEOUT
+    if args.scenario is not None:
+        from ramdiscard.machine import Machine, load_scenario
+
+        machine = Machine.from_scenario(load_scenario(args.scenario))
+        try:
+            machine.start()
+            machine.wait_converged(60)
+            devices, consumers = list(machine.devices.values()), list(machine.consumers)
+            side = Side(machine.space_or_fail(), devices, machine.lock, machine.writer, consumers)
+            return send_live(args, side, timeout)
+        finally:
+            machine.close()
+    guest = DemoGuest(args.size, args.block_size, args.backing, args.low)
+    guest.plug_fragmented(args.plugged)
+    guest.fill(args.seed)
+    lock = threading.RLock()
+    writer = GuestWriter(
+        [DeviceTarget(guest.dev, guest.ram)], lock, rate=args.write_rate or 0, pattern=args.write_pattern,
+        seed=args.seed,
+    )  # fmt: skip
+    writer.start()
+    try:
+        return send_live(args, Side(guest.space, [guest.dev], lock, writer), timeout)
+    finally:
+        writer.stop()
+
+
+def _receive_live(args: argparse.Namespace) -> int:
+    from ramdiscard.cli.migrate_live import Side, receive_live_cli
+
+    if args.scenario is not None:
+        from ramdiscard.machine import Machine, load_scenario
+
+        machine = Machine.from_scenario(load_scenario(args.scenario))
+        try:
+            devices = list(machine.devices.values())
+            side = Side(machine.space_or_fail(), devices, machine.lock, None, list(machine.consumers))
+            with _listen(args) as ls:
+                receive_live_cli(args, side, ls, dict)
+        finally:
+            machine.close()
+        return 0
+    guest = DemoGuest(args.size, args.block_size, args.backing, args.low)
+    with _listen(args) as ls:
+        row = receive_live_cli(
+            args, Side(guest.space, [guest.dev], threading.RLock()), ls,
+            lambda: {"resident_outside_plugged": guest.resident_outside()},
+        )  # fmt: skip
+    return 1 if row["resident_outside_plugged"] else 0
 
 
 def _listen(args: argparse.Namespace) -> socket.socket:
@@ -189,6 +256,8 @@ def _receive_scenario(args: argparse.Namespace) -> int:
 def _receive(args: argparse.Namespace) -> int:
     from ramdiscard.migration.tcp import receive_from
 
+    if args.live:
+        return _receive_live(args)
     if args.scenario is not None:
         return _receive_scenario(args)
     guest = DemoGuest(args.size, args.block_size, args.backing, args.low)
@@ -274,6 +343,14 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                 default=None,
                 help=f"seconds the receiver may stay silent or not read before failing ({IO_TIMEOUT:g})",
             )
+            p.add_argument(
+                "--scenario",
+                metavar="FILE",
+                default=None,
+                help="--live: migrate this scenario's machine (its consumers, guest and [workload] "
+                "writer) instead of the demo guest",
+            )
+            add_live_options(p, True, _size)
             p.set_defaults(migrate_func=_send)
         else:
             p.add_argument(
@@ -290,6 +367,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                 help="receive into this scenario's machine (from QMP x-ramdiscard-migrate tcp:) "
                 "instead of the demo guest",
             )
+            add_live_options(p, False, _size)
             p.set_defaults(migrate_func=_receive)
     return parser
 

@@ -12,6 +12,7 @@ import json
 import sys
 from typing import Any
 
+from ramdiscard.cli.migrate_live import progress_line
 from ramdiscard.guest import Exchange
 from ramdiscard.machine import Machine, StepResult, load_scenario
 from ramdiscard.machine.scenario import GuestScenario, load_any_scenario
@@ -32,6 +33,7 @@ def _row(res: StepResult[Machine]) -> dict[str, Any]:
         row[key] = st[key]
     row["mapped_memslots"] = sum(d["mapped-memslots"] for d in st["devices"].values())
     row["notes"] = res.notes
+    row["details"] = res.details
     return row
 
 
@@ -72,6 +74,10 @@ def run_scenario(args: argparse.Namespace) -> int:
                     task, detail=f"{dev}: {ex}  plugged {format_size(machine.devices[dev].plugged_size)}"
                 )
 
+            def on_migration(st: Any) -> None:
+                progress.update(task, detail=progress_line(st))
+
+            machine.on_migration = on_migration
             for i, step in enumerate(sc.steps):
                 progress.update(task, description=f"{sc.name}: {step.describe()}")
                 res = machine.run_step(step, i, on_request=on_request)

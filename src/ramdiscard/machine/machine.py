@@ -60,6 +60,8 @@ class Machine(MachineParts):
                  clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         super().__init__(scenario, workdir=workdir, clock=clock)
         self.on_request: OnRequest | None = None
+        self.on_migration: Callable[[Any], None] | None = None
+        """Called with the precopy's figures (PrecopyStats) while a live migration runs."""
         self._closed = False
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -217,6 +219,38 @@ class Machine(MachineParts):
                 raise
             dest.on_request = self.on_request
             dest._requests = self._requests
+        self.close()
+        if was_running:
+            dest.start()
+        return dest, figures_
+
+    def live_migrate(
+        self,
+        requested: tuple[tuple[str, int], ...] = (),
+        *,
+        downtime_limit_ms: int = 300,
+        max_bandwidth: int = 0,
+    ) -> tuple[Machine, dict[str, Any]]:
+        """Migrate live to a fresh machine built from the same scenario, the guest running
+        and writing meanwhile, ``requested`` sizes set once it is active
+        (:mod:`ramdiscard.machine.live`). On success this machine is closed and the
+        destination returned (its guest thread runs if this one's did before); on
+        failure the destination is closed and this machine runs on as before."""
+        from ramdiscard.machine.live import transfer_live
+
+        self._check_open()
+        was_running = self.running
+        dest = Machine.from_scenario(self.scenario, clock=self.clock)
+        try:
+            figures_ = transfer_live(
+                self, dest, self, requested, downtime_limit_ms=downtime_limit_ms, max_bandwidth=max_bandwidth
+            )
+        except BaseException:
+            dest.close()
+            raise
+        dest.on_request = self.on_request
+        dest.on_migration = self.on_migration
+        dest._requests = self._requests
         self.close()
         if was_running:
             dest.start()

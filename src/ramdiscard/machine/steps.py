@@ -8,7 +8,7 @@ Rules:
   the drivers converge. It reports the requests, their responses by name, notes on
   drivers that did not reach the requested size, the machine's status and the action's
   figures (:class:`StepResult`).
-* An action may replace the machine (``migrate``): the handler returns the machine to
+* An action may replace the machine (``migrate``, ``live-migrate``): the handler returns the machine to
   continue with, the step reports it in :attr:`StepResult.machine`, and the guest's
   reaction and the figures are the new machine's.
 * A new step kind is an :class:`~ramdiscard.machine.scenario.Action` member with a
@@ -65,6 +65,14 @@ class StepMachine(Protocol):
 
     def migrate(
         self, transport: Transport | str = Transport.FILE, path: str | None = None
+    ) -> tuple[Self, dict[str, Any]]: ...
+
+    def live_migrate(
+        self,
+        requested: tuple[tuple[str, int], ...] = (),
+        *,
+        downtime_limit_ms: int = 300,
+        max_bandwidth: int = 0,
     ) -> tuple[Self, dict[str, Any]]: ...
 
     def dump(self, path: str, *, durable: bool = True) -> dict[str, Any]: ...
@@ -171,6 +179,29 @@ def _migrate(m: M, step: StepSpec, index: int) -> Outcome[M]:
     return Outcome(dest, d, [note])
 
 
+def _live_migrate(m: M, step: StepSpec, index: int) -> Outcome[M]:
+    dest, d = m.live_migrate(
+        step.requested, downtime_limit_ms=step.downtime_limit, max_bandwidth=step.max_bandwidth
+    )
+    rounds = ", ".join(format_size(b) for b in d["round_bytes"])
+    note = (
+        f"live-migrated over tcp{' with the guest writing' if d['writer'] else ''}: {d['rounds']} round(s) "
+        f"+ switchover ({rounds}), total {d['total_time']:.3f} s, downtime {d['downtime'] * 1000:.1f} ms, "
+        f"{format_size(d['transferred'])} transferred for {format_size(d['populated'])} populated "
+        "at the start; "
+        f"digests equal on both ends ({d['digest'][:16]})"
+    )
+    if d["resized_after_round"] is not None:
+        note += (
+            f"; requested-size changed during round {d['resized_after_round'] + 1}: plugged "
+            f"{format_size(d['plugged_before'])} -> {format_size(d['plugged_at_switchover'])} "
+            "at the switchover"
+        )
+    if d["fallback"]:
+        note += f"; no dirty tracking ({d['fallback']}): full copy at the switchover"
+    return Outcome(dest, d, [note])
+
+
 def _dump(m: M, step: StepSpec, index: int) -> Outcome[M]:
     path = step.path or str(m.files.files_dir() / f"{m.scenario.name}-step{index}.elf")
     d = m.dump(path, durable=bool(step.path))
@@ -189,6 +220,7 @@ HANDLERS: dict[Action, Handler] = {
     Action.SNAPSHOT: _snapshot,
     Action.RESTORE: _restore,
     Action.MIGRATE: _migrate,
+    Action.LIVE_MIGRATE: _live_migrate,
     Action.DUMP: _dump,
 }
 """The handler of each action."""

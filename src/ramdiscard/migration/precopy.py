@@ -645,6 +645,9 @@ class PrecopySource:
                 break
             dirty = [r.scan() for r in regions]
             remaining = sum(n for d in dirty for _s, n in d)
+            if self.resizable:  # plugged since the last round: sent whole in the next one
+                with self.guard:
+                    remaining += sum(n for r in regions if r.watcher for _s, n in r.watcher.fresh.runs())
             st.remaining = remaining
             st.dirty_rate = remaining / elapsed
             st.expected_downtime = remaining / st.bandwidth if st.bandwidth else 0.0

@@ -28,6 +28,13 @@ Rules (QEMU qapi/migration.json shapes):
   (:func:`ramdiscard.migration.snapshot.background_snapshot`: only populated ranges
   are write-protected; the guest is paused only while they are); the run state stays
   ``running``; ``migrate_cancel`` stops it (file left empty). With ``tcp:`` it is refused.
+  It is refused too while a consumer holds DMA pins on guest memory (a vfio container
+  or block DMA mapper; the bookkeeping-only ``null`` backend models such pins too):
+  write protection cannot see a device's DMA writes, so the file would not hold
+  memory as of the start. ``migrate-set-capabilities`` refuses to set it then, and
+  ``migrate`` checks again before anything is protected (pins may have appeared
+  since); the reply is QEMU's "Background-snapshot is not compatible with guest memory
+  configuration" with the consumers named, and the machine runs on.
 * Capabilities ``postcopy-ram`` and ``postcopy-preempt`` are known but not implemented
   here: ``migrate`` with one of them set is refused with a one-line error, changing
   nothing.
@@ -38,7 +45,6 @@ Rules (QEMU qapi/migration.json shapes):
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import socket
 import threading
 import time
@@ -47,7 +53,7 @@ from typing import Any
 
 from ramdiscard import migration
 from ramdiscard.fileio import create_output
-from ramdiscard.migration.layout import collect_regions
+from ramdiscard.migration.digest import memory_digest
 from ramdiscard.migration.live_load import receive_live
 from ramdiscard.migration.precopy import PrecopyParams, PrecopySource, PrecopyStats, precopy_to
 from ramdiscard.migration.transport import IO_TIMEOUT
@@ -55,6 +61,7 @@ from ramdiscard.qmp.backend import Outcome, Param, check_arguments
 from ramdiscard.qmp.events import QmpEvent
 from ramdiscard.qmp.machine_backend import MachineBackend, MachineLike
 from ramdiscard.qmp.protocol import QmpError
+from ramdiscard.units import format_size
 
 RESIZE_CAP = "x-ramdiscard-resize-during-migration"
 CAPABILITIES = ("postcopy-ram", "postcopy-preempt", "background-snapshot", "mapped-ram", RESIZE_CAP)
@@ -79,6 +86,17 @@ class _Guest:
         w = getattr(self.machine, "writer", None)
         if w is not None:
             w.resume()
+
+
+def dma_holders(machine: object) -> list[str]:
+    """``"ID holds SIZE of DMA pins"`` for every consumer of ``machine`` holding pins on
+    guest memory now (a device may DMA into it); the caller holds the machine lock."""
+    out = []
+    for c in getattr(machine, "consumers", ()):
+        pinned = int(getattr(c, "pinned_bytes", 0))
+        if pinned:
+            out.append(f"{c.id} holds {format_size(pinned)} of DMA pins")
+    return out
 
 
 class LiveMachineBackend(MachineBackend):
@@ -162,6 +180,8 @@ class LiveMachineBackend(MachineBackend):
             raise QmpError(f"capability {wanted[0]} is not supported by this build; migration not started")
         if tcp and self.caps["background-snapshot"]:
             raise QmpError("capability background-snapshot needs a file: URI; migration not started")
+        if self.caps["background-snapshot"]:
+            self._check_no_dma("migration not started")
         if self.run_state in ("inmigrate", "postmigrate"):
             raise QmpError(f"cannot migrate in run state {self.run_state}")
         with self._state:
@@ -299,8 +319,20 @@ class LiveMachineBackend(MachineBackend):
             new[item["capability"]] = item["state"]
         if self._busy():
             raise QmpError("There's a migration process in progress")
+        if new["background-snapshot"] and not self.caps["background-snapshot"]:
+            self._check_no_dma("capability not set")
         self.caps = new
         return {}
+
+    def _check_no_dma(self, outcome: str) -> None:
+        """QmpError when a consumer holds DMA pins or mappings (module rules)."""
+        with self.machine.lock:
+            holders = dma_holders(self.machine)
+        if holders:
+            raise QmpError(
+                "Background-snapshot is not compatible with guest memory configuration: "
+                f"{', '.join(holders)}; write protection cannot see device DMA writes, {outcome}"
+            )
 
     def _cmd_set_params(self, args: dict[str, Any]) -> dict[str, Any]:
         new = dict(self.params)
@@ -409,20 +441,7 @@ class LiveMachineBackend(MachineBackend):
         if self.run_state == "running" and writer is not None and writer.running and not writer.paused:
             raise QmpError("the guest is running; stop it first (its memory changes meanwhile)")
         with self.machine.lock:
-            regions = collect_regions(self.machine.space, list(self.machine.devices.values()))
-            out = []
-            total = hashlib.sha256()
-            for r in regions:
-                h = hashlib.sha256()
-                runs = r.populated_runs()
-                view = r.view
-                for s, n in runs:
-                    h.update(s.to_bytes(8, "little") + n.to_bytes(8, "little"))
-                    h.update(view[s : s + n])
-                digest = h.hexdigest()
-                total.update(digest.encode())
-                out.append({"name": r.mr.name, "runs": [[s, n] for s, n in runs], "sha256": digest})
-        return {"regions": out, "sha256": total.hexdigest()}
+            return memory_digest(self.machine.space, list(self.machine.devices.values()))
 
     def close(self, wait: float = 30.0) -> None:
         if self._incoming_sock is not None:

@@ -67,12 +67,16 @@ Schema (keys use QEMU's hyphenated spelling)::
     # action = "resize" | "unplug-all" | "system-reset" | "pause"; device = "vmem0"; seconds = 1.0
     # action = "snapshot" | "restore" | "dump"; path = "..." (optional)
     # action = "migrate"; transport = "file" | "tcp"; path = "..." (file only, optional)
+    # action = "live-migrate"; downtime-limit = 300 (ms); max-bandwidth = "0" (bytes/s);
+    #   requested-size = ... (optional: a resize while the migration runs)
     label = "grow"                   # optional
 
 Step actions ``snapshot`` (save to ``path``, default a file in the machine's snapshot
 directory), ``restore`` (load ``path``, default the latest snapshot, into the running
 machine, as QEMU's loadvm), ``migrate`` (to a fresh machine built from the same scenario,
-through a file or a local TCP connection) and ``dump`` (ELF core of the populated memory
+through a file or a local TCP connection), ``live-migrate`` (precopy to such a machine
+with the guest thread and writer running, an optional resize meanwhile; digests of both
+ends compared) and ``dump`` (ELF core of the populated memory
 at ``path``) are run by :class:`~ramdiscard.machine.Machine`; every one checks the guest
 memory's integrity afterwards.
 """

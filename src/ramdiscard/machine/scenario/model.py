@@ -63,6 +63,7 @@ class Action(StrEnum):
     SNAPSHOT = "snapshot"
     RESTORE = "restore"
     MIGRATE = "migrate"
+    LIVE_MIGRATE = "live-migrate"
     DUMP = "dump"
 
 
@@ -125,6 +126,10 @@ class StepSpec:
     label: str = ""
     path: str | None = None
     transport: Transport = Transport.FILE
+    downtime_limit: int = 300
+    """live-migrate: milliseconds the guest may stop at the switchover (QMP downtime-limit)."""
+    max_bandwidth: int = 0
+    """live-migrate: bytes per second during the live rounds, 0 unlimited (QMP max-bandwidth)."""
 
     def describe(self) -> str:
         """The step's label, or a short description of what it does."""
@@ -136,6 +141,9 @@ class StepSpec:
             return f"pause {self.seconds:g}s"
         if self.action is Action.MIGRATE:
             return f"migrate ({self.transport.value})"
+        if self.action is Action.LIVE_MIGRATE:
+            resize = ", ".join(f"{d} -> {format_size(s)}" for d, s in self.requested)
+            return "live-migrate" + (f" ({resize} meanwhile)" if resize else "")
         if self.device:
             return f"{self.action.value} {self.device}"
         return self.action.value

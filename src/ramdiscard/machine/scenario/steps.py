@@ -11,9 +11,12 @@ Rules:
   unplug-all, system-reset: ``device`` (optional, an existing device id);
   pause: ``seconds`` in [0, 3600] (default 1);
   snapshot, restore, dump: ``path`` (optional, not empty);
-  migrate: ``transport`` (file | tcp) and ``path`` (file only).
+  migrate: ``transport`` (file | tcp) and ``path`` (file only);
+  live-migrate: ``downtime-limit`` (ms, an integer in [0, 2000000], default 300),
+  ``max-bandwidth`` (a size per second, default 0: unlimited) and ``requested-size``
+  (optional, read as resize's: applied once the migration is active).
 * Across steps: a ``restore`` without ``path`` needs an earlier ``snapshot``; a
-  ``migrate`` needs no device with a fixed file ``path`` (source and destination would
+  ``migrate`` or ``live-migrate`` needs no device with a fixed file ``path`` (source and destination would
   share the file).
 
 A new step kind is an :class:`Action` member, its keys in :data:`KEYS` (new ones also in
@@ -29,7 +32,10 @@ from ramdiscard.machine.scenario.devices import read_requested
 from ramdiscard.machine.scenario.fields import Reader, show
 from ramdiscard.machine.scenario.model import Action, DeviceSpec, StepSpec, Transport
 
-STEP_KEYS = ("action", "requested-size", "device", "seconds", "label", "path", "transport")
+STEP_KEYS = (
+    "action", "requested-size", "device", "seconds", "label", "path", "transport", "downtime-limit",
+    "max-bandwidth",
+)  # fmt: skip
 """Every key a step may have, in the order they are checked."""
 
 KEYS: dict[Action, tuple[str, ...]] = {
@@ -41,6 +47,7 @@ KEYS: dict[Action, tuple[str, ...]] = {
     Action.RESTORE: ("path",),
     Action.DUMP: ("path",),
     Action.MIGRATE: ("path", "transport"),
+    Action.LIVE_MIGRATE: ("requested-size", "downtime-limit", "max-bandwidth"),
 }
 """The keys each action takes besides ``action`` and ``label``."""
 
@@ -58,13 +65,13 @@ def read_steps(r: Reader, value: object, devices: Sequence[DeviceSpec]) -> tuple
             snapshot_seen = True
         elif step.action is Action.RESTORE and step.path is None and not snapshot_seen:
             raise r.fail(f"steps[{i}].action", '"restore" needs a path or an earlier "snapshot" step')
-        elif step.action is Action.MIGRATE:
+        elif step.action in (Action.MIGRATE, Action.LIVE_MIGRATE):
             for j, d in enumerate(devices):
                 if d.path is not None:
                     raise r.fail(
                         f"steps[{i}].action",
-                        f'"migrate" needs a fresh destination, but devices[{j}].path fixes the file '
-                        "backing; source and destination would share it",
+                        f"{show(step.action.value)} needs a fresh destination, but devices[{j}].path "
+                        "fixes the file backing; source and destination would share it",
                     )
     return steps
 
@@ -145,6 +152,23 @@ def _with_path(
     return StepSpec(action=action, label=label, path=path, transport=transport)
 
 
+def _live_migrate(
+    r: Reader, tbl: Mapping[str, Any], key: str, action: Action, label: str, devices: Sequence[DeviceSpec]
+) -> StepSpec:
+    requested: tuple[tuple[str, int], ...] = ()
+    if "requested-size" in tbl:
+        requested = _resize(r, tbl, key, action, label, devices).requested
+    limit = tbl.get("downtime-limit", 300)
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= 2_000_000:
+        raise r.fail(
+            f"{key}.downtime-limit", f"must be an integer of milliseconds in [0, 2000000], got {show(limit)}"
+        )
+    bandwidth = r.size(tbl.get("max-bandwidth", 0), f"{key}.max-bandwidth")
+    return StepSpec(
+        action=action, requested=requested, label=label, downtime_limit=limit, max_bandwidth=bandwidth
+    )
+
+
 READERS: dict[Action, StepReader] = {
     Action.RESIZE: _resize,
     Action.UNPLUG_ALL: _device,
@@ -154,5 +178,6 @@ READERS: dict[Action, StepReader] = {
     Action.RESTORE: _with_path,
     Action.DUMP: _with_path,
     Action.MIGRATE: _with_path,
+    Action.LIVE_MIGRATE: _live_migrate,
 }
 """How each action's step is read (:data:`StepReader`)."""
