@@ -601,7 +601,7 @@ class VirtioMem(RamDiscardManager):
     def _sanity(self) -> tuple[int, int, int, int]:
         return self._plug.addr, self._plug.region_size, self._plug.block_size, self._node
 
-    def restore(self, image: bytes | bytearray | memoryview) -> None:
+    def restore(self, image: bytes | bytearray | memoryview, *, incoming_postcopy: bool = False) -> None:
         """Load an image into this device, which must have nothing plugged.
 
         All-or-nothing: a corrupt image, one whose addr/region/block size/node differ from
@@ -609,6 +609,8 @@ class VirtioMem(RamDiscardManager):
         before anything changes. Then unplugged ranges are discarded again, plugged ones
         preallocated (``prealloc``), memslots holding plugged blocks mapped and populate
         notified per plugged run; a failure there is undone and raises StateError.
+        ``incoming_postcopy`` (QEMU's post_load rules while pages still arrive): unplugged
+        ranges are not discarded again and nothing is preallocated (a touch would fault).
         """
         state = persist.decode_state(image)
         with self._topology_lock(), self.lock:
@@ -616,7 +618,7 @@ class VirtioMem(RamDiscardManager):
             self._check_not_notifying("load device state")
             persist.check_sanity(state, self._sanity(), f"device {self._id!r}")
             plan = self._plug.plan_restore(state)
-            self._effects.restore(plan, self._prealloc)
+            self._effects.restore(plan, self._prealloc, incoming_postcopy=incoming_postcopy)
 
     def save_state(self) -> bytes:
         """Same as :meth:`save`."""
