@@ -13,7 +13,6 @@ Rules (format in ``docs/migration-format.md``):
   its final status, so the source can tell a stalled destination from full socket buffers.
 """
 
-
 from __future__ import annotations
 
 import socket
@@ -193,41 +192,68 @@ def receive_live(
     """Accept one source on ``listen_socket`` and load its stream (live or not); the
     source is told the outcome. ``read_timeout`` bounds every silence of the source.
     Raises MigrationError (destination reset), TimeoutError when nobody connected."""
-    from ramdiscard.migration.tcp import drain_peer, tune_socket
-
     listen_socket.settimeout(accept_timeout)
     conn, _peer = listen_socket.accept()
     with conn:
-        conn.settimeout(read_timeout)
-        tune_socket(conn)
         if on_connection is not None:
             on_connection(conn)
-        reader = _CountingReader(conn)
-        acker = _Acker(conn, reader)
-        try:
-            stats = load_live(address_space, devices, reader, on_round=on_round)
-        except Exception as exc:
-            acker.close()
-            try:
-                send_status(conn, str(exc) or type(exc).__name__)
-                if not isinstance(exc, ReadTimeout):
-                    drain_peer(conn)
-            except OSError:
-                pass
-            raise
+        return serve_live(conn, address_space, devices, read_timeout=read_timeout, on_round=on_round)
+
+
+def serve_live(
+    conn: socket.socket,
+    address_space: AddressSpace,
+    devices: Sequence[VirtioMem],
+    *,
+    read_timeout: float = IO_TIMEOUT,
+    on_round: Callable[[int], None] | None = None,
+    prefix: bytes = b"",
+) -> LiveLoadStats:
+    """:func:`receive_live` on an accepted connection; ``prefix``: the stream's first
+    bytes, already read from ``conn``."""
+    from ramdiscard.migration.tcp import drain_peer, tune_socket
+
+    conn.settimeout(read_timeout)
+    tune_socket(conn)
+    reader = _CountingReader(conn, prefix)
+    acker = _Acker(conn, reader)
+    try:
+        stats = load_live(address_space, devices, reader, on_round=on_round)
+    except Exception as exc:
         acker.close()
-        send_status(conn, None)
+        try:
+            send_status(conn, str(exc) or type(exc).__name__)
+            if not isinstance(exc, ReadTimeout):
+                drain_peer(conn)
+        except OSError:
+            pass
+        raise
+    acker.close()
+    send_status(conn, None)
     return stats
 
 
 class _CountingReader(SocketReader):
     """A SocketReader that counts what it has read (the acknowledged position)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, prefix: bytes = b"") -> None:
         super().__init__(sock)
         self.position = 0
+        self._prefix = prefix
 
     def read_exact(self, view: memoryview, on_data: Callable[[int, int], None] | None = None) -> None:
+        if self._prefix:  # bytes read before this reader existed come first
+            k = min(len(self._prefix), view.nbytes)
+            view[:k] = self._prefix[:k]
+            self._prefix = self._prefix[k:]
+            self.position += k
+            if on_data is not None:
+                on_data(0, k)
+                inner = on_data
+                on_data = lambda offset, length: inner(offset + k, length)  # noqa: E731
+            view = view[k:]
+            if not view.nbytes:
+                return
         if on_data is None:
             super().read_exact(view)
         else:

@@ -11,7 +11,9 @@ Rules (live-migration.md; wire in :mod:`ramdiscard.migration.postcopy_wire`):
   connected; status ``postcopy-active``. ``downtime`` is the pause up to that point.
 * Then the populated runs (the manager's ``replay_populated``; the whole region
   without a manager: discarded memory is never read) go out in ascending 1 MiB pieces
-  on the main channel, pieces already sent on request skipped, then ``DN``. A request
+  on the main channel, pieces already sent on request skipped, then ``DN``
+  (``max_bandwidth``: at most that many bytes per second, as QEMU's
+  max-postcopy-bandwidth; answers to requests are never held back). A request
   (``RQ`` on the priority channel) is answered at once with the populated parts of its
   range, on the priority channel when ``preempt`` (QEMU's ``postcopy-preempt``), else
   on the main channel between two background pieces. A requested range that is not
@@ -118,12 +120,14 @@ class PostcopySource:
         guest: GuestControl | None,
         *,
         preempt: bool = True,
+        max_bandwidth: int = 0,
         timeout: float | None = STATUS_TIMEOUT,
         io_timeout: float = IO_TIMEOUT,
         progress: Callable[[PostcopyStats], None] | None = None,
     ) -> None:
         self.space, self.devices, self.addr = address_space, list(devices), (host, port)
         self.guest, self.preempt = guest, preempt
+        self.max_bandwidth = max_bandwidth
         self.timeout, self.io_timeout = timeout, io_timeout
         self.progress = progress
         self.stats = PostcopyStats()
@@ -251,6 +255,7 @@ class PostcopySource:
 
     def _background(self, regions: _Regions, main: socket.socket) -> None:
         st = self.stats
+        t0 = time.perf_counter()
         for index, runs in enumerate(regions.runs):
             view = regions.views[index]
             for s, n in runs:
@@ -262,6 +267,10 @@ class PostcopySource:
                     if regions.mark(index, pos, pos + k):
                         self._send(main, w.encode(w.PG, index, pos, k), view[pos : pos + k], True)
                         st.background_bytes += k
+                        rate = self.max_bandwidth
+                        while rate and (ahead := st.background_bytes / rate - (time.perf_counter() - t0)) > 0:
+                            if self.cancel.wait(min(ahead, 0.05)):
+                                raise MigrationError("migration cancelled")
                     st.remaining = max(0, st.remaining - k)
                     pos += k
         self._send(main, w.encode(w.DN, 0, st.background_bytes, 0), None, True)

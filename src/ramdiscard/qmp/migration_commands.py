@@ -28,9 +28,9 @@ Rules (QEMU qapi/migration.json shapes):
   (:func:`ramdiscard.migration.snapshot.background_snapshot`: only populated ranges
   are write-protected; the guest is paused only while they are); the run state stays
   ``running``; ``migrate_cancel`` stops it (file left empty). With ``tcp:`` it is refused.
-* Capabilities ``postcopy-ram`` and ``postcopy-preempt`` are known but not implemented
-  here: ``migrate`` with one of them set is refused with a one-line error, changing
-  nothing.
+* Capabilities ``postcopy-ram`` and ``postcopy-preempt``, ``migrate-start-postcopy``
+  and the ``postcopy-active`` status: :mod:`ramdiscard.qmp.postcopy_commands`.
+  ``postcopy-preempt`` without ``postcopy-ram`` is refused by ``migrate``.
 * ``x-ramdiscard-memory-digest``: per RAM region, its populated runs and a SHA-256 over
   their content (and the runs); refused while the guest runs (the content moves).
 """
@@ -48,9 +48,13 @@ from typing import Any
 from ramdiscard import migration
 from ramdiscard.fileio import create_output
 from ramdiscard.migration.layout import collect_regions
-from ramdiscard.migration.live_load import receive_live
+from ramdiscard.migration.live_load import serve_live
+from ramdiscard.migration.postcopy_dest import PostcopyDestStats
+from ramdiscard.migration.postcopy_source import PostcopySource
+from ramdiscard.migration.postcopy_wire import MAIN_PREAMBLE
 from ramdiscard.migration.precopy import PrecopyParams, PrecopySource, PrecopyStats, precopy_to
 from ramdiscard.migration.transport import IO_TIMEOUT
+from ramdiscard.qmp import postcopy_commands as postcopy
 from ramdiscard.qmp.backend import Outcome, Param, check_arguments
 from ramdiscard.qmp.events import QmpEvent
 from ramdiscard.qmp.machine_backend import MachineBackend, MachineLike
@@ -58,7 +62,6 @@ from ramdiscard.qmp.protocol import QmpError
 
 RESIZE_CAP = "x-ramdiscard-resize-during-migration"
 CAPABILITIES = ("postcopy-ram", "postcopy-preempt", "background-snapshot", "mapped-ram", RESIZE_CAP)
-UNSUPPORTED = ("postcopy-ram", "postcopy-preempt")
 PAGE = 4096
 
 Handler = Callable[[dict[str, Any]], Outcome]
@@ -109,6 +112,8 @@ class LiveMachineBackend(MachineBackend):
         self._t0 = 0.0
         self._stopped_by_user = False
         self._snap_cancel = threading.Event()
+        self.postcopy_source: PostcopySource | None = None
+        self.postcopy_dest: PostcopyDestStats | None = None
         if incoming and incoming != "defer":
             self._listen(incoming)
 
@@ -137,6 +142,7 @@ class LiveMachineBackend(MachineBackend):
                 raw(self._cmd_set_params),
                 (Param("downtime-limit", "any", False), Param("max-bandwidth", "any", False)),
             ),
+            "migrate-start-postcopy": (raw(lambda _a: postcopy.start_postcopy(self)), ()),
             "query-migrate": (raw(lambda _a: self.query_migrate()), ()),
             "query-migrate-capabilities": (
                 raw(lambda _a: [{"capability": k, "state": v} for k, v in self.caps.items()]),
@@ -149,7 +155,7 @@ class LiveMachineBackend(MachineBackend):
     # -- commands -------------------------------------------------------------------------
 
     def _busy(self) -> bool:
-        return self.mstatus in ("setup", "active", "device")
+        return self.mstatus in ("setup", "active", "device", "postcopy-active")
 
     def _cmd_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
         uri: str = args["uri"]
@@ -157,9 +163,10 @@ class LiveMachineBackend(MachineBackend):
         tcp = kind == "tcp" and rest.rpartition(":")[2].isdigit()
         if not tcp and not (kind == "file" and rest):
             raise QmpError(f"Invalid migration URI '{uri[:256]}': expected file:PATH or tcp:HOST:PORT")
-        wanted = [c for c in UNSUPPORTED if self.caps[c]]
-        if wanted:
-            raise QmpError(f"capability {wanted[0]} is not supported by this build; migration not started")
+        if self.caps["postcopy-preempt"] and not self.caps["postcopy-ram"]:
+            raise QmpError("Postcopy preempt requires postcopy-ram; migration not started")
+        if not tcp and self.caps["postcopy-ram"]:
+            raise QmpError("capability postcopy-ram needs a tcp: URI; migration not started")
         if tcp and self.caps["background-snapshot"]:
             raise QmpError("capability background-snapshot needs a file: URI; migration not started")
         if self.run_state in ("inmigrate", "postmigrate"):
@@ -192,6 +199,9 @@ class LiveMachineBackend(MachineBackend):
     def _run_tcp(self, rest: str) -> None:
         host, _s, port = rest.rpartition(":")
         m = self.machine
+        if self.caps["postcopy-ram"]:
+            postcopy.run_source(self, _Guest(m), host.strip("[]"), int(port))
+            return
         with m.lock:
             devices = list(m.devices.values())
             space = m.space
@@ -280,6 +290,8 @@ class LiveMachineBackend(MachineBackend):
             self._snap_cancel.set()
             if self._source is not None:
                 self._source.cancel.set()
+            if self.postcopy_source is not None:
+                self.postcopy_source.abort()
             if self._sock is not None:
                 with contextlib.suppress(OSError):
                     self._sock.shutdown(socket.SHUT_RDWR)
@@ -349,6 +361,7 @@ class LiveMachineBackend(MachineBackend):
             }
             if st.fallback:
                 out["x-ramdiscard-fallback"] = st.fallback
+        postcopy.query_extra(self, out)
         if self.error and self.mstatus in ("failed", "cancelled"):
             out["error-desc"] = self.error
         return out
@@ -376,22 +389,27 @@ class LiveMachineBackend(MachineBackend):
         with m.lock:
             devices = list(m.devices.values())
             space = m.space
-        ok = False
+        ok = is_postcopy = False
         try:
             with ls:
-
-                def connected(_conn: socket.socket) -> None:
+                conn, _peer = ls.accept()
+                with conn:
                     self._set_status("active")
-
-                receive_live(
-                    ls, space, devices, read_timeout=self.migrate_timeout, on_connection=connected,
-                    on_round=lambda n: self._event("MIGRATION_PASS", {"pass": n}),
-                )  # fmt: skip
+                    conn.settimeout(self.migrate_timeout)
+                    head = conn.recv(len(MAIN_PREAMBLE), socket.MSG_WAITALL)
+                    if head == MAIN_PREAMBLE:
+                        is_postcopy = True
+                        postcopy.receive(self, conn, ls)
+                    else:
+                        serve_live(
+                            conn, space, devices, read_timeout=self.migrate_timeout, prefix=head,
+                            on_round=lambda n: self._event("MIGRATION_PASS", {"pass": n}),
+                        )  # fmt: skip
             ok = True
         except (OSError, migration.MigrationError) as exc:
             self.error = str(exc)
         self._set_status("completed" if ok else "failed")
-        if not ok:
+        if not ok or is_postcopy:
             return
         resume = getattr(m, "resume_incoming", None)
         if callable(resume):
