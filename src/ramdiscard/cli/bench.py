@@ -29,7 +29,12 @@ BENCH_MODULES = [
     "ramdiscard.bench.guest",
     "ramdiscard.bench.migration",
 ]
-HELPER_MODULES = ["ramdiscard.bench.cfloor"]
+HELPER_MODULES = [
+    "ramdiscard.bench.cfloor",
+    "ramdiscard.bench.migration_guest",
+    "ramdiscard.bench.migration_precopy",
+    "ramdiscard.bench.migration_snapshot",
+]
 """Modules of :mod:`ramdiscard.bench` that are no benchmark (shared machinery)."""
 
 

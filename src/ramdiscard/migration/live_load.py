@@ -9,7 +9,7 @@ Rules (format in ``docs/migration-format.md``):
   received. Nothing outside plugged runs is ever populated; a failure resets the
   destination to all discarded, as :func:`ramdiscard.migration.load` does.
 * The destination acknowledges its read position to the source (``AK`` + u64, at most
-  every :data:`~ramdiscard.migration.precopy.ACK_INTERVAL` s while data arrives) ahead of
+  every :data:`~ramdiscard.migration.returnpath.ACK_INTERVAL` s while data arrives) ahead of
   its final status, so the source can tell a stalled destination from full socket buffers.
 """
 
@@ -47,8 +47,9 @@ if TYPE_CHECKING:
     from ramdiscard.memory import AddressSpace
     from ramdiscard.providers.virtio_mem import VirtioMem
 
-from ramdiscard.migration.precopy import ACK_INTERVAL, PAGE, RETURN_MSG, RETURN_POS
+from ramdiscard.migration.returnpath import ACK_INTERVAL, RETURN_MSG, RETURN_POS
 from ramdiscard.migration.runs import Coverage, subtract
+from ramdiscard.migration.tracking import PAGE
 
 
 @dataclass
@@ -68,6 +69,7 @@ def load_live(
 ) -> LiveLoadStats:
     """Load a live (or stop-and-copy) stream from ``reader`` (module rules). Raises
     MigrationError with the destination reset to all discarded."""
+    from ramdiscard.migration.decoder import Decoder
     from ramdiscard.migration.destination import (
         Incoming,
         check_state,
@@ -77,7 +79,6 @@ def load_live(
         stream_limits,
     )
     from ramdiscard.migration.progress import ProgressTracker
-    from ramdiscard.migration.stream import Decoder
     from ramdiscard.providers.virtio_mem.persist import decode_state
 
     t0 = time.perf_counter()
