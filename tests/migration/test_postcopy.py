@@ -12,11 +12,14 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import pytest
+
 from ramdiscard.guest.writer import DeviceTarget, GuestWriter
 from ramdiscard.migration import MigrationError
 from ramdiscard.migration import postcopy_wire as w
 from ramdiscard.migration.postcopy_dest import PostcopyDestStats, receive_postcopy
 from ramdiscard.migration.postcopy_source import PostcopySource
+from ramdiscard.migration.stream import StreamError
 from ramdiscard.units import MiB
 from tests.migration.conftest import Machines, assert_fresh
 from tests.migration.machine import Machine
@@ -160,6 +163,7 @@ def test_postcopy_without_preempt_answers_on_the_main_channel(machines: Machines
 def test_destination_death_after_switchover_keeps_the_source_copy(machines: Machines) -> None:
     run = Run(machines, "anonymous")
     run.source.io_timeout = 5
+    run.source.max_bandwidth = 8 * MiB  # still in postcopy when the destination fails
     with run.going():
         _wait(lambda: run.source.stats.status == "active")
         run.swriter.pause()
@@ -186,6 +190,7 @@ def test_destination_death_after_switchover_keeps_the_source_copy(machines: Mach
 
 def test_cancel_during_postcopy(machines: Machines) -> None:
     run = Run(machines, "anonymous")
+    run.source.max_bandwidth = 8 * MiB  # still in postcopy at the cancel
     with run.going():
         _wait(lambda: run.source.stats.status == "active")
         run.source.start.set()
@@ -207,3 +212,131 @@ def test_cancel_before_switchover_leaves_the_guest_running(machines: Machines) -
     assert run.source.stats.status == "cancelled"
     assert not run.swriter.paused
     assert "stats" not in run.out
+
+
+def _switchover_bytes(m: Machine) -> bytes:
+    """What a postcopy source sends on the main channel before any page."""
+    from ramdiscard.migration.layout import collect_regions
+    from ramdiscard.migration.stream import (
+        Counter,
+        StreamFlags,
+        encode_device,
+        encode_end,
+        encode_region,
+        encode_stream_header,
+    )
+
+    counter = Counter()
+    parts = [w.MAIN_PREAMBLE, encode_stream_header(StreamFlags.NONE)]
+    regions = collect_regions(m.space, m.devices)
+    for r in regions:
+        parts.append(encode_region(r.info()))
+        counter.meta()
+    for r in regions:
+        if r.device is not None:
+            parts.append(encode_device(r.index, r.device.save_state()))
+            counter.meta()
+    parts.append(encode_end(counter.end()))
+    return b"".join(parts)
+
+
+class FakeSource:
+    """A scripted source: the real switchover, then whatever the test sends."""
+
+    def __init__(self, machines: Machines) -> None:
+        self.src = machines(64 * MiB)
+        self.src.plug_blocks([0, 1, 2, 10])
+        self.dst = machines(64 * MiB)
+        self.ls = socket.create_server(("127.0.0.1", 0))
+        self.out: dict[str, Any] = {}
+        self.running = threading.Event()
+        self.rx = threading.Thread(target=self._receive, daemon=True)
+        self.rx.start()
+        port = self.ls.getsockname()[1]
+        self.main = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.main.sendall(_switchover_bytes(self.src))
+        self.prio = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.prio.sendall(w.PRIORITY_HELLO)
+
+    def _receive(self) -> None:
+        try:
+            conn, _peer = self.ls.accept()
+            with conn:
+                conn.recv(len(w.MAIN_PREAMBLE), socket.MSG_WAITALL)
+                self.out["stats"] = receive_postcopy(
+                    conn, self.ls, self.dst.space, self.dst.devices, io_timeout=1.0,
+                    on_running=self.running.set,
+                )  # fmt: skip
+        except BaseException as exc:
+            self.out["error"] = exc
+
+    def verdict(self) -> bytes:
+        self.rx.join(30)
+        assert not self.rx.is_alive()
+        self.main.settimeout(10)
+        with contextlib.suppress(OSError):
+            return self.main.recv(4096)
+        return b""
+
+    def close(self) -> None:
+        for s in (self.main, self.prio, self.ls):
+            s.close()
+
+
+def test_a_page_outside_the_plugged_runs_fails_the_postcopy(machines: Machines) -> None:
+    fake = FakeSource(machines)
+    try:
+        _wait(fake.running.is_set)
+        fake.main.sendall(w.encode(w.PG, 1, 5 * 2 * MiB, PAGE) + b"x" * PAGE)  # block 5: unplugged
+        status = fake.verdict()
+    finally:
+        fake.close()
+    assert isinstance(fake.out.get("error"), MigrationError)
+    assert "not plugged" in str(fake.out["error"])
+    assert status.startswith(b"ER")
+    assert_fresh(fake.dst)
+
+
+def test_a_source_that_never_answers_a_request_is_cut_off(machines: Machines) -> None:
+    fake = FakeSource(machines)
+    touched = threading.Event()
+    buf = ctypes.create_string_buffer(PAGE)
+
+    def guest_read() -> None:  # a guest access to a plugged page that never arrives
+        ctypes.memmove(buf, fake.dst.ram.host_address + 10 * 2 * MiB, PAGE)
+        touched.set()
+
+    try:
+        _wait(fake.running.is_set)
+        threading.Thread(target=guest_read, daemon=True).start()
+        head = fake.prio.recv(w.MSG.size, socket.MSG_WAITALL)
+        kind, region, offset, _length = w.MSG.unpack(head)
+        assert (kind, region, offset) == (w.RQ, 1, 10 * 2 * MiB)
+        t0 = time.monotonic()
+        status = fake.verdict()  # the handler gives up after io_timeout (1 s)
+        waited = time.monotonic() - t0
+    finally:
+        fake.close()
+    assert isinstance(fake.out.get("error"), MigrationError)
+    assert "unanswered" in str(fake.out["error"]) or "sent nothing for 1 s" in str(fake.out["error"])
+    assert status.startswith(b"ER")
+    _wait(touched.is_set, 10)  # the waiting access was released
+    assert waited < 20
+    assert_fresh(fake.dst)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        w.encode(b"XX", 0, 0, PAGE),
+        w.encode(w.PG, 7, 0, PAGE),
+        w.encode(w.PG, 1, 100, PAGE),
+        w.encode(w.PG, 1, 0, 2 << 20),
+        w.encode(w.PG, 1, 64 * MiB - PAGE, 2 * PAGE),
+        w.encode(w.RQ, 1, 0, PAGE),
+    ],
+    ids=["kind", "region", "misaligned", "too-long", "past-the-end", "request-on-main"],
+)
+def test_malformed_messages_are_refused_before_use(header: bytes) -> None:
+    with pytest.raises(StreamError):
+        w.check(header, w.PG + w.DN, [4 * MiB, 64 * MiB])
