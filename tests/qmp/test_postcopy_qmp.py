@@ -175,3 +175,25 @@ def test_failure_during_postcopy_keeps_the_source_copy(workdir: Path, how: str) 
 
     with _servers(workdir, ("src", ()), ("dst", ("--incoming", "defer"))) as (s, d):
         asyncio.run(asyncio.wait_for(drive(s, d), 150))
+
+
+def test_a_destination_without_postcopy_ram_refuses_before_the_switchover(workdir: Path) -> None:
+    async def drive(src_sock: str, dst_sock: str) -> None:
+        src, dst = await _client(src_sock), await _client(dst_sock)
+        await _until(src, "query-memory-devices", lambda d: _plugged(d) == PLUGGED)
+        await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+        port = int((await dst.execute("query-migrate"))["socket-address"][0]["port"])
+        await _postcopy_caps(src)
+        await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        info = await _wait_status(src, ("failed", "completed", "cancelled"), 30)
+        assert info["status"] == "failed"
+        assert "postcopy-ram is not enabled on the destination" in info["error-desc"]
+        assert (await src.execute("query-status"))["status"] == "running"  # never switched over
+        with pytest.raises(ExecuteError, match="Postcopy must be started after"):
+            await src.execute("migrate-start-postcopy")
+        status = await dst.execute("x-ramdiscard-status")
+        assert status["plugged"] == 0
+        await _quit(src, dst)
+
+    with _servers(workdir, ("src", ()), ("dst", ("--incoming", "defer"))) as (s, d):
+        asyncio.run(asyncio.wait_for(drive(s, d), 150))

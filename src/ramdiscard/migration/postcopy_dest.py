@@ -3,7 +3,9 @@
 Rules (live-migration.md; wire in :mod:`ramdiscard.migration.postcopy_wire`):
 
 * :func:`receive_postcopy` takes the accepted main channel (preamble already read) and
-  the listening socket (the priority channel connects there next). Phase 1 changes
+  the listening socket (the priority channel connects there next). The switchover
+  may come any time later (``migrate-start-postcopy``); the source closing the
+  connection meanwhile ends the wait. Phase 1 changes
   nothing: the REGION table and DEVICE states are read and checked as for any stream
   (:class:`~ramdiscard.migration.destination.Incoming`), then the priority channel must
   say hello; a refusal raises :class:`MigrationError` and the source is told.
@@ -99,8 +101,10 @@ def receive_postcopy(
     try:
         with frozen(devices) as freeze:
             regions = collect_regions(address_space, devices)
-            conn.settimeout(io_timeout)
             try:
+                conn.settimeout(None)  # the source switches over when its user says so
+                conn.recv(1, socket.MSG_PEEK)
+                conn.settimeout(io_timeout)
                 images = _read_switchover(regions, conn)
                 listen_socket.settimeout(io_timeout)
                 prio, _peer = listen_socket.accept()

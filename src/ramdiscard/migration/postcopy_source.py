@@ -2,8 +2,10 @@
 
 Rules (live-migration.md; wire in :mod:`ramdiscard.migration.postcopy_wire`):
 
-* :meth:`PostcopySource.run` connects the main channel and freezes the devices (BUSY,
-  as QEMU's ``virtio_mem_is_busy``) until the end. Status ``active`` until
+* :meth:`PostcopySource.run` connects the main channel (and sends its preamble, so a
+  destination that cannot take a postcopy refuses at once, the guest still running
+  here) and freezes the devices (BUSY, as QEMU's ``virtio_mem_is_busy``) until the
+  end. Status ``active`` until
   :attr:`PostcopySource.start` is set (``migrate-start-postcopy``): ramdiscard runs no
   precopy rounds before it (pure postcopy), the guest keeps running meanwhile.
 * Switchover: the guest is paused, the device states go out (REGION table, DEVICE
@@ -31,6 +33,7 @@ Rules (live-migration.md; wire in :mod:`ramdiscard.migration.postcopy_wire`):
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import threading
 import time
@@ -167,10 +170,15 @@ class PostcopySource:
         try:
             with frozen(self.devices):
                 main = self._connect()
+                main.sendall(w.MAIN_PREAMBLE)
                 st.setup_time = time.perf_counter() - t0
                 self._report("active")
+                poller = select.poll()
+                poller.register(main.fileno(), select.POLLIN)
                 while not self.start.wait(0.05):
-                    pass
+                    if poller.poll(0):  # the destination refused (or went away) already
+                        main.settimeout(self.timeout)
+                        raise MigrationError(f"the destination refused the migration: {recv_status(main)}")
                 if self.cancel.is_set():
                     raise MigrationError("migration cancelled")
                 self._switchover(main, t0)
@@ -199,7 +207,7 @@ class PostcopySource:
         regions = _Regions(collect_regions(self.space, self.devices))
         st.total_bytes = st.remaining = sum(n for runs in regions.runs for _s, n in runs)
         counter = Counter()
-        parts = [w.MAIN_PREAMBLE, encode_stream_header(StreamFlags.NONE)]
+        parts = [encode_stream_header(StreamFlags.NONE)]
         for r in regions.regions:
             parts.append(encode_region(r.info()))
             counter.meta()
