@@ -120,7 +120,10 @@ def test_postcopy_with_writers_on_both_ends(machines: Machines, backing: str) ->
     probe = ctypes.create_string_buffer(PAGE)
     unplugged = run.dst.ram.host_address + 30 * run.src.block + 5 * PAGE
 
+    busy: list[bool] = []
+
     def touch_unplugged() -> None:  # a stray guest read of an unplugged block, mid-postcopy
+        busy.append(run.dst.dev.is_busy())
         ctypes.memmove(probe, unplugged, PAGE)
 
     run.on_running = touch_unplugged
@@ -132,6 +135,8 @@ def test_postcopy_with_writers_on_both_ends(machines: Machines, backing: str) ->
     st = run.out["src"]
     dst: PostcopyDestStats = run.out["stats"]
     assert st.status == "completed" and run.swriter.paused
+    assert busy == [True] and not run.dst.dev.is_busy() and not run.src.dev.is_busy()
+    assert run.src.resident_outside_plugged() == 0  # the source never read discarded memory
     assert st.unplugged_requests == 0
     assert dst.zero_faults >= 1 and probe.raw == bytes(PAGE)
     assert st.background_bytes + st.request_bytes >= st.total_bytes == len(BLOCKS) * run.src.block + 4 * MiB
@@ -340,3 +345,17 @@ def test_a_source_that_never_answers_a_request_is_cut_off(machines: Machines) ->
 def test_malformed_messages_are_refused_before_use(header: bytes) -> None:
     with pytest.raises(StreamError):
         w.check(header, w.PG + w.DN, [4 * MiB, 64 * MiB])
+
+
+@pytest.mark.parametrize("postcopy", [False, True], ids=["restore", "incoming-postcopy"])
+def test_incoming_postcopy_restore_neither_rediscards_nor_preallocates(
+    machines: Machines, postcopy: bool
+) -> None:
+    src = machines(64 * MiB)
+    src.plug_blocks([0, 1])
+    dst = machines(64 * MiB, prealloc=True)
+    dst.ram.populate(10 * dst.block, dst.block)  # memory of an unplugged block, resident
+    dst.dev.restore(src.dev.save_state(), incoming_postcopy=postcopy)
+    assert dst.plugged_blocks() == [0, 1]
+    assert dst.ram.resident_bytes(10 * dst.block, dst.block) == (dst.block if postcopy else 0)
+    assert dst.ram.resident_bytes(0, 2 * dst.block) == (0 if postcopy else 2 * dst.block)
