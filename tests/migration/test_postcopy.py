@@ -117,6 +117,7 @@ def _differing_pages(src: Machine, dst: Machine) -> list[tuple[int, int, bytes]]
 
 def test_postcopy_with_writers_on_both_ends(machines: Machines, backing: str) -> None:
     run = Run(machines, backing)
+    run.source.max_bandwidth = 64 * MiB  # the destination guest writes while pages are missing
     probe = ctypes.create_string_buffer(PAGE)
     unplugged = run.dst.ram.host_address + 30 * run.src.block + 5 * PAGE
 
@@ -157,6 +158,7 @@ def test_postcopy_with_writers_on_both_ends(machines: Machines, backing: str) ->
 
 def test_postcopy_without_preempt_answers_on_the_main_channel(machines: Machines) -> None:
     run = Run(machines, "anonymous", preempt=False)
+    run.source.max_bandwidth = 64 * MiB
     with run.going():
         _wait(lambda: run.source.stats.status == "active")
         run.source.start.set()
@@ -171,9 +173,8 @@ def test_destination_death_after_switchover_keeps_the_source_copy(machines: Mach
     run.source.max_bandwidth = 8 * MiB  # still in postcopy when the destination fails
     with run.going():
         _wait(lambda: run.source.stats.status == "active")
-        run.swriter.pause()
+        run.swriter.pause()  # stopped from here on: its memory at the switchover is this
         before = run.src.digests()
-        run.swriter.resume()
         run.on_running = lambda: run.ls.close()  # nothing else may connect
         run.source.start.set()
         _wait(lambda: run.running.is_set())
@@ -255,6 +256,8 @@ class FakeSource:
         self.ls = socket.create_server(("127.0.0.1", 0))
         self.out: dict[str, Any] = {}
         self.running = threading.Event()
+        self.guest: list[threading.Thread] = []
+        """Threads standing for vCPUs: stopping the guest waits for them."""
         self.rx = threading.Thread(target=self._receive, daemon=True)
         self.rx.start()
         port = self.ls.getsockname()[1]
@@ -270,10 +273,14 @@ class FakeSource:
                 conn.recv(len(w.MAIN_PREAMBLE), socket.MSG_WAITALL)
                 self.out["stats"] = receive_postcopy(
                     conn, self.ls, self.dst.space, self.dst.devices, io_timeout=1.0,
-                    on_running=self.running.set,
+                    on_running=self.running.set, on_failure=self._stop_guest,
                 )  # fmt: skip
         except BaseException as exc:
             self.out["error"] = exc
+
+    def _stop_guest(self) -> None:
+        for t in self.guest:
+            t.join(10)
 
     def verdict(self) -> bytes:
         self.rx.join(30)
@@ -313,7 +320,9 @@ def test_a_source_that_never_answers_a_request_is_cut_off(machines: Machines) ->
 
     try:
         _wait(fake.running.is_set)
-        threading.Thread(target=guest_read, daemon=True).start()
+        vcpu = threading.Thread(target=guest_read, daemon=True)
+        fake.guest.append(vcpu)
+        vcpu.start()
         head = fake.prio.recv(w.MSG.size, socket.MSG_WAITALL)
         kind, region, offset, _length = w.MSG.unpack(head)
         assert (kind, region, offset) == (w.RQ, 1, 10 * 2 * MiB)

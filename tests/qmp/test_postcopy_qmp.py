@@ -72,6 +72,8 @@ def test_postcopy_with_the_guest_running_on_the_destination(workdir: Path) -> No
         with pytest.raises(ExecuteError, match="Postcopy must be started after"):
             await src.execute("migrate-start-postcopy")
         port = await _start(src, dst)
+        # ~2.5 s of background copy: the destination guest writes while pages are missing.
+        await src.execute("migrate-set-parameters", {"max-bandwidth": 32 << 20})
         sev, dev = EventListener(("MIGRATION",)), EventListener(("MIGRATION",))
         with src.listen(sev), dst.listen(dev):
             assert await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"}) == {}
