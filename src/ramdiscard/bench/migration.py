@@ -56,17 +56,18 @@ import time
 from typing import Any
 
 from ramdiscard.bench.migration_guest import BenchGuest
-from ramdiscard.bench.migration_precopy import run_precopy
+from ramdiscard.bench.migration_precopy import run_precopy, spread, start_destinations
 from ramdiscard.bench.migration_snapshot import run_snapshot
 from ramdiscard.units import GiB, KiB, MiB, TiB, format_size
 
 CHUNK = 4 * MiB
 """Chunk size of our migration (its default)."""
-RAW_CHUNKS = (256 * KiB, 512 * KiB, 1 * MiB, 2 * MiB, 4 * MiB, 8 * MiB)
+RAW_CHUNKS = (512 * KiB, 1 * MiB, 2 * MiB)
 """Chunk sizes tried for the raw copy; it runs with the fastest."""
 
 
-def _migrate(src: BenchGuest, dst: BenchGuest) -> float:
+def _migrate(src: BenchGuest, dst: BenchGuest) -> tuple[float, float]:
+    """One migration ``src`` -> ``dst``: (wall seconds, CPU seconds of both ends)."""
     from ramdiscard.migration.tcp import migrate_to, receive_from
 
     errors: list[BaseException] = []
@@ -80,19 +81,22 @@ def _migrate(src: BenchGuest, dst: BenchGuest) -> float:
                 errors.append(exc)
 
         t = threading.Thread(target=receive)
+        cpu = time.process_time()
         t.start()
         start = time.perf_counter()
         migrate_to("127.0.0.1", port, src.space, [src.dev], chunk_size=CHUNK)
         t.join()
         elapsed = time.perf_counter() - start
+        cpu = time.process_time() - cpu
     if errors:
         raise errors[0]
     dst.dev.unplug_all()
-    return elapsed
+    return elapsed, cpu
 
 
-def _raw_copy(src: BenchGuest, dst: BenchGuest, chunk: int = CHUNK) -> float:
-    """The same bytes between the same mappings: sendall / recv_into in ``chunk`` pieces."""
+def _raw_copy(src: BenchGuest, dst: BenchGuest, chunk: int = CHUNK) -> tuple[float, float]:
+    """The same bytes between the same mappings: sendall / recv_into in ``chunk`` pieces;
+    (wall seconds, CPU seconds of both ends)."""
     runs = list(src.dev.plugged_ranges())
     with socket.create_server(("127.0.0.1", 0)) as ls:
         port = ls.getsockname()[1]
@@ -113,6 +117,7 @@ def _raw_copy(src: BenchGuest, dst: BenchGuest, chunk: int = CHUNK) -> float:
                 conn.sendall(b"OK")
 
         t = threading.Thread(target=receive)
+        cpu = time.process_time()
         t.start()
         start = time.perf_counter()
         with socket.create_connection(("127.0.0.1", port)) as sock:
@@ -124,44 +129,57 @@ def _raw_copy(src: BenchGuest, dst: BenchGuest, chunk: int = CHUNK) -> float:
             sock.recv(2)
         t.join()
         elapsed = time.perf_counter() - start
+        cpu = time.process_time() - cpu
     dst.ram.discard_range(0, dst.ram.size)
-    return elapsed
-
-
-def _pair(region: int, plugged: int) -> tuple[BenchGuest, BenchGuest]:
-    src = BenchGuest(region, 2 * MiB)
-    src.plug_spread(plugged)
-    src.fill()
-    return src, BenchGuest(region, 2 * MiB)
+    return elapsed, cpu
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:
-    plugged = 256 * MiB if quick else 1 * GiB
+    plugged = 128 * MiB if quick else 1 * GiB
     small = 1 * GiB if quick else 4 * GiB
     large = 256 * GiB if quick else 1 * TiB
-    reps = 3 if quick else 7
+    reps = 3 if quick else 5
     rows: list[dict[str, Any]] = []
-    src, dst = _pair(small, plugged)
+    dests = start_destinations((small, large))  # precopy's, started while the rest runs
+    sources: list[BenchGuest] = []
     try:
-        _raw_copy(src, dst)  # warm up: fault in the destination's page tables once
-        # Rounds over all sizes (not size after size), so a burst of load from other
-        # work on the machine cannot disqualify one size.
-        chunks = RAW_CHUNKS[2::2] if quick else RAW_CHUNKS
-        sweep = {c: float("inf") for c in chunks}
-        for _ in range(1 if quick else 3):
-            for c in chunks:
-                sweep[c] = min(sweep[c], _raw_copy(src, dst, c))
-        raw_chunk = min(sweep, key=lambda c: sweep[c])
-        # Interleaved, best of ``reps``: the machine is shared, so load comes and goes.
-        raws, ours = [], []
+        sources.append(BenchGuest.plugged_filled(small, plugged))
+        sources.append(BenchGuest.plugged_filled(large, plugged))
+        rows.extend(_stop_and_copy(sources[0], sources[1], plugged, reps, quick))
+        rows.extend(run_precopy(quick, (sources[0], sources[1]), dests, plugged))
+        rows.extend(run_snapshot(sources[0], plugged))
+    finally:
+        for d in dests:
+            d.close()
+        for g in sources:
+            g.close()
+    return rows
+
+
+def _stop_and_copy(
+    src: BenchGuest, big: BenchGuest, plugged: int, reps: int, quick: bool
+) -> list[dict[str, Any]]:
+    small, large = src.dev.region_size, big.dev.region_size
+    dst, dst_big = BenchGuest(small, 2 * MiB), BenchGuest(large, 2 * MiB)
+    try:
+        # The raw copy's chunk: the fastest of a short sweep (one pass; 1 MiB has won
+        # every sweep on this machine so far, the neighbours keep that honest).
+        chunks = (1 * MiB,) if quick else RAW_CHUNKS
+        sweep = {c: _raw_copy(src, dst, c) for c in chunks}
+        raw_chunk = min(sweep, key=lambda c: sweep[c][0])
+        # Interleaved (raw, ours, ours in the large region), best of ``reps``: the
+        # machine is shared, so load comes and goes.
+        raws, ours, bigs = [sweep[raw_chunk]], [], []
         for _ in range(reps):
             raws.append(_raw_copy(src, dst, raw_chunk))
             ours.append(_migrate(src, dst))
-        raw, ours_small = min(raws), min(ours)
+            bigs.append(_migrate(big, dst_big))
     finally:
-        src.close()
         dst.close()
-    rows.append(
+        dst_big.close()
+    raw, ours_small, ours_large = (min(w for w, _c in xs) for xs in (raws, ours, bigs))
+    raw_cpu, ours_cpu = min(c for _w, c in raws), min(c for _w, c in ours)
+    return [
         {
             "group": "migration",
             "name": f"tcp-{format_size(small)}-region-{format_size(plugged)}-plugged",
@@ -169,20 +187,16 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             "raw_ns": int(raw * 1e9),
             "ratio": ours_small / raw,
             "target": 1.3,
+            "ratio_per_run": spread([o[0] / r[0] for o, r in zip(ours, raws[1:], strict=True)]),
+            "cpu_ratio": round(ours_cpu / raw_cpu, 2),
+            "ours_cpu_ms": round(ours_cpu * 1e3),
+            "raw_cpu_ms": round(raw_cpu * 1e3),
             "ours_MiB_s": plugged / MiB / ours_small,
             "raw_MiB_s": plugged / MiB / raw,
             "raw_chunk": raw_chunk,
-            "raw_sweep_ns": {format_size(c): int(t * 1e9) for c, t in sweep.items()},
+            "raw_sweep_ns": {format_size(c): int(t * 1e9) for c, (t, _cpu) in sweep.items()},
             "baseline": "raw sendall/recv_into of the same bytes, at its best chunk size",
-        }
-    )
-    src, dst = _pair(large, plugged)
-    try:
-        ours_large = min(_migrate(src, dst) for _ in range(reps))
-    finally:
-        src.close()
-        dst.close()
-    rows.append(
+        },
         {
             "group": "migration",
             "name": f"tcp-{format_size(large)}-region-{format_size(plugged)}-plugged",
@@ -190,13 +204,11 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             "raw_ns": int(ours_small * 1e9),
             "ratio": ours_large / ours_small,
             "target": 1.2,
+            "ratio_per_run": spread([b[0] / o[0] for b, o in zip(bigs, ours, strict=True)]),
             "ours_MiB_s": plugged / MiB / ours_large,
             "baseline": f"migration of the {format_size(small)} region with the same plugged size",
-        }
-    )
-    rows.extend(run_precopy(quick))
-    rows.extend(run_snapshot(quick))
-    return rows
+        },
+    ]
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from ramdiscard.bench.migration_guest import WRITE_RATE, BenchGuest
-from ramdiscard.units import GiB, MiB, TiB, format_size
+from ramdiscard.units import MiB, format_size
 
 DOWNTIME_TARGET = 0.020
 
@@ -161,33 +161,43 @@ def _median(xs: list[float]) -> float:
     return ys[len(ys) // 2]
 
 
-def _precopy_runs(
-    regions: tuple[int, int], plugged: int, reps: int
-) -> tuple[list[dict[str, Any]], list[float], list[dict[str, Any]]]:
-    """Precopy runs of the small and the large region, interleaved (load from other work
-    on the shared machine hits both alike), and a raw copy after each small one. One
-    untimed run of each first: the destination's first populate can stall for seconds in
-    the kernel's direct compaction of huge pages (thp defrag ``madvise``), once."""
-    pairs = []
+def start_destinations(regions: tuple[int, int]) -> list[_Destination]:
+    """One destination process per region size; they start in the background."""
+    dests: list[_Destination] = []
     try:
         for region in regions:
-            src = BenchGuest(region, 2 * MiB)
-            pairs.append((src, _Destination(region)))
-            src.plug_spread(plugged)
-            src.fill()
-        for src, dest in pairs:  # untimed: the first huge pages may need compaction
-            _precopy_once(src, dest)
-        small, raws, large = [], [], []
-        for _ in range(reps):
-            r = _precopy_once(*pairs[0])
-            small.append(r)
-            raws.append(_raw_stream(pairs[0][0], pairs[0][1], r["stream_bytes"]))
-            large.append(_precopy_once(*pairs[1]))
-    finally:
+            dests.append(_Destination(region))
+    except BaseException:
+        for d in dests:
+            d.close()
+        raise
+    return dests
+
+
+def _precopy_runs(
+    sources: tuple[BenchGuest, BenchGuest], dests: list[_Destination], reps: int, warm: bool
+) -> tuple[list[dict[str, Any]], list[float], list[dict[str, Any]]]:
+    """Precopy runs of the small and the large region, interleaved (load from other work
+    on the shared machine hits both alike), and a raw copy after each small one. With
+    ``warm``, one untimed run of each first (the destination's first populate is the
+    slowest)."""
+    pairs = list(zip(sources, dests, strict=True))
+    if warm:
         for src, dest in pairs:
-            dest.close()
-            src.close()
+            _precopy_once(src, dest)
+    small, raws, large = [], [], []
+    for _ in range(reps):
+        r = _precopy_once(*pairs[0])
+        small.append(r)
+        raws.append(_raw_stream(pairs[0][0], pairs[0][1], r["stream_bytes"]))
+        large.append(_precopy_once(*pairs[1]))
     return small, raws, large
+
+
+def spread(xs: list[float]) -> list[float]:
+    """min, median, max (rounded) of per-run ratios."""
+    ys = sorted(xs)
+    return [round(ys[0], 2), round(ys[len(ys) // 2], 2), round(ys[-1], 2)]
 
 
 def _breakdown(r: dict[str, Any]) -> dict[str, Any]:
@@ -201,12 +211,14 @@ def _breakdown(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_precopy(quick: bool = False) -> list[dict[str, Any]]:
-    plugged = 64 * MiB if quick else 1 * GiB
-    small = 1 * GiB if quick else 4 * GiB
-    large = 256 * GiB if quick else 1 * TiB
-    reps = 1 if quick else 2
-    runs, raws, big = _precopy_runs((small, large), plugged, reps)
+def run_precopy(
+    quick: bool, sources: tuple[BenchGuest, BenchGuest], dests: list[_Destination], plugged: int
+) -> list[dict[str, Any]]:
+    """The precopy rows: ``sources`` (small and large region, ``plugged`` bytes plugged and
+    filled) migrate to ``dests`` (:func:`start_destinations` of the same sizes)."""
+    small, large = (s.dev.region_size for s in sources)
+    reps = 1 if quick else 3
+    runs, raws, big = _precopy_runs(sources, dests, reps, warm=not quick)
     med = sorted(runs, key=lambda r: r["total"])[len(runs) // 2]
     down = _median([r["downtime"] for r in runs])
     total, raw = min(r["total"] for r in runs), min(raws)
@@ -233,6 +245,7 @@ def run_precopy(quick: bool = False) -> list[dict[str, Any]]:
         "raw_ns": int(raw * 1e9),
         "ratio": total / raw,
         "target": 2.0,
+        "ratio_per_run": spread([r["total"] / w for r, w in zip(runs, raws, strict=True)]),
         "stream_MiB": round(sent / MiB, 1),
         "baseline": "raw sendall/recv_into of the bytes precopy sent to a separate process (reused buffer)",
         **common,
@@ -260,6 +273,7 @@ def run_precopy(quick: bool = False) -> list[dict[str, Any]]:
         "raw_ns": int(total * 1e9),
         "ratio": total_big / total,
         "target": 1.1,
+        "ratio_per_run": spread([b["total"] / r["total"] for b, r in zip(big, runs, strict=True)]),
         "downtime_ms": round(_median([r["downtime"] for r in big]) * 1e3, 2),
         "baseline": f"precopy of the {format_size(small)} region, same plugged size and writer",
         **common,
