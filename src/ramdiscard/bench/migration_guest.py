@@ -34,10 +34,25 @@ class BenchGuest:
             assert self.dev.plug(self.dev.addr + i * stride, run_blocks).name == "ACK"
 
     def fill(self) -> None:
+        """Populate the plugged runs and write each page's offset into its first 8 bytes."""
+        import numpy as np
+
         for start, size in self.dev.plugged_ranges():
-            view = self.ram.view[start : start + size]
-            for off in range(0, size, 4096):
-                view[off : off + 8] = (start + off).to_bytes(8, "little")
+            self.ram.populate(start, size)
+            words = np.frombuffer(self.ram.view[start : start + size], dtype=np.uint64).reshape(-1, 512)
+            words[:, 0] = np.arange(start, start + size, 4096, dtype=np.uint64)
+
+    @classmethod
+    def plugged_filled(cls, region: int, plugged: int) -> BenchGuest:
+        """A source: ``plugged`` bytes plugged in spread runs of a ``region``-byte device, filled."""
+        guest = cls(region, 2 * MiB)
+        try:
+            guest.plug_spread(plugged)
+            guest.fill()
+        except BaseException:
+            guest.close()
+            raise
+        return guest
 
     def close(self) -> None:
         for sub in self.root.subregions:

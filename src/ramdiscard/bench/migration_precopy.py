@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from ramdiscard.bench.migration_guest import WRITE_RATE, BenchGuest
-from ramdiscard.units import GiB, MiB, TiB, format_size
+from ramdiscard.units import MiB, format_size
 
 DOWNTIME_TARGET = 0.020
 
@@ -30,17 +30,20 @@ def _dest_main(conn: Any, region: int) -> None:
                 conn.send(ls.getsockname()[1])
                 try:
                     if what == "precopy":
+                        cpu = time.process_time()  # CPU time: the wait for the source costs none
                         st = receive_live(ls, dst.space, [dst.dev], accept_timeout=60, read_timeout=60)
+                        cpu = time.process_time() - cpu
                         dst.dev.unplug_all()
-                        conn.send(("ok", st.rounds))
+                        conn.send(("ok", (st.rounds, cpu)))
                     else:
                         c, _ = ls.accept()
+                        cpu = time.process_time()
                         with c:
                             view, got = memoryview(sink), 0
                             while n := c.recv_into(view):
                                 got += n
                             c.sendall(b"OK")
-                        conn.send(("ok", got))
+                        conn.send(("ok", (got, time.process_time() - cpu)))
                 except Exception as exc:
                     conn.send(("error", repr(exc)))
     finally:
@@ -107,6 +110,7 @@ def _precopy_once(src: BenchGuest, dest: _Destination) -> dict[str, Any]:
         time.sleep(0.1)
         port = dest.request("precopy")
         TrackedRegion.scan = scan  # type: ignore[method-assign,assignment]
+        cpu = time.thread_time()
         try:
             st = pc.precopy_to(
                 "127.0.0.1", port, src.space, [src.dev], writer,
@@ -114,7 +118,8 @@ def _precopy_once(src: BenchGuest, dest: _Destination) -> dict[str, Any]:
             )  # fmt: skip
         finally:
             TrackedRegion.scan = orig_scan  # type: ignore[method-assign]
-        dest.result()
+        cpu = time.thread_time() - cpu
+        _rounds, dest_cpu = dest.result()
     finally:
         writer.resume()
         writer.stop()
@@ -128,15 +133,19 @@ def _precopy_once(src: BenchGuest, dest: _Destination) -> dict[str, Any]:
         "scan_s": timed.scan,
         "send_s": st.total_time - st.downtime - timed.scan - st.setup_time,
         "setup_s": st.setup_time,
+        "cpu": cpu + dest_cpu,
     }
 
 
-def _raw_stream(src: BenchGuest, dest: _Destination, nbytes: int, chunk: int = 1 * MiB) -> float:
-    """``nbytes`` of the source's plugged memory, sendall to the destination process."""
+def _raw_stream(
+    src: BenchGuest, dest: _Destination, nbytes: int, chunk: int = 1 * MiB
+) -> tuple[float, float]:
+    """``nbytes`` of the source's plugged memory, sendall to the destination process:
+    (wall seconds, CPU seconds of the sending thread and the destination process)."""
     runs = list(src.dev.plugged_ranges())
     view = src.ram.view
     port = dest.request("raw")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.thread_time()
     with socket.create_connection(("127.0.0.1", port)) as sock:
         left = nbytes
         while left:
@@ -152,8 +161,9 @@ def _raw_stream(src: BenchGuest, dest: _Destination, nbytes: int, chunk: int = 1
         sock.shutdown(socket.SHUT_WR)
         sock.recv(2)
     elapsed = time.perf_counter() - start
-    dest.result()
-    return elapsed
+    cpu = time.thread_time() - cpu
+    _got, dest_cpu = dest.result()
+    return elapsed, cpu + dest_cpu
 
 
 def _median(xs: list[float]) -> float:
@@ -161,33 +171,38 @@ def _median(xs: list[float]) -> float:
     return ys[len(ys) // 2]
 
 
-def _precopy_runs(
-    regions: tuple[int, int], plugged: int, reps: int
-) -> tuple[list[dict[str, Any]], list[float], list[dict[str, Any]]]:
-    """Precopy runs of the small and the large region, interleaved (load from other work
-    on the shared machine hits both alike), and a raw copy after each small one. One
-    untimed run of each first: the destination's first populate can stall for seconds in
-    the kernel's direct compaction of huge pages (thp defrag ``madvise``), once."""
-    pairs = []
+def start_destinations(regions: tuple[int, int]) -> list[_Destination]:
+    """One destination process per region size; they start in the background."""
+    dests: list[_Destination] = []
     try:
         for region in regions:
-            src = BenchGuest(region, 2 * MiB)
-            pairs.append((src, _Destination(region)))
-            src.plug_spread(plugged)
-            src.fill()
-        for src, dest in pairs:  # untimed: the first huge pages may need compaction
-            _precopy_once(src, dest)
-        small, raws, large = [], [], []
-        for _ in range(reps):
-            r = _precopy_once(*pairs[0])
-            small.append(r)
-            raws.append(_raw_stream(pairs[0][0], pairs[0][1], r["stream_bytes"]))
-            large.append(_precopy_once(*pairs[1]))
-    finally:
-        for src, dest in pairs:
-            dest.close()
-            src.close()
+            dests.append(_Destination(region))
+    except BaseException:
+        for d in dests:
+            d.close()
+        raise
+    return dests
+
+
+def _precopy_runs(
+    sources: tuple[BenchGuest, BenchGuest], dests: list[_Destination], reps: int
+) -> tuple[list[dict[str, Any]], list[tuple[float, float]], list[dict[str, Any]]]:
+    """Precopy runs of the small and the large region, interleaved (load from other work
+    on the shared machine hits both alike), and a raw copy after each small one."""
+    pairs = list(zip(sources, dests, strict=True))
+    small, raws, large = [], [], []
+    for _ in range(reps):
+        r = _precopy_once(*pairs[0])
+        small.append(r)
+        raws.append(_raw_stream(pairs[0][0], pairs[0][1], r["stream_bytes"]))
+        large.append(_precopy_once(*pairs[1]))
     return small, raws, large
+
+
+def spread(xs: list[float]) -> list[float]:
+    """min, median, max (rounded) of per-run ratios."""
+    ys = sorted(xs)
+    return [round(ys[0], 2), round(ys[len(ys) // 2], 2), round(ys[-1], 2)]
 
 
 def _breakdown(r: dict[str, Any]) -> dict[str, Any]:
@@ -201,15 +216,18 @@ def _breakdown(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_precopy(quick: bool = False) -> list[dict[str, Any]]:
-    plugged = 64 * MiB if quick else 1 * GiB
-    small = 1 * GiB if quick else 4 * GiB
-    large = 256 * GiB if quick else 1 * TiB
+def run_precopy(
+    quick: bool, sources: tuple[BenchGuest, BenchGuest], dests: list[_Destination], plugged: int
+) -> list[dict[str, Any]]:
+    """The precopy rows: ``sources`` (small and large region, ``plugged`` bytes plugged and
+    filled) migrate to ``dests`` (:func:`start_destinations` of the same sizes)."""
+    small, large = (s.dev.region_size for s in sources)
     reps = 1 if quick else 2
-    runs, raws, big = _precopy_runs((small, large), plugged, reps)
+    runs, raws, big = _precopy_runs(sources, dests, reps)
     med = sorted(runs, key=lambda r: r["total"])[len(runs) // 2]
     down = _median([r["downtime"] for r in runs])
-    total, raw = min(r["total"] for r in runs), min(raws)
+    total, raw = min(r["total"] for r in runs), min(w for w, _c in raws)
+    cpu, raw_cpu = min(r["cpu"] for r in runs), min(c for _w, c in raws)
     sent = _median([float(r["stream_bytes"]) for r in runs])
     tag = f"{format_size(small)}-region-{format_size(plugged)}-plugged"
     common = {"write_MiB_s": WRITE_RATE // MiB, "runs": reps}
@@ -233,6 +251,10 @@ def run_precopy(quick: bool = False) -> list[dict[str, Any]]:
         "raw_ns": int(raw * 1e9),
         "ratio": total / raw,
         "target": 2.0,
+        "ratio_per_run": spread([r["total"] / w for r, (w, _c) in zip(runs, raws, strict=True)]),
+        "cpu_ratio": round(cpu / raw_cpu, 2),
+        "ours_cpu_ms": round(cpu * 1e3),
+        "raw_cpu_ms": round(raw_cpu * 1e3),
         "stream_MiB": round(sent / MiB, 1),
         "baseline": "raw sendall/recv_into of the bytes precopy sent to a separate process (reused buffer)",
         **common,
@@ -260,6 +282,7 @@ def run_precopy(quick: bool = False) -> list[dict[str, Any]]:
         "raw_ns": int(total * 1e9),
         "ratio": total_big / total,
         "target": 1.1,
+        "ratio_per_run": spread([b["total"] / r["total"] for b, r in zip(big, runs, strict=True)]),
         "downtime_ms": round(_median([r["downtime"] for r in big]) * 1e3, 2),
         "baseline": f"precopy of the {format_size(small)} region, same plugged size and writer",
         **common,

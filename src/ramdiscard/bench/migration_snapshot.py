@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from ramdiscard.bench.migration_guest import WRITE_RATE, BenchGuest
-from ramdiscard.units import GiB, MiB, format_size
+from ramdiscard.units import MiB, format_size
 
 SNAPSHOT_P99_TARGET = 0.005
 
@@ -18,21 +18,19 @@ def _p99(xs: list[float]) -> float:
     return ys[min(len(ys) - 1, int(len(ys) * 0.99))] if ys else 0.0
 
 
-def run_snapshot(quick: bool = False) -> list[dict[str, Any]]:
+def run_snapshot(src: BenchGuest, plugged: int) -> list[dict[str, Any]]:
+    """The snapshot rows, on ``src`` (``plugged`` bytes plugged and filled; the writer
+    changes its content, nothing else)."""
     import os
     import tempfile
 
     from ramdiscard.guest.writer import DeviceTarget, GuestWriter
     from ramdiscard.migration.snapshot import background_snapshot
 
-    plugged = 256 * MiB if quick else 1 * GiB
-    region = 1 * GiB if quick else 4 * GiB
-    src = BenchGuest(region, 2 * MiB)
+    region = src.dev.region_size
     writer = GuestWriter([DeviceTarget(src.dev, src.ram)], threading.RLock(), rate=WRITE_RATE, seed=9)
     fd, path = tempfile.mkstemp(prefix="rd-bench-snap-", dir="/var/tmp")
     try:
-        src.plug_spread(plugged)
-        src.fill()
         writer.start()
         time.sleep(0.2)
         writer.page_latencies(reset=True)
@@ -46,7 +44,6 @@ def run_snapshot(quick: bool = False) -> list[dict[str, Any]]:
         writer.stop()
         os.close(fd)
         os.unlink(path)
-        src.close()
     p99, base = _p99(during), _p99(quiet)
     tag = f"{format_size(region)}-region-{format_size(plugged)}-plugged"
     alloc = st.st_blocks * 512
