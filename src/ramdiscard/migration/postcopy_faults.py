@@ -84,7 +84,8 @@ class _Handler:
     def __init__(self, uffd: int, main: socket.socket, prio: socket.socket, cfg: HandlerConfig) -> None:
         self.fd, self.main, self.prio, self.cfg = uffd, main, prio, cfg
         self.lock = threading.Lock()
-        self.placed = [bytearray(size // w.PAGE) for size in cfg.sizes]
+        # One flag per page of each plugged run (a 1 TiB region with 1 GiB plugged: 256 KiB).
+        self.placed = [[bytearray(n // w.PAGE) for _s, n in runs] for runs in cfg.plugged]
         self.starts = [[s for s, _n in runs] for runs in cfg.plugged]
         self.missing = sum(n for runs in cfg.plugged for _s, n in runs) // w.PAGE
         self.pending: dict[tuple[int, int], float] = {}
@@ -97,11 +98,12 @@ class _Handler:
         self.finished = threading.Event()
         self.t0 = time.perf_counter()
 
-    def run_of(self, region: int, offset: int) -> tuple[int, int] | None:
+    def run_of(self, region: int, offset: int) -> tuple[int, int, int] | None:
+        """(index, start, length) of the plugged run holding ``offset``, if any."""
         runs = self.cfg.plugged[region]
         i = bisect_right(self.starts[region], offset) - 1
         if i >= 0 and offset < runs[i][0] + runs[i][1]:
-            return runs[i]
+            return i, runs[i][0], runs[i][1]
         return None
 
     def fail(self, message: str) -> None:
@@ -118,7 +120,7 @@ class _Handler:
 
     def place(self, region: int, offset: int, src: int | None, length: int) -> None:
         run = self.run_of(region, offset)
-        if run is None or offset + length > run[0] + run[1]:
+        if run is None or offset + length > run[1] + run[2]:
             raise StreamError(f"postcopy: pages [{offset:#x}, +{length:#x}) of region {region} not plugged")
         dst = self.cfg.addrs[region] + offset
         if src is None:
@@ -127,10 +129,11 @@ class _Handler:
             um.copy(self.fd, dst, src, length)
         now = time.perf_counter()
         a, b = offset // w.PAGE, (offset + length) // w.PAGE
+        base = run[1] // w.PAGE
         with self.lock:
-            flags = self.placed[region]
-            self.missing -= (b - a) - flags.count(1, a, b)
-            flags[a:b] = b"\x01" * (b - a)
+            flags = self.placed[region][run[0]]
+            self.missing -= (b - a) - flags.count(1, a - base, b - base)
+            flags[a - base : b - base] = b"\x01" * (b - a)
             for p in range(a, b):
                 t = self.pending.pop((region, p), None)
                 if t is not None:
@@ -207,18 +210,20 @@ class _Handler:
             with self.lock:
                 self.zero_faults += 1
             return
+        i, run_start, run_len = run
+        base = run_start // w.PAGE
+        flags = self.placed[region][i]
         with self.lock:
-            if self.placed[region][page]:
+            if flags[page - base]:
                 return
             self.faults += 1
             self.pending.setdefault((region, page), now)
             if (region, page) in self.requested:
                 return
             win = self.cfg.window
-            start = max(run[0], offset - offset % win)
-            end = min(run[0] + run[1], start + win)
-            flags = self.placed[region]
-            while start < offset and flags[start // w.PAGE]:
+            start = max(run_start, offset - offset % win)
+            end = min(run_start + run_len, start + win)
+            while start < offset and flags[start // w.PAGE - base]:
                 start += w.PAGE
             for p in range(start // w.PAGE, end // w.PAGE):
                 self.requested[(region, p)] = now

@@ -37,6 +37,7 @@ import select
 import socket
 import threading
 import time
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -80,7 +81,9 @@ class _Regions:
         self.regions = regions
         self.views = [r.view for r in regions]
         self.runs = [r.populated_runs() for r in regions]
-        self.sent = [bytearray(r.size // w.PAGE) for r in regions]
+        self.starts = [[s for s, _n in runs] for runs in self.runs]
+        # One flag per page of each populated run (not per page of the region).
+        self.sent = [[bytearray(n // w.PAGE) for _s, n in runs] for runs in self.runs]
         self.lock = threading.Lock()
 
     def clip(self, index: int, start: int, end: int) -> list[tuple[int, int, bool]]:
@@ -100,10 +103,13 @@ class _Regions:
         return out
 
     def mark(self, index: int, start: int, end: int) -> bool:
-        """Mark pages sent; False if all were sent already."""
-        a, b = start // w.PAGE, end // w.PAGE
+        """Mark the pages of ``[start, end)`` (inside one populated run) sent; False if all
+        were sent already."""
+        i = bisect_right(self.starts[index], start) - 1
+        base = self.runs[index][i][0]
+        a, b = (start - base) // w.PAGE, (end - base) // w.PAGE
         with self.lock:
-            flags = self.sent[index]
+            flags = self.sent[index][i]
             if flags.count(1, a, b) == b - a:
                 return False
             flags[a:b] = b"\x01" * (b - a)
