@@ -33,6 +33,7 @@ class Machine:
         dynamic: bool = False,
         dev_id: str = "vmem0",
         thp: bool = True,
+        prealloc: bool = False,
     ) -> None:
         kw = {"thp": thp} if backing == "anonymous" else {}
         self.ram = RamBlock(size, backing, name=f"{dev_id}-ram", **kw)  # type: ignore[arg-type]
@@ -47,6 +48,7 @@ class Machine:
             policy=self.policy,
             dynamic_memslots=dynamic,
             memslot_limit=4 if dynamic else None,
+            prealloc=prealloc,
         )
         self.root = MemoryRegion.new_container("system", addr + size)
         self.low: RamBlock | None = None

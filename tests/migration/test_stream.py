@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ramdiscard.migration.checksum import Checksum, address, available, digest
+from ramdiscard.migration.decoder import Decoder
 from ramdiscard.migration.stream import (
     Counter,
-    Decoder,
     DeviceState,
     End,
     PageData,
@@ -203,8 +203,8 @@ def test_page_data_in_pieces(algo: Checksum, cuts: list[int], at: bool) -> None:
 
 
 def test_live_stream_interleaves_and_is_refused_by_old_readers() -> None:
+    from ramdiscard.migration.decoder import Decoder
     from ramdiscard.migration.stream import (
-        Decoder,
         DeviceState,
         Round,
         StreamFlags,

@@ -12,7 +12,8 @@ e.g. why a C floor was skipped. A row without ``group`` gets its area's name
 
 Targets (ratio, at most): hostmem populate/discard 1.1 from 2 MiB chunks; virtio_mem
 plug/unplug cost at 4 TiB vs 16 GiB 1.1; vfio plug 1.15, unplug 1.25; migration 1.3 (TCP
-vs raw copy) and 1.2 (1 TiB vs 4 GiB region); guest driver 3.0.
+vs raw copy) and 1.2 (1 TiB vs 4 GiB region); guest driver 3.0; postcopy fault latency
+p99 5 ms (absolute).
 """
 
 from __future__ import annotations
@@ -28,8 +29,14 @@ BENCH_MODULES = [
     "ramdiscard.bench.vfio",
     "ramdiscard.bench.guest",
     "ramdiscard.bench.migration",
+    "ramdiscard.bench.postcopy",
 ]
-HELPER_MODULES = ["ramdiscard.bench.cfloor"]
+HELPER_MODULES = [
+    "ramdiscard.bench.cfloor",
+    "ramdiscard.bench.migration_guest",
+    "ramdiscard.bench.migration_precopy",
+    "ramdiscard.bench.migration_snapshot",
+]
 """Modules of :mod:`ramdiscard.bench` that are no benchmark (shared machinery)."""
 
 

@@ -44,11 +44,11 @@ from typing import TYPE_CHECKING, BinaryIO
 from ramdiscard.interfaces import DiscardableMemory
 from ramdiscard.migration.busy import Freeze, frozen
 from ramdiscard.migration.checksum import address, digest
+from ramdiscard.migration.decoder import Decoder
 from ramdiscard.migration.layout import RamRegion, collect_regions
 from ramdiscard.migration.progress import ProgressFn, ProgressTracker
 from ramdiscard.migration.source import MigrationStats
 from ramdiscard.migration.stream import (
-    Decoder,
     DeviceState,
     End,
     Limits,

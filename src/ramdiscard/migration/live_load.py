@@ -9,10 +9,9 @@ Rules (format in ``docs/migration-format.md``):
   received. Nothing outside plugged runs is ever populated; a failure resets the
   destination to all discarded, as :func:`ramdiscard.migration.load` does.
 * The destination acknowledges its read position to the source (``AK`` + u64, at most
-  every :data:`~ramdiscard.migration.precopy.ACK_INTERVAL` s while data arrives) ahead of
+  every :data:`~ramdiscard.migration.returnpath.ACK_INTERVAL` s while data arrives) ahead of
   its final status, so the source can tell a stalled destination from full socket buffers.
 """
-
 
 from __future__ import annotations
 
@@ -48,8 +47,9 @@ if TYPE_CHECKING:
     from ramdiscard.memory import AddressSpace
     from ramdiscard.providers.virtio_mem import VirtioMem
 
-from ramdiscard.migration.precopy import ACK_INTERVAL, PAGE, RETURN_MSG, RETURN_POS
+from ramdiscard.migration.returnpath import ACK_INTERVAL, RETURN_MSG, RETURN_POS
 from ramdiscard.migration.runs import Coverage, subtract
+from ramdiscard.migration.tracking import PAGE
 
 
 @dataclass
@@ -69,6 +69,7 @@ def load_live(
 ) -> LiveLoadStats:
     """Load a live (or stop-and-copy) stream from ``reader`` (module rules). Raises
     MigrationError with the destination reset to all discarded."""
+    from ramdiscard.migration.decoder import Decoder
     from ramdiscard.migration.destination import (
         Incoming,
         check_state,
@@ -78,7 +79,6 @@ def load_live(
         stream_limits,
     )
     from ramdiscard.migration.progress import ProgressTracker
-    from ramdiscard.migration.stream import Decoder
     from ramdiscard.providers.virtio_mem.persist import decode_state
 
     t0 = time.perf_counter()
@@ -193,41 +193,68 @@ def receive_live(
     """Accept one source on ``listen_socket`` and load its stream (live or not); the
     source is told the outcome. ``read_timeout`` bounds every silence of the source.
     Raises MigrationError (destination reset), TimeoutError when nobody connected."""
-    from ramdiscard.migration.tcp import drain_peer, tune_socket
-
     listen_socket.settimeout(accept_timeout)
     conn, _peer = listen_socket.accept()
     with conn:
-        conn.settimeout(read_timeout)
-        tune_socket(conn)
         if on_connection is not None:
             on_connection(conn)
-        reader = _CountingReader(conn)
-        acker = _Acker(conn, reader)
-        try:
-            stats = load_live(address_space, devices, reader, on_round=on_round)
-        except Exception as exc:
-            acker.close()
-            try:
-                send_status(conn, str(exc) or type(exc).__name__)
-                if not isinstance(exc, ReadTimeout):
-                    drain_peer(conn)
-            except OSError:
-                pass
-            raise
+        return serve_live(conn, address_space, devices, read_timeout=read_timeout, on_round=on_round)
+
+
+def serve_live(
+    conn: socket.socket,
+    address_space: AddressSpace,
+    devices: Sequence[VirtioMem],
+    *,
+    read_timeout: float = IO_TIMEOUT,
+    on_round: Callable[[int], None] | None = None,
+    prefix: bytes = b"",
+) -> LiveLoadStats:
+    """:func:`receive_live` on an accepted connection; ``prefix``: the stream's first
+    bytes, already read from ``conn``."""
+    from ramdiscard.migration.tcp import drain_peer, tune_socket
+
+    conn.settimeout(read_timeout)
+    tune_socket(conn)
+    reader = _CountingReader(conn, prefix)
+    acker = _Acker(conn, reader)
+    try:
+        stats = load_live(address_space, devices, reader, on_round=on_round)
+    except Exception as exc:
         acker.close()
-        send_status(conn, None)
+        try:
+            send_status(conn, str(exc) or type(exc).__name__)
+            if not isinstance(exc, ReadTimeout):
+                drain_peer(conn)
+        except OSError:
+            pass
+        raise
+    acker.close()
+    send_status(conn, None)
     return stats
 
 
 class _CountingReader(SocketReader):
     """A SocketReader that counts what it has read (the acknowledged position)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, prefix: bytes = b"") -> None:
         super().__init__(sock)
         self.position = 0
+        self._prefix = prefix
 
     def read_exact(self, view: memoryview, on_data: Callable[[int, int], None] | None = None) -> None:
+        if self._prefix:  # bytes read before this reader existed come first
+            k = min(len(self._prefix), view.nbytes)
+            view[:k] = self._prefix[:k]
+            self._prefix = self._prefix[k:]
+            self.position += k
+            if on_data is not None:
+                on_data(0, k)
+                inner = on_data
+                on_data = lambda offset, length: inner(offset + k, length)  # noqa: E731
+            view = view[k:]
+            if not view.nbytes:
+                return
         if on_data is None:
             super().read_exact(view)
         else:

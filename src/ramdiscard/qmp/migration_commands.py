@@ -35,9 +35,9 @@ Rules (QEMU qapi/migration.json shapes):
   ``migrate`` checks again before anything is protected (pins may have appeared
   since); the reply is QEMU's "Background-snapshot is not compatible with guest memory
   configuration" with the consumers named, and the machine runs on.
-* Capabilities ``postcopy-ram`` and ``postcopy-preempt`` are known but not implemented
-  here: ``migrate`` with one of them set is refused with a one-line error, changing
-  nothing.
+* Capabilities ``postcopy-ram`` and ``postcopy-preempt``, ``migrate-start-postcopy``
+  and the ``postcopy-active`` status: :mod:`ramdiscard.qmp.postcopy_commands`.
+  ``postcopy-preempt`` without ``postcopy-ram`` is refused by ``migrate``.
 * ``x-ramdiscard-memory-digest``: per RAM region, its populated runs and a SHA-256 over
   their content (and the runs); refused while the guest runs (the content moves).
 """
@@ -54,9 +54,13 @@ from typing import Any
 from ramdiscard import migration
 from ramdiscard.fileio import create_output
 from ramdiscard.migration.digest import memory_digest
-from ramdiscard.migration.live_load import receive_live
+from ramdiscard.migration.live_load import serve_live
+from ramdiscard.migration.postcopy_dest import PostcopyDestStats
+from ramdiscard.migration.postcopy_source import PostcopySource
+from ramdiscard.migration.postcopy_wire import MAIN_PREAMBLE
 from ramdiscard.migration.precopy import PrecopyParams, PrecopySource, PrecopyStats, precopy_to
 from ramdiscard.migration.transport import IO_TIMEOUT
+from ramdiscard.qmp import postcopy_commands as postcopy
 from ramdiscard.qmp.backend import Outcome, Param, check_arguments
 from ramdiscard.qmp.events import QmpEvent
 from ramdiscard.qmp.machine_backend import MachineBackend, MachineLike
@@ -65,7 +69,6 @@ from ramdiscard.units import format_size
 
 RESIZE_CAP = "x-ramdiscard-resize-during-migration"
 CAPABILITIES = ("postcopy-ram", "postcopy-preempt", "background-snapshot", "mapped-ram", RESIZE_CAP)
-UNSUPPORTED = ("postcopy-ram", "postcopy-preempt")
 PAGE = 4096
 
 Handler = Callable[[dict[str, Any]], Outcome]
@@ -127,6 +130,8 @@ class LiveMachineBackend(MachineBackend):
         self._t0 = 0.0
         self._stopped_by_user = False
         self._snap_cancel = threading.Event()
+        self.postcopy_source: PostcopySource | None = None
+        self.postcopy_dest: PostcopyDestStats | None = None
         if incoming and incoming != "defer":
             self._listen(incoming)
 
@@ -139,7 +144,8 @@ class LiveMachineBackend(MachineBackend):
         if self._emit is not None:
             self._emit(QmpEvent(name, data, time.time()))
 
-    def _set_status(self, status: str) -> None:
+    def set_status(self, status: str) -> None:
+        """Set the migration status and emit QEMU's ``MIGRATION`` event for it."""
         self.mstatus = status
         self._event("MIGRATION", {"status": status})
 
@@ -155,6 +161,7 @@ class LiveMachineBackend(MachineBackend):
                 raw(self._cmd_set_params),
                 (Param("downtime-limit", "any", False), Param("max-bandwidth", "any", False)),
             ),
+            "migrate-start-postcopy": (raw(lambda _a: postcopy.start_postcopy(self)), ()),
             "query-migrate": (raw(lambda _a: self.query_migrate()), ()),
             "query-migrate-capabilities": (
                 raw(lambda _a: [{"capability": k, "state": v} for k, v in self.caps.items()]),
@@ -167,7 +174,7 @@ class LiveMachineBackend(MachineBackend):
     # -- commands -------------------------------------------------------------------------
 
     def _busy(self) -> bool:
-        return self.mstatus in ("setup", "active", "device")
+        return self.mstatus in ("setup", "active", "device", "postcopy-active")
 
     def _cmd_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
         uri: str = args["uri"]
@@ -175,9 +182,10 @@ class LiveMachineBackend(MachineBackend):
         tcp = kind == "tcp" and rest.rpartition(":")[2].isdigit()
         if not tcp and not (kind == "file" and rest):
             raise QmpError(f"Invalid migration URI '{uri[:256]}': expected file:PATH or tcp:HOST:PORT")
-        wanted = [c for c in UNSUPPORTED if self.caps[c]]
-        if wanted:
-            raise QmpError(f"capability {wanted[0]} is not supported by this build; migration not started")
+        if self.caps["postcopy-preempt"] and not self.caps["postcopy-ram"]:
+            raise QmpError("Postcopy preempt requires postcopy-ram; migration not started")
+        if not tcp and self.caps["postcopy-ram"]:
+            raise QmpError("capability postcopy-ram needs a tcp: URI; migration not started")
         if tcp and self.caps["background-snapshot"]:
             raise QmpError("capability background-snapshot needs a file: URI; migration not started")
         if self.caps["background-snapshot"]:
@@ -192,7 +200,7 @@ class LiveMachineBackend(MachineBackend):
             self._migrating, self._cancelled = True, False
             self._snap_cancel = threading.Event()
         self.stats, self.error, self._t0 = None, None, time.perf_counter()
-        self._set_status("setup")
+        self.set_status("setup")
         target = self._run_tcp if tcp else self._run_file
         self._live_thread = threading.Thread(
             target=target, args=(rest,), name="ramdiscard-migrate", daemon=True
@@ -200,18 +208,31 @@ class LiveMachineBackend(MachineBackend):
         self._live_thread.start()
         return {}
 
-    def _finish(self, ok: bool) -> None:
+    def adopt_postcopy_source(self, src: PostcopySource) -> None:
+        """Make ``src`` the running postcopy (``migrate_cancel`` aborts it); aborted at
+        once if a cancel came first."""
+        with self._state:
+            self.postcopy_source = src
+            if self._cancelled:
+                src.abort()
+
+    def finish(self, ok: bool) -> None:
+        """End the running migration: status ``completed`` when ``ok``, else ``cancelled``
+        (after ``migrate_cancel``) or ``failed``; waiters on the machine are woken."""
         with self._state:
             self._migrating, self._sock, self._source = False, None, None
             self._idle.notify_all()
         if ok:
-            self._set_status("completed")
+            self.set_status("completed")
         else:
-            self._set_status("cancelled" if self._cancelled else "failed")
+            self.set_status("cancelled" if self._cancelled else "failed")
 
     def _run_tcp(self, rest: str) -> None:
         host, _s, port = rest.rpartition(":")
         m = self.machine
+        if self.caps["postcopy-ram"]:
+            postcopy.run_source(self, _Guest(m), host.strip("[]"), int(port))
+            return
         with m.lock:
             devices = list(m.devices.values())
             space = m.space
@@ -225,7 +246,7 @@ class LiveMachineBackend(MachineBackend):
         def progress(st: PrecopyStats) -> None:
             self.stats = st
             if st.status == "active" and self.mstatus == "setup":
-                self._set_status("active")
+                self.set_status("active")
             if st.rounds > seen[0]:
                 seen[0] = st.rounds
                 self._event("MIGRATION_PASS", {"pass": st.rounds})
@@ -249,7 +270,7 @@ class LiveMachineBackend(MachineBackend):
         except (OSError, migration.MigrationError) as exc:
             self.error = str(exc)
         finally:
-            self._finish(ok)
+            self.finish(ok)
 
     def _run_background(self, path: str) -> None:
         from ramdiscard.migration.snapshot import background_snapshot
@@ -260,7 +281,7 @@ class LiveMachineBackend(MachineBackend):
             space = m.space
         st = PrecopyStats(status="active")
         self.stats = st
-        self._set_status("active")
+        self.set_status("active")
         with create_output(path, "migration file") as f:
             snap = background_snapshot(
                 space, devices, f, _Guest(m), cancel=self._snap_cancel, timeout=self.migrate_timeout
@@ -278,19 +299,19 @@ class LiveMachineBackend(MachineBackend):
             except (OSError, migration.MigrationError) as exc:
                 self.error = str(exc)
             finally:
-                self._finish(ok)
+                self.finish(ok)
             return
         try:
             with self.machine.lock:
                 devices = list(self.machine.devices.values())
-                self._set_status("active")
+                self.set_status("active")
                 with create_output(path, "migration file") as f:
                     migration.save(self.machine.space, devices, f)
             ok = True
         except (OSError, migration.MigrationError) as exc:
             self.error = str(exc)
         finally:
-            self._finish(ok)
+            self.finish(ok)
 
     def migrate_cancel(self) -> None:
         with self._state:
@@ -300,6 +321,8 @@ class LiveMachineBackend(MachineBackend):
             self._snap_cancel.set()
             if self._source is not None:
                 self._source.cancel.set()
+            if self.postcopy_source is not None:
+                self.postcopy_source.abort()
             if self._sock is not None:
                 with contextlib.suppress(OSError):
                     self._sock.shutdown(socket.SHUT_RDWR)
@@ -381,6 +404,7 @@ class LiveMachineBackend(MachineBackend):
             }
             if st.fallback:
                 out["x-ramdiscard-fallback"] = st.fallback
+        postcopy.query_extra(self, out)
         if self.error and self.mstatus in ("failed", "cancelled"):
             out["error-desc"] = self.error
         return out
@@ -408,22 +432,27 @@ class LiveMachineBackend(MachineBackend):
         with m.lock:
             devices = list(m.devices.values())
             space = m.space
-        ok = False
+        ok = is_postcopy = False
         try:
             with ls:
-
-                def connected(_conn: socket.socket) -> None:
-                    self._set_status("active")
-
-                receive_live(
-                    ls, space, devices, read_timeout=self.migrate_timeout, on_connection=connected,
-                    on_round=lambda n: self._event("MIGRATION_PASS", {"pass": n}),
-                )  # fmt: skip
+                conn, _peer = ls.accept()
+                with conn:
+                    self.set_status("active")
+                    conn.settimeout(self.migrate_timeout)
+                    head = conn.recv(len(MAIN_PREAMBLE), socket.MSG_WAITALL)
+                    if head == MAIN_PREAMBLE:
+                        is_postcopy = True
+                        postcopy.receive(self, conn, ls)
+                    else:
+                        serve_live(
+                            conn, space, devices, read_timeout=self.migrate_timeout, prefix=head,
+                            on_round=lambda n: self._event("MIGRATION_PASS", {"pass": n}),
+                        )  # fmt: skip
             ok = True
         except (OSError, migration.MigrationError) as exc:
             self.error = str(exc)
-        self._set_status("completed" if ok else "failed")
-        if not ok:
+        self.set_status("completed" if ok else "failed")
+        if not ok or is_postcopy:
             return
         resume = getattr(m, "resume_incoming", None)
         if callable(resume):

@@ -427,7 +427,7 @@ class VirtioMem(PlugStateManager):
         with self.lock:
             return persist.encode_state(self._plug.image(self._node))
 
-    def restore(self, image: bytes | bytearray | memoryview) -> None:
+    def restore(self, image: bytes | bytearray | memoryview, *, incoming_postcopy: bool = False) -> None:
         """Load an image into this device, which must have nothing plugged.
 
         All-or-nothing: a corrupt image, one whose addr/region/block size/node differ from
@@ -435,6 +435,8 @@ class VirtioMem(PlugStateManager):
         before anything changes. Then unplugged ranges are discarded again, plugged ones
         preallocated (``prealloc``), memslots holding plugged blocks mapped and populate
         notified per plugged run; a failure there is undone and raises StateError.
+        ``incoming_postcopy`` (QEMU's post_load rules while pages still arrive): unplugged
+        ranges are not discarded again and nothing is preallocated (a touch would fault).
         """
         state = persist.decode_state(image)
         with self._topology_lock(), self.lock:
@@ -442,7 +444,7 @@ class VirtioMem(PlugStateManager):
             self._check_not_notifying("load device state")
             persist.check_sanity(state, self._plug.sanity(self._node), f"device {self._id!r}")
             plan = self._plug.plan_restore(state)
-            self._effects.restore(plan, self._prealloc)
+            self._effects.restore(plan, self._prealloc, incoming_postcopy=incoming_postcopy)
 
     save_state = save
     load_state = restore

@@ -319,15 +319,16 @@ class Effects:
             self.memslots.unmap_free(0, self.core.region_size, self.core.all_unplugged)
         return _ACK
 
-    def restore(self, plan: RestorePlan, prealloc: bool = False) -> None:
-        """Apply a checked restore plan (module rules); StateError with nothing changed."""
+    def restore(self, plan: RestorePlan, prealloc: bool = False, *, incoming_postcopy: bool = False) -> None:
+        """Apply a checked restore plan (module rules); StateError with nothing changed.
+        ``incoming_postcopy``: no discard of unplugged ranges, no preallocation."""
         ram = self.host.ram
         try:
-            for offset, size in plan.unplugged:
+            for offset, size in [] if incoming_postcopy else plan.unplugged:
                 ram.discard_range(offset, size)
         except Exception as exc:
             raise StateError(f"virtio-mem load: discarding unplugged memory failed: {exc}") from exc
-        if prealloc:
+        if prealloc and not incoming_postcopy:
             try:
                 for offset, size in plan.plugged:
                     ram.populate(offset, size)

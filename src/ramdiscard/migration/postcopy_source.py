@@ -1,0 +1,322 @@
+"""Postcopy, the source side: hand the guest over first, send its memory afterwards.
+
+Rules (live-migration.md; wire in :mod:`ramdiscard.migration.postcopy_wire`):
+
+* :meth:`PostcopySource.run` connects the main channel (and sends its preamble, so a
+  destination that cannot take a postcopy refuses at once, the guest still running
+  here) and freezes the devices (BUSY, as QEMU's ``virtio_mem_is_busy``) until the
+  end. Status ``active`` until
+  :attr:`PostcopySource.start` is set (``migrate-start-postcopy``): ramdiscard runs no
+  precopy rounds before it (pure postcopy), the guest keeps running meanwhile.
+* Switchover: the guest is paused, the device states go out (REGION table, DEVICE
+  states, END: the destination starts its guest from them), the priority channel is
+  connected; status ``postcopy-active``. ``downtime`` is the pause up to that point.
+* Then the populated runs (the manager's ``replay_populated``; the whole region
+  without a manager: discarded memory is never read) go out in ascending 1 MiB pieces
+  on the main channel, pieces already sent on request skipped, then ``DN``
+  (``max_bandwidth``: at most that many bytes per second, as QEMU's
+  max-postcopy-bandwidth; answers to requests are never held back). A request
+  (``RQ`` on the priority channel) is answered at once with the populated parts of its
+  range, on the priority channel when ``preempt`` (QEMU's ``postcopy-preempt``), else
+  on the main channel between two background pieces. A requested range that is not
+  populated is answered ``ZR`` and counted in :attr:`PostcopyStats.unplugged_requests`
+  (a correct destination never asks: it resolves such faults itself).
+* Completion only when the destination says ``OK`` (every page placed, devices
+  loaded): status ``completed``, the guest stays paused (``postmigrate``).
+* Failure or cancel before the switchover: the guest runs on, nothing changed. After
+  it (destination gone or refusing, channels silent for ``io_timeout``, cancel): the
+  guest stays **paused** with its memory, pins and plugged state intact (the
+  destination may have run the guest meanwhile: resuming here could run it twice); the
+  devices are unfrozen; ``cont`` resumes it from the switchover state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import threading
+import time
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ramdiscard.migration import postcopy_wire as w
+from ramdiscard.migration.busy import frozen
+from ramdiscard.migration.layout import RamRegion, collect_regions
+from ramdiscard.migration.precopy import GuestControl, PrecopyStats
+from ramdiscard.migration.stream import (
+    Counter,
+    MigrationError,
+    StreamError,
+    StreamFlags,
+    encode_device,
+    encode_end,
+    encode_region,
+    encode_stream_header,
+)
+from ramdiscard.migration.transport import IO_TIMEOUT, STATUS_TIMEOUT, SocketReader, recv_status
+
+if TYPE_CHECKING:
+    from ramdiscard.memory import AddressSpace
+    from ramdiscard.providers.virtio_mem import VirtioMem
+
+
+@dataclass
+class PostcopyStats(PrecopyStats):
+    """Precopy's figures plus postcopy's own."""
+
+    requests: int = 0
+    request_bytes: int = 0
+    unplugged_requests: int = 0
+    background_bytes: int = 0
+    switched: bool = False
+
+
+class _Regions:
+    """The source's populated runs and what was sent of them, per region."""
+
+    def __init__(self, regions: list[RamRegion]) -> None:
+        self.regions = regions
+        self.views = [r.view for r in regions]
+        self.runs = [r.populated_runs() for r in regions]
+        self.starts = [[s for s, _n in runs] for runs in self.runs]
+        # One flag per page of each populated run (not per page of the region).
+        self.sent = [[bytearray(n // w.PAGE) for _s, n in runs] for runs in self.runs]
+        self.lock = threading.Lock()
+
+    def clip(self, index: int, start: int, end: int) -> list[tuple[int, int, bool]]:
+        """``[start, end)`` cut into (offset, length, populated) pieces."""
+        out: list[tuple[int, int, bool]] = []
+        pos = start
+        for s, n in self.runs[index]:
+            a, b = max(s, pos), min(s + n, end)
+            if a >= b:
+                continue
+            if a > pos:
+                out.append((pos, a - pos, False))
+            out.append((a, b - a, True))
+            pos = b
+        if pos < end:
+            out.append((pos, end - pos, False))
+        return out
+
+    def mark(self, index: int, start: int, end: int) -> bool:
+        """Mark the pages of ``[start, end)`` (inside one populated run) sent; False if all
+        were sent already."""
+        i = bisect_right(self.starts[index], start) - 1
+        base = self.runs[index][i][0]
+        a, b = (start - base) // w.PAGE, (end - base) // w.PAGE
+        with self.lock:
+            flags = self.sent[index][i]
+            if flags.count(1, a, b) == b - a:
+                return False
+            flags[a:b] = b"\x01" * (b - a)
+            return True
+
+
+class PostcopySource:
+    """One postcopy to ``host:port`` (module rules). ``start`` switches over, ``cancel``
+    (with ``shutdown`` of the sockets, see :meth:`abort`) stops it."""
+
+    def __init__(
+        self,
+        address_space: AddressSpace,
+        devices: Sequence[VirtioMem],
+        host: str,
+        port: int,
+        guest: GuestControl | None,
+        *,
+        preempt: bool = True,
+        max_bandwidth: int = 0,
+        timeout: float | None = STATUS_TIMEOUT,
+        io_timeout: float = IO_TIMEOUT,
+        progress: Callable[[PostcopyStats], None] | None = None,
+    ) -> None:
+        self.space, self.devices, self.addr = address_space, list(devices), (host, port)
+        self.guest, self.preempt = guest, preempt
+        self.max_bandwidth = max_bandwidth
+        self.timeout, self.io_timeout = timeout, io_timeout
+        self.progress = progress
+        self.stats = PostcopyStats()
+        self.start = threading.Event()
+        self.cancel = threading.Event()
+        self.socks: list[socket.socket] = []
+        self._main_lock = threading.Lock()
+        self._error: BaseException | None = None
+
+    def abort(self) -> None:
+        """Cancel from another thread: every channel is shut down."""
+        self.cancel.set()
+        self.start.set()
+        for s in list(self.socks):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def _report(self, status: str | None = None) -> None:
+        if status is not None:
+            self.stats.status = status
+        if self.progress is not None:
+            self.progress(self.stats)
+
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection(self.addr, timeout=self.timeout)
+        self.socks.append(sock)
+        sock.settimeout(self.io_timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+        return sock
+
+    def run(self) -> PostcopyStats:
+        """Raises MigrationError (module rules say in which state the source is left)."""
+        st, t0 = self.stats, time.perf_counter()
+        try:
+            with frozen(self.devices):
+                main = self._connect()
+                main.sendall(w.MAIN_PREAMBLE)
+                st.setup_time = time.perf_counter() - t0
+                self._report("active")
+                poller = select.poll()
+                poller.register(main.fileno(), select.POLLIN)
+                while not self.start.wait(0.05):
+                    if poller.poll(0):  # the destination refused (or went away) already
+                        main.settimeout(self.timeout)
+                        raise MigrationError(f"the destination refused the migration: {recv_status(main)}")
+                if self.cancel.is_set():
+                    raise MigrationError("migration cancelled")
+                self._switchover(main, t0)
+        except BaseException as exc:
+            st.status = "cancelled" if self.cancel.is_set() else "failed"
+            if isinstance(exc, MigrationError):
+                if self.cancel.is_set():
+                    raise MigrationError("migration cancelled") from None
+                raise
+            if isinstance(exc, OSError):
+                if self.cancel.is_set():
+                    raise MigrationError("migration cancelled") from None
+                raise MigrationError(f"postcopy failed: {exc.strerror or exc}") from None
+            raise
+        finally:
+            for s in self.socks:
+                s.close()
+        return st
+
+    def _switchover(self, main: socket.socket, t0: float) -> None:
+        st = self.stats
+        t_down = time.perf_counter()
+        if self.guest is not None:
+            self.guest.pause()
+        st.switched = True
+        regions = _Regions(collect_regions(self.space, self.devices))
+        st.total_bytes = st.remaining = sum(n for runs in regions.runs for _s, n in runs)
+        counter = Counter()
+        parts = [encode_stream_header(StreamFlags.NONE)]
+        for r in regions.regions:
+            parts.append(encode_region(r.info()))
+            counter.meta()
+        for r in regions.regions:
+            if r.device is not None:
+                parts.append(encode_device(r.index, r.device.save_state()))
+                counter.meta()
+        parts.append(encode_end(counter.end()))
+        main.sendall(b"".join(parts))
+        prio = self._connect()
+        prio.sendall(w.PRIORITY_HELLO)
+        st.downtime = time.perf_counter() - t_down
+        self._report("postcopy-active")
+        answers = threading.Thread(
+            target=self._serve_requests, args=(regions, prio, prio if self.preempt else main),
+            name="ramdiscard-postcopy-requests", daemon=True,
+        )  # fmt: skip
+        answers.start()
+        try:
+            self._background(regions, main)
+            main.settimeout(self.timeout)
+            error = recv_status(main)
+        except (OSError, MigrationError) as exc:
+            if self._error is not None:
+                raise MigrationError(f"postcopy failed: {self._error}") from exc
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                prio.shutdown(socket.SHUT_RDWR)
+            answers.join(5)
+        if self.cancel.is_set():
+            raise MigrationError("migration cancelled")
+        if error is not None:
+            raise MigrationError(f"the destination failed the postcopy: {error}")
+        st.remaining = 0
+        st.total_time = time.perf_counter() - t0
+        st.page_bytes = st.background_bytes + st.request_bytes
+        st.pages_sent = st.page_bytes // w.PAGE
+        self._report("completed")
+
+    def _send(self, sock: socket.socket, header: bytes, data: memoryview | None, shared: bool) -> None:
+        with self._main_lock if shared else contextlib.nullcontext():
+            if data is None:
+                sock.sendall(header)
+            else:
+                n = sock.sendmsg([header, data])
+                if n < len(header):
+                    sock.sendall(header[n:])
+                    sock.sendall(data)
+                elif n - len(header) < data.nbytes:
+                    sock.sendall(data[n - len(header) :])
+            self.stats.stream_bytes += len(header) + (0 if data is None else data.nbytes)
+
+    def _background(self, regions: _Regions, main: socket.socket) -> None:
+        st = self.stats
+        t0 = time.perf_counter()
+        for index, runs in enumerate(regions.runs):
+            view = regions.views[index]
+            for s, n in runs:
+                pos, end = s, s + n
+                while pos < end:
+                    if self.cancel.is_set():
+                        raise MigrationError("migration cancelled")
+                    k = min(w.MAX_PIECE, end - pos)
+                    if regions.mark(index, pos, pos + k):
+                        self._send(main, w.encode(w.PG, index, pos, k), view[pos : pos + k], True)
+                        st.background_bytes += k
+                        rate = self.max_bandwidth
+                        while rate and (ahead := st.background_bytes / rate - (time.perf_counter() - t0)) > 0:
+                            if self.cancel.wait(min(ahead, 0.05)):
+                                raise MigrationError("migration cancelled")
+                    st.remaining = max(0, st.remaining - k)
+                    pos += k
+        self._send(main, w.encode(w.DN, 0, st.background_bytes, 0), None, True)
+
+    def _serve_requests(self, regions: _Regions, prio: socket.socket, out: socket.socket) -> None:
+        st = self.stats
+        sizes = [r.size for r in regions.regions]
+        head = bytearray(w.MSG.size)
+        reader = SocketReader(prio)
+        prio.settimeout(None)
+        shared = out is not prio
+        try:
+            while True:
+                try:
+                    reader.read_exact(memoryview(head))
+                except StreamError:
+                    return  # the destination closed the channel (done, or failed: the main channel says)
+                _kind, index, offset, length = w.check(head, w.RQ, sizes)
+                st.requests += 1
+                hole = False
+                for a, n, populated in regions.clip(index, offset, offset + length):
+                    if populated:
+                        regions.mark(index, a, a + n)
+                        self._send(out, w.encode(w.PG, index, a, n), regions.views[index][a : a + n], shared)
+                        st.request_bytes += n
+                    else:
+                        hole = True
+                        self._send(out, w.encode(w.ZR, index, a, n), None, shared)
+                st.unplugged_requests += hole
+        except (OSError, MigrationError) as exc:
+            if not self.cancel.is_set():
+                self._error = exc
+                for s in self.socks:
+                    with contextlib.suppress(OSError):
+                        s.shutdown(socket.SHUT_RDWR)
