@@ -29,20 +29,14 @@ from ramdiscard.qmp import serve_async
 from ramdiscard.rdm import DiscardPolicy
 from ramdiscard.realguest.launcher import BLOCK_SIZE, DEVICE_ADDR, LOW_RAM, RealGuest, Sizes
 from ramdiscard.realguest.memfd import mapped_identities
-from ramdiscard.realguest.qemu import QemuNotFound, find_qemu
 from ramdiscard.replay.events import parse_trace
 from ramdiscard.replay.trace import replay_trace
 from ramdiscard.units import GiB, MiB
+from tests.realguest.needs_qemu import BOOT_MARKS
 
 STEP_TIMEOUT = 180.0
 
-try:
-    find_qemu()
-    NO_QEMU = ""
-except QemuNotFound as exc:
-    NO_QEMU = str(exc)
-
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), pytest.mark.skipif(bool(NO_QEMU), reason=NO_QEMU)]
+pytestmark = BOOT_MARKS
 
 
 @pytest.fixture

@@ -11,21 +11,13 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from ramdiscard.machine.scenario import GuestScenario, load_any_scenario
-from ramdiscard.realguest.qemu import QemuNotFound, find_qemu
 from ramdiscard.units import MiB
+from tests.realguest.needs_qemu import BOOT_MARKS
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "real-guest.toml"
 
-try:
-    find_qemu()
-    NO_QEMU = ""
-except QemuNotFound as exc:
-    NO_QEMU = str(exc)
-
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), pytest.mark.skipif(bool(NO_QEMU), reason=NO_QEMU)]
+pytestmark = BOOT_MARKS
 
 
 def test_the_example_boots_and_plays_its_steps() -> None:
