@@ -333,7 +333,7 @@ class IoUringDmaBackend(DmaBackend):
         run = PinRun(self, ranges, OWN)
         run.private = slots
         self._run_pieces += len(ranges)
-        self._pinned_bytes += sum(run.sizes)
+        self._pinned_bytes += sum(map(_size_of, ranges))
         self._runs[id(run)] = run
         return run
 
@@ -347,7 +347,7 @@ class IoUringDmaBackend(DmaBackend):
             super()._unpin_run_impl(run, lo, hi)
             return
         rings = self._rings
-        sizes = run.sizes
+        ranges = run.ranges
         pos = 0
         try:
             for index, first, count in run.private:
@@ -364,7 +364,7 @@ class IoUringDmaBackend(DmaBackend):
                     ring.give_back(first + a - pos, got)
                     state[a : a + got] = bytes(got)
                     self._run_pieces -= got
-                    self._pinned_bytes -= sum(sizes[a : a + got])
+                    self._pinned_bytes -= sum(map(_size_of, ranges[a : a + got]))
                     a += got
                 pos += count
                 if pos >= hi:
@@ -384,7 +384,7 @@ class IoUringDmaBackend(DmaBackend):
     def _materialize(self, run: PinRun, i: int) -> PinHandle:
         """Make piece ``i`` (held by the run) the pin of a handle of its own."""
         ring, slot = _slot_of(run, i)
-        address, size = run.addresses[i], run.sizes[i]
+        address, size = run.ranges[i]
         handle = PinHandle(address, size, next_token())
         self._buffers[handle.token] = [Buffer(ring, slot, address, size)]
         self._handles[handle.token] = handle

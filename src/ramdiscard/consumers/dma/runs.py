@@ -39,34 +39,33 @@ HANDLE = 2
 
 
 class PinRun:
-    """The pins of one ``pin_run``: ``addresses[i]``, ``sizes[i]`` and ``state[i]`` of
-    piece ``i`` (:data:`OWN`, :data:`HANDLE` or :data:`RELEASED`), the per-piece handles
-    once made, and ``private``, the backend's record of its own pieces."""
+    """The pins of one ``pin_run``: ``ranges[i]`` (host address, size) and ``state[i]``
+    of piece ``i`` (:data:`OWN`, :data:`HANDLE` or :data:`RELEASED`), the per-piece
+    handles once made, and ``private``, the backend's record of its own pieces."""
 
-    __slots__ = ("addresses", "handles", "owner", "private", "sizes", "state")
+    __slots__ = ("handles", "owner", "private", "ranges", "state")
 
     def __init__(self, owner: object, ranges: Sequence[tuple[int, int]], state: int) -> None:
         self.owner = owner
-        self.addresses = [a for a, _ in ranges]
-        self.sizes = [s for _, s in ranges]
+        self.ranges = list(ranges)
         self.state = bytearray([state]) * len(ranges)
         self.handles: list[PinHandle | None] | None = None
         self.private: Any = None
 
     def __len__(self) -> int:
-        return len(self.sizes)
+        return len(self.state)
 
     def __repr__(self) -> str:
         live = len(self.state) - self.state.count(RELEASED)
-        return f"<PinRun {len(self.sizes)} pieces, {live} not released>"
+        return f"<PinRun {len(self.state)} pieces, {live} not released>"
 
 
 def check_span(run: PinRun, owner: object, lo: int, hi: int) -> None:
     """InvalidArgument unless ``run`` belongs to ``owner`` and ``0 <= lo <= hi <= len(run)``."""
     if type(run) is not PinRun or run.owner is not owner:
         raise InvalidArgument(f"{run!r} is not a run pin of this backend")
-    if not (type(lo) is int and type(hi) is int and 0 <= lo <= hi <= len(run.sizes)):
-        raise InvalidArgument(f"pieces [{lo!r}, {hi!r}) outside a run of {len(run.sizes)} pieces")
+    if not (type(lo) is int and type(hi) is int and 0 <= lo <= hi <= len(run.state)):
+        raise InvalidArgument(f"pieces [{lo!r}, {hi!r}) outside a run of {len(run.state)} pieces")
 
 
 def generic_pin_run(pinner: DmaPinner, ranges: Sequence[tuple[int, int]]) -> PinRun:

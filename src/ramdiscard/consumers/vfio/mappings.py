@@ -33,6 +33,8 @@ from __future__ import annotations
 import threading
 from bisect import bisect_left
 from collections.abc import Sequence
+from itertools import repeat
+from operator import add, sub
 from typing import NamedTuple
 
 from ramdiscard.consumers.dma.backend import PAGE_SIZE, DmaBackend, PinHandle
@@ -118,7 +120,8 @@ class PinnedMappings:
             out: list[DmaMapping] = []
             for iova, m in self._table.items():
                 i = m.piece(iova)
-                out.append(DmaMapping(iova, m.pin.sizes[i], m.pin.addresses[i], m.readonly))
+                host_address, size = m.pin.ranges[i]
+                out.append(DmaMapping(iova, size, host_address, m.readonly))
             return out
 
     def pin_of(self, iova: int) -> PinHandle:
@@ -158,11 +161,12 @@ class PinnedMappings:
         with self.lock:
             table = self._table
             index = self._check_map(start + to_iova, end + to_iova, len(offsets))
-            run = self._pin_run([(host_base + o, e - o) for o, e in zip(offsets, ends, strict=True)])
-            iovas = [o + to_iova for o in offsets]
-            table.insert_run(
-                index, iovas, [e + to_iova for e in ends], [_Mapped(run, iovas, ro)] * len(iovas)
-            )
+            # map() loops run in C: no Python frame per granule.
+            hosts = map(add, offsets, repeat(host_base))
+            run = self._pin_run(list(zip(hosts, map(sub, ends, offsets), strict=True)))
+            iovas = list(map(add, offsets, repeat(to_iova)))
+            payloads = [_Mapped(run, iovas, ro)] * len(iovas)
+            table.insert_run(index, iovas, list(map(add, ends, repeat(to_iova))), payloads)
             self._note_peaks()
 
     def unmap(self, iova: int, size: int) -> int:
