@@ -162,3 +162,27 @@ def test_from_bytes_refuses_any_bit_beyond_the_size(nbits: int) -> None:
     else:
         with pytest.raises(ValueError, match="beyond its size"):
             Bitmap.from_bytes(nbits, bytes(data))
+
+
+@pytest.mark.parametrize(
+    "ranges",
+    [
+        # one transition inside each mixed group, on and off word boundaries
+        [(3, 5 * GROUP_BITS + 64), (7 * GROUP_BITS + 1000, 9 * GROUP_BITS)],
+        # a group whose count fits a single transition but whose bits do not
+        [(10, 20), (30, GROUP_BITS)],
+        [(GROUP_BITS + 100, GROUP_BITS + 164), (GROUP_BITS + 200, 2 * GROUP_BITS + 5)],
+        # more candidate groups than the few-group path takes
+        [(g * GROUP_BITS + 7, g * GROUP_BITS + 2000) for g in range(0, 80, 1)],
+    ],
+)
+def test_runs_match_a_naive_scan_whatever_the_groups_hold(ranges: list[tuple[int, int]]) -> None:
+    nbits = 81 * GROUP_BITS + 33
+    bm = Bitmap(nbits)
+    model = 0
+    for start, end in ranges:
+        bm.set_range(start, end)
+        model |= ((1 << (end - start)) - 1) << start
+    for start, end in ((0, nbits), (5, nbits - 7), (GROUP_BITS + 150, 3 * GROUP_BITS)):
+        for value in (True, False):
+            assert list(bm.runs(start, end, value)) == _naive_runs(model, start, end, value)

@@ -3,11 +3,11 @@ against the raw syscalls it boils down to, issued from Python and from C, measur
 same run.
 
 Ours: a PLUG request (bytes) -> :class:`~ramdiscard.providers.virtio_mem.VirtioMem` -> populate
-notification -> :class:`~ramdiscard.consumers.vfio.VfioContainer` -> ``pin_many`` of 64 granules ->
-io_uring ``BUFFERS_UPDATE`` (one per run of consecutive free slots: one here); then the
-UNPLUG request -> one discard of the range (``MADV_DONTNEED``, or ``fallocate(PUNCH_HOLE)``
-for memfd) -> discard notification -> one unmap -> one ``BUFFERS_UPDATE`` emptying the 64
-slots.
+notification -> :class:`~ramdiscard.consumers.vfio.VfioContainer` -> one run pin
+(``pin_run``) of 64 granules -> io_uring ``BUFFERS_UPDATE`` (one per run of consecutive
+free slots: one here); then the UNPLUG request -> one discard of the range
+(``MADV_DONTNEED``, or ``fallocate(PUNCH_HOLE)`` for memfd) -> discard notification -> one
+unmap -> one ``unpin_run`` -> one ``BUFFERS_UPDATE`` emptying the 64 slots.
 
 Raw: a :class:`~ramdiscard.consumers.dma.RawRing` with the same buffer-table size doing the same
 syscalls in the same order on the same memory: one ``update_many`` of the 64 ranges; then

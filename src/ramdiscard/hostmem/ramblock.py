@@ -66,6 +66,11 @@ memory-safe: they keep the mapping alive, and the mapping is unmapped when the l
 is released. ``close`` never unmaps memory under a live view and never fails because of
 one; it closes the block's file descriptor immediately either way.
 
+Code layout: this module holds construction, properties, discard and populate (the hot
+paths); :mod:`ramdiscard.hostmem.blockaccess` the error messages and byte access
+(``read``, ``write``, ``resident_bytes``); :mod:`ramdiscard.hostmem.blocklife`
+``resize`` and ``close``. ``RamBlock`` inherits the latter two as mixins.
+
 Blocks are not thread-safe against :meth:`RamBlock.close` or :meth:`RamBlock.resize`
 running concurrently with other calls; discards and populates of disjoint ranges may run
 from several threads.
@@ -73,7 +78,6 @@ from several threads.
 
 from __future__ import annotations
 
-import contextlib
 import errno as _errno
 import itertools
 import mmap
@@ -86,9 +90,9 @@ from typing import Final
 from ramdiscard import faults, fileio
 from ramdiscard.errors import HostMemoryError, InvalidArgument
 from ramdiscard.faults import Op
-from ramdiscard.hostmem import measure, syscalls
-from ramdiscard.hostmem.backing import BASE_PAGE, Backing, close_fd, label, map_backing, os_error
-from ramdiscard.hostmem.syscalls import describe_range
+from ramdiscard.hostmem import syscalls
+from ramdiscard.hostmem.backing import BASE_PAGE, Backing, close_fd, map_backing
+from ramdiscard.hostmem.blocklife import BlockLifetime
 from ramdiscard.units import format_size
 
 ResizeHook = Callable[["RamBlock", int, int], None]
@@ -122,7 +126,7 @@ def _probe_populate() -> bool:
     return _populate_supported
 
 
-class RamBlock:
+class RamBlock(BlockLifetime):
     """A mapping of ``size`` bytes (up to ``max_size``) of real host memory.
 
     ``RamBlock(size, backing="anonymous" | "memfd" | "file", *, path=None, hugepages=False,
@@ -158,33 +162,7 @@ class RamBlock:
     acquired so far is released again; a ``file`` may remain created or extended).
     """
 
-    __slots__ = (
-        "__weakref__",
-        "_backing",
-        "_closed",
-        "_created",
-        "_fd",
-        "_fd_finalizer",
-        "_file_id",
-        "_host_address",
-        "_hugetlb",
-        "_limit",
-        "_madvise",
-        "_max_size",
-        "_mm",
-        "_name",
-        "_page_mask",
-        "_page_size",
-        "_path",
-        "_punch",
-        "_readonly",
-        "_registered",
-        "_size",
-        "_thp",
-        "_view",
-        "_wlimit",
-        "resize_hooks",
-    )
+    __slots__ = ()
 
     def __init__(
         self,
@@ -371,55 +349,6 @@ class RamBlock:
         size = getattr(self, "_size", 0)
         return f"<RamBlock {self._name!r} {self._backing.value}{huge} {format_size(size)} {state}>"
 
-    # ---- errors -------------------------------------------------------------------------
-
-    def _label(self) -> str:
-        return label(self._name, self._backing, getattr(self, "_hugetlb", False))
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise InvalidArgument(f"{self._label()} is closed")
-
-    def _range_error(self, op: str, offset: int, length: int, align: int) -> InvalidArgument:
-        """Explain why ``[offset, offset+length)`` is not acceptable for ``op``."""
-        where = f"{self._label()}: {op} of {describe_range(offset, length)}"
-        if self._closed:
-            reason = "block is closed"
-        elif offset < 0 or length < 0:
-            reason = "offset and length must be non-negative"
-        elif offset % align or length % align:
-            reason = f"offset and length must be multiples of the page size {align:#x}"
-        else:
-            reason = f"range exceeds the used length {self._size:#x}"
-        return InvalidArgument(f"{where}: {reason}; nothing changed")
-
-    def _refusal(
-        self, op: str, offset: int, length: int, write: bool
-    ) -> InvalidArgument | HostMemoryError | None:
-        """The error for a discard or populate the hot-path test sent here, or None for a
-        valid zero-length call (a no-op: ``mmap.madvise`` rejects a start at the end)."""
-        if (
-            self._closed
-            or offset < 0
-            or length < 0
-            or (offset | length) & self._page_mask
-            or offset + length > self._size
-        ):
-            return self._range_error(op, offset, length, self._page_size)
-        if write and self._readonly:
-            return self._readonly_error(op, offset, length)
-        return None
-
-    def _readonly_error(self, op: str, offset: int, length: int) -> HostMemoryError:
-        return HostMemoryError(
-            _errno.EROFS,
-            f"{self._label()}: {op} of {describe_range(offset, length)} refused: the block "
-            f"maps {self._path!r} read-only; nothing changed",
-        )
-
-    def _os_error(self, exc: OSError, op: str, offset: int, length: int) -> HostMemoryError:
-        return os_error(self._label(), exc, op, offset, length)
-
     # ---- discard / populate -------------------------------------------------------------
 
     def discard_range(self, offset: int, length: int) -> None:
@@ -483,148 +412,6 @@ class RamBlock:
                 self._touch(offset, length, write)
                 return
             raise self._populate_error(exc, offset, length, write) from None
-
-    def _populate_error(self, exc: OSError, offset: int, length: int, write: bool) -> HostMemoryError:
-        op = "madvise(MADV_POPULATE_WRITE)" if write else "madvise(MADV_POPULATE_READ)"
-        err = self._os_error(exc, op, offset, length)
-        if self._hugetlb:
-            pool = measure.hugepage_pool()
-            hint = f"; hugetlb pool: {pool.free} of {pool.total} pages of {format_size(pool.page_size)} free"
-            if pool.free == 0:
-                hint += " (exhausted)"
-            err = HostMemoryError(err.errno or _errno.EIO, f"{err.strerror}{hint}")
-        return err
-
-    def _touch(self, offset: int, length: int, write: bool) -> None:
-        """Populate without MADV_POPULATE_*: read (and write back) one byte per page."""
-        assert self._mm is not None
-        with memoryview(self._mm) as whole, whole[offset : offset + length : _BASE_PAGE] as pages:
-            if write:
-                pages[:] = pages.tobytes()
-            else:
-                pages.tobytes()
-
-    # ---- observation and data access ----------------------------------------------------
-
-    def resident_bytes(self, offset: int = 0, length: int | None = None) -> int:
-        """Bytes of ``[offset, offset+length)`` (default: the used length) that the host
-        holds in memory, by ``mincore``: base pages for anonymous memory, page-cache pages
-        for shared mappings. Range must be 4 KiB aligned and within the used length."""
-        if length is None:
-            length = self._size - offset
-        if (
-            self._closed
-            or offset < 0
-            or length < 0
-            or offset + length > self._size
-            or (offset | length) & (_BASE_PAGE - 1)
-        ):
-            raise self._range_error("resident_bytes", offset, length, _BASE_PAGE)
-        return syscalls.resident_pages(self._host_address + offset, length) * _BASE_PAGE
-
-    def _check_bytes(self, op: str, offset: int, length: int) -> None:
-        if self._closed or offset < 0 or length < 0 or offset + length > self._size:
-            raise self._range_error(op, offset, length, 1)
-
-    def _prefault_hugetlb(self, offset: int, length: int, write: bool) -> None:
-        # An unpopulated hugetlb page faulted by a plain access is a SIGBUS when the pool
-        # is empty; a populate turns that into an exception.
-        if length:
-            start = offset & ~self._page_mask
-            end = (offset + length + self._page_mask) & ~self._page_mask
-            self.populate(start, end - start, write=write)
-
-    def read(self, offset: int, length: int) -> bytes:
-        """Copy of ``length`` bytes at ``offset`` (any byte alignment, within the used
-        length). On hugetlb blocks the covering pages are populated first."""
-        self._check_bytes("read", offset, length)
-        if self._hugetlb:
-            self._prefault_hugetlb(offset, length, write=False)
-        return self._mm[offset : offset + length]  # type: ignore[index]
-
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Store ``data`` at ``offset`` (any byte alignment, within the used length).
-        Raises :class:`HostMemoryError` (``EROFS``) on a read-only block. On hugetlb blocks
-        the covering pages are populated first."""
-        length = len(data) if not isinstance(data, memoryview) else data.nbytes
-        self._check_bytes("write", offset, length)
-        if self._readonly:
-            raise self._readonly_error("write", offset, length)
-        if self._hugetlb:
-            self._prefault_hugetlb(offset, length, write=True)
-        self._mm[offset : offset + length] = data  # type: ignore[index]
-
-    # ---- resize and close ---------------------------------------------------------------
-
-    def resize(self, new_size: int) -> None:
-        """Change the used length to ``new_size`` (a positive multiple of the page size,
-        at most :attr:`max_size`). Shrinking discards the tail first, so a later grow
-        exposes zeros. Then :attr:`view` is replaced (the old one is released) and each
-        hook in :attr:`resize_hooks` is called with ``(block, old_size, new_size)``.
-
-        Raises :class:`InvalidArgument` (nothing changed), or the discard's errors (the
-        size is unchanged then; the tail may be partly discarded).
-        """
-        old = self._size
-        if self._closed or new_size <= 0 or new_size > self._max_size or new_size & self._page_mask:
-            where = f"{self._label()}: resize from {old:#x} to {new_size:#x}"
-            if self._closed:
-                raise InvalidArgument(f"{where}: block is closed")
-            raise InvalidArgument(
-                f"{where}: new size must be a positive multiple of {self._page_size:#x} "
-                f"not above max_size {self._max_size:#x}; nothing changed"
-            )
-        if self._readonly and new_size < old:
-            raise self._readonly_error("resize (tail discard)", new_size, old - new_size)
-        if new_size == old:
-            return
-        if new_size < old:
-            self.discard_range(new_size, old - new_size)
-        self._size = new_size
-        self._set_limits()
-        self._drop_view()
-        self._view = self._make_view(new_size)
-        for hook in list(self.resize_hooks):
-            hook(self, old, new_size)
-
-    def _drop_view(self) -> None:
-        view, self._view = self._view, None
-        if view is not None:
-            # BufferError: someone holds a buffer exported from our view (numpy, ctypes);
-            # it keeps the memory alive, and dropping our reference is all we can do.
-            with contextlib.suppress(BufferError):
-                view.release()
-
-    def _release(self) -> None:
-        self._drop_view()
-        self._madvise = None
-        mm, self._mm = self._mm, None
-        if mm is not None:
-            # BufferError: views derived from ours are alive. They reference the mmap
-            # object, which unmaps when the last of them is released: nothing leaks and
-            # nothing dangles.
-            with contextlib.suppress(BufferError):
-                mm.close()
-        if self._registered and self._file_id is not None:
-            self._registered = False
-            fileio.unregister_guest_memory(self._file_id, self._name)
-        if self._fd_finalizer is not None:
-            self._fd_finalizer()
-            self._fd_finalizer = None
-        self._fd = None
-
-    def close(self) -> None:
-        """Unmap the block and close its file descriptor. Idempotent.
-
-        The memory is freed now, unless views derived from :attr:`view` are still alive:
-        then the mapping (and its memory) lives until the last of them is released, while
-        the block itself is closed and its fd is closed at once.
-        """
-        if self._closed:
-            return
-        self._closed = True
-        self._set_limits()
-        self._release()
 
     def __enter__(self) -> RamBlock:
         return self

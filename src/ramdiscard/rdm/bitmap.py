@@ -47,12 +47,16 @@ _FEW_WORDS = 48
 _STATE = np.ones(GROUP_BITS + 1, dtype=np.uint8)
 _STATE[0], _STATE[GROUP_BITS] = 0, 2
 """Group state by its count: 0 clear, 1 mixed, 2 full."""
+_FEW_GROUPS = 64
+"""Up to this many candidate groups are first tried as one-transition groups."""
+_ZEROS = bytes(8 * GROUP_WORDS)
+_ONES = b"\xff" * (8 * GROUP_WORDS)
 
 
 class Bitmap:
     """``nbits`` bits, all clear at creation."""
 
-    __slots__ = ("_arr", "_count", "_gc", "_gcount", "_last_cap", "_rows", "_words", "nbits")
+    __slots__ = ("_arr", "_count", "_gc", "_gcount", "_last_cap", "_raw", "_rows", "_words", "nbits")
 
     def __init__(self, nbits: int) -> None:
         if nbits < 0:
@@ -62,6 +66,7 @@ class Bitmap:
         # Words past the last bit (up to the end of the last group) stay zero.
         self._arr = array("Q", bytes(8 * GROUP_WORDS * ngroups))
         self._words: npt.NDArray[np.uint64] = np.frombuffer(self._arr, dtype=np.uint64)
+        self._raw = memoryview(self._arr).cast("B")
         self._rows = self._words.reshape(ngroups, GROUP_WORDS)
         self._count = 0
         self._gcount = array("H", bytes(2 * ngroups))
@@ -254,6 +259,12 @@ class Bitmap:
         if not len(groups):
             return
         groups += g0
+        if len(groups) <= _FEW_GROUPS:
+            few = self._few_transitions(groups.tolist(), start, end)
+            if few is not None:
+                if few:
+                    yield few
+                return
         rows_of = self._rows
         for c in range(0, len(groups), _CHUNK_GROUPS):
             chunk = groups[c : c + _CHUNK_GROUPS]
@@ -290,6 +301,48 @@ class Bitmap:
                 pl = pos.tolist()
             if pl:
                 yield pl
+
+    def _few_transitions(self, groups: list[int], start: int, end: int) -> list[int] | None:
+        """The transitions in ``(start, end)`` of the candidate ``groups`` (ascending), if
+        each group holds at most one transition inside it; None as soon as one does not
+        (the caller then takes the general path).
+
+        A group with one inner transition at bit ``k`` is its first bit repeated ``k``
+        times, then the other value: ``k`` follows from the group's count, and three
+        comparisons of its bytes (C memcmp) confirm it, so a few-run map costs a few
+        hundred nanoseconds per candidate group instead of numpy calls.
+        """
+        arr, raw, gcount = self._arr, self._raw, self._gcount
+        last_group = len(gcount) - 1
+        pl: list[int] = []
+        for g in groups:
+            w0 = g << 6
+            first = arr[w0] & 1
+            if (arr[w0 - 1] >> 63 if w0 else 0) != first:
+                pl.append(g << 12)
+            c = gcount[g]
+            if c == 0 or c == GROUP_BITS:
+                continue
+            if g == last_group and self._last_cap != GROUP_BITS:
+                return None
+            k = c if first else GROUP_BITS - c
+            wk, r = k >> 6, k & 63
+            fill, other = (_ONES, _ZEROS) if first else (_ZEROS, _ONES)
+            b0 = w0 << 3
+            if not fill.startswith(raw[b0 : b0 + (wk << 3)]):
+                return None
+            rest = wk
+            if r:
+                low = (1 << r) - 1
+                if arr[w0 + wk] != (low if first else _ALL ^ low):
+                    return None
+                rest += 1
+            if not other.startswith(raw[b0 + (rest << 3) : b0 + (GROUP_WORDS << 3)]):
+                return None
+            pl.append((g << 12) + k)
+        if pl and (pl[0] <= start or pl[-1] >= end):
+            pl = [p for p in pl if start < p < end]
+        return pl
 
 
 def _mask(lo: int, hi: int) -> int:

@@ -91,9 +91,13 @@ class BlockStateManager(RamDiscardManager):
             self.check_section(section)
             if section.size == 0:
                 return
+            # Block runs widened to bytes and clipped by intersect (runs lie inside the
+            # widened section, so intersect never returns None).
+            first, last = self._block_span(section.offset_within_region, section.size)
             intersect = section.intersect
-            for start, end in self.runs(section.offset_within_region, section.size, value):
-                fn(intersect(start, end - start))  # type: ignore[arg-type]  # never None: runs lie inside the section
+            g = self._shift
+            for s, e in self._bitmap.runs(first, last, value):
+                fn(intersect(s << g, (e - s) << g))  # type: ignore[arg-type]
 
     def runs(
         self, offset: int = 0, size: int | None = None, populated: bool = True

@@ -32,6 +32,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from types import TracebackType
 
+from ramdiscard.consumers.dma.runs import (
+    OWN,
+    RELEASED,
+    PinRun,
+    check_span,
+    generic_pin_run,
+    generic_run_handle,
+    generic_run_holds,
+    generic_unpin_run,
+)
 from ramdiscard.errors import InvalidArgument
 from ramdiscard.interfaces import PinHandle as PinHandle
 
@@ -62,6 +72,20 @@ class BackendClosed(InvalidArgument):
     """The backend was closed; it cannot pin, unpin or read any more."""
 
 
+def _check_ranges(ranges: Sequence[tuple[int, int]]) -> None:
+    for host_address, size in ranges:
+        # The common valid case inline; check_range finds and reports any error.
+        if not (
+            type(host_address) is int
+            and type(size) is int
+            and host_address > 0
+            and size > 0
+            and not (host_address | size) & _PAGE_MASK
+            and host_address + size <= _ADDRESS_LIMIT
+        ):
+            check_range(host_address, size)
+
+
 def check_range(host_address: int, size: int) -> None:
     """Raise InvalidArgument unless ``[host_address, +size)`` is a valid pin range."""
     for name, value in (("host_address", host_address), ("size", size)):
@@ -87,6 +111,9 @@ class DmaBackend(ABC):
         # others have all of their size pinned).
         self._remaining: dict[int, int] = {}
         self._pinned_bytes = 0
+        # Pieces of run pins pinned without a handle of their own (backends that keep
+        # a record per run: see _pin_run_impl).
+        self._run_pieces = 0
         self._closed = False
 
     # -- public API -----------------------------------------------------------------
@@ -122,22 +149,44 @@ class DmaBackend(ABC):
         propagates. Equivalent to a loop of :meth:`pin`, with one lock acquisition and,
         in backends that override :meth:`_pin_many_impl`, less per-range overhead.
         """
-        for host_address, size in ranges:
-            # The common valid case inline; check_range finds and reports any error.
-            if not (
-                type(host_address) is int
-                and type(size) is int
-                and host_address > 0
-                and size > 0
-                and not (host_address | size) & _PAGE_MASK
-                and host_address + size <= _ADDRESS_LIMIT
-            ):
-                check_range(host_address, size)
+        _check_ranges(ranges)
         with self._lock:
             self._check_open()
             if not ranges:
                 return []
             return self._pin_many_impl(ranges)
+
+    def pin_run(self, ranges: Sequence[tuple[int, int]]) -> PinRun:
+        """Pin ``ranges`` as one :class:`~ramdiscard.consumers.dma.runs.PinRun` (piece
+        ``i`` is ``ranges[i]``); validation, all-or-nothing and errors as :meth:`pin_many`.
+        The rules of run pins are in :mod:`ramdiscard.consumers.dma.runs`."""
+        _check_ranges(ranges)
+        with self._lock:
+            self._check_open()
+            if not ranges:
+                return PinRun(self, (), RELEASED)
+            return self._pin_run_impl(ranges)
+
+    def unpin_run(self, run: PinRun, lo: int, hi: int) -> None:
+        """Release the pieces ``[lo, hi)`` of ``run`` still pinned, in order (failure
+        rules in :mod:`ramdiscard.consumers.dma.runs`)."""
+        with self._lock:
+            self._check_open()
+            check_span(run, self, lo, hi)
+            self._unpin_run_impl(run, lo, hi)
+
+    def run_handle(self, run: PinRun, i: int) -> PinHandle:
+        """The handle of piece ``i`` of ``run`` (made now if the backend kept none)."""
+        with self._lock:
+            self._check_open()
+            check_span(run, self, i, i + 1)
+            return self._run_handle_impl(run, i)
+
+    def run_holds(self, run: PinRun, i: int) -> bool:
+        """True while piece ``i`` of ``run`` is pinned."""
+        if run.state[i] == OWN:
+            return True
+        return generic_run_holds(self, run, i)
 
     def unpin_many(self, handles: Sequence[PinHandle]) -> None:
         """Release ``handles`` in order. Every handle is checked first (InvalidArgument,
@@ -186,16 +235,17 @@ class DmaBackend(ABC):
 
     @property
     def pin_count(self) -> int:
-        """Number of live handles."""
-        return len(self._handles)
+        """Number of live pins: handles, and pieces of run pins still pinned."""
+        return len(self._handles) + self._run_pieces
 
     @property
     def closed(self) -> bool:
         return self._closed
 
     def handles(self) -> list[PinHandle]:
-        """The live handles, oldest first."""
+        """The live handles, oldest first (pieces of run pins get theirs now)."""
         with self._lock:
+            self._materialize_runs()
             return list(self._handles.values())
 
     def close(self) -> None:
@@ -210,6 +260,7 @@ class DmaBackend(ABC):
                 self._handles.clear()
                 self._remaining.clear()
                 self._pinned_bytes = 0
+                self._run_pieces = 0
 
     def __enter__(self) -> DmaBackend:
         return self
@@ -250,6 +301,23 @@ class DmaBackend(ABC):
             self._unpin_impl(handle)
             self._pinned_bytes -= self._remaining.pop(handle.token, handle.size)
             del self._handles[handle.token]
+
+    def _pin_run_impl(self, ranges: Sequence[tuple[int, int]]) -> PinRun:
+        """Pin validated, non-empty ``ranges`` as a run, with the lock held. The default
+        holds one handle per piece."""
+        return generic_pin_run(self, ranges)
+
+    def _unpin_run_impl(self, run: PinRun, lo: int, hi: int) -> None:
+        """Release the pieces ``[lo, hi)`` still pinned (checked), with the lock held."""
+        generic_unpin_run(self, run, lo, hi)
+
+    def _run_handle_impl(self, run: PinRun, i: int) -> PinHandle:
+        return generic_run_handle(self, run, i)
+
+    def _materialize_runs(self) -> None:
+        """Give every piece of a run pin that has no handle one (for :meth:`handles`);
+        nothing to do where every piece has one from the start."""
+        return
 
     def _note_released(self, handle: PinHandle, nbytes: int) -> None:
         """Record that ``nbytes`` of ``handle`` were released by a failing ``_unpin_impl``."""

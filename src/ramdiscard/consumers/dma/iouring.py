@@ -50,16 +50,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import platform
 from collections.abc import Sequence
-from functools import lru_cache
 from itertools import repeat
 from operator import itemgetter
-from typing import NamedTuple
 
 from ramdiscard import faults
 from ramdiscard.consumers.dma.backend import PAGE_SIZE, DmaBackend, PinHandle, next_token
+from ramdiscard.consumers.dma.ioslots import Buffer, _Ring
+from ramdiscard.consumers.dma.ioslots import available as available
 from ramdiscard.consumers.dma.rawring import MAX_IO, RawRing
+from ramdiscard.consumers.dma.runs import HANDLE, OWN, RELEASED, PinRun
 from ramdiscard.errors import HostMemoryError, InvalidArgument
 
 MAX_BUFFER_BYTES = 1 << 30
@@ -68,77 +68,6 @@ MAX_BUFFERS_PER_RING = 16384
 """Largest buffer table of one ring (16385 fails with EINVAL)."""
 DEFAULT_SLOTS_PER_RING = 512
 """Buffer-table size of the backend's rings (see the module docstring for why)."""
-
-
-@lru_cache(maxsize=1)
-def available() -> tuple[bool, str]:
-    """Whether io_uring sparse fixed buffers work here; the reason when they do not."""
-    if platform.machine() != "x86_64":
-        machine = platform.machine()
-        return False, f"io_uring backend uses x86_64 syscall numbers; machine is {machine}"
-    try:
-        with RawRing(1) as ring:
-            ring.register_sparse(1)
-    except HostMemoryError as e:
-        if e.errno == errno.ENOSYS:
-            return False, "io_uring_setup: ENOSYS (kernel built without io_uring)"
-        if e.errno == errno.EPERM:
-            try:
-                with open("/proc/sys/kernel/io_uring_disabled") as f:
-                    setting = f.read().strip()
-            except OSError:
-                setting = "?"
-            return False, f"io_uring_setup: EPERM (kernel.io_uring_disabled={setting})"
-        if e.errno == errno.EINVAL:
-            return False, f"sparse buffer tables unsupported (kernel < 5.19?): {e}"
-        return False, str(e)
-    return True, "io_uring sparse fixed buffers available"
-
-
-class _Ring:
-    """One ring and which of its slots are in use (one byte per slot, 1 = used)."""
-
-    __slots__ = ("raw", "state", "used")
-
-    def __init__(self, raw: RawRing) -> None:
-        self.raw = raw
-        self.state = bytearray(raw.slots)
-        self.used = 0
-
-    def take(self, n: int) -> list[tuple[int, int]]:
-        """Mark up to ``n`` free slots used, lowest first, and return them as runs of
-        consecutive slots ``(first, count)``, ascending; fewer than ``n`` when the ring
-        fills up."""
-        state = self.state
-        runs: list[tuple[int, int]] = []
-        pos = 0
-        while n:
-            first = state.find(0, pos)
-            if first < 0:
-                break
-            end = state.find(1, first)
-            if end < 0:
-                end = len(state)
-            count = min(n, end - first)
-            state[first : first + count] = b"\1" * count
-            runs.append((first, count))
-            n -= count
-            self.used += count
-            pos = first + count
-        return runs
-
-    def give_back(self, first: int, count: int = 1) -> None:
-        self.state[first : first + count] = bytes(count)
-        self.used -= count
-
-
-class Buffer(NamedTuple):
-    """One registered fixed buffer of a pin: which ring and slot, and what it covers."""
-
-    ring: int
-    slot: int
-    address: int
-    size: int
 
 
 # Buffer(...) without the Python-level namedtuple __new__ (a hot path).
@@ -175,6 +104,8 @@ class IoUringDmaBackend(DmaBackend):
         self._rings: list[_Ring] = []
         self._buffers: dict[int, list[Buffer]] = {}
         self._sink = -1
+        # Run pins with pieces still held in their own form (OWN), by id.
+        self._runs: dict[int, PinRun] = {}
         self._add_ring()
 
     @property
@@ -391,6 +322,87 @@ class IoUringDmaBackend(DmaBackend):
         self._pinned_bytes -= released
         return got
 
+    # -- run pins: one record per run of slots ------------------------------------------
+
+    def _pin_run_impl(self, ranges: Sequence[tuple[int, int]]) -> PinRun:
+        # One buffer per piece (the common case): a run keeps its slot runs and nothing
+        # per piece; larger pieces take the handle form.
+        if max(map(_size_of, ranges)) > self._buffer_bytes:
+            return super()._pin_run_impl(ranges)
+        slots = self._register(ranges)
+        run = PinRun(self, ranges, OWN)
+        run.private = slots
+        self._run_pieces += len(ranges)
+        self._pinned_bytes += sum(map(_size_of, ranges))
+        self._runs[id(run)] = run
+        return run
+
+    def _unpin_run_impl(self, run: PinRun, lo: int, hi: int) -> None:
+        state = run.state
+        if faults.active() or state.find(HANDLE, lo, hi) >= 0:
+            # Per-piece checkpoints and handles: the general path, piece by piece.
+            for i in range(lo, hi):
+                if state[i] == OWN:
+                    self._materialize(run, i)
+            super()._unpin_run_impl(run, lo, hi)
+            return
+        rings = self._rings
+        ranges = run.ranges
+        pos = 0
+        try:
+            for index, first, count in run.private:
+                a, b = max(lo, pos), min(hi, pos + count)
+                while a < b:
+                    a = state.find(OWN, a, b)
+                    if a < 0:
+                        break
+                    e = state.find(RELEASED, a, b)
+                    e = b if e < 0 else e
+                    ring = rings[index]
+                    # Raises if the first slot fails; a partial update reports its count.
+                    got = ring.raw.release_many(first + a - pos, e - a)
+                    ring.give_back(first + a - pos, got)
+                    state[a : a + got] = bytes(got)
+                    self._run_pieces -= got
+                    self._pinned_bytes -= sum(map(_size_of, ranges[a : a + got]))
+                    a += got
+                pos += count
+                if pos >= hi:
+                    break
+        finally:
+            if OWN not in state:
+                self._runs.pop(id(run), None)
+
+    def _run_handle_impl(self, run: PinRun, i: int) -> PinHandle:
+        if run.state[i] == OWN:
+            return self._materialize(run, i)
+        return super()._run_handle_impl(run, i)
+
+    def run_holds(self, run: PinRun, i: int) -> bool:
+        return not self._closed and super().run_holds(run, i)
+
+    def _materialize(self, run: PinRun, i: int) -> PinHandle:
+        """Make piece ``i`` (held by the run) the pin of a handle of its own."""
+        ring, slot = _slot_of(run, i)
+        address, size = run.ranges[i]
+        handle = PinHandle(address, size, next_token())
+        self._buffers[handle.token] = [Buffer(ring, slot, address, size)]
+        self._handles[handle.token] = handle
+        if run.handles is None:
+            run.handles = [None] * len(run)
+        run.handles[i] = handle
+        run.state[i] = HANDLE
+        self._run_pieces -= 1
+        if OWN not in run.state:
+            self._runs.pop(id(run), None)
+        return handle
+
+    def _materialize_runs(self) -> None:
+        for run in list(self._runs.values()):
+            for i, st in enumerate(run.state):
+                if st == OWN:
+                    self._materialize(run, i)
+
     def _release(self, buf: Buffer) -> None:
         ring = self._rings[buf.ring]
         ring.raw.update(buf.slot, 0, 0)
@@ -436,11 +448,26 @@ class IoUringDmaBackend(DmaBackend):
                     # Closing the ring below drops the buffer anyway.
                     with contextlib.suppress(HostMemoryError):
                         self._release(buf)
+            for run in list(self._runs.values()):
+                # Released now so VmPin drops at close, not when the kernel frees the ring.
+                with contextlib.suppress(HostMemoryError):
+                    self._unpin_run_impl(run, 0, len(run))
         finally:
             self._buffers.clear()
+            self._runs.clear()
             for ring in self._rings:
                 ring.raw.close()
             self._rings.clear()
             if self._sink >= 0:
                 os.close(self._sink)
                 self._sink = -1
+
+
+def _slot_of(run: PinRun, i: int) -> tuple[int, int]:
+    """(ring index, slot) of piece ``i`` of a run pinned by ``_pin_run_impl``."""
+    pos = 0
+    for index, first, count in run.private:
+        if i < pos + count:
+            return index, first + i - pos
+        pos += count
+    raise IndexError(i)

@@ -44,9 +44,11 @@ Rules:
 Theory of operation: the mapping table is sorted by IOVA and bisected
 (:class:`~ramdiscard.consumers.vfio.table.MappingTable`); a populate notification computes all
 granules of the notified range at once, checks the whole run against the table once,
-pins it with one :meth:`~ramdiscard.consumers.dma.DmaBackend.pin_many` call and inserts it with one
-slice assignment, so the per-granule Python work is a few list operations around the pin
-syscall (:meth:`~ramdiscard.consumers.vfio.mappings.PinnedMappings.map_granules`).
+pins it as one run pin (:meth:`~ramdiscard.consumers.dma.DmaBackend.pin_run`: one pin per
+granule, one record per run) and inserts it with one slice assignment; an unmap releases
+each stretch of one run with one ``unpin_run`` (io_uring: one ``BUFFERS_UPDATE`` per run
+of slots), so the per-granule Python work is a few list operations around the syscalls
+(:meth:`~ramdiscard.consumers.vfio.mappings.PinnedMappings.map_granules`).
 Locking: one re-entrant lock per container (the mappings' lock) around the table, the
 section records and the backend calls; notifications arrive with the manager's lock
 held. Lock order is topology lock, then manager lock, then container lock: the container

@@ -19,15 +19,33 @@ Rules:
 
 This is the home of what both the container's type1 interface and its RDM section
 listeners (:mod:`ramdiscard.consumers.vfio.sections`) do to the table.
+
+Theory of operation: each map call pins its mappings as one run pin
+(:mod:`ramdiscard.consumers.dma.runs`; a backend that is not a DmaBackend gets the
+generic form over ``pin_many``), and every table entry it made carries the same record
+(the run and the IOVAs of its pieces), so mapping ``iova`` is piece
+``bisect(iovas, iova)``. An unmap releases each stretch of entries of one record with
+one ``unpin_run``; after a failure the released prefix is found by ``run_holds``.
 """
 
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
+from collections.abc import Sequence
+from itertools import repeat
+from operator import add, sub
 from typing import NamedTuple
 
-from ramdiscard.consumers.dma.backend import PAGE_SIZE, PinHandle
+from ramdiscard.consumers.dma.backend import PAGE_SIZE, DmaBackend, PinHandle
 from ramdiscard.consumers.dma.granules import granule_bounds
+from ramdiscard.consumers.dma.runs import (
+    PinRun,
+    generic_pin_run,
+    generic_run_handle,
+    generic_run_holds,
+    generic_unpin_run,
+)
 from ramdiscard.consumers.vfio.errors import MappingLimitError
 from ramdiscard.consumers.vfio.table import MappingTable
 from ramdiscard.errors import InvalidArgument
@@ -46,7 +64,19 @@ class DmaMapping(NamedTuple):
     readonly: bool
 
 
-_Entry = tuple[PinHandle, bool]
+class _Mapped:
+    """What one map call made: its pin run (piece ``i`` is the mapping at ``iovas[i]``)
+    and whether it is read-only. Every mapping of it in the table has it as payload."""
+
+    __slots__ = ("iovas", "pin", "readonly")
+
+    def __init__(self, pin: PinRun, iovas: list[int], readonly: bool) -> None:
+        self.pin = pin
+        self.iovas = iovas
+        self.readonly = readonly
+
+    def piece(self, iova: int) -> int:
+        return bisect_left(self.iovas, iova)
 
 
 def check_ints(**values: int) -> None:
@@ -66,7 +96,15 @@ class PinnedMappings:
         self.peak_mapping_count = 0
         self.peak_mapped_bytes = 0
         self.refused_maps = 0
-        self._table: MappingTable[_Entry] = MappingTable(max_mappings)
+        self._table: MappingTable[_Mapped] = MappingTable(max_mappings)
+        if isinstance(backend, DmaBackend):
+            self._pin_run, self._unpin_run = backend.pin_run, backend.unpin_run
+            self._run_holds, self._run_handle = backend.run_holds, backend.run_handle
+        else:
+            self._pin_run = lambda ranges: generic_pin_run(backend, ranges)
+            self._unpin_run = lambda run, lo, hi: generic_unpin_run(backend, run, lo, hi)
+            self._run_holds = lambda run, i: generic_run_holds(backend, run, i)
+            self._run_handle = lambda run, i: generic_run_handle(backend, run, i)
 
     @property
     def count(self) -> int:
@@ -79,10 +117,12 @@ class PinnedMappings:
     def mappings(self) -> list[DmaMapping]:
         """Every mapping, in IOVA order."""
         with self.lock:
-            return [
-                DmaMapping(iova, handle.size, handle.host_address, ro)
-                for iova, (handle, ro) in self._table.items()
-            ]
+            out: list[DmaMapping] = []
+            for iova, m in self._table.items():
+                i = m.piece(iova)
+                host_address, size = m.pin.ranges[i]
+                out.append(DmaMapping(iova, size, host_address, m.readonly))
+            return out
 
     def pin_of(self, iova: int) -> PinHandle:
         """The pin of the mapping containing ``iova``; InvalidArgument if nothing is
@@ -91,7 +131,8 @@ class PinnedMappings:
             index = self._table.find(iova)
             if index is None:
                 raise InvalidArgument(f"nothing is mapped at IOVA {iova:#x}")
-            return self._table.payload_at(index)[0]
+            m = self._table.payload_at(index)
+            return self._run_handle(m.pin, m.piece(self._table.start_at(index)))
 
     def map(self, iova: int, host_address: int, size: int, readonly: bool) -> None:
         """Map and pin ``[host_address, +size)`` at ``iova`` (arguments checked first)."""
@@ -101,8 +142,8 @@ class PinnedMappings:
             raise InvalidArgument(f"DMA map host address {host_address:#x} is not page aligned")
         with self.lock:
             index = self._check_map(iova, iova + size, 1)
-            handle = self.backend.pin_many(((host_address, size),))[0]
-            self._table.insert_run(index, [iova], [iova + size], [(handle, readonly)])
+            run = self._pin_run(((host_address, size),))
+            self._table.insert_run(index, [iova], [iova + size], [_Mapped(run, [iova], readonly)])
             self._note_peaks()
 
     def map_granules(self, section: MemoryRegionSection, granularity: int, host_base: int) -> None:
@@ -120,15 +161,12 @@ class PinnedMappings:
         with self.lock:
             table = self._table
             index = self._check_map(start + to_iova, end + to_iova, len(offsets))
-            handles = self.backend.pin_many(
-                [(host_base + o, e - o) for o, e in zip(offsets, ends, strict=True)]
-            )
-            table.insert_run(
-                index,
-                [o + to_iova for o in offsets],
-                [e + to_iova for e in ends],
-                [(h, ro) for h in handles],
-            )
+            # map() loops run in C: no Python frame per granule.
+            hosts = map(add, offsets, repeat(host_base))
+            run = self._pin_run(list(zip(hosts, map(sub, ends, offsets), strict=True)))
+            iovas = list(map(add, offsets, repeat(to_iova)))
+            payloads = [_Mapped(run, iovas, ro)] * len(iovas)
+            table.insert_run(index, iovas, list(map(add, ends, repeat(to_iova))), payloads)
             self._note_peaks()
 
     def unmap(self, iova: int, size: int) -> int:
@@ -143,16 +181,29 @@ class PinnedMappings:
                 return 0
             entries = table.span_payloads(lo, hi)
             try:
-                self.backend.unpin_many([handle for handle, _ in entries])
+                self._release(entries, table.span_starts(lo, hi))
             except BaseException:
                 released = 0
-                for handle, _ in entries:
-                    if self.backend.holds(handle):
+                for iova, m in zip(table.span_starts(lo, hi), entries, strict=True):
+                    if self._run_holds(m.pin, m.piece(iova)):
                         break
                     released += 1
                 table.remove(lo, lo + released)
                 raise
             return table.remove(lo, hi)
+
+    def _release(self, entries: Sequence[_Mapped], starts: Sequence[int]) -> None:
+        """Unpin the mappings at ``starts`` (payloads ``entries``): one ``unpin_run`` per
+        stretch of mappings made by the same map call (usually one)."""
+        n = len(entries)
+        i = 0
+        while i < n:
+            m = entries[i]
+            j = n if (i == 0 and entries[-1] is m and entries.count(m) == n) else i + 1
+            while j < n and entries[j] is m:
+                j += 1
+            self._unpin_run(m.pin, m.piece(starts[i]), m.piece(starts[j - 1]) + 1)
+            i = j
 
     def unmap_all(self) -> int:
         """Unmap every mapping; the bytes unmapped."""

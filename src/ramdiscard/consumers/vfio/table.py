@@ -108,6 +108,12 @@ class MappingTable(Generic[T]):
     def span_payloads(self, lo: int, hi: int) -> list[T]:
         return self._payloads[lo:hi]
 
+    def span_starts(self, lo: int, hi: int) -> list[int]:
+        return self._starts[lo:hi]
+
+    def start_at(self, index: int) -> int:
+        return self._starts[index]
+
     def payload_at(self, index: int) -> T:
         return self._payloads[index]
 
