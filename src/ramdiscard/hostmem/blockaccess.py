@@ -13,7 +13,7 @@ import errno as _errno
 import mmap
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Self
 
 from ramdiscard import fileio
 from ramdiscard.errors import HostMemoryError, InvalidArgument
@@ -21,9 +21,6 @@ from ramdiscard.hostmem import measure, syscalls
 from ramdiscard.hostmem.backing import BASE_PAGE, Backing, label, os_error
 from ramdiscard.hostmem.syscalls import describe_range
 from ramdiscard.units import format_size
-
-if TYPE_CHECKING:
-    from ramdiscard.hostmem.ramblock import RamBlock, ResizeHook
 
 _BASE_PAGE: Final = BASE_PAGE
 
@@ -64,7 +61,7 @@ class BlockAccess:
     _closed: bool
     _created: bool
     _fd: int | None
-    _fd_finalizer: weakref.finalize[[int], RamBlock] | None
+    _fd_finalizer: weakref.finalize[[int], Self] | None
     _file_id: fileio.FileId | None
     _host_address: int
     _hugetlb: bool
@@ -83,7 +80,7 @@ class BlockAccess:
     _thp: bool
     _view: memoryview | None
     _wlimit: int
-    resize_hooks: list[ResizeHook]
+    resize_hooks: list[Callable[[Self, int, int], None]]
 
     if TYPE_CHECKING:
 

@@ -9,14 +9,11 @@ contracts are those stated in :mod:`ramdiscard.hostmem.ramblock`.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Self
 
 from ramdiscard import fileio
 from ramdiscard.errors import InvalidArgument
 from ramdiscard.hostmem.blockaccess import BlockAccess
-
-if TYPE_CHECKING:
-    from ramdiscard.hostmem.ramblock import RamBlock
 
 
 class BlockLifetime(BlockAccess):
@@ -33,7 +30,7 @@ class BlockLifetime(BlockAccess):
 
     # ---- resize and close ---------------------------------------------------------------
 
-    def resize(self, new_size: int) -> None:
+    def resize(self: Self, new_size: int) -> None:
         """Change the used length to ``new_size`` (a positive multiple of the page size,
         at most :attr:`max_size`). Shrinking discards the tail first, so a later grow
         exposes zeros. Then :attr:`view` is replaced (the old one is released) and each
@@ -62,7 +59,7 @@ class BlockLifetime(BlockAccess):
         self._drop_view()
         self._view = self._make_view(new_size)
         for hook in list(self.resize_hooks):
-            hook(cast("RamBlock", self), old, new_size)  # RamBlock is the only subclass
+            hook(self, old, new_size)
 
     def _drop_view(self) -> None:
         view, self._view = self._view, None
