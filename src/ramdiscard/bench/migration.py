@@ -35,7 +35,7 @@ both ends, which load from other work on the machine does not inflate):
 
 One filled source per region size serves every row (stop-and-copy, precopy, snapshot),
 and the precopy destination processes start first, while the sources fill. Three
-stop-and-copy runs, two precopy runs per size (``quick``: 128 MiB plugged, 1 GiB and
+stop-and-copy runs, three precopy runs per size (``quick``: 128 MiB plugged, 1 GiB and
 256 GiB regions, one precopy run per size). Nearly all of the group's time is the
 kernel populating memory: this machine is a VM whose host reclaims freed guest memory
 (free page reporting), so memory populated again after a discard costs anywhere from
