@@ -44,9 +44,9 @@ It takes no lock; the owning manager calls it with its lock held.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from threading import get_ident
 from typing import TYPE_CHECKING
 
 from ramdiscard.errors import ListenerFailure
@@ -94,12 +94,13 @@ class Notifier:
 
     def active_in_current_thread(self) -> bool:
         """True while this thread is inside one of this engine's walks."""
-        return self._thread == threading.get_ident()
+        thread = self._thread
+        return thread is not None and thread == get_ident()
 
     @contextmanager
     def _delivering(self) -> Iterator[None]:
         outer = self._thread
-        self._thread = threading.get_ident()
+        self._thread = get_ident()
         try:
             yield
         finally:
@@ -109,29 +110,48 @@ class Notifier:
 
     def populate(self, runs: Sequence[Run]) -> None:
         """Tell every listener about each run, all-or-nothing (LIFO rollback on refusal)."""
-        if not self._listeners:
+        listeners = self._listeners
+        if not listeners:
             return
         told: Told = []
-        with self._delivering():
-            try:
-                for offset, size in runs:
-                    for listener, part in self._parts(offset, size):
+        outer = self._thread
+        self._thread = get_ident()
+        try:
+            for offset, size in runs:
+                end = offset + size
+                for listener in listeners:
+                    part = _clip(listener.section, offset, end)
+                    if part is not None:
                         listener.notify_populate(part)
                         told.append((listener, part))
-            except BaseException:
-                _rollback_populate(told)
-                raise
+        except BaseException:
+            _rollback_populate(told)
+            raise
+        finally:
+            self._thread = outer
 
     def discard(self, runs: Sequence[Run]) -> None:
         """Tell every listener about each run; raise the collected failures afterwards."""
-        if not self._listeners:
+        listeners = self._listeners
+        if not listeners:
             return
         failures: list[tuple[RamDiscardListener, MemoryRegionSection, BaseException]] = []
-        with self._delivering():
+        outer = self._thread
+        self._thread = get_ident()
+        try:
             for offset, size in runs:
-                for listener, part in self._parts(offset, size):
-                    _deliver_discard(listener, part, failures)
-        _raise_failures(failures, "discard")
+                end = offset + size
+                for listener in listeners:
+                    part = _clip(listener.section, offset, end)
+                    if part is not None:
+                        try:
+                            listener.notify_discard(part)
+                        except BaseException as exc:  # collected: every listener must be told
+                            failures.append((listener, part, exc))
+        finally:
+            self._thread = outer
+        if failures:
+            _raise_failures(failures, "discard")
 
     def discard_all(self, runs: Sequence[Run]) -> None:
         """Everything becomes discarded; ``runs`` are the populated runs before.
@@ -232,12 +252,21 @@ class Notifier:
         listener._rdm = None
 
     def _parts(self, offset: int, size: int) -> Iterable[tuple[RamDiscardListener, MemoryRegionSection]]:
+        end = offset + size
         for listener in self._listeners:
-            section = listener.section
-            assert section is not None
-            part = section.intersect(offset, size)
+            part = _clip(listener.section, offset, end)
             if part is not None:
                 yield listener, part
+
+
+def _clip(section: MemoryRegionSection | None, offset: int, end: int) -> MemoryRegionSection | None:
+    """The part of a registered listener's ``section`` inside region range ``[offset,
+    end)`` (the section itself when it lies inside), or None when they do not meet."""
+    assert section is not None
+    start = section.offset_within_region
+    if offset <= start and start + section.size <= end:
+        return section
+    return section.intersect(offset, end - offset)
 
 
 class _StopReplay(Exception):

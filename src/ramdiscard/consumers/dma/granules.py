@@ -10,12 +10,15 @@ to the range.
 Shared by every RDM-aware DMA consumer (the vfio container, the RAM-block DMA mapper).
 :func:`granule_bounds` is the one implementation (two lists, built with ``range`` so a
 populate of thousands of granules costs a few list operations);
-:func:`granule_pieces` is the same cut as pairs.
+:func:`granule_pieces` is the same cut as pairs; :func:`granule_starts` the same cut as
+shifted starts and sizes, for a consumer that needs the pieces in another address base
+(IOVA, host address) without building the region offsets first.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import repeat
 
 from ramdiscard.errors import InvalidArgument
 from ramdiscard.units import is_power_of_2
@@ -48,3 +51,25 @@ def granule_pieces(start: int, end: int, granularity: int) -> Iterator[tuple[int
     """
     starts, ends = granule_bounds(start, end, granularity)
     return zip(starts, ends, strict=True)
+
+
+def granule_starts(start: int, end: int, granularity: int, base: int = 0) -> tuple[list[int], list[int]]:
+    """``(starts, sizes)`` of the pieces of ``[start, end)`` cut as :func:`granule_bounds`
+    does, each start shifted by ``base``: ``starts[i] == base + bounds[0][i]`` and
+    ``sizes[i] == bounds[1][i] - bounds[0][i]``. Both empty for ``end <= start``. The
+    inner pieces' sizes are one shared int, so a cut of n pieces allocates n ints.
+
+    Raises InvalidArgument like :func:`granule_bounds`.
+    """
+    if not is_power_of_2(granularity):
+        raise InvalidArgument(f"granularity {granularity:#x} is not a power of two")
+    if start < 0:
+        raise InvalidArgument(f"negative start {start:#x}")
+    if end <= start:
+        return [], []
+    first = (start | (granularity - 1)) + 1
+    if first >= end:
+        return [start + base], [end - start]
+    starts = [start + base, *range(first + base, end + base, granularity)]
+    last = starts[-1] - base
+    return starts, [first - start, *repeat(granularity, len(starts) - 2), end - last]

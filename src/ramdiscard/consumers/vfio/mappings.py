@@ -34,11 +34,11 @@ import threading
 from bisect import bisect_left
 from collections.abc import Sequence
 from itertools import repeat
-from operator import add, sub
+from operator import add
 from typing import NamedTuple
 
 from ramdiscard.consumers.dma.backend import PAGE_SIZE, DmaBackend, PinHandle
-from ramdiscard.consumers.dma.granules import granule_bounds
+from ramdiscard.consumers.dma.granules import granule_starts
 from ramdiscard.consumers.dma.runs import (
     PinRun,
     generic_pin_run,
@@ -148,25 +148,25 @@ class PinnedMappings:
 
     def map_granules(self, section: MemoryRegionSection, granularity: int, host_base: int) -> None:
         """Map ``section`` cut at multiples of ``granularity`` in region offsets
-        (:func:`~ramdiscard.consumers.dma.granules.granule_bounds`), host address
+        (:func:`~ramdiscard.consumers.dma.granules.granule_starts`), host address
         ``host_base`` + region offset, all or nothing (a refused populate leaves nothing
         mapped or pinned). The section's geometry was checked when it was registered."""
         start = section.offset_within_region
         end = start + section.size
         to_iova = section.offset_within_address_space - start
-        offsets, ends = granule_bounds(start, end, granularity)
-        if not offsets:
+        iovas, sizes = granule_starts(start, end, granularity, to_iova)
+        if not iovas:
             return
-        ro = section.readonly
         with self.lock:
             table = self._table
-            index = self._check_map(start + to_iova, end + to_iova, len(offsets))
-            # map() loops run in C: no Python frame per granule.
-            hosts = map(add, offsets, repeat(host_base))
-            run = self._pin_run(list(zip(hosts, map(sub, ends, offsets), strict=True)))
-            iovas = list(map(add, offsets, repeat(to_iova)))
-            payloads = [_Mapped(run, iovas, ro)] * len(iovas)
-            table.insert_run(index, iovas, list(map(add, ends, repeat(to_iova))), payloads)
+            iova_end = end + to_iova
+            index = self._check_map(iovas[0], iova_end, len(iovas))
+            # map() and zip() loops run in C: no Python frame per granule; the pieces tile
+            # the range, so each mapping's end is the next one's start (the same int).
+            run = self._pin_run(list(zip(map(add, iovas, repeat(host_base - to_iova)), sizes, strict=True)))
+            ends = iovas[1:]
+            ends.append(iova_end)
+            table.insert_run(index, iovas, ends, [_Mapped(run, iovas, section.readonly)] * len(iovas))
             self._note_peaks()
 
     def unmap(self, iova: int, size: int) -> int:
@@ -174,6 +174,12 @@ class PinnedMappings:
         the module rules for a failing unpin)."""
         check_ints(iova=iova, size=size)
         check_range("unmap", iova, size)
+        return self.unmap_checked(iova, size)
+
+    def unmap_checked(self, iova: int, size: int) -> int:
+        """:meth:`unmap` of a range known to be valid: a positive, page-aligned range of
+        ints inside the 64-bit IOVA space (a discard notification's part of a section
+        that was checked when it was registered). The arguments are not checked again."""
         with self.lock:
             table = self._table
             lo, hi = table.unmap_span(iova, iova + size)

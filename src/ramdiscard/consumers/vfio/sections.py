@@ -12,9 +12,10 @@ Rules (qemu-ram-discard §4.1):
   :class:`~ramdiscard.consumers.vfio.mappings.PinnedMappings`, which maps the pieces
   all-or-nothing, so a refused populate leaves nothing of it mapped or pinned and the
   manager rolls back the others.
-* Discard = one unmap of the notified range; holes are fine, so double discards are
-  harmless. A failing unmap is retried once, then logged, never raised (a discard cannot
-  be refused).
+* Discard = one unmap of the notified range (not validated again: the registered section
+  was, and a notified part lies inside it on the manager's granularity); holes are fine,
+  so double discards are harmless. A failing unmap is retried once, then logged, never
+  raised (a discard cannot be refused).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class RdmSection(RamDiscardListener):
         # discard of the range, or detach), as in QEMU.
         for attempt in (1, 2):
             try:
-                self.mappings.unmap(section.offset_within_address_space, section.size)
+                self.mappings.unmap_checked(section.offset_within_address_space, section.size)
                 return
             except Exception:
                 if attempt == 2:

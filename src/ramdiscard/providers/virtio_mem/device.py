@@ -47,9 +47,10 @@ from ramdiscard.memory.region import MemoryRegion
 from ramdiscard.providers.virtio_mem import persist
 from ramdiscard.providers.virtio_mem.config import USABLE_EXTENT_X86, check_unplug
 from ramdiscard.providers.virtio_mem.effects import ConfigChangeFn, Engine, HostDiscardFn, SizeChangeFn
-from ramdiscard.providers.virtio_mem.metrics import VirtioMemMetrics
+from ramdiscard.providers.virtio_mem.metrics import REQUEST_KEYS, RESPONSE_KEYS, VirtioMemMetrics
 from ramdiscard.providers.virtio_mem.plug_manager import PlugStateManager
 from ramdiscard.providers.virtio_mem.realize import Props, prepare, realize
+from ramdiscard.providers.virtio_mem.state import Action
 from ramdiscard.providers.virtio_mem.virtqueue import serve as serve_queue
 from ramdiscard.providers.virtio_mem.wire import (
     BlockState,
@@ -68,6 +69,9 @@ log = logging.getLogger("ramdiscard.providers.virtio_mem")
 _NO_LOCK = nullcontext()
 """Stands for the topology lock without dynamic memslots (stateless, so shared)."""
 _STATE, _BUSY = RequestType.STATE, ResponseType.BUSY  # enum lookups are slow on the request path
+_NONE = Action.NONE
+_RESPONSES = {t: Response(t) for t in ResponseType}
+"""Responses without a block state are immutable values: one each, shared."""
 
 
 class VirtioMem(PlugStateManager):
@@ -318,7 +322,10 @@ class VirtioMem(PlugStateManager):
         Raises ProtocolError for a short request or unknown type (the device is then
         broken) and DeviceBroken while broken; nothing else for any byte string.
         """
-        with self._topology_lock(), self.lock:
+        if self._memslots is None:
+            with self._lock:
+                return self._frontend.handle(request)
+        with self.region.system.lock, self._lock:
             return self._frontend.handle(request)
 
     def process(self, req: Request) -> Response:
@@ -351,17 +358,24 @@ class VirtioMem(PlugStateManager):
         return resp.type, resp.state
 
     def _execute(self, req: Request) -> Response:
-        self._check_realized()
-        self._check_not_notifying("process a virtio-mem request")
-        self._metrics.count_request(req.type)
+        if not self._realized:
+            self._check_realized()
+        if self._notifier._thread is not None or self._sink is not None:
+            self._check_not_notifying("process a virtio-mem request")
+        metrics = self._metrics
+        rtype = req.type
+        metrics.requests[REQUEST_KEYS[rtype]] += 1
         fn = self._busy
-        busy = fn is not None and req.type is not _STATE and bool(fn())
+        busy = fn is not None and rtype is not _STATE and bool(fn())
         decision = self._plug.decide(req, busy)
-        if decision.response is _BUSY:
-            self._metrics.busy_count += 1
-        rtype = self._effects.carry_out(decision, self._prealloc)
-        self._metrics.count_response(rtype)
-        return Response(rtype, decision.state)
+        response = decision.response
+        if response is _BUSY:
+            metrics.busy_count += 1
+        if decision.action is not _NONE:
+            response = self._effects.carry_out(decision, self._prealloc)
+        metrics.responses[RESPONSE_KEYS[response]] += 1
+        state = decision.state
+        return _RESPONSES[response] if state is None else Response(response, state)
 
     # -- resets, lifetime --------------------------------------------------------------------
 

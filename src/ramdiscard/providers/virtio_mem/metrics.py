@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass, field, fields
 
 from ramdiscard.providers.virtio_mem.wire import RequestType, ResponseType
 
-# Precomputed keys: Enum.name is a Python-level property, slow on the request path.
-_REQUEST_KEYS = {t: t.name.lower() for t in RequestType}
-_RESPONSE_KEYS = {t: t.name.lower() for t in ResponseType}
+# Counter keys per type, precomputed: Enum.name is a Python-level property, slow on the
+# request path (the device increments the dicts directly with these).
+REQUEST_KEYS = {t: t.name.lower() for t in RequestType}
+RESPONSE_KEYS = {t: t.name.lower() for t in ResponseType}
 
 
 def _per_request() -> dict[str, int]:
@@ -52,10 +53,10 @@ class VirtioMemMetrics:
     """Driver writes to the read-only config space (ignored)."""
 
     def count_request(self, rtype: RequestType) -> None:
-        self.requests[_REQUEST_KEYS[rtype]] += 1
+        self.requests[REQUEST_KEYS[rtype]] += 1
 
     def count_response(self, rtype: ResponseType) -> None:
-        self.responses[_RESPONSE_KEYS[rtype]] += 1
+        self.responses[RESPONSE_KEYS[rtype]] += 1
 
     @property
     def errors(self) -> int:

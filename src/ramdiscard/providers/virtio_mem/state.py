@@ -95,6 +95,8 @@ _ACK, _BUSY = ResponseType.ACK, ResponseType.BUSY
 _PLUG, _UNPLUG, _UNPLUG_ALL = Action.PLUG, Action.UNPLUG, Action.UNPLUG_ALL
 _RT_PLUG, _RT_UNPLUG, _RT_UNPLUG_ALL = RequestType.PLUG, RequestType.UNPLUG, RequestType.UNPLUG_ALL
 
+_ADDR_END = U64_MAX + 1
+
 ERROR = Decision(ResponseType.ERROR)
 NACK = Decision(ResponseType.NACK)
 BUSY = Decision(ResponseType.BUSY)
@@ -302,25 +304,35 @@ class PlugState:
         return first, first + nb_blocks
 
     def decide_plug(self, gpa: int, nb_blocks: int, busy: bool = False) -> Decision:
-        blocks = self._blocks(gpa, nb_blocks)
-        if blocks is None:
+        shift = self._shift
+        size = nb_blocks << shift
+        offset = gpa - self._addr
+        # _blocks() inline (the request path): ERROR for a bad range.
+        if (gpa & (self._bs - 1) or size <= 0 or gpa + size > _ADDR_END
+                or offset < 0 or offset + size > self._usable):  # fmt: skip
             return ERROR
-        size = nb_blocks << self._shift
-        if self.plugged_size + size > self._requested:
+        if (self._bitmap.count << shift) + size > self._requested:
             return NACK
-        if not self._bitmap.all_clear(*blocks):
+        first = offset >> shift
+        if self._bitmap.count_range(first, first + nb_blocks):
             return ERROR
         if busy:
             return BUSY
-        return Decision(_ACK, _PLUG, blocks[0] << self._shift, size)
+        return Decision(_ACK, _PLUG, offset, size)
 
     def decide_unplug(self, gpa: int, nb_blocks: int, busy: bool = False) -> Decision:
-        blocks = self._blocks(gpa, nb_blocks)
-        if blocks is None or not self._bitmap.all_set(*blocks):
+        shift = self._shift
+        size = nb_blocks << shift
+        offset = gpa - self._addr
+        if (gpa & (self._bs - 1) or size <= 0 or gpa + size > _ADDR_END
+                or offset < 0 or offset + size > self._usable):  # fmt: skip
+            return ERROR
+        first = offset >> shift
+        if self._bitmap.count_range(first, first + nb_blocks) != nb_blocks:
             return ERROR
         if busy:
             return BUSY
-        return Decision(_ACK, _UNPLUG, blocks[0] << self._shift, nb_blocks << self._shift)
+        return Decision(_ACK, _UNPLUG, offset, size)
 
     def decide_unplug_all(self, busy: bool = False) -> Decision:
         """ACK with the plugged byte count as ``size``; BUSY only if something is plugged."""
