@@ -357,17 +357,16 @@ class VirtioMem(PlugStateManager):
         resp = self.process(Request(RequestType.STATE, addr, nb_blocks))
         return resp.type, resp.state
 
-    def _execute(self, req: Request) -> Response:
+    def _execute(self, rtype: RequestType, addr: int, nb_blocks: int) -> Response:
         if not self._realized:
             self._check_realized()
         if self._notifier._thread is not None or self._sink is not None:
             self._check_not_notifying("process a virtio-mem request")
         metrics = self._metrics
-        rtype = req.type
         metrics.requests[REQUEST_KEYS[rtype]] += 1
         fn = self._busy
         busy = fn is not None and rtype is not _STATE and bool(fn())
-        decision = self._plug.decide(req, busy)
+        decision = self._plug.decide_fields(rtype, addr, nb_blocks, busy)
         response = decision.response
         if response is _BUSY:
             metrics.busy_count += 1

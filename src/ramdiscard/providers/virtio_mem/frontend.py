@@ -23,15 +23,23 @@ from collections.abc import Callable
 
 from ramdiscard.providers.virtio_mem.config import check_driver_features
 from ramdiscard.providers.virtio_mem.metrics import VirtioMemMetrics
-from ramdiscard.providers.virtio_mem.wire import DeviceBroken, ProtocolError, Request, Response
+from ramdiscard.providers.virtio_mem.wire import (
+    DeviceBroken,
+    ProtocolError,
+    Request,
+    RequestType,
+    Response,
+    parse_request,
+)
+
+Execute = Callable[[RequestType, int, int], Response]
+"""The device's decide-and-apply of one request ``(type, addr, nb_blocks)``."""
 
 
 class Frontend:
     """Features and request intake of one device; see the module rules."""
 
-    def __init__(
-        self, prefix: str, offered: int, metrics: VirtioMemMetrics, execute: Callable[[Request], Response]
-    ) -> None:
+    def __init__(self, prefix: str, offered: int, metrics: VirtioMemMetrics, execute: Execute) -> None:
         self.offered = offered
         self.accepted = 0
         self.broken = False
@@ -58,18 +66,18 @@ class Frontend:
         if self.broken:
             raise self._refuse()
         try:
-            req = Request.parse(data)
+            rtype, addr, nb_blocks = parse_request(data)
         except ProtocolError:
             self.broken = True
             self._metrics.protocol_errors += 1
             raise
-        return self._execute(req).pack()
+        return self._execute(rtype, addr, nb_blocks).pack()
 
     def process(self, req: Request) -> Response:
         """Execute a parsed request; DeviceBroken while broken."""
         if self.broken:
             raise self._refuse()
-        return self._execute(req)
+        return self._execute(req.type, req.addr, req.nb_blocks)
 
     def violation(self, reason: str) -> ProtocolError:
         """Break the device for a violation found outside the parser; returns the error

@@ -40,10 +40,9 @@ from ramdiscard.providers.virtio_mem.effects import (
     claim_region,
     release_region,
 )
-from ramdiscard.providers.virtio_mem.frontend import Frontend
+from ramdiscard.providers.virtio_mem.frontend import Execute, Frontend
 from ramdiscard.providers.virtio_mem.metrics import VirtioMemMetrics
 from ramdiscard.providers.virtio_mem.state import PlugState
-from ramdiscard.providers.virtio_mem.wire import Request, Response
 from ramdiscard.rdm.manager import RamDiscardManager
 from ramdiscard.rdm.policy import DiscardPolicy, policy_of
 
@@ -135,7 +134,7 @@ def realize(
     prefix: str,
     policy: DiscardPolicy | None,
     incoming: bool,
-    execute: Callable[[Request], Response],
+    execute: Execute,
     engine: Engine,
     on_config_change: ConfigChangeFn | None,
     on_size_change: SizeChangeFn | None,
@@ -143,7 +142,7 @@ def realize(
 ) -> Parts:
     """Build and claim everything ``device`` (over the core ``plug``) needs (module rules).
     ``execute`` answers a
-    parsed request, ``engine`` reaches the device's listeners. Raises what the claim
+    parsed request (its fields), ``engine`` reaches the device's listeners. Raises what the claim
     raises (DiscardPolicyError, ManagerBusy, RegionMapped, InvalidArgument, the host's
     error); nothing is held then."""
     features = host_features(

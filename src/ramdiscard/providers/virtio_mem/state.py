@@ -282,14 +282,18 @@ class PlugState:
     def decide(self, req: Request, busy: bool = False) -> Decision:
         """The decision for ``req`` (module rules); ``busy`` says the device cannot change
         state now (a migration or snapshot runs). Changes nothing."""
-        rtype = req.type
+        return self.decide_fields(req.type, req.addr, req.nb_blocks, busy)
+
+    def decide_fields(self, rtype: RequestType, gpa: int, nb_blocks: int, busy: bool = False) -> Decision:
+        """:meth:`decide` for a request given as its fields (``gpa`` and ``nb_blocks``
+        within the wire format's ranges, both 0 for UNPLUG_ALL)."""
         if rtype is _RT_PLUG:
-            return self.decide_plug(req.addr, req.nb_blocks, busy)
+            return self.decide_plug(gpa, nb_blocks, busy)
         if rtype is _RT_UNPLUG:
-            return self.decide_unplug(req.addr, req.nb_blocks, busy)
+            return self.decide_unplug(gpa, nb_blocks, busy)
         if rtype is _RT_UNPLUG_ALL:
             return self.decide_unplug_all(busy)
-        return self.decide_state(req.addr, req.nb_blocks)
+        return self.decide_state(gpa, nb_blocks)
 
     def _blocks(self, gpa: int, nb_blocks: int) -> tuple[int, int] | None:
         """Block indexes [first, last) of a valid request range, or None (ERROR)."""

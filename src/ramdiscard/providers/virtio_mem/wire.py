@@ -108,15 +108,7 @@ class Request:
 
         Raises ProtocolError for fewer than 24 bytes or an unknown request type.
         """
-        if len(data) < REQUEST_SIZE:
-            raise ProtocolError(f"virtio-mem request too short: {len(data)} bytes, need {REQUEST_SIZE}")
-        raw_type, addr, nb_blocks = _REQUEST.unpack_from(data)
-        # A dict lookup, not RequestType(raw_type): the enum call is ~10x slower.
-        rtype = _REQUEST_TYPES.get(raw_type)
-        if rtype is None:
-            raise ProtocolError(f"virtio-mem: unknown request type {raw_type}")
-        if rtype is RequestType.UNPLUG_ALL:
-            addr = nb_blocks = 0
+        rtype, addr, nb_blocks = parse_request(data)
         # The struct's u64 and u16 fields are the ranges __post_init__ checks, so the
         # request is built without running that check a second time (one per request).
         req = _new_request(cls)
@@ -130,6 +122,24 @@ class Request:
 
 
 _REQUEST_TYPES = {int(t): t for t in RequestType}
+
+
+def parse_request(data: bytes | bytearray | memoryview) -> tuple[RequestType, int, int]:
+    """:meth:`Request.parse` as its fields ``(type, addr, nb_blocks)``, without building a
+    Request (the device's byte path); same checks, same errors."""
+    if len(data) < REQUEST_SIZE:
+        raise ProtocolError(f"virtio-mem request too short: {len(data)} bytes, need {REQUEST_SIZE}")
+    raw_type, addr, nb_blocks = _REQUEST.unpack_from(data)
+    # A dict lookup, not RequestType(raw_type): the enum call is ~10x slower.
+    rtype = _REQUEST_TYPES.get(raw_type)
+    if rtype is None:
+        raise ProtocolError(f"virtio-mem: unknown request type {raw_type}")
+    if rtype is _UNPLUG_ALL:
+        return rtype, 0, 0
+    return rtype, addr, nb_blocks
+
+
+_UNPLUG_ALL = RequestType.UNPLUG_ALL
 _new_request = object.__new__
 _set_type = Request.__dict__["type"].__set__
 _set_addr = Request.__dict__["addr"].__set__
