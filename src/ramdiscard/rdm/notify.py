@@ -120,7 +120,13 @@ class Notifier:
             for offset, size in runs:
                 end = offset + size
                 for listener in listeners:
-                    part = _clip(listener.section, offset, end)
+                    part = listener.section
+                    assert part is not None
+                    start = part.offset_within_region
+                    # _clip() inline (the request path): a run covering the section
+                    # notifies the section itself.
+                    if start < offset or start + part.size > end:
+                        part = part.intersect(offset, size)
                     if part is not None:
                         listener.notify_populate(part)
                         told.append((listener, part))
@@ -142,7 +148,11 @@ class Notifier:
             for offset, size in runs:
                 end = offset + size
                 for listener in listeners:
-                    part = _clip(listener.section, offset, end)
+                    part = listener.section
+                    assert part is not None
+                    start = part.offset_within_region
+                    if start < offset or start + part.size > end:  # _clip() inline
+                        part = part.intersect(offset, size)
                     if part is not None:
                         try:
                             listener.notify_discard(part)

@@ -61,7 +61,7 @@ def granule_starts(start: int, end: int, granularity: int, base: int = 0) -> tup
 
     Raises InvalidArgument like :func:`granule_bounds`.
     """
-    if not is_power_of_2(granularity):
+    if granularity <= 0 or granularity & (granularity - 1):  # is_power_of_2() inline
         raise InvalidArgument(f"granularity {granularity:#x} is not a power of two")
     if start < 0:
         raise InvalidArgument(f"negative start {start:#x}")

@@ -160,14 +160,21 @@ class PinnedMappings:
         with self.lock:
             table = self._table
             iova_end = end + to_iova
-            index = self._check_map(iovas[0], iova_end, len(iovas))
+            try:  # _check_map() inline (the request path)
+                index = table.check_map(iovas[0], iova_end, len(iovas))
+            except MappingLimitError:
+                self.refused_maps += 1
+                raise
             # map() and zip() loops run in C: no Python frame per granule; the pieces tile
             # the range, so each mapping's end is the next one's start (the same int).
             run = self._pin_run(list(zip(map(add, iovas, repeat(host_base - to_iova)), sizes, strict=True)))
             ends = iovas[1:]
             ends.append(iova_end)
             table.insert_run(index, iovas, ends, [_Mapped(run, iovas, section.readonly)] * len(iovas))
-            self._note_peaks()
+            if len(table) > self.peak_mapping_count:  # _note_peaks() inline
+                self.peak_mapping_count = len(table)
+            if table.mapped_bytes > self.peak_mapped_bytes:
+                self.peak_mapped_bytes = table.mapped_bytes
 
     def unmap(self, iova: int, size: int) -> int:
         """Unmap and unpin every mapping inside ``[iova, +size)``; the bytes unmapped (see
@@ -185,12 +192,12 @@ class PinnedMappings:
             lo, hi = table.unmap_span(iova, iova + size)
             if lo == hi:
                 return 0
-            entries = table.span_payloads(lo, hi)
+            starts, entries = table.span(lo, hi)
             try:
-                self._release(entries, table.span_starts(lo, hi))
+                self._release(entries, starts)
             except BaseException:
                 released = 0
-                for iova, m in zip(table.span_starts(lo, hi), entries, strict=True):
+                for iova, m in zip(starts, entries, strict=True):
                     if self._run_holds(m.pin, m.piece(iova)):
                         break
                     released += 1
@@ -208,7 +215,8 @@ class PinnedMappings:
             j = n if (i == 0 and entries[-1] is m and entries.count(m) == n) else i + 1
             while j < n and entries[j] is m:
                 j += 1
-            self._unpin_run(m.pin, m.piece(starts[i]), m.piece(starts[j - 1]) + 1)
+            iovas = m.iovas  # m.piece() inline, twice
+            self._unpin_run(m.pin, bisect_left(iovas, starts[i]), bisect_left(iovas, starts[j - 1]) + 1)
             i = j
 
     def unmap_all(self) -> int:

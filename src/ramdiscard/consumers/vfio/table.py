@@ -105,11 +105,9 @@ class MappingTable(Generic[T]):
             return i
         return None
 
-    def span_payloads(self, lo: int, hi: int) -> list[T]:
-        return self._payloads[lo:hi]
-
-    def span_starts(self, lo: int, hi: int) -> list[int]:
-        return self._starts[lo:hi]
+    def span(self, lo: int, hi: int) -> tuple[list[int], list[T]]:
+        """``(starts, payloads)`` of the mappings ``[lo, hi)`` (copies)."""
+        return self._starts[lo:hi], self._payloads[lo:hi]
 
     def start_at(self, index: int) -> int:
         return self._starts[index]

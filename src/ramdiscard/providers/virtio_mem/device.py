@@ -70,6 +70,7 @@ _NO_LOCK = nullcontext()
 """Stands for the topology lock without dynamic memslots (stateless, so shared)."""
 _STATE, _BUSY = RequestType.STATE, ResponseType.BUSY  # enum lookups are slow on the request path
 _NONE = Action.NONE
+_PLUG, _UNPLUG = RequestType.PLUG, RequestType.UNPLUG
 _RESPONSES = {t: Response(t) for t in ResponseType}
 """Responses without a block state are immutable values: one each, shared."""
 
@@ -366,7 +367,12 @@ class VirtioMem(PlugStateManager):
         metrics.requests[REQUEST_KEYS[rtype]] += 1
         fn = self._busy
         busy = fn is not None and rtype is not _STATE and bool(fn())
-        decision = self._plug.decide_fields(rtype, addr, nb_blocks, busy)
+        if rtype is _PLUG:
+            decision = self._plug.decide_plug(addr, nb_blocks, busy)
+        elif rtype is _UNPLUG:
+            decision = self._plug.decide_unplug(addr, nb_blocks, busy)
+        else:
+            decision = self._plug.decide_fields(rtype, addr, nb_blocks, busy)
         response = decision.response
         if response is _BUSY:
             metrics.busy_count += 1

@@ -122,7 +122,8 @@ class HostMemory:
             log.warning("%s: discarding [%#x, +%#x) failed: %s", self._prefix, offset, size, exc)
             self._metrics.host_failures += 1
             return False
-        self.run_hooks(offset, size)
+        if self.hooks:
+            self.run_hooks(offset, size)
         return True
 
     def run_hooks(self, offset: int, size: int) -> None:
@@ -241,7 +242,7 @@ class Effects:
         memslots: Memslots | None,
         engine: Engine,
         metrics: VirtioMemMetrics,
-        size_changed: Callable[[], None],
+        notifiers: Notifiers,
         prefix: str,
     ) -> None:
         self.core = core
@@ -249,7 +250,8 @@ class Effects:
         self.memslots = memslots
         self._engine = engine
         self._metrics = metrics
-        self._size_changed = size_changed
+        self._size_changed = notifiers.size_changed
+        self._size_fns = notifiers.size  # checked before the call: usually empty
         self._prefix = prefix
 
     def carry_out(self, decision: Decision, prealloc: bool = False) -> ResponseType:
@@ -257,11 +259,21 @@ class Effects:
         ``prealloc``: populate host memory before plugging."""
         action = decision.action
         if action is _PLUG:
-            if not self._plug(decision.offset, decision.size, prealloc):
-                return _BUSY
+            offset, size = decision.offset, decision.size
+            if prealloc or self.memslots is not None:
+                if not self._plug(offset, size, prealloc):
+                    return _BUSY
+            else:
+                # _plug() without prealloc and memslots, inline (the request path).
+                try:
+                    self._engine.populate(((offset, size),))
+                except Exception as exc:
+                    self._refused(offset, size, exc, [])
+                    return _BUSY
             self.core.apply(decision)
-            self._metrics.plugged_bytes += decision.size
-            self._size_changed()
+            self._metrics.plugged_bytes += size
+            if self._size_fns:
+                self._size_changed()
         elif action is _UNPLUG:
             offset, size = decision.offset, decision.size
             if not self.host.discard(offset, size):
@@ -275,7 +287,8 @@ class Effects:
             if self.memslots is not None:
                 self.memslots.unmap_free(offset, size, self.core.all_unplugged)
             self._metrics.unplugged_bytes += size
-            self._size_changed()
+            if self._size_fns:
+                self._size_changed()
         elif action is _UNPLUG_ALL:
             return self._unplug_all(decision)
         return decision.response
@@ -288,17 +301,22 @@ class Effects:
             if self.memslots is not None:
                 self.memslots.map_range(offset, size, mapped)
             self._engine.populate(((offset, size),))
-        except TopologyError as exc:
-            log.warning("%s: mapping memslots for [%#x, +%#x) failed: %s", self._prefix, offset, size, exc)
         except Exception as exc:
-            log.info("%s: populate of [%#x, +%#x) refused: %r", self._prefix, offset, size, exc)
+            self._refused(offset, size, exc, mapped)
+            return False
+        return True
+
+    def _refused(self, offset: int, size: int, exc: Exception, mapped: list[int]) -> None:
+        """Undo a plug whose memslot mapping or populate notification failed: unmap the
+        memslots it mapped, discard the memory again (prealloc'd or not)."""
+        if isinstance(exc, TopologyError):
+            log.warning("%s: mapping memslots for [%#x, +%#x) failed: %s", self._prefix, offset, size, exc)
         else:
-            return True
+            log.info("%s: populate of [%#x, +%#x) refused: %r", self._prefix, offset, size, exc)
         self._metrics.listener_refusals += 1
         if self.memslots is not None:
             self.memslots.unmap(mapped)
         self.host.discard(offset, size)
-        return False
 
     def _unplug_all(self, decision: Decision) -> ResponseType:
         plugged = decision.size

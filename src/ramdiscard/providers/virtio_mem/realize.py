@@ -165,7 +165,7 @@ def realize(
         except BaseException:
             release_region(device, policy, None)
             raise
-    effects = Effects(plug, host, memslots, engine, metrics, notifiers.size_changed, prefix)
+    effects = Effects(plug, host, memslots, engine, metrics, notifiers, prefix)
     return Parts(
         prealloc=props.prealloc or bool(getattr(ram, "hugetlb", False)),
         metrics=metrics,

@@ -96,6 +96,7 @@ _PLUG, _UNPLUG, _UNPLUG_ALL = Action.PLUG, Action.UNPLUG, Action.UNPLUG_ALL
 _RT_PLUG, _RT_UNPLUG, _RT_UNPLUG_ALL = RequestType.PLUG, RequestType.UNPLUG, RequestType.UNPLUG_ALL
 
 _ADDR_END = U64_MAX + 1
+_tuple_new = tuple.__new__
 
 ERROR = Decision(ResponseType.ERROR)
 NACK = Decision(ResponseType.NACK)
@@ -322,7 +323,7 @@ class PlugState:
             return ERROR
         if busy:
             return BUSY
-        return Decision(_ACK, _PLUG, offset, size)
+        return _tuple_new(Decision, (_ACK, _PLUG, offset, size, None))  # no Python-level __new__
 
     def decide_unplug(self, gpa: int, nb_blocks: int, busy: bool = False) -> Decision:
         shift = self._shift
@@ -336,7 +337,7 @@ class PlugState:
             return ERROR
         if busy:
             return BUSY
-        return Decision(_ACK, _UNPLUG, offset, size)
+        return _tuple_new(Decision, (_ACK, _UNPLUG, offset, size, None))
 
     def decide_unplug_all(self, busy: bool = False) -> Decision:
         """ACK with the plugged byte count as ``size``; BUSY only if something is plugged."""
