@@ -53,6 +53,7 @@ from ramdiscard.interfaces import DmaPinner
 from ramdiscard.memory.section import MemoryRegionSection
 
 IOMMU_PAGE_SIZE = PAGE_SIZE
+_new = object.__new__
 
 
 class DmaMapping(NamedTuple):
@@ -170,9 +171,12 @@ class PinnedMappings:
             run = self._pin_run(list(zip(map(add, iovas, repeat(host_base - to_iova)), sizes, strict=True)))
             ends = iovas[1:]
             ends.append(iova_end)
-            table.insert_run(index, iovas, ends, [_Mapped(run, iovas, section.readonly)] * len(iovas))
-            if len(table) > self.peak_mapping_count:  # _note_peaks() inline
-                self.peak_mapping_count = len(table)
+            record = _new(_Mapped)  # _Mapped(run, iovas, readonly) without an __init__ frame
+            record.pin, record.iovas, record.readonly = run, iovas, section.readonly
+            table.insert_run(index, iovas, ends, [record] * len(iovas))
+            count = len(table)
+            if count > self.peak_mapping_count:  # _note_peaks() inline
+                self.peak_mapping_count = count
             if table.mapped_bytes > self.peak_mapped_bytes:
                 self.peak_mapped_bytes = table.mapped_bytes
 
@@ -194,7 +198,13 @@ class PinnedMappings:
                 return 0
             starts, entries = table.span(lo, hi)
             try:
-                self._release(entries, starts)
+                m = entries[0]
+                if m is entries[-1] and entries.count(m) == len(entries):
+                    # One map call's mappings (the usual discard): _release() inline.
+                    iovas = m.iovas
+                    self._unpin_run(m.pin, bisect_left(iovas, starts[0]), bisect_left(iovas, starts[-1]) + 1)
+                else:
+                    self._release(entries, starts)
             except BaseException:
                 released = 0
                 for iova, m in zip(starts, entries, strict=True):

@@ -119,12 +119,16 @@ class HostMemory:
         try:
             self.ram.discard_range(offset, size)
         except Exception as exc:
-            log.warning("%s: discarding [%#x, +%#x) failed: %s", self._prefix, offset, size, exc)
-            self._metrics.host_failures += 1
+            self.discard_failed(offset, size, exc)
             return False
         if self.hooks:
             self.run_hooks(offset, size)
         return True
+
+    def discard_failed(self, offset: int, size: int, exc: Exception) -> None:
+        """Account a discard the host refused (logged, counted as a host failure)."""
+        log.warning("%s: discarding [%#x, +%#x) failed: %s", self._prefix, offset, size, exc)
+        self._metrics.host_failures += 1
 
     def run_hooks(self, offset: int, size: int) -> None:
         if not self.hooks:
@@ -276,8 +280,14 @@ class Effects:
                 self._size_changed()
         elif action is _UNPLUG:
             offset, size = decision.offset, decision.size
-            if not self.host.discard(offset, size):
+            host = self.host
+            try:  # host.discard() inline (the request path)
+                host.ram.discard_range(offset, size)
+            except Exception as exc:
+                host.discard_failed(offset, size, exc)
                 return _BUSY
+            if host.hooks:
+                host.run_hooks(offset, size)
             try:
                 self._engine.discard(((offset, size),))
             except Exception:

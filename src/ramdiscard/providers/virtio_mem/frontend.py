@@ -24,6 +24,7 @@ from collections.abc import Callable
 from ramdiscard.providers.virtio_mem.config import check_driver_features
 from ramdiscard.providers.virtio_mem.metrics import VirtioMemMetrics
 from ramdiscard.providers.virtio_mem.wire import (
+    PACKED_RESPONSES,
     DeviceBroken,
     ProtocolError,
     Request,
@@ -71,7 +72,8 @@ class Frontend:
             self.broken = True
             self._metrics.protocol_errors += 1
             raise
-        return self._execute(rtype, addr, nb_blocks).pack()
+        resp = self._execute(rtype, addr, nb_blocks)
+        return PACKED_RESPONSES[resp.type] if resp.state is None else resp.pack()
 
     def process(self, req: Request) -> Response:
         """Execute a parsed request; DeviceBroken while broken."""

@@ -155,7 +155,7 @@ class Response:
 
     def pack(self) -> bytes:
         if self.state is None:
-            return _PACKED_RESPONSES[self.type]
+            return PACKED_RESPONSES[self.type]
         return _RESPONSE.pack(int(self.type), int(self.state))
 
     @classmethod
@@ -177,7 +177,8 @@ class Response:
         return cls(rtype)
 
 
-_PACKED_RESPONSES = {t: _RESPONSE.pack(int(t), 0) for t in ResponseType}
+PACKED_RESPONSES = {t: _RESPONSE.pack(int(t), 0) for t in ResponseType}
+"""The packed response of each type without a block state."""
 
 
 @dataclass(frozen=True, slots=True)
