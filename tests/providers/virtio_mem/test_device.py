@@ -21,6 +21,7 @@ from ramdiscard.providers.virtio_mem import (
     default_block_size,
     memslot_geometry,
 )
+from ramdiscard.providers.virtio_mem.wire import parse_request
 from ramdiscard.rdm import AggregateManager, BlockStateManager, RamDiscardManager
 from ramdiscard.units import GiB, MiB
 
@@ -59,6 +60,22 @@ def test_wire_protocol_errors() -> None:
         Request.parse(bytes(23))
     with pytest.raises(ProtocolError, match="unknown request type 4"):
         Request.parse(b"\x04" + bytes(23))
+
+
+def test_parse_request_gives_the_fields_of_request_parse() -> None:
+    for req in (
+        Request(RequestType.PLUG, ADDR, 7),
+        Request(RequestType.UNPLUG, (1 << 64) - BS, 0xFFFF),
+        Request(RequestType.STATE, 0, 0),
+    ):
+        assert parse_request(req.pack() + b"trailing") == (req.type, req.addr, req.nb_blocks)
+        assert Request.parse(req.pack()) == req
+    # UNPLUG_ALL ignores the address and count fields, in both forms.
+    data = Request(RequestType.UNPLUG_ALL).pack()[:2] + b"\xff" * 22
+    assert parse_request(data) == (RequestType.UNPLUG_ALL, 0, 0)
+    for bad, why in ((bytes(23), "too short"), (b"\x04" + bytes(23), "unknown request type 4")):
+        with pytest.raises(ProtocolError, match=why):
+            parse_request(bad)
 
 
 # -- realize --------------------------------------------------------------------------
