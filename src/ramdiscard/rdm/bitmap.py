@@ -135,13 +135,14 @@ class Bitmap:
 
     def count_range(self, start: int, end: int) -> int:
         """Set bits in ``[start, end)``."""
-        self._check(start, end)
+        if not 0 <= start <= end <= self.nbits:
+            self._check(start, end)
         if start == end:
             return 0
         arr = self._arr
         ws, we = start >> 6, (end - 1) >> 6
-        if ws == we:
-            return (arr[ws] & _mask(start & 63, ((end - 1) & 63) + 1)).bit_count()
+        if ws == we:  # one word (a request's range, usually): no helper frames
+            return (arr[ws] & (((1 << (end - start)) - 1) << (start & 63))).bit_count()
         total = (arr[ws] & _mask(start & 63, 64)).bit_count()
         total += (arr[we] & _mask(0, ((end - 1) & 63) + 1)).bit_count()
         if we > ws + 1:
@@ -180,12 +181,21 @@ class Bitmap:
         self._count = 0
 
     def _update(self, start: int, end: int, value: bool) -> None:
-        self._check(start, end)
+        if not 0 <= start <= end <= self.nbits:
+            self._check(start, end)
         if start == end:
             return
         ws, we = start >> 6, (end - 1) >> 6
-        if ws == we:
-            self._update_word(ws, _mask(start & 63, ((end - 1) & 63) + 1), value)
+        if ws == we:  # one word: _update_word() inline
+            arr = self._arr
+            mask = ((1 << (end - start)) - 1) << (start & 63)
+            old = arr[ws]
+            new = (old | mask) if value else (old & ~mask)
+            if new != old:
+                delta = new.bit_count() - old.bit_count()
+                arr[ws] = new
+                self._gcount[ws >> 6] += delta
+                self._count += delta
             return
         self._update_word(ws, _mask(start & 63, 64), value)
         self._update_word(we, _mask(0, ((end - 1) & 63) + 1), value)
