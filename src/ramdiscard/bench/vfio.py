@@ -35,12 +35,13 @@ Repetitions alternate ours/raw/C; each figure is the best of N.
 
 Where the time goes (THP rows, 64 x 2 MiB, instrumented with perf_counter_ns at each
 layer's entry, medians of 31 requests alternating with the raw and C cycles as here, load
-~1.5): plug 354 us = BUFFERS_UPDATE (ctypes call and iovec array, the kernel's pins) 168,
-the DMA backend's own pin_run 53, the vfio listener (granule cut, table check and
-insert) 46, the notifier 8, everything above it (request parse, decision, bitmap,
-effects, metrics, response) 69; unplug 242 us = BUFFERS_UPDATE 119, host discard
-(RamBlock.discard_range and madvise) 36, unpin_run 25, the listener's unmap 20, the
-notifier 6, above it 32. The C floor measured beside it: plug 125-140, unplug 108-117.
+~1.5): plug 359 us = BUFFERS_UPDATE (ctypes call and iovec array, the kernel's pins) 179,
+the DMA backend's own pin_run 54, the vfio listener (granule cut, table check and
+insert) 48, the notifier 8, everything above it (request parse, decision, bitmap,
+effects, metrics, response) 62; unplug 228 us = BUFFERS_UPDATE 119, host discard
+(RamBlock.discard_range and madvise) 31, unpin_run 22, the listener's unmap 19, the
+notifier 5, above it 28 (the rest of each total is the instrumentation's own calls).
+The C floor measured beside it: plug 125-140, unplug 108-117.
 Python's own share is mostly cold-cache cost, not instructions: the untimed populate of
 128 MiB before each plug evicts the interpreter's code and data, and a function call that
 takes 0.05 us warm takes 2-3 us right after it (one decide of the plug-state core: 1.4 us
