@@ -144,6 +144,10 @@ class LiveMachineBackend(MachineBackend):
         if self._emit is not None:
             self._emit(QmpEvent(name, data, time.time()))
 
+    def pass_event(self, number: int) -> None:
+        """QEMU's ``MIGRATION_PASS`` after precopy round ``number``."""
+        self._event("MIGRATION_PASS", {"pass": number})
+
     def set_status(self, status: str) -> None:
         """Set the migration status and emit QEMU's ``MIGRATION`` event for it."""
         self.mstatus = status
@@ -249,7 +253,7 @@ class LiveMachineBackend(MachineBackend):
                 self.set_status("active")
             if st.rounds > seen[0]:
                 seen[0] = st.rounds
-                self._event("MIGRATION_PASS", {"pass": st.rounds})
+                self.pass_event(st.rounds)
 
         def started(src: PrecopySource) -> None:
             with self._state:
@@ -368,10 +372,10 @@ class LiveMachineBackend(MachineBackend):
                     raise QmpError(f"Parameter '{key}' expects an integer in the range of 0 to {limit}")
                 new[key] = v
         self.params = new
-        src = self._source
-        if src is not None:  # QEMU applies both to a running migration too
-            src.params.downtime_limit = new["downtime-limit"] / 1000.0
-            src.params.max_bandwidth = new["max-bandwidth"]
+        for src in (self._source, self.postcopy_source):  # QEMU applies both to a running one
+            if src is not None:
+                src.params.downtime_limit = new["downtime-limit"] / 1000.0
+                src.params.max_bandwidth = new["max-bandwidth"]
         return {}
 
     def query_migrate(self) -> dict[str, Any]:
@@ -441,12 +445,11 @@ class LiveMachineBackend(MachineBackend):
                     conn.settimeout(self.migrate_timeout)
                     head = conn.recv(len(MAIN_PREAMBLE), socket.MSG_WAITALL)
                     if head == MAIN_PREAMBLE:
-                        is_postcopy = True
-                        postcopy.receive(self, conn, ls)
+                        is_postcopy = postcopy.receive(self, conn, ls)
                     else:
                         serve_live(
                             conn, space, devices, read_timeout=self.migrate_timeout, prefix=head,
-                            on_round=lambda n: self._event("MIGRATION_PASS", {"pass": n}),
+                            on_round=self.pass_event,
                         )  # fmt: skip
             ok = True
         except (OSError, migration.MigrationError) as exc:
