@@ -285,8 +285,8 @@ def serve_live(
 
     conn.settimeout(read_timeout)
     tune_socket(conn)
-    reader = _CountingReader(conn, prefix)
-    acker = _Acker(conn, reader)
+    reader = CountingReader(conn, prefix)
+    acker = Acker(conn, reader)
     try:
         stats = load_live(address_space, devices, reader, on_round=on_round)
     except Exception as exc:
@@ -303,7 +303,7 @@ def serve_live(
     return stats
 
 
-class _CountingReader(SocketReader):
+class CountingReader(SocketReader):
     """A SocketReader that counts what it has read (the acknowledged position)."""
 
     def __init__(self, sock: socket.socket, prefix: bytes = b"") -> None:
@@ -337,12 +337,12 @@ class _CountingReader(SocketReader):
         self.position += view.nbytes
 
 
-class _Acker:
+class Acker:
     """Acknowledges the reader's position every :data:`ACK_INTERVAL` s while it moves
     (a thread of its own: the acks go out whatever the loader is doing). :meth:`close`
     stops it before the status is sent, so the two never interleave."""
 
-    def __init__(self, sock: socket.socket, reader: _CountingReader) -> None:
+    def __init__(self, sock: socket.socket, reader: CountingReader) -> None:
         self.sock = sock
         self.reader = reader
         self._stop = threading.Event()

@@ -117,7 +117,7 @@ def receive_postcopy(
 ) -> PostcopyDestStats:
     """Receive a postcopy on ``conn`` (module rules). Raises MigrationError."""
     from ramdiscard.migration.destination import commit_states, reset_to_discarded
-    from ramdiscard.migration.live_load import LiveLoad, _Acker, _CountingReader
+    from ramdiscard.migration.live_load import Acker, CountingReader, LiveLoad
     from ramdiscard.migration.tcp import drain_peer, tune_socket
 
     t0 = time.perf_counter()
@@ -132,8 +132,8 @@ def receive_postcopy(
             try:
                 conn.settimeout(io_timeout)
                 tune_socket(conn)
-                reader = _CountingReader(conn)
-                acker = _Acker(conn, reader)
+                reader = CountingReader(conn)
+                acker = Acker(conn, reader)
                 try:
                     load = LiveLoad(regions, devices, reader, on_round=on_round, postcopy=True)
                     load.start()

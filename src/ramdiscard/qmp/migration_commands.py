@@ -64,42 +64,14 @@ from ramdiscard.qmp import postcopy_commands as postcopy
 from ramdiscard.qmp.backend import Outcome, Param, check_arguments
 from ramdiscard.qmp.events import QmpEvent
 from ramdiscard.qmp.machine_backend import MachineBackend, MachineLike
+from ramdiscard.qmp.migration_guest import GuestOfMachine, dma_holders
 from ramdiscard.qmp.protocol import QmpError
-from ramdiscard.units import format_size
 
 RESIZE_CAP = "x-ramdiscard-resize-during-migration"
 CAPABILITIES = ("postcopy-ram", "postcopy-preempt", "background-snapshot", "mapped-ram", RESIZE_CAP)
 PAGE = 4096
 
 Handler = Callable[[dict[str, Any]], Outcome]
-
-
-class _Guest:
-    """GuestControl over the machine's writer (the vCPUs)."""
-
-    def __init__(self, machine: Any) -> None:
-        self.machine = machine
-
-    def pause(self) -> None:
-        w = getattr(self.machine, "writer", None)
-        if w is not None:
-            w.pause()
-
-    def resume(self) -> None:
-        w = getattr(self.machine, "writer", None)
-        if w is not None:
-            w.resume()
-
-
-def dma_holders(machine: object) -> list[str]:
-    """``"ID holds SIZE of DMA pins"`` for every consumer of ``machine`` holding pins on
-    guest memory now (a device may DMA into it); the caller holds the machine lock."""
-    out = []
-    for c in getattr(machine, "consumers", ()):
-        pinned = int(getattr(c, "pinned_bytes", 0))
-        if pinned:
-            out.append(f"{c.id} holds {format_size(pinned)} of DMA pins")
-    return out
 
 
 class LiveMachineBackend(MachineBackend):
@@ -235,7 +207,7 @@ class LiveMachineBackend(MachineBackend):
         host, _s, port = rest.rpartition(":")
         m = self.machine
         if self.caps["postcopy-ram"]:
-            postcopy.run_source(self, _Guest(m), host.strip("[]"), int(port))
+            postcopy.run_source(self, GuestOfMachine(m), host.strip("[]"), int(port))
             return
         with m.lock:
             devices = list(m.devices.values())
@@ -265,7 +237,7 @@ class LiveMachineBackend(MachineBackend):
         ok = False
         try:
             self.stats = precopy_to(
-                host.strip("[]"), int(port), space, devices, _Guest(m), params,
+                host.strip("[]"), int(port), space, devices, GuestOfMachine(m), params,
                 progress=progress, timeout=self.migrate_timeout, io_timeout=self.migrate_timeout,
                 on_start=started, guard=m.lock,
             )  # fmt: skip
@@ -288,7 +260,7 @@ class LiveMachineBackend(MachineBackend):
         self.set_status("active")
         with create_output(path, "migration file") as f:
             snap = background_snapshot(
-                space, devices, f, _Guest(m), cancel=self._snap_cancel, timeout=self.migrate_timeout
+                space, devices, f, GuestOfMachine(m), cancel=self._snap_cancel, timeout=self.migrate_timeout
             )
         st.total_bytes = st.page_bytes = snap.page_bytes
         st.stream_bytes, st.pages_sent = snap.file_size, snap.page_bytes // PAGE
@@ -461,7 +433,7 @@ class LiveMachineBackend(MachineBackend):
         if callable(resume):
             resume()
         if self.start_paused:
-            _Guest(m).pause()
+            GuestOfMachine(m).pause()
             self.run_state = "paused"
         else:
             self.run_state = "running"
