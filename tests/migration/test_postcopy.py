@@ -58,6 +58,12 @@ class Run:
             timeout=30, io_timeout=10,
         )  # fmt: skip
 
+    def touch_last_plugged(self) -> None:
+        """A destination guest read of the last plugged page (the background copy sends it
+        last): it faults unless the page came on request already."""
+        buf = ctypes.create_string_buffer(PAGE)
+        ctypes.memmove(buf, self.dst.ram.host_address + (BLOCKS[-1] + 1) * self.src.block - PAGE, PAGE)
+
     def _receive(self) -> None:
         try:
             conn, _peer = self.ls.accept()
@@ -126,6 +132,7 @@ def test_postcopy_with_writers_on_both_ends(machines: Machines, backing: str) ->
     def touch_unplugged() -> None:  # a stray guest read of an unplugged block, mid-postcopy
         busy.append(run.dst.dev.is_busy())
         ctypes.memmove(probe, unplugged, PAGE)
+        run.touch_last_plugged()
 
     run.on_running = touch_unplugged
     with run.going():
@@ -161,6 +168,7 @@ def test_postcopy_with_writers_on_both_ends(machines: Machines, backing: str) ->
 def test_postcopy_without_preempt_answers_on_the_main_channel(machines: Machines) -> None:
     run = Run(machines, "anonymous", preempt=False)
     run.source.max_bandwidth = 64 * MiB
+    run.on_running = run.touch_last_plugged
     with run.going():
         _wait(lambda: run.source.stats.status == "active")
         run.source.start.set()

@@ -139,10 +139,12 @@ def receive(b: PostcopyBackend, conn: socket.socket, ls: socket.socket) -> bool:
     Returns False when it ended as a precopy (the caller starts the guest)."""
     m = b.machine
     if not b.caps["postcopy-ram"]:
+        from ramdiscard.migration.tcp import drain_peer
         from ramdiscard.migration.transport import send_status
 
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # drained: the source's precopy must read the refusal
             send_status(conn, "postcopy-ram is not enabled on the destination")
+            drain_peer(conn)
         raise migration.MigrationError("a postcopy arrived but postcopy-ram is not enabled here")
     with m.lock:
         devices = list(m.devices.values())
