@@ -256,12 +256,14 @@ class PostcopySource:
         st = self.stats
         st.switched = True
         assert pre.handover is not None
-        regions = _Regions(collect_regions(self.space, self.devices), pre.handover)
         st.needed_bytes = st.remaining = sum(n for runs in pre.handover for _s, n in runs)
         prio = self._connect()
         prio.sendall(w.PRIORITY_HELLO)
         st.downtime = time.perf_counter() - pre.paused_at
         self._report("postcopy-active")
+        # Built after the hello: the destination starts its fault handler meanwhile, and
+        # no request can come before that.
+        regions = _Regions(collect_regions(self.space, self.devices), pre.handover)
         answers = threading.Thread(
             target=self._serve_requests, args=(regions, prio, prio if self.preempt else main),
             name="ramdiscard-postcopy-requests", daemon=True,
