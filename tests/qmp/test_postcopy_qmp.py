@@ -199,3 +199,78 @@ def test_a_destination_without_postcopy_ram_refuses_before_the_switchover(workdi
 
     with _servers(workdir, ("src", ()), ("dst", ("--incoming", "defer"))) as (s, d):
         asyncio.run(asyncio.wait_for(drive(s, d), 150))
+
+
+async def _passes_then_statuses(events: EventListener, last: tuple[str, ...]) -> list[str]:
+    seen: list[str] = []
+    while not seen or seen[-1] not in last:
+        ev = await asyncio.wait_for(events.get(), 60)
+        seen.append(f"pass {ev['data']['pass']}" if ev["event"] == "MIGRATION_PASS" else ev["data"]["status"])
+    return seen
+
+
+def test_migrate_start_postcopy_after_a_precopy_round(workdir: Path) -> None:
+    async def drive(src_sock: str, dst_sock: str) -> None:
+        src, dst = await _client(src_sock), await _client(dst_sock)
+        port = await _start(src, dst)
+        # Round 1 takes about 1.3 s; a downtime limit of 0 never lets the guest's writes converge.
+        await src.execute("migrate-set-parameters", {"max-bandwidth": 64 << 20, "downtime-limit": 0})
+        events = EventListener(("MIGRATION", "MIGRATION_PASS"))
+        with src.listen(events):
+            await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+            seen = await _passes_then_statuses(events, ("pass 1",))
+            assert (await src.execute("query-status"))["status"] == "running"
+            await src.execute("migrate-start-postcopy")
+            seen += await _passes_then_statuses(events, ("completed", "failed", "cancelled"))
+        statuses = [s for s in seen if not s.startswith("pass")]
+        assert statuses == ["setup", "active", "postcopy-active", "completed"], seen
+        assert seen.index("pass 1") < seen.index("postcopy-active")
+        info = await src.execute("query-migrate")
+        pc = info["x-ramdiscard-postcopy"]
+        assert pc["switched"] and pc["unplugged-requests"] == 0
+        assert 0 < pc["needed-bytes"] < info["ram"]["total"] == BOOT + PLUGGED
+        assert info["ram"]["dirty-sync-count"] >= 1
+        await _wait_status(dst, ("completed", "failed"), 60)
+        dpc = (await dst.execute("query-migrate"))["x-ramdiscard-postcopy"]
+        assert dpc["kept-bytes"] + dpc["needed-bytes"] == BOOT + PLUGGED
+        assert dpc["kept-bytes"] >= BOOT and dpc["needed-bytes"] == pc["needed-bytes"]
+        assert (await dst.execute("query-status"))["status"] == "paused"
+        assert await src.execute("x-ramdiscard-memory-digest") == await dst.execute(
+            "x-ramdiscard-memory-digest"
+        )
+        status = await dst.execute("x-ramdiscard-status")
+        assert status["plugged"] == PLUGGED and status["pinned"] == BOOT + PLUGGED
+        await _quit(src, dst)
+
+    with _servers(workdir, ("src", ()), ("dst", ("--incoming", "defer", "-S"))) as (s, d):
+        asyncio.run(asyncio.wait_for(drive(s, d), 150))
+
+
+def test_a_postcopy_ram_migration_that_converges_completes_as_precopy(workdir: Path) -> None:
+    async def drive(src_sock: str, dst_sock: str) -> None:
+        src, dst = await _client(src_sock), await _client(dst_sock)
+        port = await _start(src, dst)
+        events = EventListener(("MIGRATION",))
+        with src.listen(events):
+            await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+            statuses = await _events_until(events, ("completed", "failed", "cancelled"))
+        assert statuses == ["setup", "active", "completed"]
+        info = await src.execute("query-migrate")
+        assert not info["x-ramdiscard-postcopy"]["switched"] and info["ram"]["postcopy-requests"] == 0
+        assert (await src.execute("query-status"))["status"] == "postmigrate"
+        with pytest.raises(ExecuteError, match="Postcopy must be started after"):
+            await src.execute("migrate-start-postcopy")
+        dinfo = await _wait_status(dst, ("completed", "failed"), 60)
+        assert dinfo["status"] == "completed" and "x-ramdiscard-postcopy" not in dinfo
+        assert (await dst.execute("query-status"))["status"] == "paused"
+        assert await src.execute("x-ramdiscard-memory-digest") == await dst.execute(
+            "x-ramdiscard-memory-digest"
+        )
+        status = await dst.execute("x-ramdiscard-status")
+        assert status["plugged"] == PLUGGED and status["pinned"] == BOOT + PLUGGED
+        await dst.execute("cont")
+        assert (await dst.execute("query-status"))["status"] == "running"
+        await _quit(src, dst)
+
+    with _servers(workdir, ("src", ()), ("dst", ("--incoming", "defer", "-S"))) as (s, d):
+        asyncio.run(asyncio.wait_for(drive(s, d), 150))

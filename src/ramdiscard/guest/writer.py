@@ -8,7 +8,8 @@ Rules:
   sequence number, into the plugged memory of the given devices only.
 * Pattern: ``random`` picks plugged pages uniformly; ``hot`` picks uniformly among the
   first ``hot_set`` bytes of plugged memory (in plugged order); ``sequential`` walks the
-  plugged pages in order and wraps around.
+  plugged pages in order and wraps around. Each page written holds its sequence number
+  (``seq_base`` + 1, + 2, ...) and its plugged-page ordinal as two u64, then zeros.
 * Coordination with unplug: every batch of writes runs under ``lock`` (the machine lock,
   which every plug, unplug and reset holds), and the plugged runs are read from the
   devices inside that same critical section. A page is therefore never written once its
@@ -88,6 +89,7 @@ class GuestWriter:
         hot_set: int = 64 * 1024 * 1024,
         seed: int = 1,
         clock: Callable[[], float] = time.monotonic,
+        seq_base: int = 0,
     ) -> None:
         if rate < 0:
             raise ValueError(f"write rate must be >= 0, got {rate}")
@@ -102,7 +104,7 @@ class GuestWriter:
         self.pages_written = 0
         self._rng = np.random.default_rng(seed)
         self._cursor = 0
-        self._seq = 0
+        self._seq = seq_base
         self._page = ctypes.create_string_buffer(PAGE)
         self._paused = 0
         self._cond = threading.Condition(threading.Lock())

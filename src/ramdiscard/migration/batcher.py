@@ -28,6 +28,7 @@ class SendLimits(Protocol):
     @property
     def max_bandwidth(self) -> int: ...
 
+
 PAGE = 4096
 CHUNK = 1 << 20
 """Largest page section of a contiguous dirty run."""

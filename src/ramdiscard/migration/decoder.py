@@ -19,6 +19,7 @@ from ramdiscard.migration.stream import (
     _PAGES_AT,
     _REGION,
     _ROUND,
+    HANDOVER_SUB,
     LIST_PAGE,
     MAGIC,
     MAX_CHUNK,
@@ -35,6 +36,7 @@ from ramdiscard.migration.stream import (
     DeviceState,
     End,
     Event,
+    Handover,
     Limits,
     PageData,
     PageList,
@@ -61,9 +63,10 @@ _ORDER = {
     SectionType.DEVICE: 1,
     SectionType.PAGES: 2,
     SectionType.PAGES_AT: 2,
-    SectionType.END: 3,
+    SectionType.END: 4,
     SectionType.ROUND: 2,
     SectionType.PAGE_LIST: 2,
+    SectionType.POSTCOPY: 3,
 }
 
 
@@ -71,16 +74,29 @@ class Decoder:
     """Pull-based parser of one stream (see the module docstring for the protocol).
 
     ``sparse_ok``: accept the SPARSE flag (and PAGES_AT sections); only a seekable
-    snapshot file can honour it. ``limits``: the receiver's own caps (module rules), never
-    above the format's. Every error raises :class:`StreamError` and leaves the
-    decoder unusable.
+    snapshot file can honour it. ``postcopy_ok``: accept POSTCOPY sections in a live
+    stream (each region's, in order, before END; runs ascending, disjoint, 4 KiB aligned,
+    inside the region, at most :attr:`max_handover_runs` of them). ``limits``: the
+    receiver's own caps (module rules), never above the format's. Every error raises
+    :class:`StreamError` and leaves the decoder unusable.
     """
 
     def __init__(
-        self, *, sparse_ok: bool = False, limits: Limits | None = None, live_ok: bool = False
+        self,
+        *,
+        sparse_ok: bool = False,
+        limits: Limits | None = None,
+        live_ok: bool = False,
+        postcopy_ok: bool = False,
     ) -> None:
         self._sparse_ok = sparse_ok
         self._live_ok = live_ok
+        self._postcopy_ok = postcopy_ok
+        self.max_handover_runs = MAX_META_PAYLOAD // 16
+        """Most runs a POSTCOPY section may hold (a receiver lowers it to what it could
+        receive: its plugged pages)."""
+        self._handovers = 0
+        self._sizes: list[int] = []
         self._limits = limits or Limits()
         self._phase = _Phase.STREAM_HEADER
         self._need = STREAM_HEADER.size
@@ -177,6 +193,10 @@ class Decoder:
             order = 2
         if (st in (SectionType.ROUND, SectionType.PAGE_LIST) and not live) or order < self._order:
             raise self._fail(f"{st.name} section out of order")
+        if st is SectionType.POSTCOPY and not (live and self._postcopy_ok):
+            raise self._fail("POSTCOPY section outside a postcopy migration")
+        if st is SectionType.END and self._handovers and self._handovers != self._regions:
+            raise self._fail(f"END after POSTCOPY sections for {self._handovers} of {self._regions} regions")
         sparse = bool(self._flags & StreamFlags.SPARSE)
         if (st is SectionType.PAGES and sparse) or (st is SectionType.PAGES_AT and not sparse):
             raise self._fail(f"{st.name} section in a {'sparse' if sparse else 'streamed'} stream")
@@ -190,6 +210,11 @@ class Decoder:
             fixed = sizes.get(st)
             if fixed is not None and length != fixed:
                 raise self._fail(f"{st.name} section with payload length {length} (expected {fixed})")
+            if st is SectionType.POSTCOPY and (
+                (length - HANDOVER_SUB.size) % 16
+                or not 0 <= length - HANDOVER_SUB.size <= 16 * self.max_handover_runs
+            ):
+                raise self._fail(f"POSTCOPY section with payload length {length}")
             if st is SectionType.PAGE_LIST and (
                 (length - _LIST_SUB.size) % (8 + LIST_PAGE)
                 or not 0 < length - _LIST_SUB.size <= MAX_LIST_BYTES
@@ -249,6 +274,8 @@ class Decoder:
         elif st is SectionType.ROUND:
             number, _r, dirty = _ROUND.unpack(raw)
             event = Round(number, dirty)
+        elif st is SectionType.POSTCOPY:
+            event = self._handover(raw)
         elif st is SectionType.PAGES_AT:
             region, _r, offset, length, file_offset, data_crc = _PAGES_AT.unpack(raw)
             if not 0 < length <= MAX_CHUNK:
@@ -290,6 +317,27 @@ class Decoder:
         self._need = SECTION_HEADER.size
         return PageList(region, offsets, raw[head:])
 
+    def _handover(self, raw: bytes) -> Handover:
+        region, _r, count = HANDOVER_SUB.unpack_from(raw)
+        if region != self._handovers:
+            raise self._fail(
+                f"POSTCOPY section for region {region} out of order (expected {self._handovers})"
+            )
+        if count * 16 != len(raw) - HANDOVER_SUB.size:
+            raise self._fail(f"POSTCOPY section: {count} runs in a payload of {len(raw)} bytes")
+        flat = struct.unpack_from(f"<{2 * count}Q", raw, HANDOVER_SUB.size)
+        runs = tuple(zip(flat[0::2], flat[1::2], strict=True))
+        end = 0
+        for s, n in runs:
+            if (s | n) % LIST_PAGE or n == 0 or s < end or s + n > self._sizes[region]:
+                raise self._fail(
+                    f"POSTCOPY section of region {region}: run [{s:#x}, +{n:#x}) misaligned, empty, "
+                    "out of order or outside the region"
+                )
+            end = s + n
+        self._handovers += 1
+        return Handover(region, runs)
+
     def _region(self, raw: bytes) -> RegionInfo:
         if len(raw) < _REGION.size:
             raise self._fail("REGION section too short")
@@ -309,6 +357,7 @@ class Decoder:
         if size == 0 or page_size == 0 or page_size & (page_size - 1) or size % page_size:
             raise self._fail(f"REGION section {index}: size {size:#x} / page size {page_size:#x}")
         self._regions += 1
+        self._sizes.append(size)
         return RegionInfo(index, rkind, size, gpa, page_size, name, dev)
 
     def _check_page(self, region: int, offset: int, length: int) -> None:

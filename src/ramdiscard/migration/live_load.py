@@ -30,6 +30,7 @@ from ramdiscard.migration.layout import RamRegion, collect_regions
 from ramdiscard.migration.stream import (
     DeviceState,
     End,
+    Handover,
     MigrationError,
     PageData,
     PageList,
@@ -69,74 +70,21 @@ def load_live(
 ) -> LiveLoadStats:
     """Load a live (or stop-and-copy) stream from ``reader`` (module rules). Raises
     MigrationError with the destination reset to all discarded."""
-    from ramdiscard.migration.decoder import Decoder
-    from ramdiscard.migration.destination import (
-        Incoming,
-        check_state,
-        commit_states,
-        plugged_runs,
-        reset_to_discarded,
-        stream_limits,
-    )
-    from ramdiscard.migration.progress import ProgressTracker
-    from ramdiscard.providers.virtio_mem.persist import decode_state
+    from ramdiscard.migration.destination import commit_states, reset_to_discarded
 
     t0 = time.perf_counter()
     with frozen(devices) as freeze:
         regions = collect_regions(address_space, devices)
-        for dev in devices:
-            if dev.plugged_size:
-                raise MigrationError(f"device {dev.id!r} has memory plugged; a destination must start empty")
         requested = {dev.id: dev.requested_size for dev in devices}
-        tracker = ProgressTracker("receive", 0, None)
-        inc = Incoming(regions, reader, None, tracker)
-        inc.decoder = Decoder(limits=stream_limits(regions), live_ok=True)
-        stats = LiveLoadStats()
+        load = LiveLoad(regions, devices, reader, on_round=on_round)
         try:
-            images, event = inc.read_metadata()
+            load.start()
         except OSError as exc:
             raise MigrationError(f"reading the stream failed (nothing changed): {exc}") from exc
         try:
-            managed = [r for r in regions if r.device is not None]
-            final = {r.index: img for r, img in zip(managed, images, strict=True)}
-            inc.prepare_pages(images)
-            cover = [Coverage() for _r in regions]
-            while not isinstance(event, End):
-                if isinstance(event, PageData):
-                    end = event.offset + event.length
-                    inc.receive_page(event, populated=cover[event.region].covers(event.offset, end))
-                    cover[event.region].add(event.offset, end)
-                    stats.page_bytes += event.length
-                elif isinstance(event, PageList):
-                    _receive_list(inc, regions, cover[event.region], event)
-                    stats.page_bytes += len(event.data)
-                elif isinstance(event, Round):
-                    stats.rounds = event.number
-                    if on_round is not None:
-                        on_round(event.number)
-                elif isinstance(event, DeviceState):
-                    region = regions[event.region]
-                    if region.device is None:
-                        raise StreamError(f"DEVICE section for unmanaged region {region.mr.name!r}")
-                    check_state(region.device, event.state)
-                    image = decode_state(event.state)
-                    runs = plugged_runs(image.bitmap, image.nb_blocks, image.block_size)
-                    for s, n in subtract(inc.runs[event.region], runs):
-                        region.mr.ram.discard_range(s, n)  # type: ignore[union-attr]
-                        cover[event.region].remove(s, s + n)
-                    inc.runs[event.region] = runs
-                    inc.starts[event.region] = [s for s, _n in runs]
-                    final[event.region] = event.state
-                else:
-                    raise StreamError(f"unexpected {type(event).__name__} in a live stream")
-                event = inc.next_event()
-            for region, runs, cov in zip(regions, inc.runs, cover, strict=True):
-                for s, n in runs:
-                    if not cov.covers(s, s + n):
-                        raise StreamError(
-                            f"region {region.mr.name!r}: plugged range [{s:#x}, +{n:#x}) was not received"
-                        )
-            commit_states(managed, [final[region.index] for region in managed])
+            load.run()
+            load.check_complete()
+            commit_states(load.managed, load.final_images())
         except BaseException as exc:
             reset_to_discarded(regions, requested, freeze)
             if isinstance(exc, MigrationError):
@@ -144,9 +92,130 @@ def load_live(
             if isinstance(exc, Exception):
                 raise MigrationError(f"restore failed, destination reset to all discarded: {exc!r}") from exc
             raise
-    stats.stream_bytes = inc.position
-    stats.seconds = time.perf_counter() - t0
-    return stats
+    load.stats.stream_bytes = load.inc.position
+    load.stats.seconds = time.perf_counter() - t0
+    return load.stats
+
+
+class LiveLoad:
+    """One live stream being loaded (module rules): :meth:`start` reads and checks the
+    metadata (nothing changes; raises MigrationError), :meth:`run` the rest up to END,
+    populating only plugged runs (raises StreamError; the caller resets). With
+    ``postcopy`` the stream may end with the switchover: :attr:`handover` then holds,
+    per region, the runs still to come, each checked to lie in the final plugged runs."""
+
+    def __init__(
+        self,
+        regions: list[RamRegion],
+        devices: Sequence[VirtioMem],
+        reader: SocketReader,
+        *,
+        on_round: Callable[[int], None] | None = None,
+        postcopy: bool = False,
+    ) -> None:
+        from ramdiscard.migration.decoder import Decoder
+        from ramdiscard.migration.destination import Incoming, stream_limits
+        from ramdiscard.migration.progress import ProgressTracker
+
+        for dev in devices:
+            if dev.plugged_size:
+                raise MigrationError(f"device {dev.id!r} has memory plugged; a destination must start empty")
+        self.regions = regions
+        self.managed = [r for r in regions if r.device is not None]
+        self.inc = Incoming(regions, reader, None, ProgressTracker("receive", 0, None))
+        self.inc.decoder = Decoder(limits=stream_limits(regions), live_ok=True, postcopy_ok=postcopy)
+        self.on_round = on_round
+        self.stats = LiveLoadStats()
+        self.cover = [Coverage() for _r in regions]
+        self.final: dict[int, bytes] = {}
+        self.handover: dict[int, list[tuple[int, int]]] = {}
+        self._event: object = None
+
+    def start(self) -> None:
+        images, self._event = self.inc.read_metadata()
+        self.final = {r.index: img for r, img in zip(self.managed, images, strict=True)}
+        self.inc.prepare_pages(images)
+        self._limit_handover()
+
+    def final_images(self) -> list[bytes]:
+        return [self.final[r.index] for r in self.managed]
+
+    def _limit_handover(self) -> None:
+        self.inc.decoder.max_handover_runs = max(
+            (sum(n for _s, n in runs) // PAGE for runs in self.inc.runs), default=0
+        )
+
+    def run(self) -> End:
+        from ramdiscard.migration.destination import check_state, plugged_runs
+        from ramdiscard.providers.virtio_mem.persist import decode_state
+
+        inc, regions, cover, stats = self.inc, self.regions, self.cover, self.stats
+        event = self._event
+        while not isinstance(event, End):
+            if isinstance(event, PageData):
+                end = event.offset + event.length
+                inc.receive_page(event, populated=cover[event.region].covers(event.offset, end))
+                cover[event.region].add(event.offset, end)
+                stats.page_bytes += event.length
+            elif isinstance(event, PageList):
+                _receive_list(inc, regions, cover[event.region], event)
+                stats.page_bytes += len(event.data)
+            elif isinstance(event, Round):
+                stats.rounds = event.number
+                if self.on_round is not None:
+                    self.on_round(event.number)
+            elif isinstance(event, DeviceState):
+                region = regions[event.region]
+                if region.device is None:
+                    raise StreamError(f"DEVICE section for unmanaged region {region.mr.name!r}")
+                check_state(region.device, event.state)
+                image = decode_state(event.state)
+                runs = plugged_runs(image.bitmap, image.nb_blocks, image.block_size)
+                for s, n in subtract(inc.runs[event.region], runs):
+                    region.mr.ram.discard_range(s, n)  # type: ignore[union-attr]
+                    cover[event.region].remove(s, s + n)
+                inc.runs[event.region] = runs
+                inc.starts[event.region] = [s for s, _n in runs]
+                self.final[event.region] = event.state
+                self._limit_handover()
+            elif isinstance(event, Handover):
+                runs = list(event.runs)
+                if subtract(runs, inc.runs[event.region]):
+                    raise StreamError(
+                        f"postcopy switchover: region {regions[event.region].mr.name!r} names runs "
+                        "outside its plugged memory"
+                    )
+                self.handover[event.region] = runs
+            else:
+                raise StreamError(f"unexpected {type(event).__name__} in a live stream")
+            event = inc.next_event()
+        self.stats.stream_bytes = inc.position
+        return event
+
+    def check_complete(self) -> None:
+        """Every plugged run received (what a precopy's END promises)."""
+        for region, runs, cov in zip(self.regions, self.inc.runs, self.cover, strict=True):
+            for s, n in runs:
+                if not cov.covers(s, s + n):
+                    raise StreamError(
+                        f"region {region.mr.name!r}: plugged range [{s:#x}, +{n:#x}) was not received"
+                    )
+
+    def present(self) -> list[list[tuple[int, int]]]:
+        """After a switchover: per region, the plugged runs the destination keeps (every
+        byte received, none named by the switchover). Raises StreamError when a kept
+        byte never arrived."""
+        out = []
+        for region, runs, cov in zip(self.regions, self.inc.runs, self.cover, strict=True):
+            keep = subtract(runs, self.handover.get(region.index, []))
+            for s, n in keep:
+                if not cov.covers(s, s + n):
+                    raise StreamError(
+                        f"postcopy switchover: region {region.mr.name!r}: [{s:#x}, +{n:#x}) was "
+                        "neither received nor named as still to come"
+                    )
+            out.append(keep)
+        return out
 
 
 def _receive_list(inc: _IncomingLike, regions: list[RamRegion], cover: Coverage, event: PageList) -> None:
@@ -216,8 +285,8 @@ def serve_live(
 
     conn.settimeout(read_timeout)
     tune_socket(conn)
-    reader = _CountingReader(conn, prefix)
-    acker = _Acker(conn, reader)
+    reader = CountingReader(conn, prefix)
+    acker = Acker(conn, reader)
     try:
         stats = load_live(address_space, devices, reader, on_round=on_round)
     except Exception as exc:
@@ -234,7 +303,7 @@ def serve_live(
     return stats
 
 
-class _CountingReader(SocketReader):
+class CountingReader(SocketReader):
     """A SocketReader that counts what it has read (the acknowledged position)."""
 
     def __init__(self, sock: socket.socket, prefix: bytes = b"") -> None:
@@ -268,12 +337,12 @@ class _CountingReader(SocketReader):
         self.position += view.nbytes
 
 
-class _Acker:
+class Acker:
     """Acknowledges the reader's position every :data:`ACK_INTERVAL` s while it moves
     (a thread of its own: the acks go out whatever the loader is doing). :meth:`close`
     stops it before the status is sent, so the two never interleave."""
 
-    def __init__(self, sock: socket.socket, reader: _CountingReader) -> None:
+    def __init__(self, sock: socket.socket, reader: CountingReader) -> None:
         self.sock = sock
         self.reader = reader
         self._stop = threading.Event()

@@ -8,15 +8,17 @@ places the page):
   userfaultfd (opened by the destination, so every placement acts on the destination's
   memory), the main and priority channels and a control socket inherited. The
   destination sends the configuration (:class:`HandlerConfig`) as one JSON line on the
-  control socket; the handler answers with one JSON line: ``{"event": "done", ...}``
+  control socket (``present``: the runs the destination kept from the precopy, placed
+  already); the handler answers with one JSON line: ``{"event": "done", ...}``
   with its figures once every plugged page is placed and the source said its background
   copy is complete, or ``{"event": "error", "message": ...}``. It exits when the control
   socket closes (the destination ended or died).
 * Threads of the handler: the fault reader (a fault in a plugged page not placed yet is
-  requested once, as the aligned :data:`WINDOW` around it clipped to the plugged run, on
-  the priority channel; a fault outside every plugged run is resolved at once with a
-  zero page and never sent to the source), the main-channel reader (background pages)
-  and the priority-channel reader (answers). Every page message is checked against the
+  requested once, as the pages not placed yet around it within the aligned
+  :data:`WINDOW` (clipped to the plugged run), on the priority channel; a fault
+  outside every plugged run is resolved at once with a zero page and never sent to the
+  source), the main-channel reader (background pages) and the priority-channel reader
+  (answers). Every page message is checked against the
   plugged runs before it is placed (UFFDIO_COPY; pages present already are skipped).
 * Fault latency: from reading a fault message to its page being placed, per faulting
   page. A request unanswered for ``io_timeout`` seconds, a main channel silent that long
@@ -58,6 +60,8 @@ class HandlerConfig:
     plugged: list[list[tuple[int, int]]]
     io_timeout: float = 30.0
     window: int = WINDOW
+    present: list[list[tuple[int, int]]] = field(default_factory=list)
+    """Per region, runs inside the plugged runs already in place (kept from the precopy)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -88,6 +92,15 @@ class _Handler:
         self.placed = [[bytearray(n // w.PAGE) for _s, n in runs] for runs in cfg.plugged]
         self.starts = [[s for s, _n in runs] for runs in cfg.plugged]
         self.missing = sum(n for runs in cfg.plugged for _s, n in runs) // w.PAGE
+        for region, runs in enumerate(cfg.present):
+            for s, n in runs:
+                run = self.run_of(region, s)
+                if run is None or s + n > run[1] + run[2]:
+                    raise StreamError(f"postcopy: kept run [{s:#x}, +{n:#x}) of region {region} not plugged")
+                a, b = (s - run[1]) // w.PAGE, (s + n - run[1]) // w.PAGE
+                flags = self.placed[region][run[0]]
+                self.missing -= (b - a) - flags.count(1, a, b)
+                flags[a:b] = b"\x01" * (b - a)
         self.pending: dict[tuple[int, int], float] = {}
         self.requested: dict[tuple[int, int], float] = {}
         self.latencies: list[float] = []
@@ -221,11 +234,15 @@ class _Handler:
             if (region, page) in self.requested:
                 return
             win = self.cfg.window
-            start = max(run_start, offset - offset % win)
-            end = min(run_start + run_len, start + win)
-            while start < offset and flags[start // w.PAGE - base]:
-                start += w.PAGE
-            for p in range(start // w.PAGE, end // w.PAGE):
+            lo = max(run_start, offset - offset % win) // w.PAGE
+            hi = min(run_start + run_len, offset - offset % win + win) // w.PAGE
+            first, last = page, page + 1  # the missing pages around the fault, in the window
+            while first > lo and not flags[first - 1 - base]:
+                first -= 1
+            while last < hi and not flags[last - base]:
+                last += 1
+            start, end = first * w.PAGE, last * w.PAGE
+            for p in range(first, last):
                 self.requested[(region, p)] = now
             self.requests += 1
         self.prio.sendall(w.encode(w.RQ, region, start, end - start))
@@ -269,6 +286,7 @@ def _main(argv: list[str]) -> int:
         addrs=raw["addrs"], sizes=raw["sizes"],
         plugged=[[(r[0], r[1]) for r in runs] for runs in raw["plugged"]],
         io_timeout=raw["io_timeout"], window=raw["window"],
+        present=[[(r[0], r[1]) for r in runs] for runs in raw.get("present", [])],
     )  # fmt: skip
     main = socket.socket(fileno=main_fd)
     prio = socket.socket(fileno=prio_fd)

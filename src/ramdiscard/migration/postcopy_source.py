@@ -1,21 +1,24 @@
-"""Postcopy, the source side: hand the guest over first, send its memory afterwards.
+"""Postcopy, the source side: a precopy that can hand the guest over before its memory.
 
 Rules (live-migration.md; wire in :mod:`ramdiscard.migration.postcopy_wire`):
 
-* :meth:`PostcopySource.run` connects the main channel (and sends its preamble, so a
+* :meth:`PostcopySource.run` connects the main channel, sends its preamble (a
   destination that cannot take a postcopy refuses at once, the guest still running
-  here) and freezes the devices (BUSY, as QEMU's ``virtio_mem_is_busy``) until the
-  end. Status ``active`` until
-  :attr:`PostcopySource.start` is set (``migrate-start-postcopy``): ramdiscard runs no
-  precopy rounds before it (pure postcopy), the guest keeps running meanwhile.
-* Switchover: the guest is paused, the device states go out (REGION table, DEVICE
-  states, END: the destination starts its guest from them), the priority channel is
-  connected; status ``postcopy-active``. ``downtime`` is the pause up to that point.
-* Then the populated runs (the manager's ``replay_populated``; the whole region
-  without a manager: discarded memory is never read) go out in ascending 1 MiB pieces
-  on the main channel, pieces already sent on request skipped, then ``DN``
-  (``max_bandwidth``: at most that many bytes per second, as QEMU's
-  max-postcopy-bandwidth; answers to requests are never held back). A request
+  here) and runs a precopy on it (:class:`~ramdiscard.migration.precopy.PrecopySource`
+  with ``switch`` = :attr:`PostcopySource.start`, QEMU's flow): dirty-tracked rounds over
+  the populated runs, status ``active``, the devices frozen (BUSY, as QEMU's
+  ``virtio_mem_is_busy``) until the end. If the rounds converge before
+  :attr:`PostcopySource.start` is set (``migrate-start-postcopy``), it completes as a
+  precopy (``completed``, the guest paused, :attr:`PostcopyStats.switched` False).
+* Switchover (``start`` set at any point of the rounds, before the first one too): the
+  guest is paused, the last dirty scan taken, the device states and, per region, the runs
+  the destination lacks (never sent, or written since they were sent; it drops what it
+  holds of them) go out, then END; the priority channel is connected; status
+  ``postcopy-active``. ``downtime`` is the pause up to that point.
+* Then exactly those runs (``needed``; pages sent clean during the rounds never again)
+  go out in ascending 1 MiB pieces on the main channel, pages already sent on request
+  skipped, then ``DN`` (``max_bandwidth``: at most that many bytes per second for the
+  rounds and this background copy; answers to requests are never held back). A request
   (``RQ`` on the priority channel) is answered at once with the populated parts of its
   range, on the priority channel when ``preempt`` (QEMU's ``postcopy-preempt``), else
   on the main channel between two background pieces. A requested range that is not
@@ -23,17 +26,16 @@ Rules (live-migration.md; wire in :mod:`ramdiscard.migration.postcopy_wire`):
   (a correct destination never asks: it resolves such faults itself).
 * Completion only when the destination says ``OK`` (every page placed, devices
   loaded): status ``completed``, the guest stays paused (``postmigrate``).
-* Failure or cancel before the switchover: the guest runs on, nothing changed. After
-  it (destination gone or refusing, channels silent for ``io_timeout``, cancel): the
-  guest stays **paused** with its memory, pins and plugged state intact (the
-  destination may have run the guest meanwhile: resuming here could run it twice); the
-  devices are unfrozen; ``cont`` resumes it from the switchover state.
+* Failure or cancel before the switchover's END went out: the guest runs on, nothing
+  changed. After it (destination gone or refusing, channels silent for ``io_timeout``,
+  cancel): the guest stays **paused** with its memory, pins and plugged state intact
+  (the destination may have run the guest meanwhile: resuming here could run it twice);
+  the devices are unfrozen; ``cont`` resumes it from the switchover state.
 """
 
 from __future__ import annotations
 
 import contextlib
-import select
 import socket
 import threading
 import time
@@ -45,18 +47,10 @@ from typing import TYPE_CHECKING
 from ramdiscard.migration import postcopy_wire as w
 from ramdiscard.migration.busy import frozen
 from ramdiscard.migration.layout import RamRegion, collect_regions
-from ramdiscard.migration.precopy import GuestControl, PrecopyStats
-from ramdiscard.migration.stream import (
-    Counter,
-    MigrationError,
-    StreamError,
-    StreamFlags,
-    encode_device,
-    encode_end,
-    encode_region,
-    encode_stream_header,
-)
-from ramdiscard.migration.transport import IO_TIMEOUT, STATUS_TIMEOUT, SocketReader, recv_status
+from ramdiscard.migration.precopy import GuestControl, PrecopyParams, PrecopySource, PrecopyStats
+from ramdiscard.migration.runs import Runs
+from ramdiscard.migration.stream import MigrationError, StreamError
+from ramdiscard.migration.transport import IO_TIMEOUT, STATUS_TIMEOUT, PeerAnswered, SocketReader
 
 if TYPE_CHECKING:
     from ramdiscard.memory import AddressSpace
@@ -72,19 +66,41 @@ class PostcopyStats(PrecopyStats):
     unplugged_requests: int = 0
     background_bytes: int = 0
     switched: bool = False
+    needed_bytes: int = 0
+    """Bytes the destination lacked at the switchover (what the background copy sends)."""
 
 
 class _Regions:
-    """The source's populated runs and what was sent of them, per region."""
+    """The source's populated runs, what the destination lacks of them (``needed``) and
+    what was sent of that, per region."""
 
-    def __init__(self, regions: list[RamRegion]) -> None:
+    def __init__(self, regions: list[RamRegion], needed: list[Runs]) -> None:
         self.regions = regions
         self.views = [r.view for r in regions]
         self.runs = [r.populated_runs() for r in regions]
         self.starts = [[s for s, _n in runs] for runs in self.runs]
-        # One flag per page of each populated run (not per page of the region).
-        self.sent = [[bytearray(n // w.PAGE) for _s, n in runs] for runs in self.runs]
+        self.needed = needed
+        # One flag per page of each populated run (not per page of the region); 1: the
+        # destination has it (sent clean during the rounds, or sent since).
+        self.sent = [[bytearray(b"\x01") * (n // w.PAGE) for _s, n in runs] for runs in self.runs]
+        for index, runs in enumerate(needed):
+            for s, n in runs:
+                for i, a, b in self._pieces(index, s, s + n):
+                    self.sent[index][i][a:b] = bytes(b - a)
         self.lock = threading.Lock()
+
+    def _pieces(self, index: int, start: int, end: int) -> list[tuple[int, int, int]]:
+        """(run index, first page, end page) of the populated parts of ``[start, end)``."""
+        out = []
+        i = max(0, bisect_right(self.starts[index], start) - 1)
+        runs = self.runs[index]
+        while i < len(runs) and runs[i][0] < end:
+            s, n = runs[i]
+            a, b = max(s, start), min(s + n, end)
+            if a < b:
+                out.append((i, (a - s) // w.PAGE, (b - s) // w.PAGE))
+            i += 1
+        return out
 
     def clip(self, index: int, start: int, end: int) -> list[tuple[int, int, bool]]:
         """``[start, end)`` cut into (offset, length, populated) pieces."""
@@ -102,23 +118,33 @@ class _Regions:
             out.append((pos, end - pos, False))
         return out
 
-    def mark(self, index: int, start: int, end: int) -> bool:
-        """Mark the pages of ``[start, end)`` (inside one populated run) sent; False if all
-        were sent already."""
-        i = bisect_right(self.starts[index], start) - 1
-        base = self.runs[index][i][0]
-        a, b = (start - base) // w.PAGE, (end - base) // w.PAGE
+    def mark(self, index: int, start: int, end: int) -> None:
+        """Mark the populated pages of ``[start, end)`` sent."""
         with self.lock:
-            flags = self.sent[index][i]
-            if flags.count(1, a, b) == b - a:
-                return False
-            flags[a:b] = b"\x01" * (b - a)
-            return True
+            for i, a, b in self._pieces(index, start, end):
+                self.sent[index][i][a:b] = b"\x01" * (b - a)
+
+    def take(self, index: int, start: int, end: int) -> list[tuple[int, int]]:
+        """The populated pages of ``[start, end)`` not sent yet, as (offset, length)
+        runs inside one populated run each, now marked sent."""
+        out = []
+        with self.lock:
+            for i, a, b in self._pieces(index, start, end):
+                flags, base = self.sent[index][i], self.runs[index][i][0]
+                p = flags.find(0, a, b)
+                while p >= 0:
+                    q = flags.find(1, p, b)
+                    q = b if q < 0 else q
+                    flags[p:q] = b"\x01" * (q - p)
+                    out.append((base + p * w.PAGE, (q - p) * w.PAGE))
+                    p = flags.find(0, q, b)
+        return out
 
 
 class PostcopySource:
     """One postcopy to ``host:port`` (module rules). ``start`` switches over, ``cancel``
-    (with ``shutdown`` of the sockets, see :meth:`abort`) stops it."""
+    (with ``shutdown`` of the sockets, see :meth:`abort`) stops it. ``params``: the
+    rounds' downtime limit and the bandwidth limit (``max_bandwidth`` overrides it)."""
 
     def __init__(
         self,
@@ -130,13 +156,17 @@ class PostcopySource:
         *,
         preempt: bool = True,
         max_bandwidth: int = 0,
+        params: PrecopyParams | None = None,
         timeout: float | None = STATUS_TIMEOUT,
         io_timeout: float = IO_TIMEOUT,
         progress: Callable[[PostcopyStats], None] | None = None,
     ) -> None:
         self.space, self.devices, self.addr = address_space, list(devices), (host, port)
         self.guest, self.preempt = guest, preempt
-        self.max_bandwidth = max_bandwidth
+        self.params = params if params is not None else PrecopyParams()
+        self.params.allow_resize = False
+        if max_bandwidth:
+            self.params.max_bandwidth = max_bandwidth
         self.timeout, self.io_timeout = timeout, io_timeout
         self.progress = progress
         self.stats = PostcopyStats()
@@ -146,10 +176,17 @@ class PostcopySource:
         self._main_lock = threading.Lock()
         self._error: BaseException | None = None
 
+    @property
+    def max_bandwidth(self) -> int:
+        return self.params.max_bandwidth
+
+    @max_bandwidth.setter
+    def max_bandwidth(self, value: int) -> None:
+        self.params.max_bandwidth = value
+
     def abort(self) -> None:
         """Cancel from another thread: every channel is shut down."""
         self.cancel.set()
-        self.start.set()
         for s in list(self.socks):
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
@@ -176,18 +213,29 @@ class PostcopySource:
         try:
             with frozen(self.devices):
                 main = self._connect()
-                main.sendall(w.MAIN_PREAMBLE)
-                st.setup_time = time.perf_counter() - t0
-                self._report("active")
-                poller = select.poll()
-                poller.register(main.fileno(), select.POLLIN)
-                while not self.start.wait(0.05):
-                    if poller.poll(0):  # the destination refused (or went away) already
-                        main.settimeout(self.timeout)
-                        raise MigrationError(f"the destination refused the migration: {recv_status(main)}")
                 if self.cancel.is_set():
                     raise MigrationError("migration cancelled")
-                self._switchover(main, t0)
+                main.sendall(w.MAIN_PREAMBLE)
+                pre = PrecopySource(
+                    self.space, self.devices, main, self.guest, self.params, status_timeout=self.timeout,
+                    io_timeout=self.io_timeout, switch=self.start, stats=st,
+                    progress=lambda _s: self._report(),
+                )  # fmt: skip
+                pre.cancel = self.cancel
+                try:
+                    pre.run()
+                except PeerAnswered as exc:
+                    try:
+                        error = pre.ret.verdict(self.timeout)
+                    except (MigrationError, OSError):
+                        error = None
+                    raise MigrationError(f"the destination refused the migration: {error or exc}") from exc
+                except TimeoutError:
+                    raise MigrationError(
+                        f"the destination read nothing for {self.io_timeout:g} s; migration abandoned"
+                    ) from None
+                if pre.handover is not None:
+                    self._switchover(main, pre, t0)
         except BaseException as exc:
             st.status = "cancelled" if self.cancel.is_set() else "failed"
             if isinstance(exc, MigrationError):
@@ -204,29 +252,18 @@ class PostcopySource:
                 s.close()
         return st
 
-    def _switchover(self, main: socket.socket, t0: float) -> None:
+    def _switchover(self, main: socket.socket, pre: PrecopySource, t0: float) -> None:
         st = self.stats
-        t_down = time.perf_counter()
-        if self.guest is not None:
-            self.guest.pause()
         st.switched = True
-        regions = _Regions(collect_regions(self.space, self.devices))
-        st.total_bytes = st.remaining = sum(n for runs in regions.runs for _s, n in runs)
-        counter = Counter()
-        parts = [encode_stream_header(StreamFlags.NONE)]
-        for r in regions.regions:
-            parts.append(encode_region(r.info()))
-            counter.meta()
-        for r in regions.regions:
-            if r.device is not None:
-                parts.append(encode_device(r.index, r.device.save_state()))
-                counter.meta()
-        parts.append(encode_end(counter.end()))
-        main.sendall(b"".join(parts))
+        assert pre.handover is not None
+        st.needed_bytes = st.remaining = sum(n for runs in pre.handover for _s, n in runs)
         prio = self._connect()
         prio.sendall(w.PRIORITY_HELLO)
-        st.downtime = time.perf_counter() - t_down
+        st.downtime = time.perf_counter() - pre.paused_at
         self._report("postcopy-active")
+        # Built after the hello: the destination starts its fault handler meanwhile, and
+        # no request can come before that.
+        regions = _Regions(collect_regions(self.space, self.devices), pre.handover)
         answers = threading.Thread(
             target=self._serve_requests, args=(regions, prio, prio if self.preempt else main),
             name="ramdiscard-postcopy-requests", daemon=True,
@@ -234,8 +271,7 @@ class PostcopySource:
         answers.start()
         try:
             self._background(regions, main)
-            main.settimeout(self.timeout)
-            error = recv_status(main)
+            error = pre.ret.verdict(self.timeout)
         except (OSError, MigrationError) as exc:
             if self._error is not None:
                 raise MigrationError(f"postcopy failed: {self._error}") from exc
@@ -250,7 +286,7 @@ class PostcopySource:
             raise MigrationError(f"the destination failed the postcopy: {error}")
         st.remaining = 0
         st.total_time = time.perf_counter() - t0
-        st.page_bytes = st.background_bytes + st.request_bytes
+        st.page_bytes += st.background_bytes + st.request_bytes
         st.pages_sent = st.page_bytes // w.PAGE
         self._report("completed")
 
@@ -270,7 +306,7 @@ class PostcopySource:
     def _background(self, regions: _Regions, main: socket.socket) -> None:
         st = self.stats
         t0 = time.perf_counter()
-        for index, runs in enumerate(regions.runs):
+        for index, runs in enumerate(regions.needed):
             view = regions.views[index]
             for s, n in runs:
                 pos, end = s, s + n
@@ -278,9 +314,9 @@ class PostcopySource:
                     if self.cancel.is_set():
                         raise MigrationError("migration cancelled")
                     k = min(w.MAX_PIECE, end - pos)
-                    if regions.mark(index, pos, pos + k):
-                        self._send(main, w.encode(w.PG, index, pos, k), view[pos : pos + k], True)
-                        st.background_bytes += k
+                    for a, m in regions.take(index, pos, pos + k):
+                        self._send(main, w.encode(w.PG, index, a, m), view[a : a + m], True)
+                        st.background_bytes += m
                         rate = self.max_bandwidth
                         while rate and (ahead := st.background_bytes / rate - (time.perf_counter() - t0)) > 0:
                             if self.cancel.wait(min(ahead, 0.05)):

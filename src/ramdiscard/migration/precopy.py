@@ -44,6 +44,16 @@ Rules (qemu-ram-discard §3.10, live-migration.md; format in ``docs/migration-fo
   stalling past the socket timeout) the guest is resumed, the trackers closed (memory
   unprotected) and the devices unfrozen: the source runs on as before. On success the
   guest stays paused (``postmigrate``); the caller decides.
+* Postcopy (``switch`` given, :mod:`ramdiscard.migration.postcopy_source`): the devices
+  are frozen from setup, and only convergence (the downtime check) ends the rounds as a
+  precopy; rounds shorter than :data:`MIN_ROUND` wait out the rest (or the switch).
+  Once ``switch`` is set (looked at between rounds and after every run or page list
+  sent) the rounds stop: the guest is paused, the last scan is merged with what the
+  interrupted round had not sent yet (pages sent and clean since are up to date on the
+  destination), the DEVICE states, one POSTCOPY section per region with those runs
+  (:attr:`PrecopySource.handover`) and END go out, and :meth:`PrecopySource.run`
+  returns with the guest left paused (status ``device``; the caller owns it from
+  there, a failure before END went out resumes it).
 * Receiving is :mod:`ramdiscard.migration.live_load`.
 """
 
@@ -55,15 +65,19 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from ramdiscard.migration.batcher import CHUNK, Batcher
 from ramdiscard.migration.busy import frozen
 from ramdiscard.migration.checksum import default as default_checksum
 from ramdiscard.migration.layout import collect_regions
+from ramdiscard.migration.precopy_types import (
+    GuestControl,
+    PrecopyParams,
+    PrecopyStats,
+)
 from ramdiscard.migration.returnpath import ReturnPath
-from ramdiscard.migration.runs import Runs, merge
+from ramdiscard.migration.runs import Runs, merge, subtract
 from ramdiscard.migration.stream import (
     MAX_LIST_PAGES,
     Counter,
@@ -71,6 +85,7 @@ from ramdiscard.migration.stream import (
     StreamFlags,
     encode_device,
     encode_end,
+    encode_handover,
     encode_region,
     encode_round,
     encode_stream_header,
@@ -88,53 +103,16 @@ if TYPE_CHECKING:
     from ramdiscard.memory import AddressSpace
     from ramdiscard.providers.virtio_mem import VirtioMem
 
+__all__ = ["GuestControl", "PrecopyParams", "PrecopySource", "PrecopyStats", "precopy_to"]
+
 LIST_RUN = 16 * PAGE
 """Dirty runs up to this long go out page by page in PAGE_LIST sections."""
-DEFAULT_DOWNTIME = 0.3
-DEFAULT_MAX_ROUNDS = 30
+MIN_ROUND = 0.05
+"""Shortest precopy round of a postcopy (seconds; module rules)."""
 
 
-class GuestControl(Protocol):
-    """Stops and restarts the guest's vCPUs (the writer)."""
-
-    def pause(self) -> None: ...
-
-    def resume(self) -> None: ...
-
-
-@dataclass
-class PrecopyParams:
-    downtime_limit: float = DEFAULT_DOWNTIME
-    """Seconds the guest may be stopped at the switchover (QEMU's downtime-limit)."""
-    max_bandwidth: int = 0
-    """Bytes per second on the wire during the live rounds (0: unlimited)."""
-    max_rounds: int = DEFAULT_MAX_ROUNDS
-    allow_resize: bool = False
-    """Devices stay resizable during the live rounds (frozen only at the switchover);
-    needs the ``guard`` under which plug and unplug happen (module rules)."""
-
-
-@dataclass
-class PrecopyStats:
-    """Figures of one precopy (QEMU's query-migrate names where they exist)."""
-
-    status: str = "setup"
-    rounds: int = 0
-    round_bytes: list[int] = field(default_factory=list)
-    page_bytes: int = 0
-    stream_bytes: int = 0
-    total_bytes: int = 0
-    """Populated bytes at setup (what round 1 sends)."""
-    remaining: int = 0
-    dirty_rate: float = 0.0
-    """Bytes per second written by the guest, from the last round."""
-    bandwidth: float = 0.0
-    expected_downtime: float = 0.0
-    setup_time: float = 0.0
-    total_time: float = 0.0
-    downtime: float = 0.0
-    fallback: str | None = None
-    pages_sent: int = 0
+class _Switch(Exception):
+    """The postcopy switch was requested in the middle of a round."""
 
 
 ProgressFn = Callable[[PrecopyStats], None]
@@ -156,10 +134,13 @@ class PrecopySource:
         status_timeout: float | None = STATUS_TIMEOUT,
         io_timeout: float | None = None,
         guard: AbstractContextManager[object] | None = None,
+        switch: threading.Event | None = None,
+        stats: PrecopyStats | None = None,
     ) -> None:
         self.space = address_space
         self.guard: AbstractContextManager[object] = guard if guard is not None else contextlib.nullcontext()
-        self.resizable = bool(params is not None and params.allow_resize and guard is not None)
+        self.switch = switch
+        self.resizable = bool(params and params.allow_resize and guard is not None and switch is None)
         self.devices = list(devices)
         self.sock = sock
         self.guest = guest
@@ -168,8 +149,14 @@ class PrecopySource:
         self.status_timeout = status_timeout
         self.io_timeout = io_timeout if io_timeout is not None else sock.gettimeout()
         self.ret = ReturnPath(sock, self.io_timeout)
-        self.stats = PrecopyStats()
+        self.stats = stats if stats is not None else PrecopyStats()
         self.cancel = threading.Event()
+        self.handover: list[Runs] | None = None
+        """After a postcopy switch: per region, the runs the destination lacks."""
+        self.paused_at = 0.0
+        self._rounds_on = False
+        self._sent: list[Runs] = []
+        self._round_dirty: list[Runs] = []
         self.algo = default_checksum()
         self.counter = Counter()
         self._paused = False
@@ -178,6 +165,8 @@ class PrecopySource:
     def _check_cancel(self) -> None:
         if self.cancel.is_set():
             raise MigrationError("migration cancelled")
+        if self._rounds_on and self.switch is not None and self.switch.is_set():
+            raise _Switch
 
     def _send_list(self, out: Batcher, region: TrackedRegion, offsets: list[int]) -> int:
         """Single dirty pages as PAGE_LIST sections (one header, one checksum and one
@@ -194,6 +183,8 @@ class PrecopySource:
                 data = out.gather(region.pages, offsets)
         out.add(page_list_header(region.region.index, offsets, data, self.algo), data)
         self.counter.pages(data.nbytes)
+        if self.switch is not None:
+            self._sent[region.region.index].extend((o, PAGE) for o in offsets)
         self._check_cancel()
         return data.nbytes
 
@@ -224,6 +215,8 @@ class PrecopySource:
                     out.add(page_header(index, a, data, self.algo), data)
                     self.counter.pages(data.nbytes)
                     sent += data.nbytes
+                    if self.switch is not None:
+                        self._sent[index].append((a, data.nbytes))
                 s += k
             self._check_cancel()
         if singles:
@@ -281,6 +274,88 @@ class PrecopySource:
                 self._paused = False
             raise
 
+    def _rounds(self, out: Batcher, regions: list[TrackedRegion]) -> list[Runs]:
+        """The live rounds; returns the dirty runs left for the switchover. Raises
+        _Switch when a postcopy switch is requested (module rules)."""
+        st, p = self.stats, self.params
+        dirty = self._start_round([list(r.runs) for r in regions])
+        self._rounds_on = self.switch is not None
+        remaining = st.total_bytes
+        best = remaining
+        while True:
+            self._check_cancel()
+            if self.resizable:
+                dirty = self._device_changes(out, regions, dirty)
+            st.rounds += 1
+            t_round = time.perf_counter()
+            sent = sum(self._send_runs(out, r, d, True) for r, d in zip(regions, dirty, strict=True))
+            out.add(encode_round(st.rounds, remaining))
+            self.counter.meta()
+            out.flush()
+            st.round_bytes.append(sent)
+            st.page_bytes += sent
+            elapsed = max(time.perf_counter() - t_round, 1e-6)
+            if sent:
+                st.bandwidth = sent / elapsed
+            if st.fallback is not None:
+                dirty = [list(r.runs) for r in regions]
+                break
+            if self.switch is not None and self.switch.is_set():
+                raise _Switch  # before the scan: what the round sent is covered by the last one
+            dirty = self._start_round([r.scan() for r in regions])
+            remaining = sum(n for d in dirty for _s, n in d)
+            if self.resizable:  # plugged since the last round: sent whole in the next one
+                with self.guard:
+                    remaining += sum(n for r in regions if r.watcher for _s, n in r.watcher.fresh.runs())
+            st.remaining = remaining
+            st.dirty_rate = remaining / elapsed
+            st.expected_downtime = remaining / st.bandwidth if st.bandwidth else 0.0
+            self._report()
+            stalled = remaining >= best and st.rounds >= 5
+            best = min(best, remaining)
+            if st.expected_downtime <= p.downtime_limit:
+                break
+            if self.switch is None and (st.rounds >= p.max_rounds or stalled):
+                break
+            if self.switch is not None and (left := MIN_ROUND - (time.perf_counter() - t_round)) > 0:
+                self.switch.wait(left)
+        self._rounds_on = False
+        return dirty
+
+    def _start_round(self, dirty: list[Runs]) -> list[Runs]:
+        self._round_dirty = dirty
+        self._sent = [[] for _d in dirty]
+        return dirty
+
+    def _handover(self, out: Batcher, regions: list[TrackedRegion]) -> PrecopyStats:
+        """The postcopy switch (module rules)."""
+        st = self.stats
+        st.status = "device"
+        self._rounds_on = False
+        self.paused_at = time.perf_counter()
+        if self.guest is not None:
+            self.guest.pause()
+            self._paused = True
+        needed: list[Runs] = []
+        for r, d, sent in zip(regions, self._round_dirty, self._sent, strict=True):
+            if st.fallback is not None:
+                needed.append(list(r.runs))  # nothing tells which pages changed
+            else:
+                needed.append(merge(subtract(d, merge(sent, [])), r.scan()))
+        out.throttle = False
+        for r in regions:
+            if r.region.device is not None:
+                out.add(encode_device(r.region.index, r.region.device.save_state()))
+                self.counter.meta()
+        for r, runs in zip(regions, needed, strict=True):
+            out.add(encode_handover(r.region.index, runs))
+            self.counter.meta()
+        out.add(encode_end(self.counter.end()))
+        out.flush()
+        self.handover = needed
+        self._paused = False  # the caller's from here (module rules)
+        return st
+
     def _run(self, regions: list[TrackedRegion], t0: float) -> PrecopyStats:
         st, p = self.stats, self.params
         st.fallback = tracking_problem(regions)
@@ -305,40 +380,10 @@ class PrecopySource:
         st.setup_time = time.perf_counter() - t0
         st.status = "active"
         self._report()
-        dirty: list[Runs] = [list(r.runs) for r in regions]
-        remaining = st.total_bytes
-        best = remaining
-        while True:
-            self._check_cancel()
-            if self.resizable:
-                dirty = self._device_changes(out, regions, dirty)
-            st.rounds += 1
-            t_round = time.perf_counter()
-            sent = sum(self._send_runs(out, r, d, True) for r, d in zip(regions, dirty, strict=True))
-            out.add(encode_round(st.rounds, remaining))
-            self.counter.meta()
-            out.flush()
-            st.round_bytes.append(sent)
-            st.page_bytes += sent
-            elapsed = max(time.perf_counter() - t_round, 1e-6)
-            if sent:
-                st.bandwidth = sent / elapsed
-            if st.fallback is not None:
-                dirty = [list(r.runs) for r in regions]
-                break
-            dirty = [r.scan() for r in regions]
-            remaining = sum(n for d in dirty for _s, n in d)
-            if self.resizable:  # plugged since the last round: sent whole in the next one
-                with self.guard:
-                    remaining += sum(n for r in regions if r.watcher for _s, n in r.watcher.fresh.runs())
-            st.remaining = remaining
-            st.dirty_rate = remaining / elapsed
-            st.expected_downtime = remaining / st.bandwidth if st.bandwidth else 0.0
-            self._report()
-            stalled = remaining >= best and st.rounds >= 5
-            best = min(best, remaining)
-            if st.expected_downtime <= p.downtime_limit or st.rounds >= p.max_rounds or stalled:
-                break
+        try:
+            dirty = self._rounds(out, regions)
+        except _Switch:
+            return self._handover(out, regions)
         # switchover
         st.status = "device"
         t_down = time.perf_counter()

@@ -24,17 +24,20 @@ def merge(a: Runs, b: Runs) -> Runs:
 
 
 def subtract(a: Runs, b: Runs) -> Runs:
-    """Parts of runs ``a`` outside runs ``b`` (both ascending)."""
+    """Parts of runs ``a`` outside runs ``b`` (both ascending and disjoint; linear)."""
     out: Runs = []
+    j = 0
     for s, n in a:
         pos, end = s, s + n
-        for bs, bn in b:
-            be = bs + bn
-            if be <= pos or bs >= end:
-                continue
+        while j < len(b) and b[j][0] + b[j][1] <= pos:
+            j += 1
+        k = j
+        while k < len(b) and b[k][0] < end:
+            bs, bn = b[k]
             if bs > pos:
                 out.append((pos, bs - pos))
-            pos = max(pos, be)
+            pos = max(pos, bs + bn)
+            k += 1
         if pos < end:
             out.append((pos, end - pos))
     return out

@@ -20,7 +20,9 @@ Rules (the format is described for users in ``docs/migration-format.md``):
   order and any number of times. A later DEVICE state for a region replaces the earlier
   one; PAGES may repeat (a later copy of a page replaces the earlier one); ROUND marks
   the end of a precopy round (its number, and the bytes the source then knew dirty).
-  Stop-and-copy streams are valid live-stream input too.
+  Stop-and-copy streams are valid live-stream input too. A postcopy's live stream
+  (accepted only with ``postcopy_ok``) may end with one POSTCOPY section per region, in
+  region order, right before END: the switchover (:class:`Handover`).
 * Limits: a metadata payload is at most :data:`MAX_META_PAYLOAD` bytes, page data per
   section at most :data:`MAX_CHUNK`, a REGION payload at most :data:`MAX_REGION_PAYLOAD`
   (names and device ids at most :data:`MAX_NAME` bytes), at most :data:`MAX_REGIONS`
@@ -104,6 +106,7 @@ class SectionType(IntEnum):
     END = 5
     ROUND = 6
     PAGE_LIST = 7
+    POSTCOPY = 8
 
 
 class RegionKind(IntEnum):
@@ -177,7 +180,16 @@ class PageList:
     data: bytes
 
 
-Event = StreamHeader | RegionInfo | DeviceState | PageData | Round | End | PageList
+@dataclass(frozen=True, slots=True)
+class Handover:
+    """Postcopy switchover (live streams of a postcopy): the runs of region ``region``
+    the destination must receive after the switchover (it drops what it holds of them)."""
+
+    region: int
+    runs: tuple[tuple[int, int], ...]
+
+
+Event = StreamHeader | RegionInfo | DeviceState | PageData | Round | End | PageList | Handover
 
 QUOTE_LIMIT = 64
 
@@ -275,6 +287,14 @@ def encode_pages_at(region: int, offset: int, length: int, file_offset: int, dat
 
 
 END_SECTION_SIZE = SECTION_HEADER.size + _END.size
+HANDOVER_SUB = struct.Struct("<IIQ")  # region, reserved, run count; count x (u64 offset, u64 length)
+
+
+def encode_handover(region: int, runs: list[tuple[int, int]]) -> bytes:
+    """A POSTCOPY section: ``runs`` (ascending, disjoint, 4 KiB aligned) of ``region``."""
+    flat = [v for run in runs for v in run]
+    payload = HANDOVER_SUB.pack(region, 0, len(runs)) + struct.pack(f"<{len(flat)}Q", *flat)
+    return section(SectionType.POSTCOPY, payload)
 
 
 def encode_round(number: int, dirty: int) -> bytes:

@@ -64,42 +64,14 @@ from ramdiscard.qmp import postcopy_commands as postcopy
 from ramdiscard.qmp.backend import Outcome, Param, check_arguments
 from ramdiscard.qmp.events import QmpEvent
 from ramdiscard.qmp.machine_backend import MachineBackend, MachineLike
+from ramdiscard.qmp.migration_guest import GuestOfMachine, dma_holders
 from ramdiscard.qmp.protocol import QmpError
-from ramdiscard.units import format_size
 
 RESIZE_CAP = "x-ramdiscard-resize-during-migration"
 CAPABILITIES = ("postcopy-ram", "postcopy-preempt", "background-snapshot", "mapped-ram", RESIZE_CAP)
 PAGE = 4096
 
 Handler = Callable[[dict[str, Any]], Outcome]
-
-
-class _Guest:
-    """GuestControl over the machine's writer (the vCPUs)."""
-
-    def __init__(self, machine: Any) -> None:
-        self.machine = machine
-
-    def pause(self) -> None:
-        w = getattr(self.machine, "writer", None)
-        if w is not None:
-            w.pause()
-
-    def resume(self) -> None:
-        w = getattr(self.machine, "writer", None)
-        if w is not None:
-            w.resume()
-
-
-def dma_holders(machine: object) -> list[str]:
-    """``"ID holds SIZE of DMA pins"`` for every consumer of ``machine`` holding pins on
-    guest memory now (a device may DMA into it); the caller holds the machine lock."""
-    out = []
-    for c in getattr(machine, "consumers", ()):
-        pinned = int(getattr(c, "pinned_bytes", 0))
-        if pinned:
-            out.append(f"{c.id} holds {format_size(pinned)} of DMA pins")
-    return out
 
 
 class LiveMachineBackend(MachineBackend):
@@ -143,6 +115,10 @@ class LiveMachineBackend(MachineBackend):
     def _event(self, name: str, data: dict[str, Any]) -> None:
         if self._emit is not None:
             self._emit(QmpEvent(name, data, time.time()))
+
+    def pass_event(self, number: int) -> None:
+        """QEMU's ``MIGRATION_PASS`` after precopy round ``number``."""
+        self._event("MIGRATION_PASS", {"pass": number})
 
     def set_status(self, status: str) -> None:
         """Set the migration status and emit QEMU's ``MIGRATION`` event for it."""
@@ -231,7 +207,7 @@ class LiveMachineBackend(MachineBackend):
         host, _s, port = rest.rpartition(":")
         m = self.machine
         if self.caps["postcopy-ram"]:
-            postcopy.run_source(self, _Guest(m), host.strip("[]"), int(port))
+            postcopy.run_source(self, GuestOfMachine(m), host.strip("[]"), int(port))
             return
         with m.lock:
             devices = list(m.devices.values())
@@ -249,7 +225,7 @@ class LiveMachineBackend(MachineBackend):
                 self.set_status("active")
             if st.rounds > seen[0]:
                 seen[0] = st.rounds
-                self._event("MIGRATION_PASS", {"pass": st.rounds})
+                self.pass_event(st.rounds)
 
         def started(src: PrecopySource) -> None:
             with self._state:
@@ -261,7 +237,7 @@ class LiveMachineBackend(MachineBackend):
         ok = False
         try:
             self.stats = precopy_to(
-                host.strip("[]"), int(port), space, devices, _Guest(m), params,
+                host.strip("[]"), int(port), space, devices, GuestOfMachine(m), params,
                 progress=progress, timeout=self.migrate_timeout, io_timeout=self.migrate_timeout,
                 on_start=started, guard=m.lock,
             )  # fmt: skip
@@ -284,7 +260,7 @@ class LiveMachineBackend(MachineBackend):
         self.set_status("active")
         with create_output(path, "migration file") as f:
             snap = background_snapshot(
-                space, devices, f, _Guest(m), cancel=self._snap_cancel, timeout=self.migrate_timeout
+                space, devices, f, GuestOfMachine(m), cancel=self._snap_cancel, timeout=self.migrate_timeout
             )
         st.total_bytes = st.page_bytes = snap.page_bytes
         st.stream_bytes, st.pages_sent = snap.file_size, snap.page_bytes // PAGE
@@ -368,10 +344,10 @@ class LiveMachineBackend(MachineBackend):
                     raise QmpError(f"Parameter '{key}' expects an integer in the range of 0 to {limit}")
                 new[key] = v
         self.params = new
-        src = self._source
-        if src is not None:  # QEMU applies both to a running migration too
-            src.params.downtime_limit = new["downtime-limit"] / 1000.0
-            src.params.max_bandwidth = new["max-bandwidth"]
+        for src in (self._source, self.postcopy_source):  # QEMU applies both to a running one
+            if src is not None:
+                src.params.downtime_limit = new["downtime-limit"] / 1000.0
+                src.params.max_bandwidth = new["max-bandwidth"]
         return {}
 
     def query_migrate(self) -> dict[str, Any]:
@@ -441,12 +417,11 @@ class LiveMachineBackend(MachineBackend):
                     conn.settimeout(self.migrate_timeout)
                     head = conn.recv(len(MAIN_PREAMBLE), socket.MSG_WAITALL)
                     if head == MAIN_PREAMBLE:
-                        is_postcopy = True
-                        postcopy.receive(self, conn, ls)
+                        is_postcopy = postcopy.receive(self, conn, ls)
                     else:
                         serve_live(
                             conn, space, devices, read_timeout=self.migrate_timeout, prefix=head,
-                            on_round=lambda n: self._event("MIGRATION_PASS", {"pass": n}),
+                            on_round=self.pass_event,
                         )  # fmt: skip
             ok = True
         except (OSError, migration.MigrationError) as exc:
@@ -458,7 +433,7 @@ class LiveMachineBackend(MachineBackend):
         if callable(resume):
             resume()
         if self.start_paused:
-            _Guest(m).pause()
+            GuestOfMachine(m).pause()
             self.run_state = "paused"
         else:
             self.run_state = "running"

@@ -3,16 +3,19 @@
 Rules (QEMU qapi/migration.json; the migration itself is
 :mod:`ramdiscard.migration.postcopy_source` / :mod:`~ramdiscard.migration.postcopy_dest`):
 
-* Source, capability ``postcopy-ram`` set: ``migrate`` {uri: ``tcp:...``} connects and
-  stays ``active`` (no precopy rounds: ramdiscard's postcopy is pure postcopy, the guest
-  runs on meanwhile) until ``migrate-start-postcopy``, which is refused unless such a
-  migration is running. Then ``postcopy-active`` (the guest is stopped here and runs on
-  the destination), then ``completed`` (run state ``postmigrate``) once the destination
-  confirmed every page. ``postcopy-preempt`` answers page requests on the priority
-  channel (a second connection); without it they queue behind the background pages on
-  the main channel (the priority channel still carries the requests).
+* Source, capability ``postcopy-ram`` set: ``migrate`` {uri: ``tcp:...``} starts a
+  precopy (status ``active``, ``MIGRATION_PASS`` per round, ``downtime-limit`` and
+  ``max-bandwidth`` apply) that completes as a precopy if it converges first.
+  ``migrate-start-postcopy`` (refused unless such a migration is running) switches over
+  at any point of the rounds: ``postcopy-active`` (the guest is stopped here and runs on
+  the destination, which kept the pages sent and not written since), then ``completed``
+  (run state ``postmigrate``) once the destination confirmed every page.
+  ``postcopy-preempt`` answers page requests on the priority channel (a second
+  connection); without it they queue behind the background pages on the main
+  channel (the priority channel still carries the requests).
 * The virtio-mem devices answer BUSY from ``migrate`` to the end on the source, from the
-  connection to the end on the destination (QEMU's ``virtio_mem_is_busy``).
+  connection to the end on the destination (QEMU's ``virtio_mem_is_busy``; with
+  ``postcopy-ram`` the precopy rounds do not follow resizes either).
 * A failure or ``migrate_cancel`` after the switchover: status ``failed`` /
   ``cancelled``, the source guest stays stopped (run state ``paused``, memory, pins and
   plugged state intact; ``cont`` resumes it as of the switchover), because the
@@ -22,9 +25,10 @@ Rules (QEMU qapi/migration.json; the migration itself is
 * Destination: a postcopy connection is accepted only with ``postcopy-ram`` set there
   too (else refused, nothing changed). The guest starts at the switchover (run state
   ``running``; ``paused`` when the server was started paused), status
-  ``postcopy-active``, then ``completed``. ``query-migrate`` there has
-  ``x-ramdiscard-postcopy``: faults, zero-page faults, requests, fault latency
-  p50/p99 in microseconds.
+  ``postcopy-active``, then ``completed``; a precopy that converged without a switchover
+  ends as any precopy does. ``query-migrate`` there has ``x-ramdiscard-postcopy``:
+  faults, zero-page faults, requests, fault latency p50/p99 in microseconds, and the
+  bytes kept from the precopy, still needed and dropped at the switchover.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from typing import Any, Protocol
 from ramdiscard import migration
 from ramdiscard.migration.postcopy_dest import PostcopyDestStats, receive_postcopy
 from ramdiscard.migration.postcopy_source import PostcopySource, PostcopyStats
-from ramdiscard.migration.precopy import PrecopyStats
+from ramdiscard.migration.precopy import PrecopyParams, PrecopyStats
 from ramdiscard.qmp.machine_backend import MachineLike
 from ramdiscard.qmp.protocol import QmpError
 
@@ -64,6 +68,8 @@ class PostcopyBackend(Protocol):
 
     def finish(self, ok: bool) -> None: ...
 
+    def pass_event(self, number: int) -> None: ...
+
 
 def start_postcopy(b: PostcopyBackend) -> dict[str, Any]:
     src = b.postcopy_source
@@ -80,14 +86,21 @@ def run_source(b: PostcopyBackend, guest: Any, host: str, port: int) -> None:
         devices = list(m.devices.values())
         space = m.space
 
+    seen = [0]
+
     def progress(st: PostcopyStats) -> None:
         b.stats = st
         if st.status != b.mstatus and st.status in ("active", "postcopy-active"):
             b.set_status(st.status)
+        if st.rounds > seen[0]:
+            seen[0] = st.rounds
+            b.pass_event(st.rounds)
 
+    params = PrecopyParams(
+        downtime_limit=b.params["downtime-limit"] / 1000.0, max_bandwidth=b.params["max-bandwidth"]
+    )
     src = PostcopySource(
-        space, devices, host, port, guest, preempt=b.caps["postcopy-preempt"],
-        max_bandwidth=b.params["max-bandwidth"],
+        space, devices, host, port, guest, preempt=b.caps["postcopy-preempt"], params=params,
         timeout=b.migrate_timeout, io_timeout=b.migrate_timeout, progress=progress,
     )  # fmt: skip
     b.stats = src.stats
@@ -121,14 +134,17 @@ class _VfioPins:
         self.consumer.attach(self.space)
 
 
-def receive(b: PostcopyBackend, conn: socket.socket, ls: socket.socket) -> None:
-    """A postcopy connection on the destination (module rules); preamble already read."""
+def receive(b: PostcopyBackend, conn: socket.socket, ls: socket.socket) -> bool:
+    """A postcopy connection on the destination (module rules); preamble already read.
+    Returns False when it ended as a precopy (the caller starts the guest)."""
     m = b.machine
     if not b.caps["postcopy-ram"]:
+        from ramdiscard.migration.tcp import drain_peer
         from ramdiscard.migration.transport import send_status
 
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # drained: the source's precopy must read the refusal
             send_status(conn, "postcopy-ram is not enabled on the destination")
+            drain_peer(conn)
         raise migration.MigrationError("a postcopy arrived but postcopy-ram is not enabled here")
     with m.lock:
         devices = list(m.devices.values())
@@ -153,8 +169,10 @@ def receive(b: PostcopyBackend, conn: socket.socket, ls: socket.socket) -> None:
 
     stats = receive_postcopy(
         conn, ls, space, devices, io_timeout=b.migrate_timeout, pins=pins, on_running=running,
-        on_failure=failed,
+        on_failure=failed, on_round=b.pass_event,
     )  # fmt: skip
+    if not stats.switched:
+        return False
     b.postcopy_dest = stats
     new_driver = getattr(m, "new_driver", None)
     if b.start_paused and callable(new_driver):
@@ -162,6 +180,7 @@ def receive(b: PostcopyBackend, conn: socket.socket, ls: socket.socket) -> None:
             for dev_id, dev in m.devices.items():
                 drv = new_driver(dev_id)
                 drv.assume_plugged([(dev.addr + s, n) for s, n in dev.plugged_ranges()])
+    return True
 
 
 def query_extra(b: PostcopyBackend, out: dict[str, Any]) -> None:
@@ -172,6 +191,7 @@ def query_extra(b: PostcopyBackend, out: dict[str, Any]) -> None:
         out["x-ramdiscard-postcopy"] = {
             "requests": st.requests, "request-bytes": st.request_bytes,
             "unplugged-requests": st.unplugged_requests, "background-bytes": st.background_bytes,
+            "switched": st.switched, "needed-bytes": st.needed_bytes,
         }  # fmt: skip
     d: PostcopyDestStats | None = b.postcopy_dest
     if d is not None:
@@ -184,5 +204,6 @@ def query_extra(b: PostcopyBackend, out: dict[str, Any]) -> None:
             "faults": d.faults, "zero-page-faults": d.zero_faults, "requests": d.requests,
             "fault-latency-p50-us": pct(0.5), "fault-latency-p99-us": pct(0.99),
             "background-bytes": d.background_bytes, "priority-bytes": d.priority_bytes,
-            "total-time": int(d.seconds * 1000),
+            "total-time": int(d.seconds * 1000), "kept-bytes": d.kept_bytes,
+            "needed-bytes": d.needed_bytes, "dropped-bytes": d.dropped_bytes,
         }  # fmt: skip
