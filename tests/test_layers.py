@@ -35,6 +35,19 @@ def _unit(module: str) -> str | None:
     return parts[1] if len(parts) > 1 and parts[0] == "ramdiscard" else None
 
 
+def _parse(path: Path) -> ast.Module:
+    """``ast.parse`` of ``path``, retried on CPython 3.11's spurious "AST constructor
+    recursion depth mismatch" SystemError (gh-106905: its counter is shared with other
+    threads of the test process); a real syntax error still raises."""
+    for attempt in range(3):
+        try:
+            return ast.parse(path.read_text(), str(path))
+        except SystemError as exc:
+            if "recursion depth mismatch" not in str(exc) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _imports() -> list[tuple[str, str, int, str]]:
     """(importing unit, imported unit, line, file) for every import between units."""
     found: list[tuple[str, str, int, str]] = []
@@ -43,7 +56,7 @@ def _imports() -> list[tuple[str, str, int, str]]:
         me = _unit(".".join(rel.with_suffix("").parts))
         if me is None or me == "__init__":
             continue  # the package root is the public facade: it re-exports every layer
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in ast.walk(_parse(path)):
             targets: list[str] = []
             if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 if node.module == "ramdiscard":
@@ -122,7 +135,7 @@ def _module_imports() -> dict[str, set[str]]:
     for (name, is_pkg), path in files.items():
         package = name if is_pkg else name.rpartition(".")[0]
         found = graph.setdefault(name, set())
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in ast.walk(_parse(path)):
             if isinstance(node, ast.ImportFrom):
                 if node.level:
                     base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
