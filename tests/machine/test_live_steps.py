@@ -181,3 +181,31 @@ def test_example_runs_end_to_end() -> None:
     boot = 64 * MiB
     if out["final"]["pinned"]:
         assert out["final"]["vm_pin"] == out["final"]["pinned"] == boot + 256 * MiB
+
+
+@live_only
+def test_a_failed_check_of_both_ends_leaves_the_source_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The transfer succeeds, the comparison of both ends fails: MigrationError, and the
+    source runs on (guest thread started again) and still follows requested-size."""
+    import ramdiscard.machine.live as live
+    from ramdiscard.machine.checkpoint import fingerprint as real
+    from ramdiscard.migration import MigrationError
+
+    def differs(m: Any) -> Any:
+        got = real(m)
+        return {**got, "tampered": "yes"} if m is not source else got
+
+    monkeypatch.setattr(live, "fingerprint", differs)
+    source = Machine.from_scenario(parse_scenario(SCENARIO))
+    try:
+        source.set_requested_size("vmem0", 64 * MiB)
+        source.start()
+        assert source.wait_converged(timeout=60)
+        with pytest.raises(MigrationError, match="destination's memory differs"):
+            source.live_migrate(downtime_limit_ms=50)
+        assert source.running
+        source.set_requested_size("vmem0", 128 * MiB)
+        assert source.wait_converged(timeout=60)
+        assert source.devices["vmem0"].plugged_size == 128 * MiB
+    finally:
+        source.close()
