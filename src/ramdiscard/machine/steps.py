@@ -239,7 +239,7 @@ def run_step(m: M, step: StepSpec, index: int = 0, on_request: OnRequest | None 
         target.wait_converged()
     responses: dict[str, int] = {}
     for ex in exchanges:
-        name = getattr(ex.response, "name", str(ex.response)).lower()
+        name = ex.response_name.lower()
         responses[name] = responses.get(name, 0) + 1
     with target.lock:
         for dev_id, drv in target.drivers.items():
