@@ -197,10 +197,9 @@ class RealGuest:
             lock=self.lock,
             on_disconnect=self._frontend_gone,
             on_message=self.vhost_messages.append,
+            wrap_queue=lambda vq: TracingQueue(vq, self.trace),
         )
         self._closers.append(self.server.close)
-        orig_process = self.device.process_queue
-        self.device.process_queue = lambda vq: orig_process(TracingQueue(vq, self.trace))  # type: ignore[method-assign]
         self.server.start()
         self._listeners = {name: self._listen(name) for name in ("serial.sock", "qmp.sock")}
         self._launch()
