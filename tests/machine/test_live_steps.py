@@ -209,3 +209,22 @@ def test_a_failed_check_of_both_ends_leaves_the_source_running(monkeypatch: pyte
         assert source.devices["vmem0"].plugged_size == 128 * MiB
     finally:
         source.close()
+
+
+@live_only
+def test_a_machine_migrated_by_file_keeps_reporting_live_migration_progress() -> None:
+    """``on_migration`` follows the machine through a stop-and-copy migration, so a later
+    live migration of the destination still reports its progress."""
+    seen: list[str] = []
+    m = Machine.from_scenario(parse_scenario(SCENARIO))
+    try:
+        m.on_migration = lambda st: seen.append(st.status)
+        m.set_requested_size("vmem0", 64 * MiB)
+        m.run_guest()
+        dest, _ = m.migrate("file")
+        m = dest
+        assert seen == []
+        m, _ = m.live_migrate(downtime_limit_ms=50)
+        assert "active" in seen and seen[-1] == "completed"
+    finally:
+        m.close()

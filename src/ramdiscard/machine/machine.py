@@ -217,11 +217,7 @@ class Machine(MachineParts):
             except BaseException:
                 dest.close()
                 raise
-            dest.on_request = self.on_request
-            dest._requests = self._requests
-        self.close()
-        if was_running:
-            dest.start()
+        self._hand_over(dest, was_running)
         return dest, figures_
 
     def live_migrate(
@@ -248,13 +244,18 @@ class Machine(MachineParts):
         except BaseException:
             dest.close()
             raise
+        self._hand_over(dest, was_running)
+        return dest, figures_
+
+    def _hand_over(self, dest: Machine, was_running: bool) -> None:
+        """Continue on ``dest`` after a migration: it takes the callbacks and the request
+        count, this machine closes, and ``dest``'s guest thread runs if this one's did."""
         dest.on_request = self.on_request
         dest.on_migration = self.on_migration
         dest._requests = self._requests
         self.close()
         if was_running:
             dest.start()
-        return dest, figures_
 
     def dump(self, path: str, *, durable: bool = True) -> dict[str, Any]:
         """Write an ELF core of the populated guest memory to ``path``
