@@ -303,12 +303,17 @@ class Machine(MachineParts):
         self._thread = None
 
     def wait_converged(self, timeout: float | None = None) -> bool:
-        """Block until the drivers have nothing to do now (thread mode). True if so."""
+        """Block until the drivers have nothing to do now (thread mode). True if so; False
+        when ``timeout`` s pass first or the guest thread is not running (it stopped on
+        an error, or was never started) while a driver still has work."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._idle:
             while not self.converged():
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
+                    return False
+                t = self._thread
+                if t is None or not t.is_alive():
                     return False
                 self._idle.wait(0.05 if remaining is None else min(remaining, 0.05))
         return True
