@@ -47,6 +47,7 @@ from ramdiscard.machine.build import build
 from ramdiscard.machine.parts import Fingerprint, MachineParts, OnRequest
 from ramdiscard.machine.scenario import Scenario, StepSpec, Transport
 from ramdiscard.machine.steps import StepResult, run_step
+from ramdiscard.migration.precopy import PrecopyStats
 
 log = logging.getLogger("ramdiscard.machine")
 
@@ -60,7 +61,8 @@ class Machine(MachineParts):
                  clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         super().__init__(scenario, workdir=workdir, clock=clock)
         self.on_request: OnRequest | None = None
-        self.on_migration: Callable[[Any], None] | None = None
+        self.on_migration: Callable[[PrecopyStats], None] | None = None
+        """Called with a live migration's figures at every progress report."""
         """Called with the precopy's figures (PrecopyStats) while a live migration runs."""
         self._closed = False
         self._thread: threading.Thread | None = None
