@@ -14,7 +14,9 @@ from ramdiscard.hostmem import RamBlock
 from ramdiscard.interfaces import (
     DiscardableMemory,
     DmaPinner,
+    FileBackedMemory,
     HostMemory,
+    MappedMemory,
     MeasurableMemory,
     MemslotVm,
     ResizableMemory,
@@ -34,15 +36,24 @@ def ram_block(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RamBlo
 
 
 def test_ram_blocks_are_host_memory_with_every_capability(ram_block: RamBlock) -> None:
-    for proto in (HostMemory, DiscardableMemory, MeasurableMemory, ResizableMemory):
+    for proto in (
+        HostMemory,
+        DiscardableMemory,
+        MeasurableMemory,
+        ResizableMemory,
+        MappedMemory,
+        FileBackedMemory,
+    ):
         assert isinstance(ram_block, proto), proto.__name__
     assert reserved_size(ram_block) == 4 * MiB != ram_block.size
+    assert (ram_block.fd is None) == (ram_block.backing == "anonymous")
 
 
 def test_a_double_without_optional_capabilities_is_told_apart() -> None:
     fake = FakeRam(8 * MiB)
     assert isinstance(fake, HostMemory) and isinstance(fake, DiscardableMemory)
     assert not isinstance(fake, MeasurableMemory) and not isinstance(fake, ResizableMemory)
+    assert not isinstance(fake, FileBackedMemory)
     assert reserved_size(fake) == 8 * MiB
     assert not isinstance(object(), HostMemory)
 

@@ -10,11 +10,13 @@ members exist (not their signatures).
    :class:`HostMemory` is what every RAM region needs (size, host address, page size).
    Optional capabilities are separate protocols, checked with ``isinstance``:
    :class:`DiscardableMemory` (discard and populate ranges: what a provider such as
-   virtio-mem needs), :class:`MeasurableMemory` (resident bytes of a range) and
-   :class:`ResizableMemory` (a reserved ``max_size`` above the used size) and
+   virtio-mem needs), :class:`MeasurableMemory` (resident bytes of a range),
+   :class:`ResizableMemory` (a reserved ``max_size`` above the used size),
    :class:`MappedMemory` (a memoryview of the used bytes, for dumps, migration and
-   workloads). Implemented by :class:`ramdiscard.hostmem.RamBlock` (all of them); tests
-   use doubles with fewer capabilities.
+   workloads) and :class:`FileBackedMemory` (the descriptor of a memfd or file, when the
+   pages are shared memory rather than anonymous). Implemented by
+   :class:`ramdiscard.hostmem.RamBlock` (all of them); tests use doubles with fewer
+   capabilities.
 
 2. **DMA backend** -- :class:`DmaPinner`: pins host pages the way a device doing DMA holds
    them (all-or-nothing pins, handles, reads through a pin, close). Implemented by every
@@ -101,6 +103,15 @@ class MappedMemory(Protocol):
     @property
     def view(self) -> memoryview:
         """The used bytes (owned by the memory: do not keep it across a resize or close)."""
+
+
+@runtime_checkable
+class FileBackedMemory(Protocol):
+    """Host memory that may be a file's pages (memfd or file) rather than anonymous."""
+
+    @property
+    def fd(self) -> int | None:
+        """The file's descriptor, or None for anonymous memory (or once closed)."""
 
 
 def reserved_size(ram: HostMemory) -> int:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ramdiscard.guest import DriverState, GuestDriver, ReqType, RespType
+from ramdiscard.guest import DriverState, Exchange, GuestDriver, ReqType, RespType
 from ramdiscard.interfaces import Virtqueue
 from ramdiscard.units import GiB, MiB
 from tests.conftest import sample_trace
@@ -306,3 +306,14 @@ def test_next_request_follows_the_order_rules(
     ex = drv.step()
     got = None if ex is None else (ex.type.name, ex.addr, ex.nb_blocks)
     assert got == _expected_next(plugged, dev.requested, usable)
+
+
+@pytest.mark.parametrize(
+    ("response", "name"), [(RespType.BUSY, "BUSY"), (7, "7"), (-1, "-1"), (None, "None")]
+)  # fmt: skip
+def test_an_exchange_names_known_unknown_and_missing_responses(
+    response: RespType | int | None, name: str
+) -> None:
+    ex = Exchange(ReqType.PLUG, 0x1000, 2, response, 0.0)
+    assert ex.response_name == name
+    assert str(ex) == f"PLUG addr=0x1000 nb_blocks=2 -> {name}"

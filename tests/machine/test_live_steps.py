@@ -181,3 +181,50 @@ def test_example_runs_end_to_end() -> None:
     boot = 64 * MiB
     if out["final"]["pinned"]:
         assert out["final"]["vm_pin"] == out["final"]["pinned"] == boot + 256 * MiB
+
+
+@live_only
+def test_a_failed_check_of_both_ends_leaves_the_source_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The transfer succeeds, the comparison of both ends fails: MigrationError, and the
+    source runs on (guest thread started again) and still follows requested-size."""
+    import ramdiscard.machine.live as live
+    from ramdiscard.machine.checkpoint import fingerprint as real
+    from ramdiscard.migration import MigrationError
+
+    def differs(m: Any) -> Any:
+        got = real(m)
+        return {**got, "tampered": "yes"} if m is not source else got
+
+    monkeypatch.setattr(live, "fingerprint", differs)
+    source = Machine.from_scenario(parse_scenario(SCENARIO))
+    try:
+        source.set_requested_size("vmem0", 64 * MiB)
+        source.start()
+        assert source.wait_converged(timeout=60)
+        with pytest.raises(MigrationError, match="destination's memory differs"):
+            source.live_migrate(downtime_limit_ms=50)
+        assert source.running
+        source.set_requested_size("vmem0", 128 * MiB)
+        assert source.wait_converged(timeout=60)
+        assert source.devices["vmem0"].plugged_size == 128 * MiB
+    finally:
+        source.close()
+
+
+@live_only
+def test_a_machine_migrated_by_file_keeps_reporting_live_migration_progress() -> None:
+    """``on_migration`` follows the machine through a stop-and-copy migration, so a later
+    live migration of the destination still reports its progress."""
+    seen: list[str] = []
+    m = Machine.from_scenario(parse_scenario(SCENARIO))
+    try:
+        m.on_migration = lambda st: seen.append(st.status)
+        m.set_requested_size("vmem0", 64 * MiB)
+        m.run_guest()
+        dest, _ = m.migrate("file")
+        m = dest
+        assert seen == []
+        m, _ = m.live_migrate(downtime_limit_ms=50)
+        assert "active" in seen and seen[-1] == "completed"
+    finally:
+        m.close()

@@ -246,3 +246,25 @@ def test_blockdma_and_vfio_real_pins_after_restore() -> None:
             assert proc_status().vm_pin - base == 2 * (BOOT + plugged)  # two consumers pin each byte
         assert plugged == 128 * MiB
     assert proc_status().vm_pin == base
+
+
+@pytest.mark.timeout(60)
+def test_a_step_returns_with_a_note_when_the_guest_thread_has_died(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Thread mode: the guest thread stops on a driver error; the step waits no longer for
+    drivers that will never converge and says why."""
+    from ramdiscard.guest import GuestDriver
+
+    sc = parse_scenario(_scenario('[[steps]]\nrequested-size = "64M"'))
+    m = Machine.from_scenario(sc)
+    try:
+
+        def broken(self: GuestDriver) -> None:
+            raise RuntimeError("driver bug")
+
+        monkeypatch.setattr(GuestDriver, "step", broken)
+        m.start()
+        res = m.run_step(sc.steps[0])
+        assert "the guest thread stopped before the drivers converged (see the log)" in res.notes
+        assert m.wait_converged(timeout=None) is False
+    finally:
+        m.close()

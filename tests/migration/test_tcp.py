@@ -88,3 +88,38 @@ def test_socket_fault_fails_both_sides_cleanly(machines: Machines, op: Op) -> No
             dst.low.discard_range(0, dst.low.size)
         assert not src.dev.is_busy()
         assert src.plugged_blocks() == [0, 1, 4]
+
+
+@pytest.mark.parametrize("error", [None, "no room for vmem0", ""])
+def test_a_status_reads_the_same_from_a_socket_and_from_received_bytes(error: str | None) -> None:
+    """recv_status (a socket) and parse_status (bytes already read, the precopy return
+    path) give the same verdict for what send_status wrote."""
+    from ramdiscard.migration.transport import parse_status, recv_status, send_status
+
+    a, b = socket.socketpair()
+    with a, b:
+        a.settimeout(10)
+        b.settimeout(10)
+        send_status(a, error)
+        a.shutdown(socket.SHUT_WR)
+        raw = b.recv(8192, socket.MSG_PEEK)
+        assert recv_status(b) == error
+    assert parse_status(raw) == error
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"OK\x00", "without a status"),
+        (b"ER\x05\x00\x00\x00ab", "without a status"),
+        (b"OK\x01\x00\x00\x00x", "malformed status"),
+        (b"XX\x00\x00\x00\x00", "malformed status"),
+        (b"ER\x01\x10\x00\x00", "malformed status"),
+    ],
+)  # fmt: skip
+def test_a_short_or_malformed_status_is_a_one_line_migration_error(raw: bytes, message: str) -> None:
+    from ramdiscard.migration.transport import parse_status
+
+    with pytest.raises(migration.MigrationError, match=message) as info:
+        parse_status(raw)
+    assert "\n" not in str(info.value)

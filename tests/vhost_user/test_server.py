@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from ramdiscard.interfaces import Virtqueue
 from ramdiscard.memory import MemoryRegion
 from ramdiscard.providers.virtio_mem import VirtioMem
 from ramdiscard.providers.virtio_mem.wire import Request as MemRequest
@@ -101,6 +102,13 @@ def setup_frontend(server: VhostUserServer, memory: MemoryTable) -> tuple[Fronte
 def test_plug_through_the_ring_and_config_change(
     server: VhostUserServer, device: VirtioMem, memory: MemoryTable, driver: Driver
 ) -> None:
+    served: list[Virtqueue] = []
+
+    def through(vq: Virtqueue) -> Virtqueue:
+        served.append(vq)
+        return vq
+
+    server.wrap_queue = through
     fe, kick, call, backend = setup_frontend(server, memory)
     try:
         cfg = fe.call(Request.GET_CONFIG, struct.pack("<III", 0, 56, 0) + bytes(56))
@@ -117,6 +125,7 @@ def test_plug_through_the_ring_and_config_change(
         os.eventfd_write(kick, 1)
         wait_for(lambda: device.plugged_size == 8 * MiB, "the plug")
         assert Response.parse(memory.read(inb, 10)).type is ResponseType.ACK
+        assert served and all(vq is served[0] for vq in served)  # every kick, through the wrapper
         wait_for(lambda: _readable(call), "the call eventfd")
         device.requested_size = 32 * MiB
         assert server.config_changed()

@@ -141,9 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a scenario file (TOML): devices, consumers, steps; print figures per step",
         description="Build the machine a scenario describes (boot RAM, virtio-mem devices, vfio "
         "containers, KVM memslots, block DMA mappers), run its steps (resize, unplug-all, "
-        "system-reset, pause, snapshot, restore, migrate, dump) with the guest driver model and "
-        "print plugged, guest-touched, resident, VmPin, DMA mappings, memslots and requests per "
-        "step. A file with a [guest] table boots a real Linux guest under QEMU instead (resize, "
+        "system-reset, pause, snapshot, restore, migrate, live-migrate, dump) with the guest driver "
+        "model and print plugged, guest-touched, resident, VmPin, DMA mappings, memslots and "
+        "requests per step. A file with a [guest] table boots a real Linux guest under QEMU instead (resize, "
         "system-reset, run, wait; guest MemTotal, plugged, VmPin and memfd resident per step; "
         "needs scripts/build-qemu.sh once). See docs/cli.md for the format and examples/*.toml.",
     )

@@ -33,8 +33,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ramdiscard import interrupts
 from ramdiscard.guest.writer import GuestWriter
@@ -42,12 +43,19 @@ from ramdiscard.hostmem import proc_status
 from ramdiscard.migration.precopy import PrecopyParams, PrecopySource, PrecopyStats, precopy_to
 from ramdiscard.units import format_size
 
+if TYPE_CHECKING:
+    from ramdiscard.machine.consumers import Consumer
+    from ramdiscard.memory import AddressSpace
+    from ramdiscard.providers.virtio_mem import VirtioMem
+
 REFRESH = 0.2
 """Seconds between two redraws of the progress line on a terminal."""
 CANCEL_WAIT = 60.0
 """Longest wait for a cancelled migration to unwind."""
 WRITER_WAIT = 10.0
 """Longest wait for the writer to show it writes again after a cancel."""
+DOWNTIME_LIMIT = 300
+"""``--downtime-limit`` when not given, ms (QEMU's default downtime-limit)."""
 
 
 def progress_line(st: PrecopyStats) -> str:
@@ -131,11 +139,12 @@ class LiveDisplay:
 class Side:
     """One end's machine as the live CLI needs it."""
 
-    space: Any
-    devices: list[Any]
-    lock: Any
+    space: AddressSpace
+    devices: list[VirtioMem]
+    lock: AbstractContextManager[Any]
+    """Held while plug and unplug happen (the machine's lock, or the demo writer's)."""
     writer: GuestWriter | None = None
-    consumers: list[Any] = field(default_factory=list)
+    consumers: list[Consumer] = field(default_factory=list)
 
     def state(self) -> dict[str, int]:
         """Plugged and pinned bytes (under the lock), and this process's VmPin."""
@@ -143,7 +152,7 @@ class Side:
         with self.lock:
             return {
                 "plugged": sum(d.plugged_size for d in self.devices),
-                "pinned": sum(int(c.pinned_bytes) for c in self.consumers),
+                "pinned": sum(c.pinned_bytes for c in self.consumers),
                 "vm_pin": vm_pin,
             }
 
@@ -221,7 +230,12 @@ def send_live(args: argparse.Namespace, side: Side, timeout: float) -> int:
 
 
 def _after_cancel(
-    args: argparse.Namespace, side: Side, before: dict[str, int], busy_before: list[Any], *, alive: bool
+    args: argparse.Namespace,
+    side: Side,
+    before: dict[str, int],
+    busy_before: list[Callable[[], bool] | None],
+    *,
+    alive: bool,
 ) -> int:
     after = side.state()
     problems = []
@@ -330,9 +344,9 @@ def add_live_options(p: argparse.ArgumentParser, sender: bool, size: Callable[[s
     p.add_argument(
         "--downtime-limit",
         type=int,
-        default=300,
+        default=DOWNTIME_LIMIT,
         metavar="MS",
-        help="--live: longest pause of the guest at the switchover, ms (QMP downtime-limit; 300)",
+        help=f"--live: longest guest pause at the switchover, ms (QMP downtime-limit; {DOWNTIME_LIMIT})",
     )
     p.add_argument(
         "--max-bandwidth",
@@ -364,7 +378,7 @@ def check_live_args(args: argparse.Namespace) -> str | None:
         given = [
             o
             for o, v in (
-                ("--downtime-limit", args.downtime_limit != 300),
+                ("--downtime-limit", args.downtime_limit != DOWNTIME_LIMIT),
                 ("--max-bandwidth", args.max_bandwidth != 0),
                 ("--write-rate", args.write_rate is not None),
             )

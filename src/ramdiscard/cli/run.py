@@ -16,6 +16,7 @@ from ramdiscard.cli.migrate_live import progress_line
 from ramdiscard.guest import Exchange
 from ramdiscard.machine import Machine, StepResult, load_scenario
 from ramdiscard.machine.scenario import GuestScenario, load_any_scenario
+from ramdiscard.migration.precopy import PrecopyStats
 from ramdiscard.units import format_size
 
 _COLUMNS = (
@@ -74,7 +75,7 @@ def run_scenario(args: argparse.Namespace) -> int:
                     task, detail=f"{dev}: {ex}  plugged {format_size(machine.devices[dev].plugged_size)}"
                 )
 
-            def on_migration(st: Any) -> None:
+            def on_migration(st: PrecopyStats) -> None:
                 progress.update(task, detail=progress_line(st))
 
             machine.on_migration = on_migration

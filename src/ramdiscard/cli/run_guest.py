@@ -1,8 +1,9 @@
 """``ramdiscard run GUEST.toml`` for a real-guest scenario (a file with ``[guest]``): boot
 the guest, play the steps and print, per step, the guest's MemTotal, the device's plugged
 size, the consumer's VmPin and the device region's resident bytes in the memfd. A missing
-QEMU build or guest image ends with the one-line error of
-:func:`~ramdiscard.realguest.qemu.find_qemu` before anything starts."""
+QEMU build ends with the one-line error of :func:`~ramdiscard.realguest.qemu.find_qemu`
+before anything starts; a guest image that cannot be fetched or built, with
+:class:`~ramdiscard.realguest.guestimage.GuestImageError`'s, before QEMU starts."""
 
 from __future__ import annotations
 

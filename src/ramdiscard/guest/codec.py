@@ -70,8 +70,13 @@ class Exchange:
     def pack(self) -> bytes:
         return REQUEST.pack(int(self.type), self.addr, self.nb_blocks)
 
+    @property
+    def response_name(self) -> str:
+        """The response's name (``ACK``, ...), or its raw code or ``None`` as text."""
+        return self.response.name if isinstance(self.response, RespType) else str(self.response)
+
     def __str__(self) -> str:
-        resp = self.response.name if isinstance(self.response, RespType) else str(self.response)
+        resp = self.response_name
         if self.type is ReqType.UNPLUG_ALL:
             return f"UNPLUG_ALL -> {resp}"
         return f"{self.type.name} addr={self.addr:#x} nb_blocks={self.nb_blocks} -> {resp}"

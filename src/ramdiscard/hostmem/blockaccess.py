@@ -89,7 +89,7 @@ class BlockAccess:
     # ---- errors -------------------------------------------------------------------------
 
     def _label(self) -> str:
-        return label(self._name, self._backing, getattr(self, "_hugetlb", False))
+        return label(self._name, self._backing, self._hugetlb)
 
     def _check_open(self) -> None:
         if self._closed:

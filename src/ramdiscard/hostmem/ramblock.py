@@ -190,6 +190,8 @@ class RamBlock(BlockLifetime):
         self._mm: mmap.mmap | None = None
         self._view: memoryview | None = None
         self._host_address = 0
+        self._hugetlb = False
+        self._size = 0
         # Hot-path bounds: the end a range may reach for reads (_limit) and for changes
         # (_wlimit); -1 rejects every range, which is how closed and read-only blocks
         # cost no extra test.
@@ -345,9 +347,8 @@ class RamBlock(BlockLifetime):
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"at {self._host_address:#x}"
-        huge = ", hugetlb" if getattr(self, "_hugetlb", False) else ""
-        size = getattr(self, "_size", 0)
-        return f"<RamBlock {self._name!r} {self._backing.value}{huge} {format_size(size)} {state}>"
+        huge = ", hugetlb" if self._hugetlb else ""
+        return f"<RamBlock {self._name!r} {self._backing.value}{huge} {format_size(self._size)} {state}>"
 
     # ---- discard / populate -------------------------------------------------------------
 

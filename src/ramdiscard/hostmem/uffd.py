@@ -46,7 +46,8 @@ PM_SCAN_CHECK_WPASYNC: Final = 2
 PAGE_IS_WRITTEN: Final = 1 << 1
 
 
-def _iowr(kind: int, nr: int, size: int) -> int:
+def iowr(kind: int, nr: int, size: int) -> int:
+    """The number of a read-write ioctl (the kernel's ``_IOWR``)."""
     return (3 << 30) | (size << 16) | (kind << 8) | nr
 
 
@@ -58,16 +59,20 @@ class _Api(ctypes.Structure):
     _fields_ = [("api", ctypes.c_uint64), ("features", ctypes.c_uint64), ("ioctls", ctypes.c_uint64)]
 
 
-class _Range(ctypes.Structure):
+class UffdRange(ctypes.Structure):
+    """``struct uffdio_range``."""
+
     _fields_ = [("start", ctypes.c_uint64), ("len", ctypes.c_uint64)]
 
 
-class _Register(ctypes.Structure):
-    _fields_ = [("range", _Range), ("mode", ctypes.c_uint64), ("ioctls", ctypes.c_uint64)]
+class UffdRegister(ctypes.Structure):
+    """``struct uffdio_register``."""
+
+    _fields_ = [("range", UffdRange), ("mode", ctypes.c_uint64), ("ioctls", ctypes.c_uint64)]
 
 
 class _WriteProtect(ctypes.Structure):
-    _fields_ = [("range", _Range), ("mode", ctypes.c_uint64)]
+    _fields_ = [("range", UffdRange), ("mode", ctypes.c_uint64)]
 
 
 class _PageRegion(ctypes.Structure):
@@ -84,11 +89,11 @@ class _ScanArg(ctypes.Structure):
     _fields_ = [(name, ctypes.c_uint64) for name in _SCAN_FIELDS]
 
 
-UFFDIO_API: Final = _iowr(0xAA, 0x3F, ctypes.sizeof(_Api))
-UFFDIO_REGISTER: Final = _iowr(0xAA, 0x00, ctypes.sizeof(_Register))
-UFFDIO_UNREGISTER: Final = _ior(0xAA, 0x01, ctypes.sizeof(_Range))
-UFFDIO_WRITEPROTECT: Final = _iowr(0xAA, 0x06, ctypes.sizeof(_WriteProtect))
-PAGEMAP_SCAN: Final = _iowr(ord("f"), 16, ctypes.sizeof(_ScanArg))
+UFFDIO_API: Final = iowr(0xAA, 0x3F, ctypes.sizeof(_Api))
+UFFDIO_REGISTER: Final = iowr(0xAA, 0x00, ctypes.sizeof(UffdRegister))
+UFFDIO_UNREGISTER: Final = _ior(0xAA, 0x01, ctypes.sizeof(UffdRange))
+UFFDIO_WRITEPROTECT: Final = iowr(0xAA, 0x06, ctypes.sizeof(_WriteProtect))
+PAGEMAP_SCAN: Final = iowr(ord("f"), 16, ctypes.sizeof(_ScanArg))
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -98,26 +103,30 @@ _libc.ioctl.restype = ctypes.c_int
 VEC_LEN = 4096
 
 
-def _fail(what: str) -> HostMemoryError:
+def uffd_error(what: str) -> HostMemoryError:
+    """HostMemoryError for the failed call ``what``, from the errno it left."""
     code = ctypes.get_errno()
     return HostMemoryError(code, f"{what}: {_errno.errorcode.get(code, str(code))} ({os.strerror(code)})")
 
 
-def _ioctl(fd: int, request: int, arg: ctypes.Structure, what: str) -> int:
+def uffd_ioctl(fd: int, request: int, arg: ctypes.Structure, what: str) -> int:
+    """``ioctl(fd, request, &arg)``; its result, or :func:`uffd_error` naming ``what``."""
     rc = int(_libc.ioctl(fd, request, ctypes.byref(arg)))
     if rc < 0:
-        raise _fail(what)
+        raise uffd_error(what)
     return rc
 
 
-def _open_uffd(features: int, user_mode_only: bool = True) -> int:
+def open_uffd(features: int, user_mode_only: bool = True) -> int:
+    """A new non-blocking, close-on-exec userfaultfd with ``features`` negotiated
+    (UFFDIO_API); HostMemoryError when either step fails (no descriptor left open)."""
     flags = os.O_CLOEXEC | os.O_NONBLOCK | (UFFD_USER_MODE_ONLY if user_mode_only else 0)
     fd = int(_libc.syscall(_SYS_USERFAULTFD, flags))
     if fd < 0:
-        raise _fail("userfaultfd()")
+        raise uffd_error("userfaultfd()")
     try:
         api = _Api(UFFD_API, features, 0)
-        _ioctl(fd, UFFDIO_API, api, f"UFFDIO_API features {features:#x}")
+        uffd_ioctl(fd, UFFDIO_API, api, f"UFFDIO_API features {features:#x}")
     except BaseException:
         os.close(fd)
         raise
@@ -130,7 +139,7 @@ def available() -> str | None:
     import mmap
 
     try:
-        fd = _open_uffd(FEATURE_WP_ASYNC | FEATURE_WP_UNPOPULATED)
+        fd = open_uffd(FEATURE_WP_ASYNC | FEATURE_WP_UNPOPULATED)
     except HostMemoryError as exc:
         return f"userfaultfd with WP_ASYNC unavailable: {exc}"
     os.close(fd)
@@ -165,11 +174,11 @@ class WriteTracker:
             features |= FEATURE_WP_HUGETLBFS_SHMEM
         self.addr = addr
         self.length = length
-        self._fd: int | None = _open_uffd(features)
+        self._fd: int | None = open_uffd(features)
         self._pagemap: int | None = None
         try:
-            reg = _Register(_Range(addr, length), REGISTER_MODE_WP, 0)
-            _ioctl(self._fd, UFFDIO_REGISTER, reg, f"UFFDIO_REGISTER [{addr:#x}, +{length:#x})")
+            reg = UffdRegister(UffdRange(addr, length), REGISTER_MODE_WP, 0)
+            uffd_ioctl(self._fd, UFFDIO_REGISTER, reg, f"UFFDIO_REGISTER [{addr:#x}, +{length:#x})")
             self._pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         except BaseException:
             self.close()
@@ -185,8 +194,8 @@ class WriteTracker:
         if self._fd is None:
             raise HostMemoryError(_errno.EBADF, "write tracker is closed")
         if length:
-            arg = _WriteProtect(_Range(self.addr + offset, length), mode)
-            _ioctl(self._fd, UFFDIO_WRITEPROTECT, arg, f"UFFDIO_WRITEPROTECT [{offset:#x}, +{length:#x})")
+            arg = _WriteProtect(UffdRange(self.addr + offset, length), mode)
+            uffd_ioctl(self._fd, UFFDIO_WRITEPROTECT, arg, f"UFFDIO_WRITEPROTECT [{offset:#x}, +{length:#x})")
 
     def protect(self, offset: int, length: int) -> None:
         """Write-protect the range: later writes show up in :meth:`scan_reset`."""
@@ -209,7 +218,7 @@ class WriteTracker:
                 ctypes.addressof(vec), VEC_LEN, 0, 0, PAGE_IS_WRITTEN, 0, PAGE_IS_WRITTEN,
             )  # fmt: skip
             what = f"PAGEMAP_SCAN [{start - self.addr:#x}, +{end - start:#x})"
-            n = _ioctl(self._pagemap, PAGEMAP_SCAN, arg, what)
+            n = uffd_ioctl(self._pagemap, PAGEMAP_SCAN, arg, what)
             for i in range(n):
                 r = vec[i]
                 s, e = int(r.start) - self.addr, int(r.end) - self.addr
@@ -230,7 +239,7 @@ class WriteTracker:
         if fd is None:
             return
         try:
-            rng = _Range(self.addr, self.length)
+            rng = UffdRange(self.addr, self.length)
             _libc.ioctl(fd, UFFDIO_UNREGISTER, ctypes.byref(rng))  # closing unregisters too
         finally:
             os.close(fd)
@@ -253,8 +262,8 @@ def writeprotect(fd: int, addr: int, length: int, protect: bool) -> None:
     """UFFDIO_WRITEPROTECT on ``[addr, addr + length)`` of the fd's process (usable from
     any process holding the fd); unprotecting wakes the threads waiting on the range.
     Raises HostMemoryError."""
-    arg = _WriteProtect(_Range(addr, length), WRITEPROTECT_MODE_WP if protect else 0)
-    _ioctl(fd, UFFDIO_WRITEPROTECT, arg, f"UFFDIO_WRITEPROTECT [{addr:#x}, +{length:#x})")
+    arg = _WriteProtect(UffdRange(addr, length), WRITEPROTECT_MODE_WP if protect else 0)
+    uffd_ioctl(fd, UFFDIO_WRITEPROTECT, arg, f"UFFDIO_WRITEPROTECT [{addr:#x}, +{length:#x})")
 
 
 class SyncWriteProtect:
@@ -269,11 +278,11 @@ class SyncWriteProtect:
     def __init__(self, *, shmem: bool) -> None:
         features = FEATURE_WP_UNPOPULATED | (FEATURE_WP_HUGETLBFS_SHMEM if shmem else 0)
         try:
-            self.fd: int | None = _open_uffd(features, user_mode_only=False)
+            self.fd: int | None = open_uffd(features, user_mode_only=False)
         except HostMemoryError as exc:
             if exc.errno != _errno.EPERM:
                 raise
-            self.fd = _open_uffd(features)
+            self.fd = open_uffd(features)
         self._registered: list[tuple[int, int]] = []
 
     def _live_fd(self) -> int:
@@ -282,8 +291,8 @@ class SyncWriteProtect:
         return self.fd
 
     def register(self, addr: int, length: int) -> None:
-        reg = _Register(_Range(addr, length), REGISTER_MODE_WP, 0)
-        _ioctl(self._live_fd(), UFFDIO_REGISTER, reg, f"UFFDIO_REGISTER [{addr:#x}, +{length:#x})")
+        reg = UffdRegister(UffdRange(addr, length), REGISTER_MODE_WP, 0)
+        uffd_ioctl(self._live_fd(), UFFDIO_REGISTER, reg, f"UFFDIO_REGISTER [{addr:#x}, +{length:#x})")
         self._registered.append((addr, length))
 
     def protect(self, addr: int, length: int) -> None:
@@ -300,8 +309,8 @@ class SyncWriteProtect:
             return
         try:
             for addr, length in self._registered:
-                _libc.ioctl(fd, UFFDIO_WRITEPROTECT, ctypes.byref(_WriteProtect(_Range(addr, length), 0)))
-                _libc.ioctl(fd, UFFDIO_UNREGISTER, ctypes.byref(_Range(addr, length)))
+                _libc.ioctl(fd, UFFDIO_WRITEPROTECT, ctypes.byref(_WriteProtect(UffdRange(addr, length), 0)))
+                _libc.ioctl(fd, UFFDIO_UNREGISTER, ctypes.byref(UffdRange(addr, length)))
         finally:
             os.close(fd)
 

@@ -31,12 +31,12 @@ from ramdiscard.errors import HostMemoryError
 from ramdiscard.hostmem.uffd import (
     UFFD_EVENT_PAGEFAULT,
     UFFDIO_REGISTER,
-    _fail,
-    _ioctl,
-    _iowr,
-    _open_uffd,
-    _Range,
-    _Register,
+    UffdRange,
+    UffdRegister,
+    iowr,
+    open_uffd,
+    uffd_error,
+    uffd_ioctl,
 )
 
 FEATURE_MISSING_SHMEM: Final = 1 << 5
@@ -54,17 +54,17 @@ class _Copy(ctypes.Structure):
 
 
 class _ZeroPage(ctypes.Structure):
-    _fields_ = [("range", _Range), ("mode", ctypes.c_uint64), ("zeropage", ctypes.c_int64)]
+    _fields_ = [("range", UffdRange), ("mode", ctypes.c_uint64), ("zeropage", ctypes.c_int64)]
 
 
 def _ior(kind: int, nr: int, size: int) -> int:
     return (2 << 30) | (size << 16) | (kind << 8) | nr
 
 
-UFFDIO_UNREGISTER: Final = _ior(0xAA, 0x01, ctypes.sizeof(_Range))
-UFFDIO_WAKE: Final = _ior(0xAA, 0x02, ctypes.sizeof(_Range))
-UFFDIO_COPY: Final = _iowr(0xAA, 0x03, ctypes.sizeof(_Copy))
-UFFDIO_ZEROPAGE: Final = _iowr(0xAA, 0x04, ctypes.sizeof(_ZeroPage))
+UFFDIO_UNREGISTER: Final = _ior(0xAA, 0x01, ctypes.sizeof(UffdRange))
+UFFDIO_WAKE: Final = _ior(0xAA, 0x02, ctypes.sizeof(UffdRange))
+UFFDIO_COPY: Final = iowr(0xAA, 0x03, ctypes.sizeof(_Copy))
+UFFDIO_ZEROPAGE: Final = iowr(0xAA, 0x04, ctypes.sizeof(_ZeroPage))
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
@@ -74,24 +74,24 @@ _libc.ioctl.restype = ctypes.c_int
 def open_missing() -> int:
     """A userfaultfd (O_NONBLOCK, O_CLOEXEC) ready for :func:`register_missing`."""
     try:
-        return _open_uffd(FEATURE_MISSING_SHMEM, user_mode_only=False)
+        return open_uffd(FEATURE_MISSING_SHMEM, user_mode_only=False)
     except HostMemoryError as exc:
         if exc.errno != _errno.EPERM:
             raise
-        return _open_uffd(FEATURE_MISSING_SHMEM)
+        return open_uffd(FEATURE_MISSING_SHMEM)
 
 
 def register_missing(fd: int, addr: int, length: int) -> None:
-    reg = _Register(_Range(addr, length), REGISTER_MODE_MISSING, 0)
-    _ioctl(fd, UFFDIO_REGISTER, reg, f"UFFDIO_REGISTER missing [{addr:#x}, +{length:#x})")
+    reg = UffdRegister(UffdRange(addr, length), REGISTER_MODE_MISSING, 0)
+    uffd_ioctl(fd, UFFDIO_REGISTER, reg, f"UFFDIO_REGISTER missing [{addr:#x}, +{length:#x})")
 
 
 def unregister(fd: int, addr: int, length: int) -> None:
-    _ioctl(fd, UFFDIO_UNREGISTER, _Range(addr, length), f"UFFDIO_UNREGISTER [{addr:#x}, +{length:#x})")
+    uffd_ioctl(fd, UFFDIO_UNREGISTER, UffdRange(addr, length), f"UFFDIO_UNREGISTER [{addr:#x}, +{length:#x})")
 
 
 def wake(fd: int, addr: int, length: int) -> None:
-    _ioctl(fd, UFFDIO_WAKE, _Range(addr, length), f"UFFDIO_WAKE [{addr:#x}, +{length:#x})")
+    uffd_ioctl(fd, UFFDIO_WAKE, UffdRange(addr, length), f"UFFDIO_WAKE [{addr:#x}, +{length:#x})")
 
 
 def _place(fd: int, dst: int, length: int, src: int | None) -> int:
@@ -100,7 +100,7 @@ def _place(fd: int, dst: int, length: int, src: int | None) -> int:
     done = placed = 0
     while done < length:
         if src is None:
-            z = _ZeroPage(_Range(dst + done, length - done), 0, 0)
+            z = _ZeroPage(UffdRange(dst + done, length - done), 0, 0)
             rc = int(_libc.ioctl(fd, UFFDIO_ZEROPAGE, ctypes.byref(z)))
             got = int(z.zeropage)
         else:
@@ -116,7 +116,7 @@ def _place(fd: int, dst: int, length: int, src: int | None) -> int:
         if code == _errno.EEXIST:
             done += PAGE  # present already (another placer): skip it
         elif code != _errno.EAGAIN:  # EAGAIN: part done, or the mapping changed: go on
-            raise _fail(f"{'UFFDIO_ZEROPAGE' if src is None else 'UFFDIO_COPY'} [{dst + done:#x}]")
+            raise uffd_error(f"{'UFFDIO_ZEROPAGE' if src is None else 'UFFDIO_COPY'} [{dst + done:#x}]")
     return placed
 
 

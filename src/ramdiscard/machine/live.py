@@ -18,7 +18,9 @@ Rules:
   and the populated-memory digests (:func:`ramdiscard.migration.digest.memory_digest`)
   of both ends must be equal and the guest's touch patterns equally intact on both
   (the writer may have overwritten some on the source; the destination must show the
-  same); otherwise MigrationError. Chunks the writer overwrote leave the destination's
+  same); otherwise MigrationError, and the source is put back in the mode it had, as
+  after a failed transfer (also when the destination's load has not ended within the
+  timeout). Chunks the writer overwrote leave the destination's
   touch workload (their content is the writer's), so later integrity checks hold. The
   caller closes the source and continues with the destination.
 * ``control.on_migration`` (when set) gets the precopy's figures at every progress report.
@@ -48,7 +50,7 @@ class LiveControl(Protocol):
     def running(self) -> bool: ...
 
     @property
-    def on_migration(self) -> Callable[[Any], None] | None: ...
+    def on_migration(self) -> Callable[[PrecopyStats], None] | None: ...
 
     def start(self) -> None: ...
 
@@ -80,8 +82,10 @@ def transfer_live(
     max_bandwidth: int = 0,
     timeout: float = IO_TIMEOUT,
 ) -> dict[str, Any]:
-    """Live-migrate ``m`` into the fresh ``dest`` (module rules); the figures. ``dest`` is
-    the caller's to close on failure; ``m`` then runs on as before."""
+    """Live-migrate ``m`` into the fresh ``dest`` (module rules); the figures. Raises
+    MigrationError (or the transport's error) when the transfer or the check of both ends
+    fails; ``dest`` is then the caller's to close and ``m`` runs on as before (its guest
+    thread and writer running again if they were)."""
     was_running = control.running
     params = PrecopyParams(
         downtime_limit=downtime_limit_ms / 1000.0, max_bandwidth=max_bandwidth, allow_resize=True
@@ -124,9 +128,33 @@ def transfer_live(
             raise
         finally:
             t.join(timeout)
+    try:
+        return _verify(m, dest, stats, _loaded(t, result, timeout), before, resized)
+    except BaseException:
+        if was_running:
+            control.start()
+        raise
+
+
+def _loaded(t: threading.Thread, result: dict[str, Any], timeout: float) -> LiveLoadStats:
+    """The destination's load figures, or what stopped the load."""
     if "error" in result:
         raise result["error"]
+    if t.is_alive():
+        raise MigrationError(f"live-migrate: the destination did not finish loading within {timeout:g} s")
     load: LiveLoadStats = result["load"]
+    return load
+
+
+def _verify(
+    m: MachineParts,
+    dest: MachineParts,
+    stats: PrecopyStats,
+    load: LiveLoadStats,
+    before: int,
+    resized: list[int],
+) -> dict[str, Any]:
+    """Both ends hold the same memory and guest (module rules); the figures."""
     with m.lock:
         state = capture_guest(m)
         src_digest = memory_digest(m.space_or_fail(), list(m.devices.values()))

@@ -47,6 +47,7 @@ from ramdiscard.machine.build import build
 from ramdiscard.machine.parts import Fingerprint, MachineParts, OnRequest
 from ramdiscard.machine.scenario import Scenario, StepSpec, Transport
 from ramdiscard.machine.steps import StepResult, run_step
+from ramdiscard.migration.precopy import PrecopyStats
 
 log = logging.getLogger("ramdiscard.machine")
 
@@ -60,7 +61,8 @@ class Machine(MachineParts):
                  clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         super().__init__(scenario, workdir=workdir, clock=clock)
         self.on_request: OnRequest | None = None
-        self.on_migration: Callable[[Any], None] | None = None
+        self.on_migration: Callable[[PrecopyStats], None] | None = None
+        """Called with a live migration's figures at every progress report."""
         """Called with the precopy's figures (PrecopyStats) while a live migration runs."""
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -217,11 +219,7 @@ class Machine(MachineParts):
             except BaseException:
                 dest.close()
                 raise
-            dest.on_request = self.on_request
-            dest._requests = self._requests
-        self.close()
-        if was_running:
-            dest.start()
+        self._hand_over(dest, was_running)
         return dest, figures_
 
     def live_migrate(
@@ -248,13 +246,18 @@ class Machine(MachineParts):
         except BaseException:
             dest.close()
             raise
+        self._hand_over(dest, was_running)
+        return dest, figures_
+
+    def _hand_over(self, dest: Machine, was_running: bool) -> None:
+        """Continue on ``dest`` after a migration: it takes the callbacks and the request
+        count, this machine closes, and ``dest``'s guest thread runs if this one's did."""
         dest.on_request = self.on_request
         dest.on_migration = self.on_migration
         dest._requests = self._requests
         self.close()
         if was_running:
             dest.start()
-        return dest, figures_
 
     def dump(self, path: str, *, durable: bool = True) -> dict[str, Any]:
         """Write an ELF core of the populated guest memory to ``path``
@@ -302,12 +305,17 @@ class Machine(MachineParts):
         self._thread = None
 
     def wait_converged(self, timeout: float | None = None) -> bool:
-        """Block until the drivers have nothing to do now (thread mode). True if so."""
+        """Block until the drivers have nothing to do now (thread mode). True if so; False
+        when ``timeout`` s pass first or the guest thread is not running (it stopped on
+        an error, or was never started) while a driver still has work."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._idle:
             while not self.converged():
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
+                    return False
+                t = self._thread
+                if t is None or not t.is_alive():
                     return False
                 self._idle.wait(0.05 if remaining is None else min(remaining, 0.05))
         return True

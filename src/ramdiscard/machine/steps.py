@@ -235,11 +235,11 @@ def run_step(m: M, step: StepSpec, index: int = 0, on_request: OnRequest | None 
     exchanges: list[Exchange] = []
     if not target.running:
         exchanges = target.run_guest(on_request=on_request)
-    else:
-        target.wait_converged()
+    elif not target.wait_converged():
+        notes.append("the guest thread stopped before the drivers converged (see the log)")
     responses: dict[str, int] = {}
     for ex in exchanges:
-        name = getattr(ex.response, "name", str(ex.response)).lower()
+        name = ex.response_name.lower()
         responses[name] = responses.get(name, 0) + 1
     with target.lock:
         for dev_id, drv in target.drivers.items():

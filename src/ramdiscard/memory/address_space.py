@@ -211,7 +211,11 @@ class AddressSpace:
             self._view = []
             self._mapped = set()
 
-    def _update_topology(self) -> list[Exception]:
+    def update_topology(self) -> list[Exception]:
+        """Re-render the flat view and tell the listeners: ``region_del`` for each vanished
+        section (listeners in reverse order), then ``region_add`` for each new one. Called
+        by the memory system (with its lock held) when a topology change commits; returns
+        the listeners' failures, every listener having been called."""
         new_view = render_flatview(self.root)
         old_set = set(self._view)
         new_set = set(new_view)

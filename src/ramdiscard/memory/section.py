@@ -1,7 +1,7 @@
 """MemoryRegionSection: one contiguous piece of one memory region as an address space sees it.
 
 The class is defined in :mod:`ramdiscard.memory.region`, next to the region it names (the
-two refer to each other); this module is its long-standing import path.
+two refer to each other); ``ramdiscard.memory.section`` is a public import path of it.
 """
 
 from ramdiscard.memory.region import MemoryRegionSection

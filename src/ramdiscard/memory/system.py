@@ -82,7 +82,7 @@ class LiveSpace(Protocol):
         """True if ``mr`` appears in the current flat view."""
         ...
 
-    def _update_topology(self) -> list[Exception]:
+    def update_topology(self) -> list[Exception]:
         """Re-render and notify the space's listeners; returns their failures."""
         ...
 
@@ -176,7 +176,7 @@ class MemorySystem:
         errors: list[Exception] = []
         with self.watch_mapping():
             for space in self.live_spaces():
-                errors.extend(space._update_topology())
+                errors.extend(space.update_topology())
         if len(errors) == 1:
             raise TopologyError("a memory listener failed during a topology update") from errors[0]
         if errors:

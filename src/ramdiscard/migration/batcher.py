@@ -68,8 +68,7 @@ class Batcher:
         """A copy of ``data`` in this batch's bounce buffer (valid until the flush):
         memory the guest is writing is checksummed and sent as one consistent copy."""
         n = data.nbytes
-        if self._used + n > len(self._bounce):
-            self.flush()
+        self.make_room(n)
         dst = memoryview(self._bounce)[self._used : self._used + n]
         dst[:] = data
         self._used += n

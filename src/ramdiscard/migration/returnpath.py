@@ -11,7 +11,7 @@ import struct
 import time
 
 from ramdiscard.migration.stream import MigrationError, StreamError
-from ramdiscard.migration.transport import recv_status
+from ramdiscard.migration.transport import parse_status
 
 ACK_INTERVAL = 0.05
 """Seconds between two read-position acknowledgements of a live destination."""
@@ -98,20 +98,4 @@ class ReturnPath:
                 self.poll()
         if self.status is None:
             raise MigrationError("the destination closed the connection without a status")
-        return recv_status(_Replay(self.status))  # type: ignore[arg-type]
-
-
-class _Replay:
-    """Bytes already received, read back like a socket (for ``recv_status``)."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = memoryview(data)
-
-    def gettimeout(self) -> float:
-        return 0.0
-
-    def recv_into(self, view: memoryview, n: int) -> int:
-        k = min(n, self.data.nbytes)
-        view[:k] = self.data[:k]
-        self.data = self.data[k:]
-        return k
+        return parse_status(self.status)

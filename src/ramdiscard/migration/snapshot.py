@@ -40,7 +40,7 @@ from ramdiscard.migration.busy import frozen
 from ramdiscard.migration.checksum import Checksum, digest
 from ramdiscard.migration.checksum import default as default_checksum
 from ramdiscard.migration.layout import collect_regions
-from ramdiscard.migration.source import DEFAULT_CHUNK, _check_chunk, _chunks, sparse_layout
+from ramdiscard.migration.source import DEFAULT_CHUNK, check_chunk_size, sparse_layout, split_runs
 from ramdiscard.migration.stream import Counter, MigrationError, encode_end, encode_pages_at
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ def background_snapshot(
     seekable file; truncated first) while ``guest`` keeps running (module rules).
     ``timeout`` bounds the whole background copy. Raises MigrationError (file left
     empty, guest running, nothing protected) or ValueError for a bad chunk size."""
-    _check_chunk(chunk_size)
+    check_chunk_size(chunk_size)
     algo = checksum or default_checksum()
     cancel = cancel or threading.Event()
     fd = fileobj.fileno()
@@ -185,7 +185,7 @@ def background_snapshot(
             rfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)  # fileobj may be write-only
             try:
                 for r, rr, base in zip(regions, runs, bases, strict=True):
-                    for s, n in _chunks(rr, chunk_size):
+                    for s, n in split_runs(rr, chunk_size):
                         view = memoryview(buf)[:n]
                         if os.preadv(rfd, [view], base + s) != n:
                             raise MigrationError("short read of the snapshot file")

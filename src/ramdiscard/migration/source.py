@@ -71,7 +71,8 @@ class MigrationStats:
         return self.page_bytes / self.seconds if self.seconds > 0 else 0.0
 
 
-def _chunks(runs: list[tuple[int, int]], chunk: int) -> Iterator[tuple[int, int]]:
+def split_runs(runs: list[tuple[int, int]], chunk: int) -> Iterator[tuple[int, int]]:
+    """Each ``(start, length)`` run in order, cut into pieces of at most ``chunk`` bytes."""
     for start, length in runs:
         end = start + length
         while start < end:
@@ -80,7 +81,8 @@ def _chunks(runs: list[tuple[int, int]], chunk: int) -> Iterator[tuple[int, int]
             start += n
 
 
-def _check_chunk(chunk_size: int) -> None:
+def check_chunk_size(chunk_size: int) -> None:
+    """MigrationError unless ``chunk_size`` is a multiple of 4 KiB in [4 KiB, MAX_CHUNK]."""
     if not 4096 <= chunk_size <= MAX_CHUNK or chunk_size % 4096:
         raise MigrationError(f"chunk size {chunk_size:#x}: must be a multiple of 4 KiB up to {MAX_CHUNK:#x}")
 
@@ -109,7 +111,7 @@ def save_to_sink(
 ) -> MigrationStats:
     """Write a streamed migration to ``sink`` (module rules). ``checksum``: page data
     checksum, default the fastest available (XXH3-64, else CRC-32)."""
-    _check_chunk(chunk_size)
+    check_chunk_size(chunk_size)
     algo = checksum or default_checksum()
     start = time.perf_counter()
     with frozen(devices):
@@ -122,7 +124,7 @@ def save_to_sink(
             tracker.stream(len(piece))
         for region, region_runs in zip(regions, runs, strict=True):
             view = region.view
-            for offset, length in _chunks(region_runs, chunk_size):
+            for offset, length in split_runs(region_runs, chunk_size):
                 data = view[offset : offset + length]
                 header = page_header(region.index, offset, data, algo)
                 sink.send(header, data)
@@ -154,7 +156,7 @@ def sparse_layout(
     sections before the PAGES_AT references, each region's file offset, the file size
     and the metadata's final length (with one PAGES_AT per chunk of ``runs`` and END)."""
     meta = _metadata(regions, counter, StreamFlags.SPARSE, algo)
-    nchunks = sum(1 for r in runs for _c in _chunks(r, chunk_size))
+    nchunks = sum(1 for r in runs for _c in split_runs(r, chunk_size))
     meta_len = sum(len(p) for p in meta) + nchunks * PAGES_AT_SECTION_SIZE + END_SECTION_SIZE
     bases, pos = [], align_up(meta_len, SPARSE_ALIGN)
     for region in regions:
@@ -173,7 +175,7 @@ def save_sparse(
 ) -> MigrationStats:
     """Write a sparse snapshot file; the file is truncated first and holds only the
     snapshot afterwards (module rules; layout in ``docs/migration-format.md``)."""
-    _check_chunk(chunk_size)
+    check_chunk_size(chunk_size)
     algo = checksum or default_checksum()
     pfile = PositionalFile(fileobj)
     start = time.perf_counter()
@@ -187,7 +189,7 @@ def save_sparse(
         refs: list[bytes] = []
         for region, region_runs, base in zip(regions, runs, bases, strict=True):
             view = region.view
-            for offset, length in _chunks(region_runs, chunk_size):
+            for offset, length in split_runs(region_runs, chunk_size):
                 data = view[offset : offset + length]
                 crc = digest(algo, data)
                 pfile.pwrite(data, base + offset)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from ramdiscard.hostmem import uffd
+from ramdiscard.interfaces import FileBackedMemory
 from ramdiscard.memory.section import MemoryRegionSection
 from ramdiscard.migration.layout import RamRegion
 from ramdiscard.migration.runs import Coverage, Runs
@@ -81,8 +82,9 @@ class TrackedRegion:
 
     def start_tracking(self) -> None:
         ram = self.region.mr.ram
-        shmem = getattr(ram, "fd", None) is not None
-        self.tracker = uffd.WriteTracker(ram.host_address, self.region.size, shmem=shmem)  # type: ignore[union-attr]
+        assert ram is not None  # a RamRegion is a RAM region
+        shmem = isinstance(ram, FileBackedMemory) and ram.fd is not None
+        self.tracker = uffd.WriteTracker(ram.host_address, self.region.size, shmem=shmem)
         for s, n in self.runs:
             self.tracker.protect(s, n)
 

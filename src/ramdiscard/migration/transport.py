@@ -240,11 +240,30 @@ def recv_status(sock: socket.socket) -> str | None:
         reader.read_exact(memoryview(head))
     except StreamError as exc:
         raise MigrationError("the destination closed the connection without a status") from exc
+    length = _status_length(head)
+    if length is None:
+        return None
+    msg = bytearray(length)
+    reader.read_exact(memoryview(msg))
+    return msg.decode(errors="replace")
+
+
+def parse_status(data: bytes) -> str | None:
+    """The verdict in a status message already received whole (header and reason), as
+    :func:`recv_status` reads it; MigrationError when it is malformed or cut short."""
+    length = _status_length(data[: _STATUS.size]) if len(data) >= _STATUS.size else -1
+    if length is None:
+        return None
+    if length < 0 or len(data) < _STATUS.size + length:
+        raise MigrationError("the destination closed the connection without a status")
+    return data[_STATUS.size : _STATUS.size + length].decode(errors="replace")
+
+
+def _status_length(head: bytes | bytearray) -> int | None:
+    """None for ``OK``, the reason's length for ``ER``; MigrationError for anything else."""
     code, length = _STATUS.unpack(head)
     if code == b"OK" and length == 0:
         return None
     if code != b"ER" or length > 4096:
         raise MigrationError(f"the destination sent a malformed status {bytes(head)!r}")
-    msg = bytearray(length)
-    reader.read_exact(memoryview(msg))
-    return msg.decode(errors="replace")
+    return int(length)

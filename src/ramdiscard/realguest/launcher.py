@@ -50,8 +50,15 @@ from ramdiscard.consumers.vfio import VfioContainer
 from ramdiscard.errors import HostError, RamDiscardError
 from ramdiscard.hostmem import RamBlock
 from ramdiscard.hostmem.measure import proc_status
+from ramdiscard.machine.scenario.realguest import (
+    DEVICE_ADDR,
+    GUEST_CONSUMERS,
+    MAX_GUEST_RAM,
+    guest_ram_problem,
+)
 from ramdiscard.memory import AddressSpace, MemoryRegion
 from ramdiscard.providers.virtio_mem import VirtioMem
+from ramdiscard.providers.virtio_mem.wire import CONFIG_SIZE, VIRTIO_ID_MEM
 from ramdiscard.rdm import DiscardPolicy
 from ramdiscard.realguest.guestimage import guest_image
 from ramdiscard.realguest.memfd import MemfdWindow, WindowError, file_identity, mapped_identities
@@ -61,13 +68,9 @@ from ramdiscard.realguest.tracing import TraceRecorder, TracingQueue
 from ramdiscard.units import GiB, MiB, align_up
 from ramdiscard.vhost_user.server import VhostUserServer
 
-LOW_RAM = 2 * GiB
-DEVICE_ADDR = 4 * GiB
+LOW_RAM = MAX_GUEST_RAM
 BLOCK_SIZE = 2 * MiB
-CONFIG_SIZE = 56
-VIRTIO_ID_MEM = 24
-MIN_RAM = 256 * MiB
-CONSUMERS = ("vfio",)
+CONSUMERS = GUEST_CONSUMERS
 
 __all__ = [
     "BLOCK_SIZE", "CONSUMERS", "DEVICE_ADDR", "LOW_RAM", "MemfdWindow", "RealGuest", "RealGuestError",
@@ -113,8 +116,9 @@ class RealGuest:
         ``ram_size`` that is not a multiple of 128 MiB in [256 MiB, 2 GiB] or an unknown
         consumer, QemuNotFound / GuestImageError without QEMU or image, and the device's
         own errors for a bad geometry; nothing stays running or held when it raises."""
-        if ram_size % (128 * MiB) or not MIN_RAM <= ram_size <= LOW_RAM:
-            raise RealGuestError(f"guest RAM must be a multiple of 128M from 256M to 2G, got {ram_size:#x}")
+        problem = guest_ram_problem(ram_size)
+        if problem is not None:
+            raise RealGuestError(f"guest RAM {problem}, got {ram_size:#x}")
         unknown = sorted(set(consumers) - set(CONSUMERS))
         if unknown:
             known = ", ".join(CONSUMERS)
@@ -193,10 +197,9 @@ class RealGuest:
             lock=self.lock,
             on_disconnect=self._frontend_gone,
             on_message=self.vhost_messages.append,
+            wrap_queue=lambda vq: TracingQueue(vq, self.trace),
         )
         self._closers.append(self.server.close)
-        orig_process = self.device.process_queue
-        self.device.process_queue = lambda vq: orig_process(TracingQueue(vq, self.trace))  # type: ignore[method-assign]
         self.server.start()
         self._listeners = {name: self._listen(name) for name in ("serial.sock", "qmp.sock")}
         self._launch()
@@ -211,10 +214,9 @@ class RealGuest:
 
     def qemu_args(self) -> list[str]:
         total = self.ram_size + self.region_size
-        gib = self.region_size
         append = (
-            f"console=ttyS0 memmap={gib // MiB}M${DEVICE_ADDR:#x} memhp_default_state=online_movable "
-            "panic=-1 loglevel=7"
+            f"console=ttyS0 memmap={self.region_size // MiB}M${DEVICE_ADDR:#x} "
+            "memhp_default_state=online_movable panic=-1 loglevel=7"
         )
         return [
             str(self.qemu),

@@ -1,7 +1,10 @@
 """The device region as a window of the guest-RAM memfd, and which file object a process maps.
 
 Rules: :class:`MemfdWindow` is ``size`` bytes at ``offset`` of a RAM block, as a RAM block
-of its own (discard = hole punch in the memfd at ``offset + o``); ranges are checked.
+of its own (discard = hole punch in the memfd at ``offset + o``). A range outside the
+window raises InvalidArgument before anything changes (the
+:class:`~ramdiscard.interfaces.DiscardableMemory` contract); alignment and the rest are
+the underlying block's checks.
 :func:`file_identity` is the (st_dev, st_ino) of an open descriptor;
 :func:`mapped_identities` reads ``/proc/<pid>/maps`` and returns the (st_dev, st_ino, file
 offset, length) of every file mapping that covers ``[offset, offset + length)`` of some
@@ -12,17 +15,17 @@ from __future__ import annotations
 
 import os
 
-from ramdiscard.errors import HostError
+from ramdiscard.errors import HostError, InvalidArgument
 from ramdiscard.hostmem import RamBlock
 
 
 class WindowError(HostError):
-    """A range outside the window, or an unreadable /proc maps file."""
+    """An unreadable /proc maps file (the process is gone)."""
 
 
 class MemfdWindow:
     """``size`` bytes at ``offset`` of a RAM block, as a RAM block of its own (host memory,
-    discard, populate, resident bytes); ranges are checked by the underlying block."""
+    discard, populate, resident bytes); see the module rules."""
 
     def __init__(self, block: RamBlock, offset: int, size: int) -> None:
         self.block, self.offset, self._size = block, offset, size
@@ -41,7 +44,9 @@ class MemfdWindow:
 
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self._size:
-            raise WindowError(f"range {offset:#x}+{length:#x} outside the {self._size:#x}-byte window")
+            raise InvalidArgument(
+                f"range {offset:#x}+{length:#x} outside the {self._size:#x}-byte window; nothing changed"
+            )
 
     def discard_range(self, offset: int, length: int) -> None:
         self._check(offset, length)

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ramdiscard.errors import RamDiscardError
+from ramdiscard.interfaces import Virtqueue
 from ramdiscard.providers.virtio_mem import VirtioMem
 from ramdiscard.vhost_user import wire
 from ramdiscard.vhost_user.memtable import MemoryTable
@@ -82,7 +83,9 @@ class VhostUserServer:
     """Serves ``device`` to one vhost-user frontend at a time; see the module rules.
 
     ``config`` returns the device's config space bytes; ``on_disconnect`` runs (under
-    ``lock``) after a frontend is gone; ``on_message`` sees each request's name (tracing).
+    ``lock``) after a frontend is gone; ``on_message`` sees each request's name (tracing);
+    ``wrap_queue`` (tracing) gets the ring at every kick and returns the queue the device
+    is served through.
     """
 
     def __init__(
@@ -93,8 +96,10 @@ class VhostUserServer:
         lock: threading.RLock | None = None,
         on_disconnect: Callable[[], None] | None = None,
         on_message: Callable[[str], None] | None = None,
+        wrap_queue: Callable[[Virtqueue], Virtqueue] | None = None,
     ) -> None:
         self.path = path
+        self.wrap_queue = wrap_queue
         self.device = device
         self.lock = lock if lock is not None else threading.RLock()
         self.on_disconnect = on_disconnect
@@ -444,7 +449,8 @@ class VhostUserServer:
             if self.device.broken:
                 return
             try:
-                self.device.process_queue(vring.ring)
+                ring: Virtqueue = vring.ring
+                self.device.process_queue(ring if self.wrap_queue is None else self.wrap_queue(ring))
             except RamDiscardError as exc:
                 log.warning("vhost-user: %s", exc)
 

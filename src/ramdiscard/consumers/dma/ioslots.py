@@ -2,7 +2,7 @@
 
 * :func:`available` tells whether io_uring sparse fixed buffers work here, with the
   reason when they do not.
-* ``_Ring`` is one ring and which of its buffer slots are in use (one byte per slot);
+* :class:`SlotRing` is one ring and which of its buffer slots are in use (one byte per slot);
   free slots are taken lowest first, as runs of consecutive slots.
 * :class:`Buffer` is one registered fixed buffer of a pin.
 
@@ -45,7 +45,7 @@ def available() -> tuple[bool, str]:
     return True, "io_uring sparse fixed buffers available"
 
 
-class _Ring:
+class SlotRing:
     """One ring and which of its slots are in use (one byte per slot, 1 = used)."""
 
     __slots__ = ("raw", "state", "used")

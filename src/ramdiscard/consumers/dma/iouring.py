@@ -56,7 +56,7 @@ from operator import itemgetter
 
 from ramdiscard import faults
 from ramdiscard.consumers.dma.backend import PAGE_SIZE, DmaBackend, PinHandle, next_token
-from ramdiscard.consumers.dma.ioslots import Buffer, _Ring
+from ramdiscard.consumers.dma.ioslots import Buffer, SlotRing
 from ramdiscard.consumers.dma.ioslots import available as available
 from ramdiscard.consumers.dma.rawring import MAX_IO, RawRing
 from ramdiscard.consumers.dma.runs import HANDLE, OWN, RELEASED, PinRun
@@ -101,7 +101,7 @@ class IoUringDmaBackend(DmaBackend):
         super().__init__()
         self._buffer_bytes = buffer_bytes
         self._slots_per_ring = slots_per_ring
-        self._rings: list[_Ring] = []
+        self._rings: list[SlotRing] = []
         self._buffers: dict[int, list[Buffer]] = {}
         self._sink = -1
         # Run pins with pieces still held in their own form (OWN), by id.
@@ -123,7 +123,7 @@ class IoUringDmaBackend(DmaBackend):
             self._check_handle(handle)
             return list(self._buffers[handle.token])
 
-    def _add_ring(self) -> _Ring:
+    def _add_ring(self) -> SlotRing:
         faults.checkpoint(faults.Op.MMAP)  # io_uring_setup + ring mmaps + table registration
         raw = RawRing()
         try:
@@ -131,7 +131,7 @@ class IoUringDmaBackend(DmaBackend):
         except BaseException:
             raw.close()
             raise
-        ring = _Ring(raw)
+        ring = SlotRing(raw)
         self._rings.append(ring)
         return ring
 

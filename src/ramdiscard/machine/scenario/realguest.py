@@ -49,12 +49,17 @@ __all__ = [
 
 GUEST_CONSUMERS = ("vfio",)
 """Consumers a real guest can have: ``vfio`` is the io_uring container pinning plugged memory."""
+MIN_GUEST_RAM = 256 * MiB
+MAX_GUEST_RAM = 2 * GiB
+"""A real guest's normal RAM lies below 4 GiB, under the 2 GiB hole q35 leaves for devices."""
+GUEST_RAM_STEP = 128 * MiB
 TOP_KEYS = ("name", "description", "guest", "steps")
 GUEST_KEYS = (
     "kernel", "initramfs", "ram", "region-size", "block-size", "requested-size", "consumers", "boot-timeout",
 )  # fmt: skip
 STEP_KEYS = ("action", "requested-size", "command", "label", "timeout")
 DEVICE_ADDR = 4 * GiB
+"""Guest-physical address of a real guest's virtio-mem region (above the 4 GiB line)."""
 MAX_TIMEOUT = 3600.0
 _COMMAND = re.compile(r"^(?:touch ([1-9][0-9]{0,6})|free|memtotal)$")
 
@@ -79,7 +84,7 @@ class GuestSpec:
     kernel: Path | None = None
     """None: the cached Debian kernel."""
     initramfs: Path | None = None
-    ram: int = 2 * GiB
+    ram: int = MAX_GUEST_RAM
     region_size: int = 2 * GiB
     block_size: int = 2 * MiB
     requested_size: int = 0
@@ -121,6 +126,13 @@ def is_guest_scenario(data: Mapping[str, Any]) -> bool:
     return "guest" in data
 
 
+def guest_ram_problem(size: int) -> str | None:
+    """Why ``size`` bytes cannot be a real guest's normal RAM, or None when they can."""
+    if size % GUEST_RAM_STEP or not MIN_GUEST_RAM <= size <= MAX_GUEST_RAM:
+        return "must be a multiple of 128M from 256M to 2G"
+    return None
+
+
 def _timeout(r: Reader, value: object, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_TIMEOUT:
         raise r.fail(key, f"must be a number of seconds in (0, {MAX_TIMEOUT:g}], got {show(value)}")
@@ -147,8 +159,9 @@ def read_guest(r: Reader, value: object) -> GuestSpec:
     kernel = _image(r, tbl.get("kernel", "cache"), "guest.kernel")
     initramfs = _image(r, tbl.get("initramfs", "cache"), "guest.initramfs")
     ram = r.size(tbl.get("ram", "2G"), "guest.ram")
-    if ram % (128 * MiB) or not 256 * MiB <= ram <= 2 * GiB:
-        raise r.fail("guest.ram", f"must be a multiple of 128M from 256M to 2G, got {show(tbl.get('ram'))}")
+    problem = guest_ram_problem(ram)
+    if problem is not None:
+        raise r.fail("guest.ram", f"{problem}, got {show(tbl.get('ram'))}")
     raw_bs = tbl.get("block-size", "2M")
     try:
         bs = check_block_size("guest", r.size(raw_bs, "guest.block-size"), host_page_size())
