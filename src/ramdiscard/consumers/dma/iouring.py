@@ -50,8 +50,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from array import array
 from collections.abc import Sequence
-from itertools import repeat
+from itertools import chain, repeat
 from operator import itemgetter
 
 from ramdiscard import faults
@@ -160,19 +161,22 @@ class IoUringDmaBackend(DmaBackend):
         for index, first, count in runs:
             rings[index].give_back(first, count)
 
-    def _register(self, ranges: Sequence[tuple[int, int]]) -> list[_Run]:
-        """Register each of ``ranges`` (one buffer each) in a fresh slot, all or nothing.
+    def _register(self, flat: array[int]) -> list[_Run]:
+        """Register each range of ``flat`` ((address, size) pairs, typecode ``Q``; one
+        buffer each) in a fresh slot, all or nothing.
 
         One ``Op.PIN`` checkpoint per range comes first, before anything is taken or
-        registered; then one ``BUFFERS_UPDATE`` per run of consecutive slots. Returns the
-        runs, in the order of ``ranges``. On failure nothing stays registered or taken
-        (the rollback is no fault point) and the error propagates.
+        registered; then one ``BUFFERS_UPDATE`` per run of consecutive slots, straight
+        from ``flat``. Returns the runs, in the order of the ranges. On failure nothing
+        stays registered or taken (the rollback is no fault point) and the error
+        propagates.
         """
+        n = len(flat) >> 1
         if faults.active():
             checkpoint = faults.checkpoint
-            for _ in ranges:
+            for _ in range(n):
                 checkpoint(_PIN)
-        runs = self._take_slots(len(ranges))
+        runs = self._take_slots(n)
         rings = self._rings
         done: list[_Run] = []
         try:
@@ -183,7 +187,7 @@ class IoUringDmaBackend(DmaBackend):
                 while off < count:
                     # A partial update reports only its count; resubmitting the rest
                     # either goes on or raises the failing buffer's own error.
-                    got = raw.update_many(first + off, ranges[pos + off : pos + count])
+                    got = raw.update_flat(first + off, flat, pos + off, count - off)
                     done.append((index, first + off, got))
                     off += got
                 pos += count
@@ -202,7 +206,7 @@ class IoUringDmaBackend(DmaBackend):
         bb = self._buffer_bytes
         end = handle.end
         pieces = [(address, min(bb, end - address)) for address in range(handle.host_address, end, bb)]
-        runs = self._register(pieces)
+        runs = self._register(array("Q", chain.from_iterable(pieces)))
         bufs: list[Buffer] = []
         it = iter(pieces)
         for index, first, count in runs:
@@ -218,7 +222,7 @@ class IoUringDmaBackend(DmaBackend):
         # general path.
         if max(map(_size_of, ranges)) > self._buffer_bytes:
             return super()._pin_many_impl(ranges)
-        runs = self._register(ranges)
+        runs = self._register(array("Q", chain.from_iterable(ranges)))
         handles: list[PinHandle] = []
         append = handles.append
         owned = self._buffers
@@ -327,13 +331,16 @@ class IoUringDmaBackend(DmaBackend):
     def _pin_run_impl(self, ranges: Sequence[tuple[int, int]]) -> PinRun:
         # One buffer per piece (the common case): a run keeps its slot runs and nothing
         # per piece; larger pieces take the handle form.
-        if max(map(_size_of, ranges)) > self._buffer_bytes:
+        flat = array("Q", chain.from_iterable(ranges))
+        sizes = flat[1::2]
+        if max(sizes) > self._buffer_bytes:
             return super()._pin_run_impl(ranges)
-        slots = self._register(ranges)
+        slots = self._register(flat)
         run = PinRun(self, ranges, OWN)
-        run.private = slots
-        self._run_pieces += len(ranges)
-        self._pinned_bytes += sum(map(_size_of, ranges))
+        # The slot runs, and the pieces' sizes for the byte count at release.
+        run.private = (slots, sizes)
+        self._run_pieces += len(sizes)
+        self._pinned_bytes += sum(sizes)
         self._runs[id(run)] = run
         return run
 
@@ -347,10 +354,10 @@ class IoUringDmaBackend(DmaBackend):
             super()._unpin_run_impl(run, lo, hi)
             return
         rings = self._rings
-        ranges = run.ranges
+        slots, sizes = run.private
         pos = 0
         try:
-            for index, first, count in run.private:
+            for index, first, count in slots:
                 a, b = max(lo, pos), min(hi, pos + count)
                 while a < b:
                     a = state.find(OWN, a, b)
@@ -364,7 +371,7 @@ class IoUringDmaBackend(DmaBackend):
                     ring.give_back(first + a - pos, got)
                     state[a : a + got] = bytes(got)
                     self._run_pieces -= got
-                    self._pinned_bytes -= sum(map(_size_of, ranges[a : a + got]))
+                    self._pinned_bytes -= sum(sizes[a : a + got])
                     a += got
                 pos += count
                 if pos >= hi:
@@ -466,7 +473,7 @@ class IoUringDmaBackend(DmaBackend):
 def _slot_of(run: PinRun, i: int) -> tuple[int, int]:
     """(ring index, slot) of piece ``i`` of a run pinned by ``_pin_run_impl``."""
     pos = 0
-    for index, first, count in run.private:
+    for index, first, count in run.private[0]:
         if i < pos + count:
             return index, first + i - pos
         pos += count
