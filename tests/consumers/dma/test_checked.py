@@ -8,6 +8,7 @@ import ctypes
 import mmap
 from array import array
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from ramdiscard import faults
 from ramdiscard.consumers.dma import DmaBackend, IoUringDmaBackend, MlockDmaBackend, RawRing
 from ramdiscard.consumers.dma.backend import BackendClosed
+from ramdiscard.consumers.dma.runs import PinRun
 from ramdiscard.errors import HostMemoryError
 from ramdiscard.units import KiB
 from tests.consumers.dma.conftest import IOURING_OK, IOURING_REASON, Anon, status_kib
@@ -128,3 +130,53 @@ def test_update_flat_and_releases_from_the_empty_table(anon: Callable[..., Anon]
         assert ring.update_flat(0, flat, 0, 4) == 4
         assert ring.release_many(0, 4) == 4
         assert status_kib("VmPin") == base
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    ops=st.lists(
+        st.one_of(
+            st.tuples(st.just("pin"), st.integers(1, 7)),
+            st.tuples(st.just("unpin"), st.integers(0, 9), st.integers(0, 7), st.integers(0, 7)),
+        ),
+        min_size=1,
+        max_size=14,
+    )
+)
+def test_run_pins_take_the_lowest_free_slots_of_the_lowest_rings(
+    anon: Callable[..., Anon], ops: list[tuple[Any, ...]]
+) -> None:
+    if not IOURING_OK:
+        pytest.skip(IOURING_REASON)
+    slots = 4
+    a = anon(64 * PAGE)
+    base = status_kib("VmPin")
+    used: set[tuple[int, int]] = set()  # the model: (ring, slot) in use
+    runs: list[tuple[PinRun, list[tuple[int, int] | None]]] = []
+    page = 0
+    with IoUringDmaBackend(slots_per_ring=slots) as b:
+        for op in ops:
+            if op[0] == "pin":
+                n = op[1]
+                ranges = [(a.address + (page + i) % 64 * PAGE, PAGE) for i in range(n)]
+                page += n
+                free = [(r, s) for r in range(64) for s in range(slots) if (r, s) not in used][:n]
+                used.update(free)
+                where: list[tuple[int, int] | None] = list(free)
+                runs.append((b.pin_run_checked(ranges), where))
+            elif runs:
+                run, where = runs[op[1] % len(runs)]
+                lo, hi = sorted((op[2] % (len(where) + 1), op[3] % (len(where) + 1)))
+                b.unpin_run(run, lo, hi)
+                for i in range(lo, hi):
+                    slot = where[i]
+                    if slot is not None:
+                        used.discard(slot)
+                        where[i] = None
+        assert b.pin_count == len(used)
+        for run, where in runs:
+            for i, slot in enumerate(where):
+                if slot is not None:
+                    (buf,) = b.buffers(b.run_handle(run, i))
+                    assert (buf.ring, buf.slot) == slot
+    assert status_kib("VmPin") == base

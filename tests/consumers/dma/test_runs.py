@@ -77,9 +77,7 @@ def test_a_piece_handle_reads_and_is_released_by_the_run(
         backend.run_handle(run, 3)
 
 
-def test_unpinning_a_piece_handle_alone_then_the_run(
-    backend: DmaBackend, anon: Callable[..., Anon]
-) -> None:
+def test_unpinning_a_piece_handle_alone_then_the_run(backend: DmaBackend, anon: Callable[..., Anon]) -> None:
     a = anon(N * PIECE)
     run = backend.pin_run(_ranges(a))
     backend.unpin(backend.run_handle(run, 0))

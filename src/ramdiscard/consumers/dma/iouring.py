@@ -57,7 +57,7 @@ from operator import itemgetter
 
 from ramdiscard import faults
 from ramdiscard.consumers.dma.backend import PAGE_SIZE, DmaBackend, PinHandle, next_token
-from ramdiscard.consumers.dma.ioslots import Buffer, _Ring
+from ramdiscard.consumers.dma.ioslots import Buffer, _Ring, slot_of
 from ramdiscard.consumers.dma.ioslots import available as available
 from ramdiscard.consumers.dma.rawring import MAX_IO, RawRing
 from ramdiscard.consumers.dma.runs import HANDLE, OWN, RELEASED, PinRun
@@ -162,8 +162,8 @@ class IoUringDmaBackend(DmaBackend):
             rings[index].give_back(first, count)
 
     def _register(self, flat: array[int]) -> list[_Run]:
-        """Register each range of ``flat`` ((address, size) pairs, typecode ``Q``; one
-        buffer each) in a fresh slot, all or nothing.
+        """Register each (address, size) pair of ``flat`` (one buffer each) in a fresh
+        slot, all or nothing.
 
         One ``Op.PIN`` checkpoint per range comes first, before anything is taken or
         registered; then one ``BUFFERS_UPDATE`` per run of consecutive slots, straight
@@ -176,8 +176,17 @@ class IoUringDmaBackend(DmaBackend):
             checkpoint = faults.checkpoint
             for _ in range(n):
                 checkpoint(_PIN)
-        runs = self._take_slots(n)
         rings = self._rings
+        # _take_slots() inline when the lowest free slot of the first ring starts a free
+        # stretch of n (the usual case); the same slots it would take.
+        state = rings[0].state
+        first = state.find(0)
+        if first >= 0 and first + n <= len(state) and state.find(1, first, first + n) < 0:
+            state[first : first + n] = b"\1" * n
+            rings[0].used += n
+            runs = [(0, first, n)]
+        else:
+            runs = self._take_slots(n)
         done: list[_Run] = []
         try:
             pos = 0
@@ -368,8 +377,10 @@ class IoUringDmaBackend(DmaBackend):
                     ring = rings[index]
                     # Raises if the first slot fails; a partial update reports its count.
                     got = ring.raw.release_many(first + a - pos, e - a)
-                    ring.give_back(first + a - pos, got)
-                    state[a : a + got] = bytes(got)
+                    free = bytes(got)  # ring.give_back() inline, and the pieces' state
+                    ring.state[first + a - pos : first + a - pos + got] = free
+                    ring.used -= got
+                    state[a : a + got] = free
                     self._run_pieces -= got
                     self._pinned_bytes -= sum(sizes[a : a + got])
                     a += got
@@ -390,7 +401,7 @@ class IoUringDmaBackend(DmaBackend):
 
     def _materialize(self, run: PinRun, i: int) -> PinHandle:
         """Make piece ``i`` (held by the run) the pin of a handle of its own."""
-        ring, slot = _slot_of(run, i)
+        ring, slot = slot_of(run.private[0], i)
         address, size = run.ranges[i]
         handle = PinHandle(address, size, next_token())
         self._buffers[handle.token] = [Buffer(ring, slot, address, size)]
@@ -468,13 +479,3 @@ class IoUringDmaBackend(DmaBackend):
             if self._sink >= 0:
                 os.close(self._sink)
                 self._sink = -1
-
-
-def _slot_of(run: PinRun, i: int) -> tuple[int, int]:
-    """(ring index, slot) of piece ``i`` of a run pinned by ``_pin_run_impl``."""
-    pos = 0
-    for index, first, count in run.private[0]:
-        if i < pos + count:
-            return index, first + i - pos
-        pos += count
-    raise IndexError(i)

@@ -249,7 +249,13 @@ class RawRing:
         """Empty (unpin) ``count`` slots from ``first_slot`` with one ``BUFFERS_UPDATE``;
         same result contract as :meth:`update_many`."""
         if 0 < count <= self._empty_count:
-            return self._submit_many(first_slot, count, self._empty_addr)
+            # _submit_many() inline: the unpin hot path.
+            _UPDATE.pack_into(self._upd_many, 0, first_slot, 0, self._empty_addr, 0, count, 0)
+            ret: int = _register(_NR_IO_URING_REGISTER, self.fd, _IORING_REGISTER_BUFFERS_UPDATE,
+                                 self._upd_many_addr, _UPDATE_SIZE)  # fmt: skip
+            if ret < 0:
+                _check(ret, f"io_uring_register(BUFFERS_UPDATE, slots [{first_slot}, +{count}))")
+            return ret
         empty = array("Q", bytes(16 * count))
         return self._submit_many(first_slot, count, empty.buffer_info()[0])
 
@@ -260,7 +266,14 @@ class RawRing:
         ``0 <= start`` and ``0 < count`` and the pairs lie inside ``flat``."""
         if flat.typecode != "Q" or start < 0 or count <= 0 or 2 * (start + count) > len(flat):
             raise ValueError(f"pairs [{start}, +{count}) outside an iovec array of {len(flat) // 2}")
-        return self._submit_many(first_slot, count, flat.buffer_info()[0] + 16 * start)
+        # _submit_many() inline: the pin hot path.
+        address = flat.buffer_info()[0] + 16 * start
+        _UPDATE.pack_into(self._upd_many, 0, first_slot, 0, address, 0, count, 0)
+        ret: int = _register(_NR_IO_URING_REGISTER, self.fd, _IORING_REGISTER_BUFFERS_UPDATE,
+                             self._upd_many_addr, _UPDATE_SIZE)  # fmt: skip
+        if ret < 0:
+            _check(ret, f"io_uring_register(BUFFERS_UPDATE, slots [{first_slot}, +{count}))")
+        return ret
 
     def _submit_many(self, first_slot: int, count: int, iov_address: int) -> int:
         _UPDATE.pack_into(self._upd_many, 0, first_slot, 0, iov_address, 0, count, 0)
