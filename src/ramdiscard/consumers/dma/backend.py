@@ -167,6 +167,20 @@ class DmaBackend(ABC):
                 return PinRun(self, (), RELEASED)
             return self._pin_run_impl(ranges)
 
+    def pin_run_checked(self, ranges: Sequence[tuple[int, int]]) -> PinRun:
+        """:meth:`pin_run` of ranges the caller has already validated, for a consumer
+        that checked them itself (the vfio container's granule cut of a registered
+        section). Precondition, not checked again: every item is a pair of ``int`` with
+        ``host_address > 0``, ``size > 0``, both multiples of :data:`PAGE_SIZE`, and
+        ``host_address + size <= 2**64``; breaking it corrupts the accounting. Otherwise
+        as :meth:`pin_run` (BackendClosed, all-or-nothing, faults, errors)."""
+        with self._lock:
+            if self._closed:
+                self._check_open()
+            if not ranges:
+                return PinRun(self, (), RELEASED)
+            return self._pin_run_impl(ranges)
+
     def unpin_run(self, run: PinRun, lo: int, hi: int) -> None:
         """Release the pieces ``[lo, hi)`` of ``run`` still pinned, in order (failure
         rules in :mod:`ramdiscard.consumers.dma.runs`)."""

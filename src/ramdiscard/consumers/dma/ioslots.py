@@ -4,7 +4,8 @@
   reason when they do not.
 * :class:`SlotRing` is one ring and which of its buffer slots are in use (one byte per slot);
   free slots are taken lowest first, as runs of consecutive slots.
-* :class:`Buffer` is one registered fixed buffer of a pin.
+* :class:`Buffer` is one registered fixed buffer of a pin; :func:`slot_of` finds the
+  i-th slot of a list of slot runs.
 
 Used by :mod:`ramdiscard.consumers.dma.iouring`, whose docstring has the rules.
 """
@@ -80,6 +81,17 @@ class SlotRing:
     def give_back(self, first: int, count: int = 1) -> None:
         self.state[first : first + count] = bytes(count)
         self.used -= count
+
+
+def slot_of(runs: list[tuple[int, int, int]], i: int) -> tuple[int, int]:
+    """(ring index, slot) of the ``i``-th slot of ``runs`` ((ring index, first, count)
+    runs of consecutive slots, in order); IndexError past their end."""
+    pos = 0
+    for index, first, count in runs:
+        if i < pos + count:
+            return index, first + i - pos
+        pos += count
+    raise IndexError(i)
 
 
 class Buffer(NamedTuple):

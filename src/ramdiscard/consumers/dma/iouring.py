@@ -50,13 +50,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from array import array
 from collections.abc import Sequence
-from itertools import repeat
+from itertools import chain, repeat
 from operator import itemgetter
 
 from ramdiscard import faults
 from ramdiscard.consumers.dma.backend import PAGE_SIZE, DmaBackend, PinHandle, next_token
-from ramdiscard.consumers.dma.ioslots import Buffer, SlotRing
+from ramdiscard.consumers.dma.ioslots import Buffer, SlotRing, slot_of
 from ramdiscard.consumers.dma.ioslots import available as available
 from ramdiscard.consumers.dma.rawring import MAX_IO, RawRing
 from ramdiscard.consumers.dma.runs import HANDLE, OWN, RELEASED, PinRun
@@ -160,20 +161,32 @@ class IoUringDmaBackend(DmaBackend):
         for index, first, count in runs:
             rings[index].give_back(first, count)
 
-    def _register(self, ranges: Sequence[tuple[int, int]]) -> list[_Run]:
-        """Register each of ``ranges`` (one buffer each) in a fresh slot, all or nothing.
+    def _register(self, flat: array[int]) -> list[_Run]:
+        """Register each (address, size) pair of ``flat`` (one buffer each) in a fresh
+        slot, all or nothing.
 
         One ``Op.PIN`` checkpoint per range comes first, before anything is taken or
-        registered; then one ``BUFFERS_UPDATE`` per run of consecutive slots. Returns the
-        runs, in the order of ``ranges``. On failure nothing stays registered or taken
-        (the rollback is no fault point) and the error propagates.
+        registered; then one ``BUFFERS_UPDATE`` per run of consecutive slots, straight
+        from ``flat``. Returns the runs, in the order of the ranges. On failure nothing
+        stays registered or taken (the rollback is no fault point) and the error
+        propagates.
         """
+        n = len(flat) >> 1
         if faults.active():
             checkpoint = faults.checkpoint
-            for _ in ranges:
+            for _ in range(n):
                 checkpoint(_PIN)
-        runs = self._take_slots(len(ranges))
         rings = self._rings
+        # _take_slots() inline when the lowest free slot of the first ring starts a free
+        # stretch of n (the usual case); the same slots it would take.
+        state = rings[0].state
+        first = state.find(0)
+        if first >= 0 and first + n <= len(state) and state.find(1, first, first + n) < 0:
+            state[first : first + n] = b"\1" * n
+            rings[0].used += n
+            runs = [(0, first, n)]
+        else:
+            runs = self._take_slots(n)
         done: list[_Run] = []
         try:
             pos = 0
@@ -183,7 +196,7 @@ class IoUringDmaBackend(DmaBackend):
                 while off < count:
                     # A partial update reports only its count; resubmitting the rest
                     # either goes on or raises the failing buffer's own error.
-                    got = raw.update_many(first + off, ranges[pos + off : pos + count])
+                    got = raw.update_flat(first + off, flat, pos + off, count - off)
                     done.append((index, first + off, got))
                     off += got
                 pos += count
@@ -202,7 +215,7 @@ class IoUringDmaBackend(DmaBackend):
         bb = self._buffer_bytes
         end = handle.end
         pieces = [(address, min(bb, end - address)) for address in range(handle.host_address, end, bb)]
-        runs = self._register(pieces)
+        runs = self._register(array("Q", chain.from_iterable(pieces)))
         bufs: list[Buffer] = []
         it = iter(pieces)
         for index, first, count in runs:
@@ -218,7 +231,7 @@ class IoUringDmaBackend(DmaBackend):
         # general path.
         if max(map(_size_of, ranges)) > self._buffer_bytes:
             return super()._pin_many_impl(ranges)
-        runs = self._register(ranges)
+        runs = self._register(array("Q", chain.from_iterable(ranges)))
         handles: list[PinHandle] = []
         append = handles.append
         owned = self._buffers
@@ -327,13 +340,16 @@ class IoUringDmaBackend(DmaBackend):
     def _pin_run_impl(self, ranges: Sequence[tuple[int, int]]) -> PinRun:
         # One buffer per piece (the common case): a run keeps its slot runs and nothing
         # per piece; larger pieces take the handle form.
-        if max(map(_size_of, ranges)) > self._buffer_bytes:
+        flat = array("Q", chain.from_iterable(ranges))
+        sizes = flat[1::2]
+        if max(sizes) > self._buffer_bytes:
             return super()._pin_run_impl(ranges)
-        slots = self._register(ranges)
+        slots = self._register(flat)
         run = PinRun(self, ranges, OWN)
-        run.private = slots
-        self._run_pieces += len(ranges)
-        self._pinned_bytes += sum(map(_size_of, ranges))
+        # The slot runs, and the pieces' sizes for the byte count at release.
+        run.private = (slots, sizes)
+        self._run_pieces += len(sizes)
+        self._pinned_bytes += sum(sizes)
         self._runs[id(run)] = run
         return run
 
@@ -347,10 +363,10 @@ class IoUringDmaBackend(DmaBackend):
             super()._unpin_run_impl(run, lo, hi)
             return
         rings = self._rings
-        ranges = run.ranges
+        slots, sizes = run.private
         pos = 0
         try:
-            for index, first, count in run.private:
+            for index, first, count in slots:
                 a, b = max(lo, pos), min(hi, pos + count)
                 while a < b:
                     a = state.find(OWN, a, b)
@@ -361,10 +377,12 @@ class IoUringDmaBackend(DmaBackend):
                     ring = rings[index]
                     # Raises if the first slot fails; a partial update reports its count.
                     got = ring.raw.release_many(first + a - pos, e - a)
-                    ring.give_back(first + a - pos, got)
-                    state[a : a + got] = bytes(got)
+                    free = bytes(got)  # ring.give_back() inline, and the pieces' state
+                    ring.state[first + a - pos : first + a - pos + got] = free
+                    ring.used -= got
+                    state[a : a + got] = free
                     self._run_pieces -= got
-                    self._pinned_bytes -= sum(map(_size_of, ranges[a : a + got]))
+                    self._pinned_bytes -= sum(sizes[a : a + got])
                     a += got
                 pos += count
                 if pos >= hi:
@@ -383,7 +401,7 @@ class IoUringDmaBackend(DmaBackend):
 
     def _materialize(self, run: PinRun, i: int) -> PinHandle:
         """Make piece ``i`` (held by the run) the pin of a handle of its own."""
-        ring, slot = _slot_of(run, i)
+        ring, slot = slot_of(run.private[0], i)
         address, size = run.ranges[i]
         handle = PinHandle(address, size, next_token())
         self._buffers[handle.token] = [Buffer(ring, slot, address, size)]
@@ -461,13 +479,3 @@ class IoUringDmaBackend(DmaBackend):
             if self._sink >= 0:
                 os.close(self._sink)
                 self._sink = -1
-
-
-def _slot_of(run: PinRun, i: int) -> tuple[int, int]:
-    """(ring index, slot) of piece ``i`` of a run pinned by ``_pin_run_impl``."""
-    pos = 0
-    for index, first, count in run.private:
-        if i < pos + count:
-            return index, first + i - pos
-        pos += count
-    raise IndexError(i)

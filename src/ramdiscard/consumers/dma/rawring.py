@@ -50,6 +50,7 @@ _IORING_OP_WRITE_FIXED = 5
 _SQE = struct.Struct("<BBHiQQIIQHHiQQ")  # struct io_uring_sqe, 64 bytes
 _CQE = struct.Struct("<QiI")  # struct io_uring_cqe: user_data, res, flags
 _U32 = struct.Struct("<I")
+_UPDATE = struct.Struct("<IIQQII")  # struct io_uring_rsrc_update2
 MAX_IO = 1 << 30
 """Most bytes one WRITE_FIXED moves (the kernel caps a read/write at 2 GiB - 4 KiB)."""
 
@@ -188,8 +189,13 @@ class RawRing:
         self._iov = _Iovec()
         self._upd = _RsrcUpdate2(data=ctypes.addressof(self._iov), nr=1)
         self._upd_addr = ctypes.addressof(self._upd)
-        self._upd_many = _RsrcUpdate2()
+        # The multi-slot update record, written with one pack_into per call, and a
+        # read-only table of empty iovecs (sized at register_sparse) for releases.
+        self._upd_many = ctypes.create_string_buffer(_UPDATE_SIZE)
         self._upd_many_addr = ctypes.addressof(self._upd_many)
+        self._empty = ctypes.create_string_buffer(0)
+        self._empty_addr = ctypes.addressof(self._empty)
+        self._empty_count = 0
 
     @property
     def closed(self) -> bool:
@@ -209,6 +215,9 @@ class RawRing:
             f"io_uring_register(BUFFERS2, sparse, nr={nr})",
         )
         self.slots = nr
+        self._empty = ctypes.create_string_buffer(16 * nr)
+        self._empty_addr = ctypes.addressof(self._empty)
+        self._empty_count = nr
 
     def update(self, slot: int, address: int, length: int) -> None:
         """Register ``[address, +length)`` in ``slot`` (pins it), replacing what was
@@ -234,18 +243,40 @@ class RawRing:
         raises HostMemoryError with its errno. ``ranges`` must not be empty.
         """
         iov = array("Q", chain.from_iterable(ranges))
-        return self._submit_many(first_slot, len(ranges), iov)
+        return self._submit_many(first_slot, len(ranges), iov.buffer_info()[0])
 
     def release_many(self, first_slot: int, count: int) -> int:
         """Empty (unpin) ``count`` slots from ``first_slot`` with one ``BUFFERS_UPDATE``;
         same result contract as :meth:`update_many`."""
-        return self._submit_many(first_slot, count, array("Q", bytes(16 * count)))
+        if 0 < count <= self._empty_count:
+            # _submit_many() inline: the unpin hot path.
+            _UPDATE.pack_into(self._upd_many, 0, first_slot, 0, self._empty_addr, 0, count, 0)
+            ret: int = _register(_NR_IO_URING_REGISTER, self.fd, _IORING_REGISTER_BUFFERS_UPDATE,
+                                 self._upd_many_addr, _UPDATE_SIZE)  # fmt: skip
+            if ret < 0:
+                _check(ret, f"io_uring_register(BUFFERS_UPDATE, slots [{first_slot}, +{count}))")
+            return ret
+        empty = array("Q", bytes(16 * count))
+        return self._submit_many(first_slot, count, empty.buffer_info()[0])
 
-    def _submit_many(self, first_slot: int, count: int, iov: array[int]) -> int:
-        upd = self._upd_many
-        upd.offset = first_slot
-        upd.data = iov.buffer_info()[0]
-        upd.nr = count
+    def update_flat(self, first_slot: int, flat: array[int], start: int, count: int) -> int:
+        """Register ``count`` ranges held as (address, size) pairs in ``flat`` (typecode
+        ``Q``) from pair ``start`` on, in slots from ``first_slot``: :meth:`update_many`
+        without building the iovec array. Raises ValueError (nothing done) unless
+        ``0 <= start`` and ``0 < count`` and the pairs lie inside ``flat``."""
+        if flat.typecode != "Q" or start < 0 or count <= 0 or 2 * (start + count) > len(flat):
+            raise ValueError(f"pairs [{start}, +{count}) outside an iovec array of {len(flat) // 2}")
+        # _submit_many() inline: the pin hot path.
+        address = flat.buffer_info()[0] + 16 * start
+        _UPDATE.pack_into(self._upd_many, 0, first_slot, 0, address, 0, count, 0)
+        ret: int = _register(_NR_IO_URING_REGISTER, self.fd, _IORING_REGISTER_BUFFERS_UPDATE,
+                             self._upd_many_addr, _UPDATE_SIZE)  # fmt: skip
+        if ret < 0:
+            _check(ret, f"io_uring_register(BUFFERS_UPDATE, slots [{first_slot}, +{count}))")
+        return ret
+
+    def _submit_many(self, first_slot: int, count: int, iov_address: int) -> int:
+        _UPDATE.pack_into(self._upd_many, 0, first_slot, 0, iov_address, 0, count, 0)
         ret: int = _register(_NR_IO_URING_REGISTER, self.fd, _IORING_REGISTER_BUFFERS_UPDATE,
                              self._upd_many_addr, _UPDATE_SIZE)  # fmt: skip
         if ret < 0:

@@ -100,9 +100,11 @@ class PinnedMappings:
         self._table: MappingTable[_Mapped] = MappingTable(max_mappings)
         if isinstance(backend, DmaBackend):
             self._pin_run, self._unpin_run = backend.pin_run, backend.unpin_run
+            self._pin_checked = backend.pin_run_checked
             self._run_holds, self._run_handle = backend.run_holds, backend.run_handle
         else:
             self._pin_run = lambda ranges: generic_pin_run(backend, ranges)
+            self._pin_checked = self._pin_run
             self._unpin_run = lambda run, lo, hi: generic_unpin_run(backend, run, lo, hi)
             self._run_holds = lambda run, i: generic_run_holds(backend, run, i)
             self._run_handle = lambda run, i: generic_run_handle(backend, run, i)
@@ -167,8 +169,11 @@ class PinnedMappings:
                 self.refused_maps += 1
                 raise
             # map() and zip() loops run in C: no Python frame per granule; the pieces tile
-            # the range, so each mapping's end is the next one's start (the same int).
-            run = self._pin_run(list(zip(map(add, iovas, repeat(host_base - to_iova)), sizes, strict=True)))
+            # the range, so each mapping's end is the next one's start (the same int). The
+            # pieces come from a registered section of a mapped RAM block: page-aligned,
+            # positive, inside the block, which is what pin_run_checked requires.
+            pieces = list(zip(map(add, iovas, repeat(host_base - to_iova)), sizes, strict=True))
+            run = self._pin_checked(pieces)
             ends = iovas[1:]
             ends.append(iova_end)
             record = _new(_Mapped)  # _Mapped(run, iovas, readonly) without an __init__ frame
