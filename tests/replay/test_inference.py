@@ -234,7 +234,7 @@ def test_cli_json_numbers_and_repro_exit_code(tmp_path: Path) -> None:
 
 def _real_traces() -> list[Path]:
     """Every QEMU trace kept with the project (examples/traces) and in shared/data."""
-    root = Path(__file__).resolve().parents[3]
+    root = Path(__file__).resolve().parents[2]
     found = {p.name: p for p in sorted((root / "examples" / "traces").glob("*.log"))}
     shared = shared_dir()
     if shared is not None:
