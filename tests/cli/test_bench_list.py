@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import types
 from pathlib import Path
 
@@ -39,3 +40,33 @@ def test_rows_without_group_get_their_area(monkeypatch: pytest.MonkeyPatch) -> N
     assert "<= 3x raw ok" in text
     assert "<= 1.25x C MISS" in text
     assert "<= 1.5 µs/run MISS" in text
+
+
+def test_a_failing_group_is_a_failed_row_and_the_others_print(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(quick: bool) -> list[dict[str, object]]:
+        raise RuntimeError("the destination failed: a page request went unanswered")
+
+    modules = {
+        "ramdiscard.bench.first": types.SimpleNamespace(run=lambda quick: [{"name": "one", "ratio": 1.0}]),
+        "ramdiscard.bench.broken": types.SimpleNamespace(run=broken),
+        "ramdiscard.bench.last": types.SimpleNamespace(run=lambda quick: [{"name": "two", "ratio": 2.0}]),
+    }
+    monkeypatch.setattr(bench, "BENCH_MODULES", list(modules))
+    monkeypatch.setattr(bench.importlib, "import_module", modules.__getitem__)
+    from ramdiscard.cli.main import main
+
+    assert main(["bench", "--json"]) == 1
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)
+    assert [(r["group"], r["name"]) for r in rows] == [
+        ("first", "one"),
+        ("broken", "broken"),
+        ("last", "two"),
+    ]
+    assert "page request went unanswered" in rows[1]["failed"]
+    assert "bench group broken failed" in captured.err
+    assert "failed=RuntimeError" in bench.render(rows, as_json=False)
+    monkeypatch.setattr(bench, "BENCH_MODULES", ["ramdiscard.bench.first"])
+    assert main(["bench", "--json"]) == 0

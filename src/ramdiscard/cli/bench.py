@@ -41,15 +41,27 @@ HELPER_MODULES = [
 
 
 def collect(quick: bool = False, only: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every selected group's rows, in :data:`BENCH_MODULES` order. A group whose ``run``
+    raises gives one row ``{"group": area, "name": area, "failed": "<error>"}`` in its
+    place; the other groups still run."""
     rows: list[dict[str, Any]] = []
     for name in BENCH_MODULES:
         if only and not any(o in name for o in only):
             continue
-        module = importlib.import_module(name)
         area = name.rsplit(".", 1)[1]
-        for row in module.run(quick=quick):
+        try:
+            got = importlib.import_module(name).run(quick=quick)
+        except Exception as exc:
+            rows.append({"group": area, "name": area, "failed": f"{type(exc).__name__}: {exc}"})
+            continue
+        for row in got:
             rows.append({"group": area, **row} if not row.get("group") else row)
     return rows
+
+
+def failed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of groups that raised (see :func:`collect`)."""
+    return [r for r in rows if r.get("failed")]
 
 
 _COLUMNS = ("group", "name", "ours_ns", "c_ns", "raw_ns", "ratio", "vs", "target", "target_ns_per_run")

@@ -93,11 +93,14 @@ def _dump(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from ramdiscard.cli.bench import collect, render
+    from ramdiscard.cli.bench import collect, failed, render
 
     rows = collect(quick=args.quick, only=args.only or None)
     print(render(rows, args.json))
-    return 0
+    bad = failed(rows)
+    for r in bad:
+        print(f"ramdiscard: error: bench group {r['group']} failed: {r['failed']}", file=sys.stderr)
+    return 1 if bad else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
