@@ -177,6 +177,35 @@ def test_postcopy_without_preempt_answers_on_the_main_channel(machines: Machines
     assert run.out["stats"].faults >= 1
 
 
+def test_without_preempt_an_answer_is_never_overtaken_by_the_background_end(machines: Machines) -> None:
+    """Single channel: a request takes its pages from the background copy; its answer must
+    go out before the background's DN (the destination reads nothing on the main channel
+    after it), however late the request thread gets to send."""
+    run = Run(machines, "anonymous", preempt=False)
+    run.source.max_bandwidth = 64 * MiB
+    touch = threading.Thread(target=run.touch_last_plugged, daemon=True)
+    run.on_running = touch.start  # a guest vCPU faulting while the destination goes on
+    slowed: list[bool] = []
+    send = run.source._send
+
+    def late_answer(sock: socket.socket, header: bytes, data: memoryview | None, shared: bool) -> None:
+        answering = threading.current_thread().name == "ramdiscard-postcopy-requests"
+        if answering and not slowed:  # the request thread descheduled right after taking its pages
+            slowed.append(True)
+            time.sleep(1.0)
+        send(sock, header, data, shared)
+
+    run.source._send = late_answer  # type: ignore[method-assign]
+    run.source.start.set()  # pure postcopy: the last plugged page is still to come
+    with run.going():
+        pass
+    touch.join(30)
+    assert slowed == [True] and not touch.is_alive()
+    assert "error" not in run.out and "src_error" not in run.out, run.out
+    assert run.out["src"].status == "completed" and run.out["src"].requests >= 1
+    assert run.out["stats"].faults >= 1
+
+
 def test_destination_death_after_switchover_keeps_the_source_copy(machines: Machines) -> None:
     run = Run(machines, "anonymous")
     run.source.io_timeout = 5

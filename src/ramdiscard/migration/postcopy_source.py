@@ -21,7 +21,8 @@ Rules (live-migration.md; wire in :mod:`ramdiscard.migration.postcopy_wire`):
   rounds and this background copy; answers to requests are never held back). A request
   (``RQ`` on the priority channel) is answered at once with the populated parts of its
   range, on the priority channel when ``preempt`` (QEMU's ``postcopy-preempt``), else
-  on the main channel between two background pieces. A requested range that is not
+  on the main channel between two background pieces, never after ``DN`` (the pages it
+  takes are marked and sent under the main channel's lock). A requested range that is not
   populated is answered ``ZR`` and counted in :attr:`PostcopyStats.unplugged_requests`
   (a correct destination never asks: it resolves such faults itself).
 * Completion only when the destination says ``OK`` (every page placed, devices
@@ -340,15 +341,21 @@ class PostcopySource:
                     return  # the destination closed the channel (done, or failed: the main channel says)
                 _kind, index, offset, length = w.check(head, w.RQ, sizes)
                 st.requests += 1
-                hole = False
-                for a, n, populated in regions.clip(index, offset, offset + length):
-                    if populated:
-                        regions.mark(index, a, a + n)
-                        self._send(out, w.encode(w.PG, index, a, n), regions.views[index][a : a + n], shared)
-                        st.request_bytes += n
-                    else:
-                        hole = True
-                        self._send(out, w.encode(w.ZR, index, a, n), None, shared)
+                # On the main channel, marking and sending under one hold of its lock: the
+                # background skips pages marked sent, and its DN (after which the destination
+                # reads nothing more there) must not overtake their answer.
+                with self._main_lock if shared else contextlib.nullcontext():
+                    hole = False
+                    for a, n, populated in regions.clip(index, offset, offset + length):
+                        if populated:
+                            regions.mark(index, a, a + n)
+                            self._send(
+                                out, w.encode(w.PG, index, a, n), regions.views[index][a : a + n], False
+                            )
+                            st.request_bytes += n
+                        else:
+                            hole = True
+                            self._send(out, w.encode(w.ZR, index, a, n), None, False)
                 st.unplugged_requests += hole
         except (OSError, MigrationError) as exc:
             if not self.cancel.is_set():
