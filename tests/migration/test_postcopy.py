@@ -259,9 +259,10 @@ def test_cancel_before_switchover_leaves_the_guest_running(machines: Machines) -
     assert "stats" not in run.out
 
 
-def _switchover_bytes(m: Machine) -> bytes:
+def _switchover_bytes(m: Machine, handover: list[list[tuple[int, int]]] | None = None) -> bytes:
     """What a postcopy source switched over before its first round sends on the main
-    channel (every populated run still to come)."""
+    channel: ``handover`` names the runs still to come per region (default: every
+    populated run)."""
     from ramdiscard.migration.layout import collect_regions
     from ramdiscard.migration.stream import (
         Counter,
@@ -283,8 +284,9 @@ def _switchover_bytes(m: Machine) -> bytes:
         if r.device is not None:
             parts.append(encode_device(r.index, r.device.save_state()))
             counter.meta()
-    for r in regions:
-        parts.append(encode_handover(r.index, r.populated_runs()))
+    runs = handover if handover is not None else [r.populated_runs() for r in regions]
+    for r, named in zip(regions, runs, strict=True):
+        parts.append(encode_handover(r.index, named))
         counter.meta()
     parts.append(encode_end(counter.end()))
     return b"".join(parts)

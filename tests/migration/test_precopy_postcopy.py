@@ -19,7 +19,6 @@ from ramdiscard.migration.precopy import PrecopyParams
 from ramdiscard.migration.stream import (
     Counter,
     StreamFlags,
-    encode_device,
     encode_end,
     encode_handover,
     encode_region,
@@ -27,7 +26,7 @@ from ramdiscard.migration.stream import (
 )
 from ramdiscard.units import MiB
 from tests.migration.conftest import Machines, assert_fresh
-from tests.migration.test_postcopy import BLOCKS, PAGE, Run, _differing_pages, _wait
+from tests.migration.test_postcopy import BLOCKS, PAGE, Run, _differing_pages, _switchover_bytes, _wait
 
 pytestmark = pytest.mark.skipif(
     uffd.available() is not None, reason=f"no WP_ASYNC dirty tracking: {uffd.available()}"
@@ -152,24 +151,8 @@ def _scripted(machines: Machines, handover: list[list[tuple[int, int]]]) -> tupl
 
         rx = threading.Thread(target=receive, daemon=True)
         rx.start()
-        counter = Counter()
-        parts = [w.MAIN_PREAMBLE, encode_stream_header(StreamFlags.LIVE)]
-        from ramdiscard.migration.layout import collect_regions
-
-        regions = collect_regions(src.space, src.devices)
-        for r in regions:
-            parts.append(encode_region(r.info()))
-            counter.meta()
-        for r in regions:
-            if r.device is not None:
-                parts.append(encode_device(r.index, r.device.save_state()))
-                counter.meta()
-        for r, runs in zip(regions, handover, strict=True):
-            parts.append(encode_handover(r.index, runs))
-            counter.meta()
-        parts.append(encode_end(counter.end()))
         with socket.create_connection(ls.getsockname()[:2], timeout=10) as main:
-            main.sendall(b"".join(parts))
+            main.sendall(_switchover_bytes(src, handover))
             main.shutdown(socket.SHUT_WR)
             status = main.recv(4096)
         rx.join(30)
