@@ -65,7 +65,7 @@ from ramdiscard.realguest.memfd import MemfdWindow, WindowError, file_identity, 
 from ramdiscard.realguest.qemu import find_qemu
 from ramdiscard.realguest.qmpclient import QmpClient
 from ramdiscard.realguest.tracing import TraceRecorder, TracingQueue
-from ramdiscard.units import GiB, MiB, align_up
+from ramdiscard.units import GiB, MiB
 from ramdiscard.vhost_user.server import VhostUserServer
 
 LOW_RAM = MAX_GUEST_RAM
@@ -410,9 +410,7 @@ class RealGuest:
             dev = self.device
             old = dev.usable_region_size
             dev.requested_size = size
-            grown = align_up(size + dev.usable_extent, dev.block_size)
-            wanted = 0 if size == 0 else min(dev.region_size, grown)
-            if wanted >= old:
+            if dev.usable_region_for(size) >= old:
                 self.trace.add(
                     "virtio_mem_resized_usable_region",
                     f"old_size=0x{old:x} new_size=0x{dev.usable_region_size:x}",

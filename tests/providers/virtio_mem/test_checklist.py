@@ -81,6 +81,17 @@ def test_D_CFG_4_usable_at_least_requested(make: Factory) -> None:
         assert dev.usable_region_size >= req
 
 
+def test_usable_region_for_is_what_a_write_on_a_fresh_device_gives(make: Factory) -> None:
+    for req in (0, 2 * MiB, 512 * MiB, 900 * MiB, 1024 * MiB):
+        dev = make.device(1024 * MiB, requested_size=0)
+        predicted = dev.usable_region_for(req)
+        dev.requested_size = req  # grows the usable region from 0 to the rule's size
+        assert dev.usable_region_size == predicted
+        bs = dev.block_size
+        rule = min(1024 * MiB, -(-(req + dev.usable_extent) // bs) * bs)
+        assert predicted == (0 if req == 0 else rule)
+
+
 def test_D_CFG_5_block_size_power_of_two(make: Factory) -> None:
     with pytest.raises(ValueError, match="power of two"):
         make.device(64 * MiB, block_size=3 * MiB)

@@ -57,6 +57,11 @@ class PlugStateManager(RamDiscardManager):
         """Added to ``requested_size`` (rounded up to blocks) when sizing the usable region."""
         return self._plug.usable_extent
 
+    def usable_region_for(self, requested: int) -> int:
+        """The usable region size the sizing rule gives ``requested``: 0 for 0, else
+        ``min(region_size, align_up(requested + usable_extent, block_size))``."""
+        return self._plug.usable_for(requested)
+
     @property
     def plugged_size(self) -> int:
         """Bytes plugged: popcount(bitmap) * block_size."""
